@@ -1,0 +1,127 @@
+//! Errors of the data plane, each knowing its origin and whether a retry may help.
+
+use std::time::Duration;
+
+/// Where an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorOrigin {
+    /// The client side of the proxy.
+    Downstream,
+    /// The upstream service or the path to it.
+    Upstream,
+    /// The proxy itself (config, filters, limits).
+    Internal,
+}
+
+/// Short flags written to the access log, in the spirit of Envoy's response flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// UF: could not connect to the upstream.
+    UpstreamConnectionFailure,
+    /// UH: no healthy endpoint in the cluster.
+    NoHealthyUpstream,
+    /// UT: the upstream did not answer in time.
+    UpstreamRequestTimeout,
+    /// UC: the upstream connection closed mid-request.
+    UpstreamConnectionTermination,
+    /// UO: a circuit-breaker limit was hit.
+    UpstreamOverflow,
+    /// NR: no route matched.
+    NoRouteFound,
+    /// DC: the client went away.
+    DownstreamConnectionTermination,
+    /// LR: a filter answered locally.
+    LocalReply,
+    /// FF: a filter failed (trap, deadline, memory) and the plugin fails closed.
+    FilterFailure,
+    /// PT: the request or its body exceeded a configured limit.
+    PayloadTooLarge,
+}
+
+impl ResponseFlag {
+    /// The short code written to the access log.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::UpstreamConnectionFailure => "UF",
+            Self::NoHealthyUpstream => "UH",
+            Self::UpstreamRequestTimeout => "UT",
+            Self::UpstreamConnectionTermination => "UC",
+            Self::UpstreamOverflow => "UO",
+            Self::NoRouteFound => "NR",
+            Self::DownstreamConnectionTermination => "DC",
+            Self::LocalReply => "LR",
+            Self::FilterFailure => "FF",
+            Self::PayloadTooLarge => "PT",
+        }
+    }
+}
+
+/// A failure while proxying one request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for {authority}{path}")]
+    NoRoute { authority: String, path: String },
+    #[error("cluster `{0}` has no healthy endpoint")]
+    NoHealthyUpstream(String),
+    #[error("connect to {endpoint} failed: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("upstream did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("upstream connection failed: {0}")]
+    UpstreamReset(String),
+    #[error("circuit breaker open on cluster `{cluster}`: {limit}")]
+    Overflow { cluster: String, limit: &'static str },
+    #[error("request body exceeds the {limit} byte buffer limit")]
+    BodyTooLarge { limit: usize },
+    #[error("filter `{plugin}` failed: {reason}")]
+    Filter { plugin: String, reason: String },
+}
+
+impl ProxyError {
+    /// Where the failure started.
+    pub fn origin(&self) -> ErrorOrigin {
+        match self {
+            Self::NoRoute { .. } | Self::BodyTooLarge { .. } | Self::Filter { .. } => {
+                ErrorOrigin::Internal
+            }
+            Self::Overflow { .. } => ErrorOrigin::Internal,
+            Self::NoHealthyUpstream(_)
+            | Self::Connect { .. }
+            | Self::UpstreamTimeout(_)
+            | Self::UpstreamReset(_) => ErrorOrigin::Upstream,
+        }
+    }
+
+    /// Whether sending the request again (to another endpoint) may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+
+    /// The HTTP status the client sees.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            Self::NoRoute { .. } => S::NOT_FOUND,
+            Self::NoHealthyUpstream(_) | Self::Overflow { .. } | Self::Filter { .. } => {
+                S::SERVICE_UNAVAILABLE
+            }
+            Self::Connect { .. } | Self::UpstreamReset(_) => S::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => S::GATEWAY_TIMEOUT,
+            Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// The access-log flag.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            Self::NoRoute { .. } => ResponseFlag::NoRouteFound,
+            Self::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
+            Self::Connect { .. } => ResponseFlag::UpstreamConnectionFailure,
+            Self::UpstreamTimeout(_) => ResponseFlag::UpstreamRequestTimeout,
+            Self::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
+            Self::Overflow { .. } => ResponseFlag::UpstreamOverflow,
+            Self::BodyTooLarge { .. } => ResponseFlag::PayloadTooLarge,
+            Self::Filter { .. } => ResponseFlag::FilterFailure,
+        }
+    }
+}
