@@ -11,7 +11,9 @@ pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body with no bytes.
 pub fn empty() -> BoxBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A body made of one chunk.

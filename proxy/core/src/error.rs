@@ -70,7 +70,10 @@ pub enum ProxyError {
     #[error("upstream connection failed: {0}")]
     UpstreamReset(String),
     #[error("circuit breaker open on cluster `{cluster}`: {limit}")]
-    Overflow { cluster: String, limit: &'static str },
+    Overflow {
+        cluster: String,
+        limit: &'static str,
+    },
     #[error("request body exceeds the {limit} byte buffer limit")]
     BodyTooLarge { limit: usize },
     #[error("filter `{plugin}` failed: {reason}")]

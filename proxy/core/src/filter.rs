@@ -48,7 +48,11 @@ pub trait HttpFilter {
         FilterStatus::Continue
     }
     /// The response head is in `stream.response`.
-    fn on_response_headers(&mut self, _stream: &SharedStream, _end_of_stream: bool) -> FilterStatus {
+    fn on_response_headers(
+        &mut self,
+        _stream: &SharedStream,
+        _end_of_stream: bool,
+    ) -> FilterStatus {
         FilterStatus::Continue
     }
     /// A response body chunk is in `stream.response_body`.
@@ -89,7 +93,11 @@ pub trait NetworkFilter {
         FilterStatus::Continue
     }
     /// Bytes from downstream are in `conn.downstream_data`.
-    fn on_downstream_data(&mut self, _conn: &SharedConnection, _end_of_stream: bool) -> FilterStatus {
+    fn on_downstream_data(
+        &mut self,
+        _conn: &SharedConnection,
+        _end_of_stream: bool,
+    ) -> FilterStatus {
         FilterStatus::Continue
     }
     /// Bytes from upstream are in `conn.upstream_data`.

@@ -10,6 +10,7 @@ pub mod callout;
 pub mod drain;
 pub mod error;
 pub mod filter;
+pub mod metrics;
 pub mod stream;
 
 pub use error::{ErrorOrigin, ProxyError, ResponseFlag};

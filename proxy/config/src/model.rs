@@ -1,0 +1,504 @@
+//! The configuration model: what a YAML config file (and `/config_dump`) contains.
+//!
+//! Every field has a sane default so a minimal file is a listener, a route and a
+//! cluster. Names are the ones operators write; see `docs/config.md`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Dur, Size};
+
+/// A whole proxy configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The admin listener (`/metrics`, `/ready`, `/config_dump`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: Dur,
+    /// Access log; off when absent.
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
+    /// proxy-wasm plugins that listeners and routes name in their `filters`.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// The admin endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens; loopback by default. `null` turns it off.
+    #[serde(default = "defaults::admin_address")]
+    pub address: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: defaults::admin_address(),
+        }
+    }
+}
+
+/// Where and how access log lines are written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// `stdout`, `stderr`, or a file path.
+    #[serde(default = "defaults::access_log_path")]
+    pub path: String,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// HTTP listeners: routes, tried in order; the first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// TCP listeners: the cluster every connection goes to.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Plugins run on every request (HTTP) or connection (TCP), before route filters.
+    #[serde(default)]
+    pub filters: Vec<String>,
+    #[serde(default)]
+    pub limits: ListenerLimits,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1, and HTTP/2 with prior knowledge (h2c), detected per connection.
+    #[default]
+    Http,
+    /// Raw TCP, proxied byte for byte.
+    Tcp,
+}
+
+/// Per-listener protections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerLimits {
+    /// Largest request head (request line plus headers); larger gets 431.
+    #[serde(default = "defaults::max_request_headers")]
+    pub max_request_headers: Size,
+    /// Most header fields in a request.
+    #[serde(default = "defaults::max_header_count")]
+    pub max_header_count: usize,
+    /// Time allowed to read a request head (slowloris guard).
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// Idle keep-alive connections are closed after this.
+    #[serde(default = "defaults::downstream_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// Most bytes a filter may make the proxy buffer per body; beyond, 413.
+    #[serde(default = "defaults::max_buffered_body")]
+    pub max_buffered_body: Size,
+    /// Most concurrent connections per worker.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_request_headers: defaults::max_request_headers(),
+            max_header_count: defaults::max_header_count(),
+            header_read_timeout: defaults::header_read_timeout(),
+            idle_timeout: defaults::downstream_idle_timeout(),
+            max_buffered_body: defaults::max_buffered_body(),
+            max_connections: defaults::max_connections(),
+        }
+    }
+}
+
+/// A route: a match and where matching requests go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// One cluster...
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// ...or several, by weight (the base of TrafficSplit).
+    #[serde(default)]
+    pub weighted_clusters: Vec<WeightedCluster>,
+    /// Time for the whole upstream exchange up to the response head; 504 after.
+    #[serde(default = "defaults::route_timeout")]
+    pub timeout: Dur,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Plugins run for this route after the listener's.
+    #[serde(default)]
+    pub filters: Vec<String>,
+}
+
+/// What a request must look like to take a route. Empty matches everything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Host without port: exact (`orders`), or a suffix wildcard (`*.example.com`).
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    /// HTTP method, e.g. GET.
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// How the path is matched.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+/// A condition on one request header.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// `true`: the header must be present; `false`: absent. Ignored when `exact` or `regex` is set.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// A share of a route's traffic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCluster {
+    pub cluster: String,
+    pub weight: u32,
+}
+
+/// When and how often a request is tried again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Extra attempts after the first.
+    #[serde(default = "defaults::retry_attempts")]
+    pub attempts: u32,
+    /// Response statuses that are retried (only for requests without a body).
+    #[serde(default = "defaults::retry_statuses")]
+    pub on_status: Vec<u16>,
+    /// Retry when the connection to an endpoint fails (always safe: nothing was sent).
+    #[serde(default = "defaults::yes")]
+    pub on_connect_failure: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: defaults::retry_attempts(),
+            on_status: defaults::retry_statuses(),
+            on_connect_failure: true,
+        }
+    }
+}
+
+/// A named group of upstream endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// `host:port` of each endpoint; host names are resolved at load.
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Pooled connections idle longer than this are closed.
+    #[serde(default = "defaults::upstream_idle_timeout")]
+    pub idle_timeout: Dur,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+}
+
+/// The protocol spoken to a cluster's endpoints.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC upstreams).
+    H2,
+}
+
+/// How an endpoint is picked.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    /// Power of two random choices, fewer active requests wins.
+    LeastRequest,
+}
+
+/// Limits beyond which requests fail fast with 503 (flag UO).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Most open connections to the cluster.
+    #[serde(default = "defaults::cb_limit")]
+    pub max_connections: usize,
+    /// Most requests waiting for a connection.
+    #[serde(default = "defaults::cb_limit")]
+    pub max_pending_requests: usize,
+    /// Most requests in flight.
+    #[serde(default = "defaults::cb_limit")]
+    pub max_requests: usize,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            max_connections: defaults::cb_limit(),
+            max_pending_requests: defaults::cb_limit(),
+            max_requests: defaults::cb_limit(),
+        }
+    }
+}
+
+/// Caps retries to a share of active requests so retries cannot amplify an outage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries in flight may be at most this share of requests in flight.
+    #[serde(default = "defaults::budget_ratio")]
+    pub ratio: f64,
+    /// Retries always allowed regardless of the ratio.
+    #[serde(default = "defaults::budget_min")]
+    pub min_concurrent: usize,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            ratio: defaults::budget_ratio(),
+            min_concurrent: defaults::budget_min(),
+        }
+    }
+}
+
+/// Passive health: endpoints that keep failing are taken out for a while.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive connect failures or 5xx that eject an endpoint; 0 turns ejection off.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each ejection in a row.
+    #[serde(default = "defaults::base_ejection")]
+    pub base_ejection_time: Dur,
+    /// Most endpoints that may be out at once, in percent.
+    #[serde(default = "defaults::max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: defaults::consecutive_failures(),
+            base_ejection_time: defaults::base_ejection(),
+            max_ejection_percent: defaults::max_ejection_percent(),
+        }
+    }
+}
+
+/// A proxy-wasm plugin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    /// Path of the `.wasm` module.
+    pub module: String,
+    /// Expected sha256 of the module, hex; the plugin is rejected on mismatch.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Envoy's `root_id`, which some SDKs dispatch on.
+    #[serde(default)]
+    pub root_id: String,
+    /// Plugins with the same non-empty `vm_id` (and module) share one VM.
+    #[serde(default)]
+    pub vm_id: String,
+    /// Bytes handed to the plugin in `on_configure` (a string, or any YAML value, sent as JSON).
+    #[serde(default)]
+    pub configuration: Option<serde_json::Value>,
+    /// Bytes handed to the VM in `on_vm_start`.
+    #[serde(default)]
+    pub vm_configuration: Option<serde_json::Value>,
+    /// What happens to a request when the plugin fails.
+    #[serde(default)]
+    pub fail: FailPolicy,
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// Environment variables the module sees through WASI.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Clusters the plugin may call out to; empty means any configured cluster.
+    #[serde(default)]
+    pub allowed_clusters: Vec<String>,
+}
+
+/// What a failing plugin does to the request it was handling.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailPolicy {
+    /// Answer 503 (HTTP) or close the connection (TCP).
+    #[default]
+    Closed,
+    /// Skip the plugin and carry on.
+    Open,
+}
+
+/// Sandbox limits of one plugin's VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Most linear memory the VM may grow to.
+    #[serde(default = "defaults::plugin_memory")]
+    pub memory: Size,
+    /// Most wall time one callback may run.
+    #[serde(default = "defaults::plugin_callback_timeout")]
+    pub callback_timeout: Dur,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            memory: defaults::plugin_memory(),
+            callback_timeout: defaults::plugin_callback_timeout(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The effective worker count (`workers`, or the core count when 0).
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The cluster of that name.
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// The plugin of that name.
+    pub fn plugin(&self, name: &str) -> Option<&PluginConfig> {
+        self.plugins.iter().find(|p| p.name == name)
+    }
+}
+
+/// Defaults, named so `/config_dump` and the docs agree.
+pub mod defaults {
+    use super::*;
+
+    pub fn drain_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn admin_address() -> Option<SocketAddr> {
+        Some(SocketAddr::from(([127, 0, 0, 1], 9901)))
+    }
+    pub fn access_log_path() -> String {
+        "stdout".into()
+    }
+    pub fn max_request_headers() -> Size {
+        Size(60 * 1024)
+    }
+    pub fn max_header_count() -> usize {
+        100
+    }
+    pub fn header_read_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn downstream_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn max_buffered_body() -> Size {
+        Size(1024 * 1024)
+    }
+    pub fn max_connections() -> usize {
+        100_000
+    }
+    pub fn route_timeout() -> Dur {
+        Dur(Duration::from_secs(15))
+    }
+    pub fn retry_attempts() -> u32 {
+        2
+    }
+    pub fn retry_statuses() -> Vec<u16> {
+        vec![503]
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn connect_timeout() -> Dur {
+        Dur(Duration::from_secs(1))
+    }
+    pub fn upstream_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn cb_limit() -> usize {
+        1024
+    }
+    pub fn budget_ratio() -> f64 {
+        0.2
+    }
+    pub fn budget_min() -> usize {
+        3
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn base_ejection() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn max_ejection_percent() -> u32 {
+        50
+    }
+    pub fn plugin_memory() -> Size {
+        Size(64 * 1024 * 1024)
+    }
+    pub fn plugin_callback_timeout() -> Dur {
+        Dur(Duration::from_millis(100))
+    }
+}
