@@ -95,8 +95,11 @@ fn read_u32(bytes: &[u8], at: usize) -> Result<u32, PairsError> {
     Ok(u32::from_le_bytes(word))
 }
 
+/// Decoded pairs borrowing from the buffer.
+pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// Decodes a pairs buffer into borrowed key/value slices.
-pub fn decode(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, PairsError> {
+pub fn decode(bytes: &[u8]) -> Result<Pairs<'_>, PairsError> {
     if bytes.len() > MAX_PAIRS_BYTES {
         return Err(PairsError::TooLarge(bytes.len()));
     }
