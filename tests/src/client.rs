@@ -1,0 +1,282 @@
+//! Clients for tests: HTTP/1.1 and h2c requests collected into a [`Response`],
+//! the admin endpoint's metrics, and raw bytes on a socket for malformed input.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longest a helper here waits for a whole exchange before panicking.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`raw`] waits for the peer to close.
+pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A response with its body (and trailers) read to the end.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Trailers, when the response had any.
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Response {
+    /// A header's value as text; `None` when absent or not text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as (lossy) UTF-8.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON; panics with the body when it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response body is not JSON ({e}); status {}, body {:?}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+
+    /// For echo-server responses: the value of a request header as the upstream saw it.
+    pub fn echoed_header(&self, name: &str) -> Option<String> {
+        self.json()["headers"][name.to_ascii_lowercase()]
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+/// GET over HTTP/1.1.
+pub async fn get(url: &str) -> Response {
+    request(
+        Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("valid request"),
+    )
+    .await
+}
+
+/// GET over HTTP/2 with prior knowledge (h2c).
+pub async fn get_h2(url: &str) -> Response {
+    send_h2(
+        Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("valid request"),
+    )
+    .await
+}
+
+/// Sends `req` over HTTP/1.1 and reads the whole response.
+pub async fn request(req: Request<Full<Bytes>>) -> Response {
+    send(req).await
+}
+
+/// Sends a request with any body over HTTP/1.1 and reads the whole response.
+pub async fn send<B>(req: Request<B>) -> Response
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = Client::builder(TokioExecutor::new()).build_http::<B>();
+    exchange(&client, req).await
+}
+
+/// Sends a request with any body over h2c and reads the whole response.
+pub async fn send_h2<B>(req: Request<B>) -> Response
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<B>();
+    exchange(&client, req).await
+}
+
+/// Sends a request and returns the response with its body still streaming.
+///
+/// For large downloads: read the body frame by frame instead of collecting it.
+pub async fn send_streaming<B>(req: Request<B>) -> http::Response<hyper::body::Incoming>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = Client::builder(TokioExecutor::new()).build_http::<B>();
+    let what = format!("{} {}", req.method(), req.uri());
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, client.request(req)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => panic!("{what} failed: {e:?}"),
+        Err(_) => panic!("{what}: no response head within {EXCHANGE_TIMEOUT:?}"),
+    }
+}
+
+async fn exchange<C, B>(client: &Client<C, B>, req: Request<B>) -> Response
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let what = format!("{} {}", req.method(), req.uri());
+    let exchange = async {
+        let response = client
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{what} failed: {e:?}"));
+        let (parts, body) = response.into_parts();
+        let collected = body
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: reading the body failed: {e:?}"));
+        let trailers = collected.trailers().cloned();
+        Response {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+            trailers,
+        }
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no complete response within {EXCHANGE_TIMEOUT:?}"))
+}
+
+/// The admin endpoint's `/metrics` text.
+pub async fn metrics(admin: SocketAddr) -> String {
+    let response = get(&format!("http://{admin}/metrics")).await;
+    assert_eq!(response.status, StatusCode::OK, "GET /metrics");
+    response.text()
+}
+
+/// The sum of every sample whose line starts with `name_with_labels_prefix`,
+/// e.g. `lacewing_upstream_retries_total` or `lacewing_http_requests_total{class="2xx"`;
+/// `None` when no line matches.
+pub fn metric_value(text: &str, name_with_labels_prefix: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name_with_labels_prefix) else {
+            continue;
+        };
+        // `foo` must not match `foo_bucket`: after a bare name comes `{` or a space.
+        let prefix_is_bare_name = !name_with_labels_prefix.contains('{');
+        if prefix_is_bare_name && !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(value) = sample_value(line) {
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found
+}
+
+/// The sum of every sample of metric `name` whose labels include all of `labels`
+/// (in any order); `None` when no sample matches.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let sample_labels = if let Some(inner) = rest.strip_prefix('{') {
+            match inner.split_once('}') {
+                Some((inner, _)) => inner,
+                None => continue,
+            }
+        } else if rest.starts_with(' ') {
+            ""
+        } else {
+            continue;
+        };
+        let all_present = labels.iter().all(|(key, value)| {
+            sample_labels
+                .split(',')
+                .any(|pair| pair == format!("{key}=\"{value}\""))
+        });
+        if all_present && let Some(value) = sample_value(line) {
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found
+}
+
+fn sample_value(line: &str) -> Option<f64> {
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// Writes `bytes` to `addr` and reads until the peer closes or [`RAW_READ_TIMEOUT`] passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    raw_exchange(addr, bytes).await.received
+}
+
+/// What [`raw_exchange`] saw.
+#[derive(Debug, Clone)]
+pub struct RawExchange {
+    /// Every byte read.
+    pub received: Vec<u8>,
+    /// Whether the peer closed (or reset) the connection before the timeout.
+    pub closed: bool,
+}
+
+impl RawExchange {
+    /// The received bytes as (lossy) text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.received).into_owned()
+    }
+
+    /// The status code of the first HTTP/1.x response line, if any.
+    pub fn status(&self) -> Option<u16> {
+        let text = self.text();
+        let line = text.lines().next()?;
+        let mut words = line.split(' ');
+        let version = words.next()?;
+        if !version.starts_with("HTTP/1.") {
+            return None;
+        }
+        words.next()?.parse().ok()
+    }
+}
+
+/// Writes `bytes` to `addr` and reads until the peer closes or [`RAW_READ_TIMEOUT`] passes.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawExchange {
+    raw_exchange_with_timeout(addr, bytes, RAW_READ_TIMEOUT).await
+}
+
+/// [`raw_exchange`] with an explicit wait for the close.
+pub async fn raw_exchange_with_timeout(
+    addr: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> RawExchange {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    // The proxy may answer and close before reading everything; a failed write is not an error here.
+    let _ = stream.write_all(bytes).await;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    RawExchange { received, closed }
+}

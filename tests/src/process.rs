@@ -1,0 +1,57 @@
+//! Facts about this test process (the proxy runs in it) and the `lacewing` binary.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Resident set size of this process in bytes, from `/proc/self/status`.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .expect("/proc/self/status has a VmRSS line in kB")
+}
+
+/// Number of open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("list /proc/self/fd")
+        .count()
+}
+
+/// Path of the `lacewing` binary in this workspace's target directory, built
+/// with `cargo build -p lacewing` the first time it is asked for if it is missing.
+pub fn lacewing_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("tests/ lives in the workspace")
+                .to_path_buf();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"));
+            let binary = target.join("debug").join("lacewing");
+            if !binary.exists() {
+                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "-p", "lacewing"])
+                    .current_dir(&workspace)
+                    .status()
+                    .expect("run cargo build -p lacewing");
+                assert!(status.success(), "cargo build -p lacewing failed");
+            }
+            binary
+        })
+        .clone()
+}
