@@ -1,0 +1,28 @@
+//! conformance-filter: a proxy-wasm test module that exercises every host
+//! function and callback of ABI 0.2.1 that the official `proxy-wasm` crate exposes.
+//!
+//! Built with the official SDK, unmodified, so the same module runs in Lacewing
+//! and in Envoy. What it does on a request is chosen by the `x-test` request
+//! header (a comma-separated list of cases, see [`http`]); what it found out is
+//! reported in response headers (`x-prop-path: /foo`,
+//! `x-status-unknown-property: NotFound`, ...), so tests assert exactly what a
+//! client sees.
+//!
+//! Plugin configuration: whitespace-, comma- or semicolon-separated words:
+//! `tag=<name>` (records its place in the filter chain), `tick_ms=<n>` (arms the
+//! tick timer), `fail_configure` (on_configure returns false), `trap_configure`
+//! (on_configure traps).
+
+mod http;
+mod raw;
+mod root;
+
+use proxy_wasm::traits::RootContext;
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> {
+        Box::new(root::ConformanceRoot::default())
+    });
+}}
