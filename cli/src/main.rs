@@ -1,2 +1,276 @@
-//! The `lacewing` command.
-fn main() {}
+//! The `lacewing` command: runs the sidecar proxy, validates configuration
+//! files, and runs a self-contained demo on loopback.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use lacewing_config::quickstart::{QuickStart, WasmFlag, parse_cluster_flag};
+use lacewing_config::{ProxyConfig, UpstreamProtocol, units::Dur};
+use lacewing_proxy::{Proxy, StartOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lacewing",
+    version,
+    about = "A WebAssembly-extensible service-mesh sidecar proxy"
+)]
+struct Cli {
+    /// Log filter, e.g. `info`, `lacewing_wasm=debug`.
+    #[arg(long, global = true, env = "LACEWING_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy, from a config file or from flags.
+    Proxy(ProxyArgs),
+    /// Check a config file; prints every problem with file, line and field.
+    Validate {
+        /// The YAML config file.
+        file: PathBuf,
+    },
+    /// Start demo services and a proxy with a filter on loopback, send
+    /// requests through it and show what they did.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// YAML config file (see docs/config.md).
+    #[arg(long, short = 'c', conflicts_with_all = ["listen", "upstream"])]
+    config: Option<PathBuf>,
+    /// Quick start: address to listen on.
+    #[arg(long, requires = "upstream")]
+    listen: Option<SocketAddr>,
+    /// Quick start: upstream endpoint HOST:PORT (repeat for more).
+    #[arg(long)]
+    upstream: Vec<String>,
+    /// Quick start: speak HTTP/2 (h2c) to the upstream, e.g. for gRPC.
+    #[arg(long)]
+    upstream_h2: bool,
+    /// Quick start: a proxy-wasm module to run on every request (repeat to chain).
+    #[arg(long)]
+    wasm: Vec<String>,
+    /// Configuration of the `--wasm` before it: a string, or @FILE.
+    #[arg(long)]
+    wasm_config: Vec<String>,
+    /// Root id of the `--wasm` before it (Envoy's root_id).
+    #[arg(long)]
+    wasm_root_id: Vec<String>,
+    /// Quick start: a named cluster filters may call, NAME=HOST:PORT (repeatable).
+    #[arg(long)]
+    cluster: Vec<String>,
+    /// Admin listener address (quick start; overrides the file's).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Worker threads (default: one per core; overrides the file's).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Write a JSON access log line per request to stdout.
+    #[arg(long)]
+    access_log: bool,
+    /// Time in-flight requests get after SIGTERM, e.g. 10s (overrides the file's).
+    #[arg(long)]
+    drain_timeout: Option<String>,
+    /// Directory for compiled wasm modules.
+    #[arg(long, env = "LACEWING_CACHE_DIR")]
+    wasm_cache_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_logging(&cli.log);
+    let result = match &cli.command {
+        Command::Proxy(args) => {
+            let sub = matches.subcommand_matches("proxy");
+            run_proxy(args, sub)
+        }
+        Command::Validate { file } => validate(file),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn validate(file: &std::path::Path) -> anyhow::Result<()> {
+    lacewing_config::load::from_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+/// Pairs each `--wasm-config` / `--wasm-root-id` with the `--wasm` before it.
+fn wasm_flags(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<Vec<WasmFlag>> {
+    let mut flags: Vec<WasmFlag> = args
+        .wasm
+        .iter()
+        .map(|path| WasmFlag {
+            path: path.clone(),
+            config: None,
+            root_id: None,
+        })
+        .collect();
+    let Some(m) = matches else { return Ok(flags) };
+    let wasm_at: Vec<usize> = m.indices_of("wasm").map(|i| i.collect()).unwrap_or_default();
+    let owner = |index: usize, flag: &str| -> anyhow::Result<usize> {
+        wasm_at
+            .iter()
+            .rposition(|&w| w < index)
+            .with_context(|| format!("--{flag} must follow the --wasm it belongs to"))
+    };
+    for (value, index) in args
+        .wasm_config
+        .iter()
+        .zip(m.indices_of("wasm_config").into_iter().flatten())
+    {
+        let i = owner(index, "wasm-config")?;
+        if flags[i].config.replace(value.clone()).is_some() {
+            bail!("--wasm {} has two --wasm-config values", flags[i].path);
+        }
+    }
+    for (value, index) in args
+        .wasm_root_id
+        .iter()
+        .zip(m.indices_of("wasm_root_id").into_iter().flatten())
+    {
+        let i = owner(index, "wasm-root-id")?;
+        if flags[i].root_id.replace(value.clone()).is_some() {
+            bail!("--wasm {} has two --wasm-root-id values", flags[i].path);
+        }
+    }
+    Ok(flags)
+}
+
+fn proxy_config(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<ProxyConfig> {
+    let mut config = if let Some(file) = &args.config {
+        lacewing_config::load::from_file(file).map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        let Some(listen) = args.listen else {
+            bail!("give --config FILE, or --listen ADDR with --upstream HOST:PORT");
+        };
+        let clusters = args
+            .cluster
+            .iter()
+            .map(|c| parse_cluster_flag(c).map_err(|e| anyhow::anyhow!("--cluster: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        QuickStart {
+            listen,
+            upstreams: args.upstream.clone(),
+            upstream_protocol: if args.upstream_h2 {
+                UpstreamProtocol::H2
+            } else {
+                UpstreamProtocol::Http1
+            },
+            wasm: wasm_flags(args, matches)?,
+            clusters,
+            admin: args.admin,
+            workers: args.workers.unwrap_or(0),
+            access_log: args.access_log,
+        }
+        .into_config()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    if let Some(admin) = args.admin {
+        config.admin.address = Some(admin);
+    }
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    if let Some(t) = &args.drain_timeout {
+        config.drain_timeout = Dur::parse(t).context("--drain-timeout")?;
+    }
+    if args.access_log && config.access_log.is_none() {
+        config.access_log = Some(lacewing_config::AccessLogConfig {
+            path: "stdout".into(),
+        });
+    }
+    Ok(config)
+}
+
+fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    let config = proxy_config(args, matches)?;
+    let workers = config.worker_count();
+    let handle = Proxy::start_with(
+        config,
+        StartOptions {
+            wasm_cache_dir: args.wasm_cache_dir.clone(),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(admin) = handle.admin_addr() {
+        tracing::info!(%admin, "admin listening");
+    }
+    tracing::info!(workers, "lacewing started");
+    wait_for_signal()?;
+    tracing::info!("draining");
+    handle.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT. A second signal while draining exits at once.
+fn wait_for_signal() -> anyhow::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("lacewing-signals".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (mut term, mut int) = match (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
+                    (Ok(t), Ok(i)) => (t, i),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                let _ = tx.send(Ok(()));
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                eprintln!("second signal: exiting without waiting for the drain");
+                std::process::exit(130);
+            });
+        })?;
+    rx.recv().context("signal thread ended")?
+}

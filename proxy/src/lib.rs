@@ -1,1 +1,17 @@
-//! The Lacewing data plane: listeners, routing, upstream clusters, admin and the worker runtimes.
+//! The Lacewing data plane: listeners, routing, the HTTP and TCP proxy paths,
+//! the admin endpoint and the worker runtimes that carry them.
+//!
+//! [`Proxy::start`] turns a [`lacewing_config::ProxyConfig`] into running
+//! workers; see `docs/architecture.md` for the request phases.
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod http;
+pub mod listener;
+pub mod router;
+pub mod snapshot;
+pub mod tcp;
+pub mod worker;
+
+pub use app::{Proxy, ProxyHandle, StartError, StartOptions, default_cache_dir};

@@ -1,0 +1,91 @@
+//! The admin listener: `/metrics`, `/ready`, `/config_dump`, on loopback by default.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lacewing_config::ProxyConfig;
+use lacewing_core::drain::DrainWatch;
+use lacewing_core::metrics::Metrics;
+use tokio::net::TcpListener;
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub metrics: Metrics,
+    pub config: Arc<ArcSwap<ProxyConfig>>,
+    /// True once every worker accepts; false again when draining.
+    pub ready: Arc<AtomicBool>,
+}
+
+const INDEX: &str = "lacewing admin\n\n/metrics      Prometheus metrics\n/ready        200 when serving, 503 when starting or draining\n/config_dump  the live configuration as JSON\n";
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Answers one admin request.
+pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
+    }
+    match req.uri().path() {
+        "/" => reply(StatusCode::OK, "text/plain", INDEX),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
+        "/ready" => {
+            if state.ready.load(Ordering::Acquire) {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        "/config_dump" => match serde_json::to_vec_pretty(&**state.config.load()) {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("cannot serialize config: {e}\n"),
+            ),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; see /\n"),
+    }
+}
+
+/// Serves the admin endpoints until drained.
+pub async fn serve(listener: TcpListener, state: AdminState, mut drain: DrainWatch) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.signaled() => {
+                state.ready.store(false, Ordering::Release);
+                // Keep answering (with /ready = 503) until the process exits.
+                listener.accept().await
+            }
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let resp = route(&state, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

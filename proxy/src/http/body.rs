@@ -1,0 +1,88 @@
+//! The body type the proxy hands to hyper for responses: no boxing for the
+//! common cases (upstream passthrough, short local replies).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use lacewing_core::body::{BoxBody, BoxError};
+
+/// A response body: an upstream's, a local one, or a filtered stream.
+pub enum ProxyBody {
+    /// Nothing.
+    Empty,
+    /// One chunk (local replies).
+    Full(Option<Bytes>),
+    /// Straight from the upstream connection.
+    Upstream(Incoming),
+    /// Any sendable body.
+    Boxed(BoxBody),
+    /// A body that lives on the worker thread (filtered streams).
+    Local(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
+}
+
+impl ProxyBody {
+    /// A body of one chunk.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        if bytes.is_empty() {
+            Self::Empty
+        } else {
+            Self::Full(Some(bytes))
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Empty => "ProxyBody::Empty",
+            Self::Full(_) => "ProxyBody::Full",
+            Self::Upstream(_) => "ProxyBody::Upstream",
+            Self::Boxed(_) => "ProxyBody::Boxed",
+            Self::Local(_) => "ProxyBody::Local",
+        })
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
+            Self::Upstream(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Self::Boxed(body) => Pin::new(body).poll_frame(cx),
+            Self::Local(body) => body.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Full(chunk) => chunk.is_none(),
+            Self::Upstream(body) => body.is_end_stream(),
+            Self::Boxed(body) => body.is_end_stream(),
+            Self::Local(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Full(chunk) => SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Upstream(body) => body.size_hint(),
+            Self::Boxed(body) => body.size_hint(),
+            Self::Local(body) => body.size_hint(),
+        }
+    }
+}
