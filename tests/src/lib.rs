@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod process;
 pub mod proxy;
 pub mod servers;
+pub mod wasm;
 
 mod eventually;
 

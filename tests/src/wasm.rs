@@ -1,0 +1,103 @@
+//! Wasm modules for tests: crates under `tests/modules/` and `filters/` built
+//! once per test process for `wasm32-wasip1`, and WAT text compiled to files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+/// The Cargo profile wasm modules are built with.
+pub const WASM_PROFILE: &str = "wasm";
+/// The target wasm modules are built for.
+pub const WASM_TARGET: &str = "wasm32-wasip1";
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// One build slot per crate, so concurrent tests asking for the same module
+/// build it once and tests asking for different modules do not wait on each
+/// other (cargo's own lock still orders the builds).
+fn build_slot(crate_name: &str) -> Arc<OnceLock<PathBuf>> {
+    static SLOTS: OnceLock<Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
+    let slots = SLOTS.get_or_init(Mutex::default);
+    let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
+    slots.entry(crate_name.to_string()).or_default().clone()
+}
+
+/// Builds the wasm crate `crate_name` (once per test process) with
+/// `cargo build --target wasm32-wasip1 --profile wasm -p <crate_name>` and
+/// returns the path of its `.wasm`. Panics with cargo's output when the build fails.
+pub fn module(crate_name: &str) -> PathBuf {
+    let slot = build_slot(crate_name);
+    slot.get_or_init(|| build(crate_name)).clone()
+}
+
+fn build(crate_name: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(&cargo)
+        .args([
+            "build",
+            "--target",
+            WASM_TARGET,
+            "--profile",
+            WASM_PROFILE,
+            "-p",
+            crate_name,
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{crate_name}`: {e}"));
+    assert!(
+        output.status.success(),
+        "building wasm module `{crate_name}` failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = target_dir()
+        .join(WASM_TARGET)
+        .join(WASM_PROFILE)
+        .join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(
+        path.is_file(),
+        "cargo built `{crate_name}` but {} does not exist",
+        path.display()
+    );
+    path
+}
+
+/// A directory for this test process's generated modules.
+fn scratch_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("lacewing-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        dir
+    })
+    .clone()
+}
+
+/// Compiles `wat` to a binary module and writes it to `<temp>/lacewing-tests-<pid>/<name>.wasm`.
+/// Panics with the WAT error when the text does not parse.
+pub fn wat_file(name: &str, wat: &str) -> PathBuf {
+    let binary = wat::parse_str(wat).unwrap_or_else(|e| panic!("WAT module `{name}`: {e}"));
+    bytes_file(name, &binary)
+}
+
+/// Writes raw bytes (a module, or deliberately not one) to `<temp>/lacewing-tests-<pid>/<name>.wasm`.
+pub fn bytes_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let path = scratch_dir().join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
+}
