@@ -12,8 +12,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Longest a helper here waits for a whole exchange before panicking.
-pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a helper here waits for a whole exchange before panicking (a hang guard, not a latency bound).
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long [`raw`] waits for the peer to close.
 pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -125,7 +125,28 @@ where
     }
 }
 
+/// [`send`] with an explicit hang guard, for very large bodies.
+pub async fn send_with_timeout<B>(req: Request<B>, limit: Duration) -> Response
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = Client::builder(TokioExecutor::new()).build_http::<B>();
+    exchange_within(&client, req, limit).await
+}
+
 async fn exchange<C, B>(client: &Client<C, B>, req: Request<B>) -> Response
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    exchange_within(client, req, EXCHANGE_TIMEOUT).await
+}
+
+async fn exchange_within<C, B>(client: &Client<C, B>, req: Request<B>, limit: Duration) -> Response
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
     B: http_body::Body + Send + Unpin + 'static,
@@ -152,9 +173,9 @@ where
             trailers,
         }
     };
-    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+    tokio::time::timeout(limit, exchange)
         .await
-        .unwrap_or_else(|_| panic!("{what}: no complete response within {EXCHANGE_TIMEOUT:?}"))
+        .unwrap_or_else(|_| panic!("{what}: no complete response within {limit:?}"))
 }
 
 /// The admin endpoint's `/metrics` text.
@@ -250,6 +271,86 @@ impl RawExchange {
         }
         words.next()?.parse().ok()
     }
+
+    /// The first HTTP/1.x response parsed: its head's header lines
+    /// (lower-case names) and its body (de-chunked when chunked).
+    pub fn response(&self) -> Option<RawResponse> {
+        let status = self.status()?;
+        let head_end = self.received.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&self.received[..head_end]).into_owned();
+        let headers: Vec<(String, String)> = head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+            .collect();
+        let rest = &self.received[head_end + 4..];
+        let chunked = headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_vec()
+        };
+        Some(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// An HTTP/1.x response read off a raw socket.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header lines in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON; panics with the body when it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response body is not JSON ({e}); status {}, body {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Decodes a chunked body, stopping at the last chunk or at the first malformed one.
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_text, 16) else {
+            break;
+        };
+        data = &data[line_end + 2..];
+        if size == 0 || data.len() < size {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or(&[]);
+    }
+    out
 }
 
 /// Writes `bytes` to `addr` and reads until the peer closes or [`RAW_READ_TIMEOUT`] passes.

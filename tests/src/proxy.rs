@@ -51,3 +51,27 @@ pub fn admin_addr(handle: &ProxyHandle) -> SocketAddr {
 pub fn url(handle: &ProxyHandle, listener: &str, path: &str) -> String {
     format!("http://{}{path}", listener_addr(handle, listener))
 }
+
+/// A config with one HTTP listener `main` (route `default`, every request) to
+/// one cluster `upstream` of `endpoints` speaking `protocol` (`http1` or `h2`),
+/// one worker, admin on `127.0.0.1:0`, and a 1 s drain timeout.
+pub fn simple_yaml(endpoints: &[SocketAddr], protocol: &str) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "admin: {{ address: 127.0.0.1:0 }}
+workers: 1
+drain_timeout: 1s
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - name: default
+        cluster: upstream
+clusters:
+  - name: upstream
+    endpoints: [{}]
+    protocol: {protocol}
+",
+        endpoints.join(", ")
+    )
+}

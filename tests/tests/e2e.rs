@@ -1,0 +1,14 @@
+//! End-to-end tests of the data plane: a real proxy, started in this process,
+//! between real clients and real upstream servers on loopback.
+//!
+//! One test binary keeps link time down; each concern lives in its own module.
+
+mod admin;
+mod bad_input;
+mod config_errors;
+mod drain;
+mod forwarding;
+mod grpc;
+mod resilience;
+mod routing;
+mod tcp;

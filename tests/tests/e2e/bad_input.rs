@@ -1,0 +1,190 @@
+//! Malformed and hostile HTTP/1.1 input: each gets the right status (or a
+//! closed connection), the connection is closed, and the proxy keeps serving.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use lacewing_tests::client::{self, RawExchange, raw_exchange, raw_exchange_with_timeout};
+use lacewing_tests::{proxy, servers};
+
+/// One proxy in front of an echo server, with listener `limits` spliced in.
+struct Setup {
+    handle: lacewing_proxy::ProxyHandle,
+    _upstream: servers::TestServer,
+}
+
+impl Setup {
+    async fn new(limits: &str) -> Self {
+        let upstream = servers::http_echo().await;
+        let handle = proxy::start(&proxy::fill(
+            "admin: { address: 127.0.0.1:0 }
+workers: 1
+drain_timeout: 1s
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    limits: {limits}
+    routes:
+      - { name: default, cluster: upstream }
+clusters:
+  - { name: upstream, endpoints: ['{upstream}'] }
+",
+            &[("limits", &limits), ("upstream", &upstream.addr)],
+        ));
+        Self {
+            handle,
+            _upstream: upstream,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        proxy::listener_addr(&self.handle, "main")
+    }
+
+    /// A normal request still works.
+    async fn assert_still_serving(&self) {
+        let response = client::get(&proxy::url(&self.handle, "main", "/after")).await;
+        assert_eq!(response.status, StatusCode::OK, "the proxy still serves");
+    }
+}
+
+fn assert_rejected(exchange: &RawExchange, status: u16) {
+    assert_eq!(
+        exchange.status(),
+        Some(status),
+        "expected {status}, got {:?}",
+        exchange.text()
+    );
+    assert!(exchange.closed, "the connection is closed after {status}");
+}
+
+#[tokio::test]
+async fn malformed_request_line_gets_400_and_close() {
+    let setup = Setup::new("{}").await;
+
+    let exchange = raw_exchange(setup.addr(), b"THIS IS NOT HTTP\r\n\r\n").await;
+
+    assert_rejected(&exchange, 400);
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn control_byte_in_header_name_gets_400_and_close() {
+    let setup = Setup::new("{}").await;
+
+    let exchange = raw_exchange(
+        setup.addr(),
+        b"GET / HTTP/1.1\r\nHost: example\r\nBad\x01Name: value\r\n\r\n",
+    )
+    .await;
+
+    assert_rejected(&exchange, 400);
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn oversized_header_block_gets_431_and_close() {
+    let setup = Setup::new("{ max_request_headers: 8KiB }").await;
+    let mut request = b"GET / HTTP/1.1\r\nHost: example\r\n".to_vec();
+    for i in 0..64 {
+        request.extend_from_slice(format!("x-filler-{i}: {}\r\n", "v".repeat(1000)).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+
+    let exchange = raw_exchange(setup.addr(), &request).await;
+
+    assert_rejected(&exchange, 431);
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn too_many_header_fields_get_431_and_close() {
+    let setup = Setup::new("{ max_header_count: 20 }").await;
+    let mut request = b"GET / HTTP/1.1\r\nHost: example\r\n".to_vec();
+    for i in 0..50 {
+        request.extend_from_slice(format!("x-many-{i}: v\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+
+    let exchange = raw_exchange(setup.addr(), &request).await;
+
+    assert_rejected(&exchange, 431);
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_gets_400_and_close() {
+    let setup = Setup::new("{}").await;
+
+    let exchange = raw_exchange(
+        setup.addr(),
+        b"POST / HTTP/1.1\r\nHost: example\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+
+    assert_rejected(&exchange, 400);
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_get_400_and_close() {
+    let setup = Setup::new("{}").await;
+
+    let exchange = raw_exchange(
+        setup.addr(),
+        b"POST / HTTP/1.1\r\nHost: example\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+
+    assert_rejected(&exchange, 400);
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn absurd_chunk_size_is_rejected_or_closed() {
+    let setup = Setup::new("{}").await;
+
+    let exchange = raw_exchange(
+        setup.addr(),
+        b"POST / HTTP/1.1\r\nHost: example\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nabc\r\n",
+    )
+    .await;
+
+    assert!(
+        exchange.closed,
+        "the connection is closed: {:?}",
+        exchange.text()
+    );
+    assert!(
+        matches!(exchange.status(), None | Some(400)),
+        "a 400 or no response at all, got {:?}",
+        exchange.text()
+    );
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn slowloris_head_is_cut_off_after_the_header_read_timeout() {
+    let setup = Setup::new("{ header_read_timeout: 1s }").await;
+
+    // Half a head, then silence: the proxy must close rather than wait forever.
+    let exchange = raw_exchange_with_timeout(
+        setup.addr(),
+        b"GET /slow HTTP/1.1\r\nHost: example\r\nX-Partial: ",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    assert!(
+        exchange.closed,
+        "the connection is closed after the header read timeout: {:?}",
+        exchange.text()
+    );
+    assert!(
+        matches!(exchange.status(), None | Some(408)),
+        "nothing or a 408, got {:?}",
+        exchange.text()
+    );
+    setup.assert_still_serving().await;
+}

@@ -1,0 +1,68 @@
+//! Graceful drain (what SIGTERM does): requests in flight finish, new
+//! connections are refused, `/ready` turns 503.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use lacewing_tests::{client, eventually, proxy, servers};
+use tokio::net::TcpStream;
+
+const IN_FLIGHT: usize = 20;
+
+#[tokio::test]
+async fn drain_lets_in_flight_requests_finish_and_refuses_new_connections() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::fill(
+        "admin: { address: 127.0.0.1:0 }
+workers: 2
+drain_timeout: 30s
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - { name: default, cluster: upstream }
+clusters:
+  - { name: upstream, endpoints: ['{upstream}'] }
+",
+        &[("upstream", &upstream.addr)],
+    ));
+    let listener = proxy::listener_addr(&handle, "main");
+    let admin = proxy::admin_addr(&handle);
+
+    let url = proxy::url(&handle, "main", "/delay/1500");
+    let requests: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client::get(&url).await })
+        })
+        .collect();
+    // Every request has reached the upstream (one pooled connection each) before the drain.
+    eventually("all requests are in flight at the upstream", || async {
+        upstream.accepted() >= IN_FLIGHT
+    })
+    .await;
+
+    handle.drain();
+
+    eventually("new connections are refused once draining", || async move {
+        TcpStream::connect(listener).await.is_err()
+    })
+    .await;
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .expect("in-flight request finishes")
+            .expect("request task did not panic");
+        assert_eq!(response.status, StatusCode::OK, "in-flight request {i}");
+    }
+    let ready = client::get(&format!("http://{admin}/ready")).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/ready while draining"
+    );
+
+    tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .expect("workers exit after the drain");
+}
