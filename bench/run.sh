@@ -36,7 +36,7 @@ declare -A LABEL=(
 )
 
 usage() {
-  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
 }
 
@@ -118,7 +118,12 @@ rss_mib() { # VmRSS of a process plus its children, in MiB
   awk -v k="$total" 'BEGIN { printf "%.1f", k / 1024 }'
 }
 
-log_tail() { [ -f "$1" ] && tail -n 5 "$1" | tr '\n' ' ' | cut -c1-300; }
+log_tail() { # last lines of a server's log, or of the stdout.log beside it when that one is empty
+  local f=$1
+  [ -s "$f" ] || f=$(dirname "$f")/stdout.log
+  [ -s "$f" ] && tail -n 5 "$f" | tr '\n' ' ' | cut -c1-300
+  return 0
+}
 
 # ------------------------------------------------------------------- setup
 
@@ -268,7 +273,7 @@ start_direct() {
 start_nginx() {
   SUT_PORT=$(free_port)
   NGINX_LISTEN_PORT=$SUT_PORT
-  launch_nginx nginx-proxy "${SUT_CORE:-0}" proxy_conf
+  launch_nginx nginx "${SUT_CORE:-0}" proxy_conf
 }
 
 envoy_bootstrap() { # envoy_bootstrap WITH_WASM
@@ -344,7 +349,7 @@ start_envoy() { start_envoy_with envoy 0; }
 start_envoy_wasm() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-echo-request-id"
-  start_envoy_with envoy-wasm 1
+  start_envoy_with envoy_wasm 1
 }
 
 LACEWING_BIN=$ROOT/target/release/lacewing
@@ -368,12 +373,12 @@ start_lacewing() { start_lacewing_with lacewing; }
 start_lacewing_wasm1() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-echo-request-id"
-  start_lacewing_with lacewing-wasm1 --wasm "$WASM_FILE"
+  start_lacewing_with lacewing_wasm1 --wasm "$WASM_FILE"
 }
 start_lacewing_wasm3() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-e1 x-e2 x-e3"
-  start_lacewing_with lacewing-wasm3 \
+  start_lacewing_with lacewing_wasm3 \
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e1 \
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e2 \
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e3
@@ -388,7 +393,8 @@ wait_ready() {
   start=$(date +%s%N)
   while :; do
     if ! kill -0 "$SUT_PID" 2>/dev/null; then
-      NA_REASON="exited at start: $(log_tail "$log")"
+      wait "$SUT_PID" 2>/dev/null
+      NA_REASON="exited at start with status $?: $(log_tail "$log")"
       return 1
     fi
     code=$(curl -s -o "$dir/probe.body" -D "$dir/probe.headers" --max-time 2 \
@@ -462,12 +468,12 @@ run_row() {
   if ! "start_$key"; then NA[$key]=$NA_REASON; return 1; fi
   case "$key" in
     direct) log=$WORK/direct/error.log ;;
-    nginx) log=$WORK/nginx-proxy/error.log ;;
+    nginx) log=$WORK/nginx/error.log ;;
     envoy) log=$WORK/envoy/envoy.log ;;
-    envoy_wasm) log=$WORK/envoy-wasm/envoy.log ;;
+    envoy_wasm) log=$WORK/envoy_wasm/envoy.log ;;
     lacewing) log=$WORK/lacewing/stdout.log ;;
-    lacewing_wasm1) log=$WORK/lacewing-wasm1/stdout.log ;;
-    lacewing_wasm3) log=$WORK/lacewing-wasm3/stdout.log ;;
+    lacewing_wasm1) log=$WORK/lacewing_wasm1/stdout.log ;;
+    lacewing_wasm3) log=$WORK/lacewing_wasm3/stdout.log ;;
   esac
   if ! wait_ready "$key" "$log" >/dev/null || ! check_response "$key"; then
     NA[$key]=$NA_REASON
@@ -532,9 +538,12 @@ version_of() {
   esac
 }
 
-cold_start_metric() { # a wasm compile/instantiate figure from lacewing's /metrics, if it has one
-  [ -f "$WORK/lacewing-wasm1/metrics.txt" ] || return 0
-  grep -iE '^lacewing_wasm_[a-z_]*(compile|load|start|instantiat)[a-z_]*(_sum|_seconds)?[ {]' "$WORK/lacewing-wasm1/metrics.txt" | head -4
+cold_start_metric() { # wasm compile/instantiate figures lacewing reports, if any (metrics or log)
+  local dir=$WORK/lacewing_wasm1
+  [ -n "${RPS[lacewing_wasm1]:-}" ] || return 0
+  [ -f "$dir/metrics.txt" ] && grep -iE '^lacewing_wasm_[a-z_]*(compil|load|start|instantiat)[a-z_]*[ {]' "$dir/metrics.txt" | head -6
+  [ -f "$dir/stdout.log" ] && grep -iE '(compil|instantiat|cold).*[0-9](ms|µs|us|s)\b' "$dir/stdout.log" | head -3 | cut -c1-200
+  return 0
 }
 
 report() {
@@ -591,7 +600,7 @@ report() {
     local metric
     metric=$(cold_start_metric)
     if [ -n "$metric" ]; then
-      echo "- lacewing /metrics after the one-filter run:"
+      echo "- reported by lacewing in the one-filter run (/metrics, log):"
       echo '```'
       echo "$metric"
       echo '```'
@@ -608,6 +617,7 @@ report() {
 # -------------------------------------------------------------------- main
 
 mkdir -p "$WORK"
+rm -rf "${WORK:?}"/*/   # per-row configs, logs and wrk output of the previous run
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 WASM_FILE=$ROOT/target/wasm32-wasip1/wasm/header_echo.wasm
 
