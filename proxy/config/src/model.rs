@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de};
 
 use crate::units::{Dur, Size};
 
@@ -170,12 +170,70 @@ pub struct RouteMatch {
 }
 
 /// How the path is matched.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+///
+/// Written as a one-key mapping: `{ exact: /healthz }`, `{ prefix: /api }`
+/// or `{ regex: "^/v[0-9]+/" }` (the `!prefix /api` tag form is accepted too).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
 pub enum PathMatch {
     Exact(String),
     Prefix(String),
     Regex(String),
+}
+
+/// The key of a [`PathMatch`] mapping.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PathMatchKind {
+    Exact,
+    Prefix,
+    Regex,
+}
+
+impl PathMatchKind {
+    fn with(self, value: String) -> PathMatch {
+        match self {
+            PathMatchKind::Exact => PathMatch::Exact(value),
+            PathMatchKind::Prefix => PathMatch::Prefix(value),
+            PathMatchKind::Regex => PathMatch::Regex(value),
+        }
+    }
+}
+
+struct PathMatchVisitor;
+
+impl<'de> de::Visitor<'de> for PathMatchVisitor {
+    type Value = PathMatch;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("one of `exact: /path`, `prefix: /path`, `regex: ^/path`")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<PathMatch, A::Error> {
+        let mut found = None;
+        while let Some(kind) = map.next_key::<PathMatchKind>()? {
+            let value: String = map.next_value()?;
+            if found.is_some() {
+                return Err(de::Error::custom(
+                    "give only one of `exact`, `prefix`, `regex`",
+                ));
+            }
+            found = Some(kind.with(value));
+        }
+        found.ok_or_else(|| de::Error::custom("give one of `exact`, `prefix`, `regex`"))
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<PathMatch, A::Error> {
+        use de::VariantAccess;
+        let (kind, variant) = data.variant::<PathMatchKind>()?;
+        Ok(kind.with(variant.newtype_variant()?))
+    }
+}
+
+impl<'de> Deserialize<'de> for PathMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PathMatchVisitor)
+    }
 }
 
 /// A condition on one request header.
@@ -404,6 +462,105 @@ impl Default for PluginLimits {
             memory: defaults::plugin_memory(),
             callback_timeout: defaults::plugin_callback_timeout(),
         }
+    }
+}
+
+impl ListenerConfig {
+    /// An HTTP listener with default limits and no filters.
+    pub fn http(name: impl Into<String>, address: SocketAddr, routes: Vec<RouteConfig>) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            protocol: ListenerProtocol::Http,
+            routes,
+            cluster: None,
+            filters: Vec::new(),
+            limits: ListenerLimits::default(),
+        }
+    }
+
+    /// A TCP listener sending every connection to `cluster`.
+    pub fn tcp(name: impl Into<String>, address: SocketAddr, cluster: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            protocol: ListenerProtocol::Tcp,
+            routes: Vec::new(),
+            cluster: Some(cluster.into()),
+            filters: Vec::new(),
+            limits: ListenerLimits::default(),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// A route matching every request and sending it to `cluster`, with default timeout and retries.
+    pub fn to_cluster(name: impl Into<String>, cluster: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            matches: RouteMatch::default(),
+            cluster: Some(cluster.into()),
+            weighted_clusters: Vec::new(),
+            timeout: defaults::route_timeout(),
+            retry: RetryPolicy::default(),
+            filters: Vec::new(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// A cluster of `endpoints` (`host:port`) with every other field at its default.
+    pub fn new(name: impl Into<String>, endpoints: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            endpoints,
+            protocol: UpstreamProtocol::default(),
+            lb: LbPolicy::default(),
+            connect_timeout: defaults::connect_timeout(),
+            idle_timeout: defaults::upstream_idle_timeout(),
+            circuit_breaker: CircuitBreaker::default(),
+            retry_budget: RetryBudget::default(),
+            outlier_detection: OutlierDetection::default(),
+        }
+    }
+}
+
+impl PluginConfig {
+    /// A plugin loading `module` with every other field at its default.
+    pub fn new(name: impl Into<String>, module: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            module: module.into(),
+            sha256: None,
+            root_id: String::new(),
+            vm_id: String::new(),
+            configuration: None,
+            vm_configuration: None,
+            fail: FailPolicy::default(),
+            limits: PluginLimits::default(),
+            env: Default::default(),
+            allowed_clusters: Vec::new(),
+        }
+    }
+
+    /// The bytes given to the plugin in `proxy_on_configure`: a YAML string as
+    /// its raw bytes, any other value as its JSON text, nothing when absent.
+    pub fn configuration_bytes(&self) -> Vec<u8> {
+        value_bytes(self.configuration.as_ref())
+    }
+
+    /// The bytes given to the VM in `proxy_on_vm_start`, by the same rule as
+    /// [`PluginConfig::configuration_bytes`].
+    pub fn vm_configuration_bytes(&self) -> Vec<u8> {
+        value_bytes(self.vm_configuration.as_ref())
+    }
+}
+
+fn value_bytes(value: Option<&serde_json::Value>) -> Vec<u8> {
+    match value {
+        None => Vec::new(),
+        Some(serde_json::Value::String(text)) => text.as_bytes().to_vec(),
+        Some(other) => other.to_string().into_bytes(),
     }
 }
 

@@ -80,7 +80,10 @@ impl Size {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if !self.0.subsec_nanos().is_multiple_of(1_000_000) {
+            // Sub-millisecond precision, written so that it parses back.
+            write!(f, "{}ms", self.0.as_secs_f64() * 1000.0)
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -99,30 +102,60 @@ impl fmt::Display for Size {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum NumberOrText {
-    Number(u64),
-    Text(String),
+/// Accepts a bare number or a string and hands it to `parse_text` / `parse_number`.
+///
+/// A visitor (rather than an untagged enum) keeps the YAML deserializer's
+/// position on the value itself, so errors point at the right line.
+struct UnitVisitor<T> {
+    expecting: &'static str,
+    parse_number: fn(u64) -> Result<T, String>,
+    parse_text: fn(&str) -> Result<T, UnitError>,
+}
+
+impl<T> de::Visitor<'_> for UnitVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+        (self.parse_number)(n).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+        match u64::try_from(n) {
+            Ok(n) => self.visit_u64(n),
+            Err(_) => Err(E::custom(format!("`{n}` is negative"))),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<T, E> {
+        Err(E::custom(format!("`{n}` is not {}", self.expecting)))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        (self.parse_text)(text).map_err(E::custom)
+    }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) => Err(de::Error::custom(format!(
-                "`{n}` has no unit: write e.g. {n}s or {n}ms"
-            ))),
-            NumberOrText::Text(t) => Dur::parse(&t).map_err(de::Error::custom),
-        }
+        d.deserialize_any(UnitVisitor {
+            expecting: "a duration such as 250ms, 10s or 1m",
+            parse_number: |n| Err(format!("`{n}` has no unit: write e.g. {n}s or {n}ms")),
+            parse_text: Dur::parse,
+        })
     }
 }
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) => Ok(Size(n)),
-            NumberOrText::Text(t) => Size::parse(&t).map_err(de::Error::custom),
-        }
+        d.deserialize_any(UnitVisitor {
+            expecting: "a size such as 4096, 64KiB or 1MiB",
+            parse_number: |n| Ok(Size(n)),
+            parse_text: Size::parse,
+        })
     }
 }
 
