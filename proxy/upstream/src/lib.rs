@@ -1,1 +1,22 @@
-//! Lacewing upstream clusters: endpoints, load balancing, connection pools, timeouts, retries, outlier ejection and circuit breaking.
+//! Lacewing upstream clusters: endpoints, load balancing, connection pools,
+//! timeouts, retries, outlier ejection and circuit breaking.
+//!
+//! [`Upstreams`] is built once per configuration snapshot from the cluster
+//! configs; the data plane and the wasm host send requests through a
+//! [`Cluster`]. Counters that several workers must agree on (active requests,
+//! circuit-breaker limits, ejections) are shared atomics; connection pools are
+//! per worker thread, so the request path takes no lock.
+
+mod breaker;
+mod clock;
+mod cluster;
+mod endpoint;
+mod error;
+mod lb;
+mod outlier;
+mod pool;
+mod upstreams;
+
+pub use cluster::{Cluster, RequestPolicy, UpstreamResponse};
+pub use error::UpstreamError;
+pub use upstreams::Upstreams;

@@ -1,0 +1,284 @@
+//! Per-worker-thread connection pools.
+//!
+//! Each worker thread keeps, per cluster and endpoint, a LIFO stack of idle
+//! HTTP/1 connections and one shared HTTP/2 connection. Nothing here is shared
+//! between threads, so checking a connection out or in takes no lock. Pools are
+//! found by cluster id; a thread drops the pools of clusters that no longer
+//! exist whenever it creates a pool for a new one (a configuration reload).
+//!
+//! Connection drivers are plain `tokio::spawn` tasks (the runtime may be
+//! current-thread). An HTTP/1 driver closes its connection once it has sat idle
+//! in the pool for the idle timeout. An HTTP/2 connection is dropped from the
+//! pool when it was unused for the idle timeout; it closes once its last
+//! stream ends.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use lacewing_core::body::BoxBody;
+use tokio::sync::Notify;
+
+use crate::breaker::{ConnectionCount, ConnectionSlot};
+use crate::clock::{millis, now_ms};
+
+pub(crate) type H1Sender = http1::SendRequest<BoxBody>;
+pub(crate) type H2Sender = http2::SendRequest<BoxBody>;
+
+/// When a pooled HTTP/1 connection went idle (clock ms), or [`BUSY`].
+pub(crate) type IdleSince = Arc<AtomicU64>;
+
+/// The [`IdleSince`] value of a connection carrying a request.
+pub(crate) const BUSY: u64 = 0;
+
+struct IdleH1 {
+    sender: H1Sender,
+    idle_since: IdleSince,
+}
+
+#[derive(Default)]
+enum H2Slot {
+    #[default]
+    Empty,
+    /// A request is opening the connection; others wait for it.
+    Connecting(Arc<Notify>),
+    Ready {
+        sender: H2Sender,
+        last_used: u64,
+    },
+}
+
+#[derive(Default)]
+struct EndpointConns {
+    idle: VecDeque<IdleH1>,
+    h2: H2Slot,
+}
+
+struct ClusterConns {
+    alive: Weak<ConnectionCount>,
+    endpoints: Vec<EndpointConns>,
+}
+
+thread_local! {
+    static POOLS: RefCell<HashMap<u64, ClusterConns>> = RefCell::new(HashMap::new());
+}
+
+/// Names a cluster's pools on every thread.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolKey {
+    pub(crate) id: u64,
+    pub(crate) endpoints: usize,
+    /// Alive while the cluster is; lets threads drop pools of removed clusters.
+    pub(crate) alive: Weak<ConnectionCount>,
+}
+
+/// Runs `f` on this thread's connections to one endpoint, creating the pool on
+/// first use. `None` while the thread is being torn down.
+fn with_endpoint<R>(
+    key: &PoolKey,
+    index: usize,
+    create: bool,
+    f: impl FnOnce(&mut EndpointConns) -> R,
+) -> Option<R> {
+    POOLS
+        .try_with(|pools| {
+            let mut pools = pools.try_borrow_mut().ok()?;
+            if !pools.contains_key(&key.id) {
+                if !create {
+                    return None;
+                }
+                pools.retain(|_, conns| conns.alive.strong_count() > 0);
+                let mut endpoints = Vec::with_capacity(key.endpoints);
+                endpoints.resize_with(key.endpoints, EndpointConns::default);
+                pools.insert(
+                    key.id,
+                    ClusterConns {
+                        alive: key.alive.clone(),
+                        endpoints,
+                    },
+                );
+            }
+            let conns = pools.get_mut(&key.id)?.endpoints.get_mut(index)?;
+            Some(f(conns))
+        })
+        .ok()
+        .flatten()
+}
+
+/// The most recently used idle HTTP/1 connection that is still usable, marked busy.
+pub(crate) fn checkout_h1(
+    key: &PoolKey,
+    index: usize,
+    idle_timeout: Duration,
+) -> Option<(H1Sender, IdleSince)> {
+    let idle_ms = millis(idle_timeout);
+    with_endpoint(key, index, true, |conns| {
+        let now = now_ms();
+        while let Some(conn) = conns.idle.pop_back() {
+            let since = conn.idle_since.load(Ordering::Relaxed);
+            let expired = since != BUSY && now.saturating_sub(since) >= idle_ms;
+            if expired || conn.sender.is_closed() || !conn.sender.is_ready() {
+                continue;
+            }
+            conn.idle_since.store(BUSY, Ordering::Relaxed);
+            return Some((conn.sender, conn.idle_since));
+        }
+        None
+    })
+    .flatten()
+}
+
+/// Puts an HTTP/1 connection that finished its exchange back on top of the stack.
+pub(crate) fn checkin_h1(key: &PoolKey, index: usize, sender: H1Sender, idle_since: IdleSince) {
+    if sender.is_closed() {
+        return;
+    }
+    with_endpoint(key, index, false, |conns| {
+        while conns
+            .idle
+            .front()
+            .is_some_and(|conn| conn.sender.is_closed())
+        {
+            conns.idle.pop_front();
+        }
+        idle_since.store(now_ms(), Ordering::Relaxed);
+        conns.idle.push_back(IdleH1 { sender, idle_since });
+    });
+}
+
+/// Usable idle HTTP/1 connections of a cluster on this thread.
+pub(crate) fn idle_h1_count(key: &PoolKey) -> usize {
+    (0..key.endpoints)
+        .filter_map(|index| {
+            with_endpoint(key, index, false, |conns| {
+                conns
+                    .idle
+                    .iter()
+                    .filter(|conn| !conn.sender.is_closed())
+                    .count()
+            })
+        })
+        .sum()
+}
+
+/// What a request finds in an endpoint's HTTP/2 slot.
+pub(crate) enum H2Lookup {
+    /// A live connection to multiplex on.
+    Ready(H2Sender),
+    /// Another request is connecting; wait for it, then look again.
+    Wait(Arc<Notify>),
+    /// Nobody is connecting: this request must, then [`h2_install`] or [`h2_abandon`].
+    Connect(Arc<Notify>),
+    /// No pool on this thread: connect without sharing.
+    Unpooled,
+}
+
+/// Looks up (and on a miss claims) the HTTP/2 connection to an endpoint.
+pub(crate) fn h2_lookup(key: &PoolKey, index: usize, idle_timeout: Duration) -> H2Lookup {
+    let idle_ms = millis(idle_timeout);
+    with_endpoint(key, index, true, |conns| {
+        let now = now_ms();
+        match &mut conns.h2 {
+            H2Slot::Ready { sender, last_used }
+                if !sender.is_closed() && now.saturating_sub(*last_used) < idle_ms =>
+            {
+                *last_used = now;
+                return H2Lookup::Ready(sender.clone());
+            }
+            H2Slot::Connecting(notify) => return H2Lookup::Wait(Arc::clone(notify)),
+            _ => {}
+        }
+        let notify = Arc::new(Notify::new());
+        conns.h2 = H2Slot::Connecting(Arc::clone(&notify));
+        H2Lookup::Connect(notify)
+    })
+    .unwrap_or(H2Lookup::Unpooled)
+}
+
+/// Publishes a new HTTP/2 connection and wakes the requests waiting for it.
+pub(crate) fn h2_install(key: &PoolKey, index: usize, sender: H2Sender) {
+    with_endpoint(key, index, true, |conns| {
+        let previous = std::mem::replace(
+            &mut conns.h2,
+            H2Slot::Ready {
+                sender,
+                last_used: now_ms(),
+            },
+        );
+        if let H2Slot::Connecting(notify) = previous {
+            notify.notify_waiters();
+        }
+    });
+}
+
+/// Gives up a claim from [`h2_lookup`] (connect failed or was cancelled).
+pub(crate) fn h2_abandon(key: &PoolKey, index: usize, claim: &Arc<Notify>) {
+    with_endpoint(key, index, false, |conns| {
+        if matches!(&conns.h2, H2Slot::Connecting(n) if Arc::ptr_eq(n, claim)) {
+            conns.h2 = H2Slot::Empty;
+        }
+    });
+    claim.notify_waiters();
+}
+
+/// Forgets a pooled HTTP/2 connection that turned out to be closed.
+pub(crate) fn h2_evict(key: &PoolKey, index: usize) {
+    with_endpoint(key, index, false, |conns| {
+        if matches!(&conns.h2, H2Slot::Ready { .. }) {
+            conns.h2 = H2Slot::Empty;
+        }
+    });
+}
+
+/// Drives an HTTP/1 connection until it closes, or until it has been idle in
+/// the pool for `idle_timeout`. The slot is released when the task ends.
+pub(crate) fn spawn_h1_driver<F>(
+    conn: F,
+    idle_since: IdleSince,
+    idle_timeout: Duration,
+    slot: ConnectionSlot,
+) where
+    F: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    let idle_ms = millis(idle_timeout).max(1);
+    tokio::spawn(async move {
+        let _slot = slot;
+        tokio::pin!(conn);
+        let mut check_at = tokio::time::Instant::now() + Duration::from_millis(idle_ms);
+        loop {
+            tokio::select! {
+                result = &mut conn => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "upstream connection ended");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep_until(check_at) => {
+                    let since = idle_since.load(Ordering::Relaxed);
+                    let idle_for = if since == BUSY { 0 } else { now_ms().saturating_sub(since) };
+                    if idle_for >= idle_ms {
+                        return;
+                    }
+                    check_at = tokio::time::Instant::now() + Duration::from_millis(idle_ms - idle_for);
+                }
+            }
+        }
+    });
+}
+
+/// Drives an HTTP/2 connection until it closes; the slot is released after.
+pub(crate) fn spawn_h2_driver<F>(conn: F, slot: ConnectionSlot)
+where
+    F: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "upstream h2 connection ended");
+        }
+    });
+}
