@@ -350,6 +350,9 @@ pub enum GrpcEvent {
 }
 
 /// The module's side of an open gRPC stream.
+///
+/// Dropping the handle half-closes the request side like [`close`](Self::close);
+/// the stream still runs to its end. Only [`cancel`](Self::cancel) stops it.
 #[derive(Debug)]
 pub struct GrpcStreamHandle {
     /// Framed messages for the request body; `None` once half-closed.
