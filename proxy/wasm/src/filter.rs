@@ -1,0 +1,539 @@
+//! Filter adapters: a plugin as an HTTP filter and as a network filter.
+//!
+//! Each stream or connection gets a context in the worker's VM. `Pause` from a
+//! header callback maps to [`FilterStatus::StopIteration`], from a body callback
+//! to [`FilterStatus::StopAndBuffer`]. A failed callback fails the stream by the
+//! plugin's policy: `closed` answers 503 (flag FF) or closes the connection,
+//! `open` skips the plugin for the rest of the stream.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use lacewing_config::FailPolicy;
+use lacewing_core::ResponseFlag;
+use lacewing_core::filter::{
+    FilterStatus, HttpFilter, HttpFilterFactory, NetworkFilter, NetworkFilterFactory, PeerType,
+};
+use lacewing_core::stream::{LocalReply, SharedConnection, SharedStream};
+use std::rc::Rc;
+
+use crate::plugin::{PluginShared, WasmPlugin};
+use crate::vm::{Callback, CtxKind, Failure, HeadersFn, Phase, Vm, worker_vm};
+
+/// Fails an HTTP stream by the plugin's policy (closed: 503 while the response
+/// head has not gone downstream, reset after; open: nothing).
+pub(crate) fn fail_http_stream(
+    stream: &SharedStream,
+    plugin: &PluginShared,
+    phase: Phase,
+    failure: &Failure,
+) {
+    if plugin.cfg.fail == FailPolicy::Open {
+        return;
+    }
+    let Ok(mut s) = stream.try_borrow_mut() else {
+        return;
+    };
+    if phase <= Phase::ResponseHeaders {
+        s.local_reply = Some(LocalReply {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            headers: HeaderMap::new(),
+            body: format!("plugin `{}` failed\n", plugin.name).into(),
+            details: format!("wasm plugin `{}` failed: {}", plugin.name, failure.message),
+            flag: ResponseFlag::FilterFailure,
+        });
+    } else {
+        s.reset = true;
+    }
+}
+
+/// Fails a connection by the plugin's policy (closed: close it; open: nothing).
+pub(crate) fn fail_connection(conn: &SharedConnection, plugin: &PluginShared) {
+    if plugin.cfg.fail == FailPolicy::Open {
+        return;
+    }
+    if let Ok(mut c) = conn.try_borrow_mut() {
+        c.close = true;
+    }
+}
+
+fn action(result: Option<i32>, pause: FilterStatus) -> FilterStatus {
+    match result {
+        None | Some(0) => FilterStatus::Continue,
+        Some(_) => pause,
+    }
+}
+
+fn call_headers(
+    vm: &Vm,
+    plugin: &Arc<PluginShared>,
+    cb: Callback,
+    ctx: u32,
+    f: Option<&HeadersFn>,
+    count: usize,
+    eos: bool,
+) -> Result<Option<i32>, Failure> {
+    let (id, n) = (ctx as i32, count as i32);
+    match f {
+        None => Ok(None),
+        Some(HeadersFn::NoEndOfStream(f)) => vm.call(plugin, cb, ctx, Some(f), (id, n), |_| {}),
+        Some(HeadersFn::WithEndOfStream(f)) => {
+            vm.call(plugin, cb, ctx, Some(f), (id, n, i32::from(eos)), |_| {})
+        }
+    }
+}
+
+impl HttpFilterFactory for WasmPlugin {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn create(&self, stream: &SharedStream) -> Option<Box<dyn HttpFilter>> {
+        let plugin = &self.shared;
+        let created = worker_vm(plugin).and_then(|(vm, root)| {
+            let ctx = vm.create_stream_context(plugin, root, CtxKind::Http(stream.clone()))?;
+            Ok((vm, ctx))
+        });
+        match created {
+            Ok((vm, ctx)) => Some(Box::new(WasmHttpFilter {
+                vm,
+                plugin: plugin.clone(),
+                ctx,
+                skip: false,
+            })),
+            Err(failure) => {
+                tracing::warn!(plugin = %plugin.name, "plugin unavailable for a stream: {failure}");
+                match plugin.cfg.fail {
+                    FailPolicy::Open => None,
+                    FailPolicy::Closed => Some(Box::new(UnavailableHttpFilter {
+                        plugin: plugin.clone(),
+                        failure,
+                    })),
+                }
+            }
+        }
+    }
+}
+
+/// Stands in for a fail-closed plugin whose VM could not be had: answers 503.
+struct UnavailableHttpFilter {
+    plugin: Arc<PluginShared>,
+    failure: Failure,
+}
+
+impl HttpFilter for UnavailableHttpFilter {
+    fn on_request_headers(&mut self, stream: &SharedStream, _eos: bool) -> FilterStatus {
+        fail_http_stream(stream, &self.plugin, Phase::RequestHeaders, &self.failure);
+        if let Ok(s) = stream.try_borrow() {
+            s.resume();
+        }
+        FilterStatus::StopIteration
+    }
+}
+
+/// A plugin on one HTTP stream.
+struct WasmHttpFilter {
+    vm: Rc<Vm>,
+    plugin: Arc<PluginShared>,
+    ctx: u32,
+    /// Set after a failure of a fail-open plugin.
+    skip: bool,
+}
+
+impl WasmHttpFilter {
+    fn run(
+        &mut self,
+        stream: &SharedStream,
+        phase: Phase,
+        pause: FilterStatus,
+        call: impl FnOnce(&Vm, &Arc<PluginShared>, u32) -> Result<Option<i32>, Failure>,
+    ) -> FilterStatus {
+        if self.skip {
+            return FilterStatus::Continue;
+        }
+        if self.vm.broken.get() {
+            return self.failed(stream, phase, &Failure::unavailable("the plugin VM failed"));
+        }
+        self.vm.set_phase(self.ctx, phase);
+        let had_reply = stream.try_borrow().is_ok_and(|s| s.local_reply.is_some());
+        match call(&self.vm, &self.plugin, self.ctx) {
+            Ok(result) => {
+                let answered = stream
+                    .try_borrow()
+                    .is_ok_and(|s| (!had_reply && s.local_reply.is_some()) || s.reset);
+                if answered {
+                    return FilterStatus::StopIteration;
+                }
+                action(result, pause)
+            }
+            Err(failure) => self.failed(stream, phase, &failure),
+        }
+    }
+
+    fn failed(&mut self, stream: &SharedStream, phase: Phase, failure: &Failure) -> FilterStatus {
+        match self.plugin.cfg.fail {
+            FailPolicy::Open => {
+                self.skip = true;
+                FilterStatus::Continue
+            }
+            FailPolicy::Closed => {
+                fail_http_stream(stream, &self.plugin, phase, failure);
+                if let Ok(s) = stream.try_borrow() {
+                    s.resume();
+                }
+                FilterStatus::StopIteration
+            }
+        }
+    }
+}
+
+fn request_header_count(stream: &SharedStream) -> usize {
+    stream.try_borrow().map_or(0, |s| {
+        let host = if s.request.uri.authority().is_none() {
+            s.request.headers.get_all(http::header::HOST).iter().count()
+        } else {
+            0
+        };
+        4 + s.request.headers.len() - host
+    })
+}
+
+impl HttpFilter for WasmHttpFilter {
+    fn on_request_headers(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
+        let n = request_header_count(stream);
+        self.run(
+            stream,
+            Phase::RequestHeaders,
+            FilterStatus::StopIteration,
+            |vm, p, ctx| {
+                call_headers(
+                    vm,
+                    p,
+                    Callback::RequestHeaders,
+                    ctx,
+                    vm.exports.on_request_headers.as_ref(),
+                    n,
+                    end_of_stream,
+                )
+            },
+        )
+    }
+
+    fn on_request_body(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
+        let size = stream.try_borrow().map_or(0, |s| s.request_body.len()) as i32;
+        self.run(
+            stream,
+            Phase::RequestBody,
+            FilterStatus::StopAndBuffer,
+            |vm, p, ctx| {
+                vm.call(
+                    p,
+                    Callback::RequestBody,
+                    ctx,
+                    vm.exports.on_request_body.as_ref(),
+                    (ctx as i32, size, i32::from(end_of_stream)),
+                    |_| {},
+                )
+            },
+        )
+    }
+
+    fn on_request_trailers(&mut self, stream: &SharedStream) -> FilterStatus {
+        let n = stream
+            .try_borrow()
+            .ok()
+            .and_then(|s| s.request_trailers.as_ref().map(HeaderMap::len))
+            .unwrap_or(0) as i32;
+        self.run(
+            stream,
+            Phase::RequestTrailers,
+            FilterStatus::StopIteration,
+            |vm, p, ctx| {
+                vm.call(
+                    p,
+                    Callback::RequestTrailers,
+                    ctx,
+                    vm.exports.on_request_trailers.as_ref(),
+                    (ctx as i32, n),
+                    |_| {},
+                )
+            },
+        )
+    }
+
+    fn on_response_headers(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
+        let n = stream
+            .try_borrow()
+            .ok()
+            .and_then(|s| s.response.as_ref().map(|r| r.headers.len() + 1))
+            .unwrap_or(0);
+        self.run(
+            stream,
+            Phase::ResponseHeaders,
+            FilterStatus::StopIteration,
+            |vm, p, ctx| {
+                call_headers(
+                    vm,
+                    p,
+                    Callback::ResponseHeaders,
+                    ctx,
+                    vm.exports.on_response_headers.as_ref(),
+                    n,
+                    end_of_stream,
+                )
+            },
+        )
+    }
+
+    fn on_response_body(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
+        let size = stream.try_borrow().map_or(0, |s| s.response_body.len()) as i32;
+        self.run(
+            stream,
+            Phase::ResponseBody,
+            FilterStatus::StopAndBuffer,
+            |vm, p, ctx| {
+                vm.call(
+                    p,
+                    Callback::ResponseBody,
+                    ctx,
+                    vm.exports.on_response_body.as_ref(),
+                    (ctx as i32, size, i32::from(end_of_stream)),
+                    |_| {},
+                )
+            },
+        )
+    }
+
+    fn on_response_trailers(&mut self, stream: &SharedStream) -> FilterStatus {
+        let n = stream
+            .try_borrow()
+            .ok()
+            .and_then(|s| s.response_trailers.as_ref().map(HeaderMap::len))
+            .unwrap_or(0) as i32;
+        self.run(
+            stream,
+            Phase::ResponseTrailers,
+            FilterStatus::StopIteration,
+            |vm, p, ctx| {
+                vm.call(
+                    p,
+                    Callback::ResponseTrailers,
+                    ctx,
+                    vm.exports.on_response_trailers.as_ref(),
+                    (ctx as i32, n),
+                    |_| {},
+                )
+            },
+        )
+    }
+
+    fn on_log(&mut self, _stream: &SharedStream) {
+        if self.skip || self.vm.broken.get() {
+            return;
+        }
+        self.vm.set_phase(self.ctx, Phase::Log);
+        let _ = self.vm.call(
+            &self.plugin,
+            Callback::Log,
+            self.ctx,
+            self.vm.exports.on_log.as_ref(),
+            self.ctx as i32,
+            |_| {},
+        );
+    }
+
+    fn wants_request_body(&self) -> bool {
+        !self.skip && self.vm.exports.on_request_body.is_some()
+    }
+
+    fn wants_response_body(&self) -> bool {
+        !self.skip && self.vm.exports.on_response_body.is_some()
+    }
+}
+
+impl Drop for WasmHttpFilter {
+    fn drop(&mut self) {
+        self.vm.finish_context(&self.plugin, self.ctx);
+    }
+}
+
+impl NetworkFilterFactory for WasmPlugin {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn create(&self, conn: &SharedConnection) -> Option<Box<dyn NetworkFilter>> {
+        let plugin = &self.shared;
+        let created = worker_vm(plugin).and_then(|(vm, root)| {
+            let ctx = vm.create_stream_context(plugin, root, CtxKind::Net(conn.clone()))?;
+            Ok((vm, ctx))
+        });
+        match created {
+            Ok((vm, ctx)) => Some(Box::new(WasmNetworkFilter {
+                vm,
+                plugin: plugin.clone(),
+                ctx,
+                skip: false,
+            })),
+            Err(failure) => {
+                tracing::warn!(plugin = %plugin.name, "plugin unavailable for a connection: {failure}");
+                match plugin.cfg.fail {
+                    FailPolicy::Open => None,
+                    FailPolicy::Closed => Some(Box::new(UnavailableNetworkFilter {
+                        plugin: plugin.clone(),
+                    })),
+                }
+            }
+        }
+    }
+}
+
+/// Stands in for a fail-closed plugin whose VM could not be had: closes the connection.
+struct UnavailableNetworkFilter {
+    plugin: Arc<PluginShared>,
+}
+
+impl NetworkFilter for UnavailableNetworkFilter {
+    fn on_new_connection(&mut self, conn: &SharedConnection) -> FilterStatus {
+        fail_connection(conn, &self.plugin);
+        if let Ok(c) = conn.try_borrow() {
+            c.resume();
+        }
+        FilterStatus::StopIteration
+    }
+}
+
+/// A plugin on one TCP connection.
+struct WasmNetworkFilter {
+    vm: Rc<Vm>,
+    plugin: Arc<PluginShared>,
+    ctx: u32,
+    skip: bool,
+}
+
+impl WasmNetworkFilter {
+    fn run(
+        &mut self,
+        conn: &SharedConnection,
+        call: impl FnOnce(&Vm, &Arc<PluginShared>, u32) -> Result<Option<i32>, Failure>,
+    ) -> FilterStatus {
+        if self.skip {
+            return FilterStatus::Continue;
+        }
+        let result = if self.vm.broken.get() {
+            Err(Failure::unavailable("the plugin VM failed"))
+        } else {
+            call(&self.vm, &self.plugin, self.ctx)
+        };
+        match result {
+            Ok(r) => {
+                if conn.try_borrow().is_ok_and(|c| c.close) {
+                    return FilterStatus::StopIteration;
+                }
+                action(r, FilterStatus::StopIteration)
+            }
+            Err(_) if self.plugin.cfg.fail == FailPolicy::Open => {
+                self.skip = true;
+                FilterStatus::Continue
+            }
+            Err(_) => {
+                fail_connection(conn, &self.plugin);
+                if let Ok(c) = conn.try_borrow() {
+                    c.resume();
+                }
+                FilterStatus::StopIteration
+            }
+        }
+    }
+}
+
+impl NetworkFilter for WasmNetworkFilter {
+    fn on_new_connection(&mut self, conn: &SharedConnection) -> FilterStatus {
+        self.run(conn, |vm, p, ctx| {
+            vm.call(
+                p,
+                Callback::NewConnection,
+                ctx,
+                vm.exports.on_new_connection.as_ref(),
+                ctx as i32,
+                |_| {},
+            )
+        })
+    }
+
+    fn on_downstream_data(&mut self, conn: &SharedConnection, end_of_stream: bool) -> FilterStatus {
+        let size = conn.try_borrow().map_or(0, |c| c.downstream_data.len()) as i32;
+        self.run(conn, |vm, p, ctx| {
+            vm.call(
+                p,
+                Callback::DownstreamData,
+                ctx,
+                vm.exports.on_downstream_data.as_ref(),
+                (ctx as i32, size, i32::from(end_of_stream)),
+                |_| {},
+            )
+        })
+    }
+
+    fn on_upstream_data(&mut self, conn: &SharedConnection, end_of_stream: bool) -> FilterStatus {
+        let size = conn.try_borrow().map_or(0, |c| c.upstream_data.len()) as i32;
+        self.run(conn, |vm, p, ctx| {
+            vm.call(
+                p,
+                Callback::UpstreamData,
+                ctx,
+                vm.exports.on_upstream_data.as_ref(),
+                (ctx as i32, size, i32::from(end_of_stream)),
+                |_| {},
+            )
+        })
+    }
+
+    fn on_downstream_close(&mut self, conn: &SharedConnection, peer: PeerType) {
+        self.run(conn, |vm, p, ctx| {
+            vm.call(
+                p,
+                Callback::DownstreamClose,
+                ctx,
+                vm.exports.on_downstream_close.as_ref(),
+                (ctx as i32, peer as i32),
+                |_| {},
+            )
+            .map(|_| None)
+        });
+    }
+
+    fn on_upstream_close(&mut self, conn: &SharedConnection, peer: PeerType) {
+        self.run(conn, |vm, p, ctx| {
+            vm.call(
+                p,
+                Callback::UpstreamClose,
+                ctx,
+                vm.exports.on_upstream_close.as_ref(),
+                (ctx as i32, peer as i32),
+                |_| {},
+            )
+            .map(|_| None)
+        });
+    }
+
+    fn on_log(&mut self, _conn: &SharedConnection) {
+        if self.skip || self.vm.broken.get() {
+            return;
+        }
+        let _ = self.vm.call(
+            &self.plugin,
+            Callback::Log,
+            self.ctx,
+            self.vm.exports.on_log.as_ref(),
+            self.ctx as i32,
+            |_| {},
+        );
+    }
+}
+
+impl Drop for WasmNetworkFilter {
+    fn drop(&mut self) {
+        self.vm.finish_context(&self.plugin, self.ctx);
+    }
+}

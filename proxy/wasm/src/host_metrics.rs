@@ -1,0 +1,84 @@
+//! The host's own metrics about plugins: traps, deadlines, VM restarts and callback durations.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
+
+use crate::vm::Callback;
+
+/// Metric families of the wasm host, registered once on the proxy registry.
+#[derive(Clone)]
+pub(crate) struct HostMetrics {
+    traps: IntCounterVec,
+    deadlines: IntCounterVec,
+    restarts: IntCounterVec,
+    durations: HistogramVec,
+}
+
+/// Buckets of callback durations: 10µs to 1s.
+const CALLBACK_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0,
+];
+
+impl HostMetrics {
+    /// Creates the families and registers them (names get the registry's `lacewing_` prefix).
+    /// When they are registered already (a second host on the same registry), the
+    /// families still count but are not exported twice.
+    pub fn new(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["plugin"]).expect("valid metric definition")
+        };
+        let m = Self {
+            traps: counter("wasm_traps_total", "Plugin callbacks that trapped."),
+            deadlines: counter(
+                "wasm_deadline_exceeded_total",
+                "Plugin callbacks stopped at their CPU deadline.",
+            ),
+            restarts: counter(
+                "wasm_vm_restarts_total",
+                "Plugin VMs recreated after a failure.",
+            ),
+            durations: HistogramVec::new(
+                HistogramOpts::new(
+                    "wasm_callback_duration_seconds",
+                    "Time spent in one plugin callback.",
+                )
+                .buckets(CALLBACK_BUCKETS.to_vec()),
+                &["plugin", "callback"],
+            )
+            .expect("valid metric definition"),
+        };
+        for c in [&m.traps, &m.deadlines, &m.restarts] {
+            if let Err(e) = registry.register(Box::new(c.clone())) {
+                tracing::warn!("wasm host metric not exported: {e}");
+            }
+        }
+        if let Err(e) = registry.register(Box::new(m.durations.clone())) {
+            tracing::warn!("wasm host metric not exported: {e}");
+        }
+        m
+    }
+
+    /// The children of one plugin, resolved once so recording is an atomic add.
+    pub fn for_plugin(&self, plugin: &str) -> PluginHostMetrics {
+        PluginHostMetrics {
+            traps: self.traps.with_label_values(&[plugin]),
+            deadlines: self.deadlines.with_label_values(&[plugin]),
+            restarts: self.restarts.with_label_values(&[plugin]),
+            durations: Callback::ALL
+                .iter()
+                .map(|cb| self.durations.with_label_values(&[plugin, cb.name()]))
+                .collect(),
+        }
+    }
+}
+
+/// One plugin's resolved metric children.
+pub(crate) struct PluginHostMetrics {
+    pub traps: IntCounter,
+    pub deadlines: IntCounter,
+    pub restarts: IntCounter,
+    /// Indexed by `Callback as usize`.
+    pub durations: Vec<Histogram>,
+}

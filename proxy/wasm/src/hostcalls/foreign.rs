@@ -1,0 +1,92 @@
+//! `proxy_call_foreign_function`: host functions beyond the ABI.
+//!
+//! - `sha256`: the SHA-256 digest (32 raw bytes) of the arguments.
+//! - `hex_encode`: the arguments as lower-case hex.
+//! - `hex_decode`: hex text back to bytes (`BadArgument` when it is not hex).
+//!
+//! Any other name is `NotFound`.
+
+use lacewing_abi::Status;
+use sha2::{Digest, Sha256};
+use wasmtime::{Caller, Linker};
+
+use super::ENV;
+use crate::engine::hex;
+use crate::memory::{self, HostResult, status};
+use crate::vm::HostState;
+
+pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        ENV,
+        "proxy_call_foreign_function",
+        |mut c: Caller<'_, HostState>,
+         name_ptr: i32,
+         name_len: i32,
+         args_ptr: i32,
+         args_len: i32,
+         ret_ptr: i32,
+         ret_len: i32| {
+            status(call(
+                &mut c,
+                (name_ptr, name_len),
+                (args_ptr, args_len),
+                ret_ptr,
+                ret_len,
+            ))
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs a foreign function by name.
+pub(crate) fn run(name: &[u8], args: &[u8]) -> Result<Vec<u8>, Status> {
+    match name {
+        b"sha256" => Ok(Sha256::digest(args).to_vec()),
+        b"hex_encode" => Ok(hex(args).into_bytes()),
+        b"hex_decode" => unhex(args).ok_or(Status::BadArgument),
+        _ => Err(Status::NotFound),
+    }
+}
+
+fn unhex(text: &[u8]) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    text.chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+fn call(
+    caller: &mut Caller<'_, HostState>,
+    name: (i32, i32),
+    args: (i32, i32),
+    ret_ptr: i32,
+    ret_len: i32,
+) -> HostResult {
+    let result = {
+        let (data, _) = memory::split(caller)?;
+        let name = memory::slice(data, name.0, name.1)?;
+        let args = memory::slice(data, args.0, args.1)?;
+        run(name, args)?
+    };
+    memory::give(caller, &result, ret_ptr, ret_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins() {
+        assert_eq!(
+            hex(&run(b"sha256", b"abc").unwrap()),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(run(b"hex_encode", b"\x01\xab").unwrap(), b"01ab");
+        assert_eq!(run(b"hex_decode", b"01AB").unwrap(), b"\x01\xab");
+        assert_eq!(run(b"hex_decode", b"0g"), Err(Status::BadArgument));
+        assert_eq!(run(b"nope", b""), Err(Status::NotFound));
+    }
+}

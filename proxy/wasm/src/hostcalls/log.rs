@@ -1,0 +1,49 @@
+//! `proxy_log` and `proxy_get_log_level`: module logs go to `tracing` with the plugin name.
+
+use lacewing_abi::{LogLevel, Status};
+use wasmtime::{Caller, Linker};
+
+use super::ENV;
+use crate::memory::{self, HostResult, status};
+use crate::vm::HostState;
+
+pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        ENV,
+        "proxy_log",
+        |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
+            status(log(&mut c, level, ptr, len))
+        },
+    )?;
+    linker.func_wrap(
+        ENV,
+        "proxy_get_log_level",
+        |mut c: Caller<'_, HostState>, ret: i32| {
+            let level = c.data().plugin.host.log_level as u32;
+            status(memory::write_u32(&mut c, ret, level).map_err(Into::into))
+        },
+    )?;
+    Ok(())
+}
+
+fn log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> HostResult {
+    let level = LogLevel::try_from(level as u32).map_err(|_| Status::BadArgument)?;
+    let (data, state) = memory::split(caller)?;
+    let message = memory::slice(data, ptr, len)?;
+    if (level as u32) < (state.plugin.host.log_level as u32) {
+        return Ok(());
+    }
+    emit(&state.plugin.name, level, &String::from_utf8_lossy(message));
+    Ok(())
+}
+
+/// Writes one plugin log line at the matching `tracing` level.
+pub(crate) fn emit(plugin: &str, level: LogLevel, message: &str) {
+    match level {
+        LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+        LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+        LogLevel::Info => tracing::info!(plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+        LogLevel::Error | LogLevel::Critical => tracing::error!(plugin, "{message}"),
+    }
+}

@@ -1,0 +1,62 @@
+//! The host functions, one file per ABI area; each adds itself to the `Linker`.
+
+use wasmtime::Linker;
+
+use crate::vm::HostState;
+
+mod buffers;
+mod foreign;
+mod grpc;
+mod http_call;
+mod log;
+mod maps;
+mod metrics;
+mod properties;
+mod queues;
+mod shared_data;
+mod stream;
+mod time;
+mod wasi;
+
+/// Module name of proxy-wasm imports.
+const ENV: &str = lacewing_abi::names::ENV_MODULE;
+
+/// Links every proxy-wasm (0.1.0, 0.2.0, 0.2.1) and WASI preview 1 import.
+pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    log::add(linker)?;
+    maps::add(linker)?;
+    buffers::add(linker)?;
+    properties::add(linker)?;
+    stream::add(linker)?;
+    time::add(linker)?;
+    shared_data::add(linker)?;
+    queues::add(linker)?;
+    metrics::add(linker)?;
+    http_call::add(linker)?;
+    grpc::add(linker)?;
+    foreign::add(linker)?;
+    wasi::add(linker)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_import_is_linked() {
+        let engine = wasmtime::Engine::default();
+        let mut linker = Linker::<HostState>::new(&engine);
+        add_to_linker(&mut linker).unwrap();
+        // Defining a name again fails exactly when it is already linked.
+        let wasi = lacewing_abi::names::WASI_MODULE;
+        let all = lacewing_abi::names::ALL_IMPORTS.iter().map(|n| (ENV, n));
+        for (module, name) in all.chain(lacewing_abi::names::WASI_IMPORTS.iter().map(|n| (wasi, n)))
+        {
+            assert!(
+                linker.func_wrap(module, name, || {}).is_err(),
+                "{module}.{name} is not linked"
+            );
+        }
+    }
+}

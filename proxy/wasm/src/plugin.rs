@@ -1,0 +1,202 @@
+//! A loaded plugin: its module checked once against the linker (`InstancePre`),
+//! its ABI version, configuration bytes and limits. Shared by every worker.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lacewing_abi::AbiVersion;
+use lacewing_abi::names::{ALL_IMPORTS, ENV_MODULE, WASI_IMPORTS, WASI_MODULE};
+use lacewing_config::PluginConfig;
+use lacewing_core::callout::Upstreams;
+use sha2::{Digest, Sha256};
+use wasmtime::{ExternType, InstancePre, Module};
+
+use crate::engine::{EPOCH_TICK, hex};
+use crate::error::WasmError;
+use crate::host::{WasmHost, next_uid};
+use crate::host_metrics::PluginHostMetrics;
+use crate::vm::{HostState, Vm, VmKey};
+
+/// A plugin ready to make filters. Implements
+/// [`lacewing_core::filter::HttpFilterFactory`] and
+/// [`lacewing_core::filter::NetworkFilterFactory`]; each worker thread gets its
+/// own VM, created on first use.
+pub struct WasmPlugin {
+    pub(crate) shared: Arc<PluginShared>,
+}
+
+impl std::fmt::Debug for WasmPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmPlugin")
+            .field("name", &self.shared.name)
+            .field("abi", &self.shared.abi)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WasmPlugin {
+    /// The plugin name from the configuration.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The ABI version the module advertises.
+    pub fn abi_version(&self) -> AbiVersion {
+        self.shared.abi
+    }
+
+    /// Hex sha256 of the module.
+    pub fn sha256(&self) -> String {
+        hex(&self.shared.sha256)
+    }
+}
+
+/// Everything about a plugin that VMs and hostcalls need.
+pub(crate) struct PluginShared {
+    pub uid: u64,
+    pub name: String,
+    pub cfg: PluginConfig,
+    pub host: Arc<WasmHost>,
+    pub pre: InstancePre<HostState>,
+    pub abi: AbiVersion,
+    pub sha256: [u8; 32],
+    pub plugin_config: Bytes,
+    pub vm_config: Bytes,
+    pub upstreams: Arc<dyn Upstreams>,
+    /// Epoch ticks one callback may run.
+    pub deadline_ticks: u64,
+    /// Most bytes of linear memory.
+    pub memory_cap: usize,
+    pub metrics: PluginHostMetrics,
+    pub vm_key: VmKey,
+}
+
+fn config_bytes(value: &Option<serde_json::Value>) -> Bytes {
+    match value {
+        None | Some(serde_json::Value::Null) => Bytes::new(),
+        Some(serde_json::Value::String(s)) => Bytes::copy_from_slice(s.as_bytes()),
+        Some(other) => Bytes::from(serde_json::to_vec(other).unwrap_or_default()),
+    }
+}
+
+/// Loads and validates a plugin (see [`WasmHost::load_plugin`]).
+pub(crate) fn load(
+    host: &Arc<WasmHost>,
+    cfg: &PluginConfig,
+    bytes: &[u8],
+    upstreams: Arc<dyn Upstreams>,
+) -> Result<WasmPlugin, WasmError> {
+    let plugin = cfg.name.clone();
+    let sha256: [u8; 32] = Sha256::digest(bytes).into();
+    if let Some(expected) = &cfg.sha256
+        && !expected.trim().eq_ignore_ascii_case(&hex(&sha256))
+    {
+        return Err(WasmError::Sha256Mismatch {
+            plugin,
+            expected: expected.clone(),
+            actual: hex(&sha256),
+        });
+    }
+    let module = host
+        .engine
+        .module(&sha256, bytes)
+        .map_err(|reason| WasmError::Compile {
+            plugin: plugin.clone(),
+            reason,
+        })?;
+    check_imports(&module).map_err(|reason| WasmError::Link {
+        plugin: plugin.clone(),
+        reason,
+    })?;
+    let pre = host
+        .linker
+        .instantiate_pre(&module)
+        .map_err(|e| WasmError::Link {
+            plugin: plugin.clone(),
+            reason: format!("{e:#}"),
+        })?;
+    let abi = detect_abi(&module);
+    let uid = next_uid();
+    let vm_key = if cfg.vm_id.is_empty() {
+        VmKey::Plugin(uid)
+    } else {
+        VmKey::Shared {
+            host: host.uid,
+            vm_id: cfg.vm_id.clone(),
+            sha256,
+        }
+    };
+    let timeout = cfg.limits.callback_timeout.0;
+    let deadline_ticks = (timeout.as_micros() / EPOCH_TICK.as_micros().max(1)) as u64 + 1;
+    let shared = Arc::new(PluginShared {
+        uid,
+        name: cfg.name.clone(),
+        cfg: cfg.clone(),
+        host: host.clone(),
+        pre,
+        abi,
+        sha256,
+        plugin_config: config_bytes(&cfg.configuration),
+        vm_config: config_bytes(&cfg.vm_configuration),
+        upstreams,
+        deadline_ticks: deadline_ticks.max(2),
+        memory_cap: cfg.limits.memory.as_usize(),
+        metrics: host.host_metrics.for_plugin(&cfg.name),
+        vm_key,
+    });
+    // One throwaway instance proves the plugin starts and accepts its configuration.
+    let vm = Vm::start(&shared, false).map_err(|f| WasmError::Start {
+        plugin: plugin.clone(),
+        reason: f.to_string(),
+    })?;
+    vm.create_root(&shared).map_err(|f| WasmError::Start {
+        plugin: plugin.clone(),
+        reason: f.to_string(),
+    })?;
+    vm.shutdown();
+    tracing::info!(plugin = %plugin, abi = %abi, sha256 = %hex(&sha256), "wasm plugin loaded");
+    Ok(WasmPlugin { shared })
+}
+
+/// Every function import must be one the host links; the error names the first that is not.
+fn check_imports(module: &Module) -> Result<(), String> {
+    for import in module.imports() {
+        let (m, name) = (import.module(), import.name());
+        match import.ty() {
+            ExternType::Func(_) => {
+                let known = (m == ENV_MODULE && ALL_IMPORTS.contains(&name))
+                    || (m == WASI_MODULE && WASI_IMPORTS.contains(&name));
+                if !known {
+                    return Err(format!("module imports unknown function {m}.{name}"));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "module imports {m}.{name}, which is not a function; only functions can be imported"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The ABI version from the exported `proxy_abi_version_*` marker; the newest
+/// when several are exported; 0.1.0 or 0.2.1 by the header callback's arity when none is.
+pub(crate) fn detect_abi(module: &Module) -> AbiVersion {
+    let marked = module
+        .exports()
+        .filter_map(|e| AbiVersion::from_marker(e.name()))
+        .max();
+    if let Some(v) = marked {
+        return v;
+    }
+    let two_arg_headers = module.exports().any(|e| {
+        e.name() == "proxy_on_request_headers"
+            && matches!(e.ty(), ExternType::Func(f) if f.params().len() == 2)
+    });
+    if two_arg_headers {
+        AbiVersion::V0_1_0
+    } else {
+        AbiVersion::V0_2_1
+    }
+}
