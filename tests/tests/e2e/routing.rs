@@ -55,6 +55,14 @@ clusters:
   - { name: fallback, endpoints: ['{fallback}'] }
 ";
 
+/// A request (path, method, headers) and the upstream it must land on.
+type Case = (
+    &'static str,
+    Method,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
 /// Sends a request and returns which upstream answered.
 async fn landed_on(url: &str, method: Method, headers: &[(&str, &str)]) -> String {
     let mut request = Request::builder().method(method.clone()).uri(url);
@@ -92,7 +100,7 @@ async fn requests_take_the_first_matching_route() {
     let handle = proxy::start(&proxy::fill(ROUTES, &values));
     let url = |path: &str| proxy::url(&handle, "main", path);
 
-    let cases: &[(&str, Method, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         ("/exact", Method::GET, &[], "exact"),
         ("/exact/more", Method::GET, &[], "fallback"),
         ("/items/42", Method::GET, &[], "regex"),
