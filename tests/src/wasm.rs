@@ -101,3 +101,56 @@ pub fn bytes_file(name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     path
 }
+
+/// A bump allocator exported as `proxy_on_memory_allocate`, for WAT modules.
+/// Data segments may use the first page; allocations start at the second and
+/// grow memory as needed (0 when memory cannot grow).
+pub const WAT_ALLOCATOR: &str = r#"
+  (global $heap (mut i32) (i32.const 65536))
+  (func $proxy_on_memory_allocate (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $start i32) (local $end i32) (local $have i32)
+    (local.set $start (global.get $heap))
+    (local.set $end
+      (i32.and (i32.add (i32.add (local.get $start) (local.get $size)) (i32.const 7)) (i32.const -8)))
+    (local.set $have (i32.mul (memory.size) (i32.const 65536)))
+    (if (i32.gt_u (local.get $end) (local.get $have))
+      (then
+        (if (i32.eq
+              (memory.grow (i32.add (i32.shr_u (i32.sub (local.get $end) (local.get $have)) (i32.const 16)) (i32.const 1)))
+              (i32.const -1))
+          (then (return (i32.const 0))))))
+    (global.set $heap (local.get $end))
+    (local.get $start))
+"#;
+
+/// What a hand-written proxy-wasm module exports besides its callbacks.
+#[derive(Debug, Clone, Copy)]
+pub struct WatShape<'a> {
+    /// The ABI marker export, e.g. `proxy_abi_version_0_2_1`; `None` leaves it out.
+    pub abi_marker: Option<&'a str>,
+    /// Whether `proxy_on_memory_allocate` is exported.
+    pub allocator: bool,
+}
+
+impl WatShape<'static> {
+    /// A well-formed module for ABI 0.2.1.
+    pub const V0_2_1: WatShape<'static> = WatShape {
+        abi_marker: Some("proxy_abi_version_0_2_1"),
+        allocator: true,
+    };
+}
+
+/// The text of a proxy-wasm module: `imports` (WAT import fields), then two
+/// pages of exported memory, the allocator and marker per `shape`, an empty
+/// `proxy_on_context_create`, then `body` (functions, globals, data segments).
+pub fn proxy_wat(imports: &str, shape: WatShape<'_>, body: &str) -> String {
+    let marker = shape
+        .abi_marker
+        .map(|name| format!("  (func (export \"{name}\"))\n"))
+        .unwrap_or_default();
+    let allocator = if shape.allocator { WAT_ALLOCATOR } else { "" };
+    format!(
+        "(module\n{imports}\n  (memory (export \"memory\") 2)\n{marker}{allocator}\n  \
+         (func (export \"proxy_on_context_create\") (param i32 i32))\n{body}\n)\n"
+    )
+}

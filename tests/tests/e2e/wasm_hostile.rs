@@ -235,7 +235,8 @@ async fn out_of_bounds_pointer_gets_invalid_memory_access_status() {
     (i32.const 0))"#,
     );
     let handle = proxy::start(&hostile_yaml(&echo, &oob, "closed", DEFAULT_LIMITS));
-    let response = get(&handle, "/hostile", &[]).await;
+    // `x-test` is the key the module looks up with out-of-bounds result pointers.
+    let response = get(&handle, "/hostile", &[("x-test", "present")]).await;
     assert_eq!(response.status, StatusCode::OK);
     let invalid_memory_access = "6";
     for name in ["x-oob-key", "x-oob-return", "x-oob-length", "x-oob-log"] {
