@@ -12,3 +12,5 @@ mod grpc;
 mod resilience;
 mod routing;
 mod tcp;
+mod wasm_conformance;
+mod wasm_hostile;
