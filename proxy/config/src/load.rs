@@ -53,10 +53,7 @@ pub fn validate(config: &ProxyConfig) -> Result<(), ConfigError> {
 fn parse(text: &str, origin: &str) -> Result<ProxyConfig, ConfigError> {
     let deserializer = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let field = match error.path().to_string() {
-            root if root == "." => String::new(),
-            path => path,
-        };
+        let field = field_path(error.path());
         let inner = error.inner();
         let location = inner.location();
         let reason = parse_reason(&inner.to_string(), &field);
@@ -69,6 +66,31 @@ fn parse(text: &str, origin: &str) -> Result<ProxyConfig, ConfigError> {
             }],
         }
     })
+}
+
+/// The tracked path as written in issues: `listeners[0].name`, empty for the
+/// document itself, without the `?` that stands for a key that could not be read.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    let mut field = String::new();
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            serde_path_to_error::Segment::Map { key } => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(key);
+            }
+            serde_path_to_error::Segment::Enum { variant } => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(variant);
+            }
+            serde_path_to_error::Segment::Unknown => break,
+        }
+    }
+    field
 }
 
 /// The YAML parser's message without the parts the issue shows on its own:

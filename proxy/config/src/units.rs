@@ -186,6 +186,15 @@ mod tests {
     }
 
     #[test]
+    fn durations_display_so_they_parse_back() {
+        for text in ["250ms", "10s", "90s", "1.5ms"] {
+            let parsed = Dur::parse(text).unwrap();
+            assert_eq!(parsed.to_string(), text);
+            assert_eq!(Dur::parse(&parsed.to_string()).unwrap(), parsed);
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(Size::parse("64KiB").unwrap().0, 65536);
         assert_eq!(Size::parse("1MiB").unwrap().0, 1 << 20);
