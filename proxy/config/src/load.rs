@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::error::{ConfigError, ConfigIssue};
+pub use crate::error::{ConfigError, ConfigIssue};
 use crate::lines::LineIndex;
 use crate::model::ProxyConfig;
 use crate::rules;
