@@ -104,6 +104,8 @@ pub struct Cluster {
     connections: Arc<ConnectionCount>,
     outlier: OutlierDetector,
     pool: PoolKey,
+    /// Held only here: per-thread pools of this cluster are dropped once it is.
+    _alive: Arc<()>,
     metrics: ClusterMetrics,
 }
 
@@ -154,12 +156,14 @@ impl Cluster {
                 .with_label_values(&[name]),
         ));
         let endpoints: Box<[Endpoint]> = addrs.into_iter().map(Endpoint::new).collect();
+        let alive = Arc::new(());
         Self {
             pool: PoolKey {
                 id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
                 endpoints: endpoints.len(),
-                alive: Arc::downgrade(&connections),
+                alive: Arc::downgrade(&alive),
             },
+            _alive: alive,
             name: config.name.clone(),
             protocol: config.protocol,
             endpoints,

@@ -23,7 +23,7 @@ use hyper::client::conn::{http1, http2};
 use lacewing_core::body::BoxBody;
 use tokio::sync::Notify;
 
-use crate::breaker::{ConnectionCount, ConnectionSlot};
+use crate::breaker::ConnectionSlot;
 use crate::clock::{millis, now_ms};
 
 pub(crate) type H1Sender = http1::SendRequest<BoxBody>;
@@ -59,7 +59,7 @@ struct EndpointConns {
 }
 
 struct ClusterConns {
-    alive: Weak<ConnectionCount>,
+    alive: Weak<()>,
     endpoints: Vec<EndpointConns>,
 }
 
@@ -72,8 +72,9 @@ thread_local! {
 pub(crate) struct PoolKey {
     pub(crate) id: u64,
     pub(crate) endpoints: usize,
-    /// Alive while the cluster is; lets threads drop pools of removed clusters.
-    pub(crate) alive: Weak<ConnectionCount>,
+    /// Alive exactly as long as the cluster (nothing else holds it); lets
+    /// threads drop the pools of removed clusters.
+    pub(crate) alive: Weak<()>,
 }
 
 /// Runs `f` on this thread's connections to one endpoint, creating the pool on

@@ -411,6 +411,25 @@ async fn h2_upstream_multiplexes_one_connection() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn removed_cluster_pools_are_dropped_after_a_reload() {
+    let old = h2(|_| async { reply(200, "old") }).await;
+    let new = h2(|_| async { reply(200, "new") }).await;
+    let mut old_config = config("reloaded", &[old.addr]);
+    old_config.protocol = UpstreamProtocol::H2;
+    let (cluster, _) = build(old_config);
+    let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+    assert_eq!(body_text(answer.response).await, "old");
+    drop(cluster);
+    let mut new_config = config("reloaded", &[new.addr]);
+    new_config.protocol = UpstreamProtocol::H2;
+    let (cluster, _) = build(new_config);
+    let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+    assert_eq!(body_text(answer.response).await, "new");
+    eventually("the old cluster's connection closes", || old.closed() == 1).await;
+    assert_eq!(new.closed(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn connect_tcp_reaches_an_echo_server() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

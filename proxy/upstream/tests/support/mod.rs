@@ -32,6 +32,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
+    pub closed: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -40,6 +41,10 @@ impl Server {
     }
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+    /// Connections that have ended, as the server saw them.
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -66,7 +71,8 @@ async fn serve(h2: bool, handler: Handler) -> Server {
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (acc, reqs) = (accepted.clone(), requests.clone());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (acc, reqs, done) = (accepted.clone(), requests.clone(), closed.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             acc.fetch_add(1, Ordering::SeqCst);
@@ -78,6 +84,7 @@ async fn serve(h2: bool, handler: Handler) -> Server {
                 async move { Ok::<_, Infallible>(reply.await) }
             });
             let io = TokioIo::new(stream);
+            let done = done.clone();
             tokio::spawn(async move {
                 if h2 {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -89,6 +96,7 @@ async fn serve(h2: bool, handler: Handler) -> Server {
                         .with_upgrades()
                         .await;
                 }
+                done.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
@@ -96,6 +104,7 @@ async fn serve(h2: bool, handler: Handler) -> Server {
         addr,
         accepted,
         requests,
+        closed,
     }
 }
 
