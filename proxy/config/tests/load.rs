@@ -820,3 +820,24 @@ fn validate_without_a_file_names_fields_only() {
         "listeners[0].routes[0].cluster: unknown cluster \"gone\" (known: backend)"
     );
 }
+
+/// The YAML blocks of `docs/config.md` that show whole configurations load as they are.
+#[test]
+fn documented_examples_load() {
+    let doc = include_str!("../../../docs/config.md");
+    let blocks: Vec<&str> = doc
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .collect();
+    assert!(blocks.len() >= 2, "{blocks:?}");
+    let full = from_yaml_str(blocks[0], "docs/config.md").unwrap();
+    assert_eq!(full.listeners.len(), 2);
+    assert_eq!(
+        full.plugin("authz").unwrap().configuration_bytes(),
+        br#"{"rules":[{"allow":["ops"],"path":"/admin"}]}"#
+    );
+    // The flags-mode equivalent, with the placeholder cluster made concrete.
+    let flags = blocks[1].replace("\"HOST:PORT\"", "\"127.0.0.1:7000\"");
+    from_yaml_str(&flags, "docs/config.md").unwrap();
+}
