@@ -116,6 +116,10 @@ enum AttemptError {
         error: ProxyError,
         request: Box<Request<BoxBody>>,
     },
+    /// A reused pooled connection broke before any response came back: the
+    /// server most likely closed it while idle. Safe to resend only for
+    /// idempotent requests without a body.
+    Stale(ProxyError),
     /// The request is gone (sent, or refused by a limit).
     Failed(ProxyError),
 }
@@ -306,8 +310,10 @@ impl Cluster {
         policy: &RequestPolicy,
     ) -> Result<UpstreamResponse, ProxyError> {
         self.prepare(&mut request)?;
+        // A bodiless request can be sent again: on a retriable status, or (when
+        // idempotent) after a reused connection broke under it.
         let template = (policy.retry_attempts > 0
-            && !policy.retry_on_status.is_empty()
+            && (!policy.retry_on_status.is_empty() || is_idempotent(request.method()))
             && (request.body().is_end_stream() || request.body().size_hint().exact() == Some(0)))
         .then(|| RetryTemplate::of(&request));
         let mut tried = EndpointSet::default();
@@ -371,6 +377,19 @@ impl Cluster {
                         last_error = Some(error);
                         continue;
                     }
+                    return Err(error);
+                }
+                Err(AttemptError::Stale(error)) => {
+                    if may_retry
+                        && let Some(template) = &template
+                        && is_idempotent(&template.method)
+                        && self.retry_permit(&mut retry_slot)
+                    {
+                        request = template.request();
+                        continue;
+                    }
+                    self.outlier
+                        .failure(&self.endpoints, index, Failure::Response);
                     return Err(error);
                 }
                 Err(AttemptError::Failed(error)) => {
@@ -515,7 +534,16 @@ impl Cluster {
                 Err(mut error) => match error.take_message() {
                     // The pooled connection closed under us before anything was written.
                     Some(unsent) => request = unsent,
-                    None => return Err(AttemptError::Failed(reset(error.into_error()))),
+                    None => {
+                        let error = error.into_error();
+                        let stale = error.is_incomplete_message() || error.is_canceled();
+                        let error = reset(error);
+                        return Err(if stale {
+                            AttemptError::Stale(error)
+                        } else {
+                            AttemptError::Failed(error)
+                        });
+                    }
                 },
             }
         }
@@ -779,6 +807,14 @@ impl RetryTemplate {
         *request.headers_mut() = self.headers.clone();
         request
     }
+}
+
+/// Methods that may be sent twice without changing the outcome (RFC 9110, 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 fn nodelay(stream: TcpStream) -> TcpStream {

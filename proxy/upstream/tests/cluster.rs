@@ -329,6 +329,70 @@ async fn pooled_connection_is_reused() {
     );
 }
 
+/// A keep-alive server that answers one request per connection, then closes
+/// the connection on the next request without answering (the idle-close race).
+async fn one_shot_keep_alive_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                for answered in [false, true] {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    head.clear();
+                    if answered {
+                        return;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn idempotent_request_is_resent_when_a_reused_connection_was_closed() {
+    let (addr, accepted) = one_shot_keep_alive_server().await;
+    let (cluster, _) = build(config("race", &[addr]));
+    let answer = cluster.send(get("/"), &policy(1)).await.unwrap();
+    assert_eq!(body_text(answer.response).await, "ok");
+    eventually("the connection is pooled", || {
+        cluster.idle_connections() == 1
+    })
+    .await;
+    let answer = cluster.send(get("/"), &policy(1)).await.unwrap();
+    assert_eq!(answer.attempts, 2);
+    assert_eq!(body_text(answer.response).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    eventually("the connection is pooled", || {
+        cluster.idle_connections() == 1
+    })
+    .await;
+    let post = Request::builder()
+        .method("POST")
+        .uri("/")
+        .header("host", "backend.test")
+        .body(body::empty())
+        .unwrap();
+    let error = cluster.send(post, &policy(1)).await.unwrap_err();
+    assert!(matches!(error, ProxyError::UpstreamReset(_)), "{error}");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn idle_connections_close_after_the_idle_timeout() {
     let server = http1(|_| async { reply(200, "ok") }).await;
