@@ -26,6 +26,7 @@ pub struct LineIndex {
 impl LineIndex {
     /// Indexes `text`, a single YAML document.
     pub fn build(text: &str) -> Self {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut scanner = Scanner {
             chars: text.chars().collect(),
             at: 0,
@@ -656,6 +657,40 @@ plugins:
         assert_eq!(at(&index, "plugins[0].env.A"), (9, 11));
         assert_eq!(at(&index, "plugins[1].name"), (10, 5));
         assert_eq!(at(&index, "plugins[1].configuration"), (11, 5));
+    }
+
+    #[test]
+    fn crlf_line_ends_and_byte_order_mark() {
+        let text =
+            "\u{feff}listeners:\r\n  - name: a\r\n    routes: [{name: r,\r\n      cluster: c}]\r\n";
+        let index = LineIndex::build(text);
+        assert_eq!(at(&index, "listeners[0].name"), (2, 5));
+        assert_eq!(at(&index, "listeners[0].routes[0].cluster"), (4, 7));
+    }
+
+    #[test]
+    fn any_text_is_scanned_without_panicking() {
+        let samples = [
+            "a: [b, {c: d}, 'e''f', \"g\\\"h\"]\nb:\n  - - x\n    - y\n  - ? k\n    : v\n",
+            "x: |\n  body\n y: >\n\tz\n- -\n: :\n{[}]\n'\n\"\n&a !t *b\n--- \n...\n%YAML 1.2\n",
+            "k: v # c\n  # c\n\"q\": 1\n'r': 2\n[a]: 3\n{a: 1}: 2\n- a: b\n  c: d\n",
+        ];
+        for sample in samples {
+            let chars: Vec<char> = sample.chars().collect();
+            for end in 0..=chars.len() {
+                for start in 0..end.min(8) {
+                    let text: String = chars[start..end].iter().collect();
+                    let index = LineIndex::build(&text);
+                    let _ = index.locate("a[0].b");
+                }
+            }
+        }
+        let deep = "[".repeat(10_000);
+        let _ = LineIndex::build(&deep);
+        let deep_block: String = (0..2_000)
+            .map(|i| format!("{}- a:\n", " ".repeat(i)))
+            .collect();
+        let _ = LineIndex::build(&deep_block);
     }
 
     #[test]
