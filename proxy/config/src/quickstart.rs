@@ -103,9 +103,44 @@ impl QuickStart {
             clusters,
             plugins,
         };
-        validate(&config)?;
-        Ok(config)
+        match validate(&config) {
+            Ok(()) => Ok(config),
+            Err(ConfigError::Invalid { mut issues }) => {
+                for issue in &mut issues {
+                    issue.field = flag_of_field(&config, &issue.field);
+                }
+                Err(ConfigError::Invalid { issues })
+            }
+            Err(other) => Err(other),
+        }
     }
+}
+
+/// The flag that produced a field of the generated configuration, so errors
+/// speak of what the operator typed (`--cluster auth` rather than `clusters[1]`).
+fn flag_of_field(config: &ProxyConfig, field: &str) -> String {
+    let indexed = |list: &str| -> Option<usize> {
+        let rest = field.strip_prefix(list)?.strip_prefix('[')?;
+        rest.split_once(']')?.0.parse().ok()
+    };
+    if field.starts_with("listeners[") {
+        return "--listen".to_string();
+    }
+    if field.starts_with("admin") {
+        return "--admin".to_string();
+    }
+    if let Some(i) = indexed("clusters") {
+        return match config.clusters.get(i) {
+            Some(cluster) if cluster.name != UPSTREAM_CLUSTER => {
+                format!("--cluster {}", cluster.name)
+            }
+            _ => "--upstream".to_string(),
+        };
+    }
+    if let Some(plugin) = indexed("plugins").and_then(|i| config.plugins.get(i)) {
+        return format!("--wasm {}", plugin.module);
+    }
+    field.to_string()
 }
 
 /// Parses `--cluster NAME=HOST:PORT`.

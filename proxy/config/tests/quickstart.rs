@@ -202,6 +202,17 @@ fn listen_address_clashing_with_admin_is_rejected() {
     let message = quick.into_config().unwrap_err().to_string();
     assert_eq!(
         message,
-        "listeners[0].address: 127.0.0.1:8080 is already used by the admin endpoint"
+        "--listen: 127.0.0.1:8080 is already used by the admin endpoint"
+    );
+}
+
+#[test]
+fn validation_errors_name_the_flag() {
+    let mut quick = flags();
+    quick.clusters = vec![("auth".into(), "127.0.0.1:99999".into())];
+    let message = quick.into_config().unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "--cluster auth: \"127.0.0.1:99999\": port must be a number from 1 to 65535"
     );
 }
