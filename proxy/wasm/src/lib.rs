@@ -21,6 +21,9 @@ pub mod queues;
 pub mod shared_data;
 mod vm;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::WasmError;
 pub use host::{HostOptions, WasmHost};
 pub use lacewing_abi::{AbiVersion, LogLevel};

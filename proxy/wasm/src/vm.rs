@@ -1105,11 +1105,12 @@ pub(crate) fn worker_vm(plugin: &Arc<PluginShared>) -> Result<(Rc<Vm>, u32), Fai
         let root = vm.create_root(plugin)?;
         return Ok((vm.clone(), root));
     }
-    let restart = existing.is_some();
     let now = Instant::now();
-    let allowed = WORKER_VMS.with(|m| {
+    // Every creation after the first on this worker is a restart, rate-limited.
+    let (allowed, restart) = WORKER_VMS.with(|m| {
         let mut map = m.borrow_mut();
-        if !map.contains_key(&plugin.vm_key) {
+        let restart = map.contains_key(&plugin.vm_key);
+        if !restart {
             // A new entry: drop the VMs of plugins that are gone.
             map.retain(|_, slot| slot.owner.strong_count() > 0);
         }
@@ -1132,11 +1133,11 @@ pub(crate) fn worker_vm(plugin: &Arc<PluginShared>) -> Result<(Rc<Vm>, u32), Fai
         }
         if restart {
             if slot.restarts.len() >= MAX_RESTARTS {
-                return false;
+                return (false, true);
             }
             slot.restarts.push_back(now);
         }
-        true
+        (true, restart)
     });
     if !allowed {
         return Err(Failure::unavailable(format!(

@@ -460,6 +460,9 @@ fn apply_pseudo(
             if let Edit::Remove = edit {
                 return Ok(());
             }
+            if s.request.uri.scheme_str().unwrap_or("http").as_bytes() == value {
+                return Ok(());
+            }
             let scheme = Scheme::try_from(value).map_err(|_| Status::BadArgument)?;
             let authority = match s.request.uri.authority() {
                 Some(a) => Some(a.clone()),

@@ -1,0 +1,241 @@
+//! Work that completes later on the worker: ticks, queues, HTTP callouts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lacewing_abi::{Status, pairs};
+use lacewing_core::filter::FilterStatus;
+
+use super::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits (bounded) until `done` holds.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn tick_timer_fires_on_the_worker() {
+    let (host, _) = host();
+    let bytes = module(
+        "",
+        r#"(global $ticks (mut i32) (i32.const 0))
+           (data (i32.const 100) "ticks")
+           (func (export "proxy_on_configure") (param i32 i32) (result i32)
+             (drop (call $set_tick (i32.const 5)))
+             i32.const 1)
+           (func (export "proxy_on_tick") (param i32)
+             (global.set $ticks (i32.add (global.get $ticks) (i32.const 1)))
+             (call $record (i32.const 100) (i32.const 5) (global.get $ticks)))"#,
+    );
+    let plugin = load(&host, &config(serde_json::json!({})), &bytes).unwrap();
+    // The load-time instance never ticks.
+    assert_eq!(recorded(&host, "ticks"), None);
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        let s = stream("/");
+        let _f = filter(&plugin, &s);
+        eventually("two ticks", || recorded(&host, "ticks").unwrap_or(0) >= 2).await;
+    });
+}
+
+#[test]
+fn queue_ready_is_delivered_to_the_registering_vm() {
+    let (host, _) = host();
+    let bytes = module(
+        "",
+        r#"(data (i32.const 100) "jobs") (data (i32.const 110) "qid") (data (i32.const 120) "item") (data (i32.const 130) "empty")
+           (func (export "proxy_on_configure") (param i32 i32) (result i32)
+             (drop (call $register_queue (i32.const 100) (i32.const 4) (i32.const 2000)))
+             (call $record (i32.const 110) (i32.const 3) (i32.load (i32.const 2000)))
+             i32.const 1)
+           (func (export "proxy_on_queue_ready") (param i32 i32)
+             (drop (call $dequeue (local.get 1) (i32.const 2000) (i32.const 2004)))
+             (drop (call $set_shared (i32.const 120) (i32.const 4) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0)))
+             (call $record (i32.const 130) (i32.const 5) (call $dequeue (local.get 1) (i32.const 2000) (i32.const 2004))))"#,
+    );
+    let plugin = load(
+        &host,
+        &config(serde_json::json!({ "vm_id": "workers" })),
+        &bytes,
+    )
+    .unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        let s = stream("/");
+        let _f = filter(&plugin, &s);
+        let id = host
+            .queues()
+            .resolve("workers", "jobs")
+            .expect("registered");
+        host.queues()
+            .enqueue(id, bytes::Bytes::from_static(b"job-1"))
+            .unwrap();
+        eventually("the item", || host.shared_data().get(b"item").is_some()).await;
+        assert_eq!(&host.shared_data().get(b"item").unwrap().0[..], b"job-1");
+        assert_eq!(recorded(&host, "empty"), Some(Status::Empty.code()));
+    });
+}
+
+/// An upstream answering `pong` with the request path in `x-path`.
+async fn upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let response = http::Response::builder()
+                            .header("x-path", req.uri().path())
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                b"pong",
+                            )))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn cluster(name: &str, addr: SocketAddr) -> ClusterConfig {
+    serde_json::from_value(serde_json::json!({ "name": name, "endpoints": [addr.to_string()] }))
+        .unwrap()
+}
+
+fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
+    let headers = pairs::encode(call_headers.iter().map(|(k, v)| (*k, *v)));
+    module(
+        "",
+        &format!(
+            r#"(data (i32.const 100) "backend") (data (i32.const 120) "call") (data (i32.const 130) "nh") (data (i32.const 140) "body")
+               (data (i32.const 150) "x-auth") (data (i32.const 160) "ok") (data (i32.const 170) "bs") (data (i32.const 180) "status")
+               (data (i32.const 190) "denied")
+               (data (i32.const 300) "{}")
+               (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                 (call $record (i32.const 120) (i32.const 4)
+                   (call $http_call (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {}) (i32.const 0) (i32.const 0)
+                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 2100)))
+                 (call $record (i32.const 190) (i32.const 6)
+                   (call $http_call (i32.const 190) (i32.const 6) (i32.const 300) (i32.const {}) (i32.const 0) (i32.const 0)
+                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 2100)))
+                 i32.const 1)
+               (func (export "proxy_on_http_call_response") (param $ctx i32) (param $token i32) (param $nh i32) (param $bs i32) (param $nt i32)
+                 (call $record (i32.const 130) (i32.const 2) (local.get $nh))
+                 (call $record (i32.const 170) (i32.const 2) (local.get $bs))
+                 (drop (call $get_buffer (i32.const 4) (i32.const 0) (local.get $bs) (i32.const 2000) (i32.const 2004)))
+                 (drop (call $set_shared (i32.const 140) (i32.const 4) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0)))
+                 (drop (call $get_status (i32.const 2200) (i32.const 2204) (i32.const 2208)))
+                 (call $record (i32.const 180) (i32.const 6) (i32.load (i32.const 2200)))
+                 (drop (call $set_effective (local.get $ctx)))
+                 (drop (call $add_value (i32.const 0) (i32.const 150) (i32.const 6) (i32.const 160) (i32.const 2)))
+                 (drop (call $continue_stream (i32.const 0))))"#,
+            wat_bytes(&headers),
+            headers.len(),
+            headers.len(),
+        ),
+    )
+}
+
+const GOOD_CALL: &[(&str, &str)] = &[
+    (":method", "GET"),
+    (":path", "/check"),
+    (":authority", "auth"),
+];
+
+#[test]
+fn http_call_response_resumes_the_paused_stream() {
+    let (host, metrics) = host();
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        let addr = upstream().await;
+        let ups = upstreams(&[cluster("backend", addr)], &metrics);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &call_module(GOOD_CALL), ups)
+            .unwrap();
+        let s = stream("/");
+        let mut f = filter(&plugin, &s);
+        assert_eq!(f.on_request_headers(&s, true), FilterStatus::StopIteration);
+        assert_eq!(recorded(&host, "call"), Some(0));
+        assert_eq!(
+            recorded(&host, "denied"),
+            Some(Status::BadArgument.code()),
+            "unknown cluster"
+        );
+        let resumed = s.borrow().resumed();
+        tokio::time::timeout(Duration::from_secs(10), resumed.notified())
+            .await
+            .expect("resumed");
+        assert_eq!(s.borrow().request.headers["x-auth"], "ok");
+        assert_eq!(&host.shared_data().get(b"body").unwrap().0[..], b"pong");
+        assert_eq!(recorded(&host, "bs"), Some(4));
+        assert!(
+            recorded(&host, "nh").unwrap() >= 2,
+            ":status and x-path at least"
+        );
+        assert_eq!(recorded(&host, "status"), Some(0));
+    });
+}
+
+#[test]
+fn failed_http_call_reports_no_headers() {
+    let (host, metrics) = host();
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        // A port nothing listens on.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let ups = upstreams(&[cluster("backend", closed)], &metrics);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &call_module(GOOD_CALL), ups)
+            .unwrap();
+        let s = stream("/");
+        let mut f = filter(&plugin, &s);
+        assert_eq!(f.on_request_headers(&s, true), FilterStatus::StopIteration);
+        eventually("the call response", || recorded(&host, "nh").is_some()).await;
+        assert_eq!(recorded(&host, "nh"), Some(0));
+        assert_ne!(recorded(&host, "status"), Some(0));
+    });
+}
+
+#[test]
+fn http_call_arguments_are_checked() {
+    let (host, metrics) = host();
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        let addr = upstream().await;
+        // No :path.
+        let ups = upstreams(&[cluster("backend", addr)], &metrics);
+        let bad = call_module(&[(":method", "GET"), (":authority", "auth")]);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &bad, ups.clone())
+            .unwrap();
+        let s = stream("/");
+        filter(&plugin, &s).on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
+        // A cluster outside the plugin's allow-list.
+        let cfg = config(serde_json::json!({ "name": "limited", "allowed_clusters": ["other"] }));
+        let plugin = host
+            .load_plugin_bytes(&cfg, &call_module(GOOD_CALL), ups)
+            .unwrap();
+        let s = stream("/");
+        filter(&plugin, &s).on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
+    });
+}
