@@ -523,9 +523,20 @@ impl Cluster {
             let host = self.endpoints[index].host.clone();
             request.headers_mut().insert(header::HOST, host);
         }
-        while let Some((mut sender, idle_since)) =
-            pool::checkout_h1(&self.pool, index, self.idle_timeout)
-        {
+        let mut yielded = false;
+        loop {
+            let Some((mut sender, idle_since)) =
+                pool::checkout_h1(&self.pool, index, self.idle_timeout)
+            else {
+                if yielded {
+                    break;
+                }
+                // Before paying for a connect, let connections whose response
+                // just finished (on this worker) come back to the pool.
+                yielded = true;
+                tokio::task::yield_now().await;
+                continue;
+            };
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.release_h1(index, sender, idle_since, &response);

@@ -305,10 +305,6 @@ async fn pooled_connection_is_reused() {
     for _ in 0..5 {
         let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
         assert_eq!(body_text(answer.response).await, "pooled");
-        eventually("the connection is back in the pool", || {
-            cluster.idle_connections() == 1
-        })
-        .await;
     }
     assert_eq!(server.requests(), 5);
     assert_eq!(server.accepted(), 1);
@@ -598,4 +594,133 @@ fn send_future_is_send() {
     assert_send(&future);
     let tcp = cluster.connect_tcp();
     assert_send(&tcp);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn max_connections_overflows_when_no_connection_is_free() {
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let server = http1(move |request: Request<hyper::body::Incoming>| {
+        let gate = gate.clone();
+        async move {
+            if request.uri().path() == "/hold" {
+                gate.notified().await;
+            }
+            reply(200, "done")
+        }
+    })
+    .await;
+    let mut cfg = config("conns", &[server.addr]);
+    cfg.circuit_breaker.max_connections = 1;
+    let (cluster, metrics) = build(cfg);
+    let first = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move { cluster.send(get("/hold"), &policy(0)).await.is_ok() })
+    };
+    eventually("the first request holds the only connection", || {
+        server.requests() == 1
+    })
+    .await;
+    let error = cluster.send(get("/"), &policy(0)).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ProxyError::Overflow {
+                limit: "max_connections",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let overflows = metrics
+        .upstream_overflows
+        .with_label_values(&["conns", "max_connections"])
+        .get();
+    assert_eq!(overflows, 1);
+    release.notify_waiters();
+    assert!(first.await.unwrap());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_h2_requests_survive_a_dead_endpoint() {
+    let live = h2(|_| async { reply(200, "live") }).await;
+    let mut cfg = config("h2dead", &[dead_addr(), live.addr]);
+    cfg.protocol = UpstreamProtocol::H2;
+    // Every request may need its retry at once.
+    cfg.retry_budget.min_concurrent = 10;
+    let (cluster, _) = build(cfg);
+    let sends = (0..10).map(|_| {
+        let cluster = cluster.clone();
+        async move {
+            let answer = cluster.send(get("/"), &policy(2)).await.unwrap();
+            body_text(answer.response).await
+        }
+    });
+    for body in futures_util::future::join_all(sends).await {
+        assert_eq!(body, "live");
+    }
+    assert_eq!(live.accepted(), 1);
+}
+
+/// Workers are current-thread runtimes on their own OS threads sharing one cluster.
+#[tokio::test(flavor = "current_thread")]
+async fn workers_on_several_threads_share_a_cluster() {
+    let server = http1(|_| async { reply(200, "ok") }).await;
+    let (cluster, metrics) = build(config("workers", &[server.addr]));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let cluster = cluster.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    for _ in 0..4 {
+                        let sends = (0..5).map(|_| {
+                            let cluster = cluster.clone();
+                            async move {
+                                let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+                                body_text(answer.response).await
+                            }
+                        });
+                        for body in futures_util::future::join_all(sends).await {
+                            assert_eq!(body, "ok");
+                        }
+                    }
+                    // Each worker has its own pool; this one holds its own connections.
+                    eventually("this worker's connections are pooled", || {
+                        cluster.idle_connections() >= 1
+                    })
+                    .await;
+                });
+            })
+        })
+        .collect();
+    for worker in workers {
+        tokio::task::spawn_blocking(move || worker.join().unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(server.requests(), 60);
+    assert_eq!(cluster.requests_in_flight(), 0);
+    assert_eq!(
+        cluster.idle_connections(),
+        0,
+        "the test thread has no pool of its own"
+    );
+    // The worker runtimes are gone, so their connections closed.
+    eventually("worker connections close", || {
+        cluster.open_connections() == 0
+    })
+    .await;
+    assert_eq!(
+        metrics
+            .upstream_connections_active
+            .with_label_values(&["workers"])
+            .get(),
+        0
+    );
+    // Five concurrent requests per worker need five connections, reused across rounds.
+    assert!(server.accepted() <= 15, "{} connections", server.accepted());
 }
