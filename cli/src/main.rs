@@ -174,7 +174,7 @@ fn proxy_config(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Resul
         let clusters = args
             .cluster
             .iter()
-            .map(|c| parse_cluster_flag(c).map_err(|e| anyhow::anyhow!("--cluster: {e}")))
+            .map(|c| parse_cluster_flag(c).map_err(|e| anyhow::anyhow!("{e}")))
             .collect::<anyhow::Result<_>>()?;
         QuickStart {
             listen,

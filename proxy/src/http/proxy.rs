@@ -154,8 +154,10 @@ pub fn respond(
                         let upstream = hyper::upgrade::on(&mut resp);
                         tokio::task::spawn_local(tunnel(downstream, upstream));
                     }
-                    None => strip_hop_by_hop(resp.headers_mut()),
-                };
+                    None => {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
+                }
             } else {
                 strip_hop_by_hop(resp.headers_mut());
             }

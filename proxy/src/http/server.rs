@@ -74,8 +74,11 @@ pub async fn serve(
     let idle_timeout = limits.idle_timeout.0;
     let mut draining = false;
     loop {
-        let since = io_stats.last_activity.get().elapsed();
-        let idle_check = tokio::time::sleep(idle_timeout.saturating_sub(since).max(Duration::from_millis(10)));
+        let idle_check = tokio::time::sleep(
+            idle_timeout
+                .saturating_sub(io_stats.idle_for())
+                .max(Duration::from_millis(10)),
+        );
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -88,7 +91,7 @@ pub async fn serve(
                 conn.as_mut().graceful_shutdown();
             }
             _ = idle_check => {
-                if io_stats.last_activity.get().elapsed() >= idle_timeout && !draining {
+                if io_stats.idle_for() >= idle_timeout && !draining {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -96,6 +99,6 @@ pub async fn serve(
         }
     }
     stats.connections_active.dec();
-    stats.bytes_received.inc_by(io_stats.received.get());
-    stats.bytes_sent.inc_by(io_stats.sent.get());
+    stats.bytes_received.inc_by(io_stats.received());
+    stats.bytes_sent.inc_by(io_stats.sent());
 }
