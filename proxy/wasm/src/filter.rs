@@ -136,7 +136,7 @@ struct WasmHttpFilter {
     vm: Rc<Vm>,
     plugin: Arc<PluginShared>,
     ctx: u32,
-    /// Set after a failure of a fail-open plugin.
+    /// Set once the plugin failed: it takes no further part in the stream.
     skip: bool,
 }
 
@@ -177,6 +177,9 @@ impl WasmHttpFilter {
                 FilterStatus::Continue
             }
             FailPolicy::Closed => {
+                // The failure becomes this stream's reply once; later phases
+                // (the reply itself passing through) go on without the plugin.
+                self.skip = true;
                 fail_http_stream(stream, &self.plugin, phase, failure);
                 if let Ok(s) = stream.try_borrow() {
                     s.resume();
@@ -437,6 +440,7 @@ impl WasmNetworkFilter {
                 FilterStatus::Continue
             }
             Err(_) => {
+                self.skip = true;
                 fail_connection(conn, &self.plugin);
                 if let Ok(c) = conn.try_borrow() {
                     c.resume();

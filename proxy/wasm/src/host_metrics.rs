@@ -1,5 +1,7 @@
 //! The host's own metrics about plugins: traps, deadlines, VM restarts and callback durations.
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
@@ -66,10 +68,9 @@ impl HostMetrics {
             traps: self.traps.with_label_values(&[plugin]),
             deadlines: self.deadlines.with_label_values(&[plugin]),
             restarts: self.restarts.with_label_values(&[plugin]),
-            durations: Callback::ALL
-                .iter()
-                .map(|cb| self.durations.with_label_values(&[plugin, cb.name()]))
-                .collect(),
+            durations_family: self.durations.clone(),
+            plugin: plugin.to_string(),
+            durations: Callback::ALL.iter().map(|_| OnceLock::new()).collect(),
         }
     }
 }
@@ -79,6 +80,22 @@ pub(crate) struct PluginHostMetrics {
     pub traps: IntCounter,
     pub deadlines: IntCounter,
     pub restarts: IntCounter,
-    /// Indexed by `Callback as usize`.
-    pub durations: Vec<Histogram>,
+    durations_family: HistogramVec,
+    plugin: String,
+    /// Indexed by `Callback as usize`; resolved on first use so callbacks a
+    /// module never exports add no series.
+    durations: Vec<OnceLock<Histogram>>,
+}
+
+impl PluginHostMetrics {
+    /// Records the duration of one callback.
+    pub fn observe(&self, callback: Callback, seconds: f64) {
+        if let Some(cell) = self.durations.get(callback as usize) {
+            cell.get_or_init(|| {
+                self.durations_family
+                    .with_label_values(&[self.plugin.as_str(), callback.name()])
+            })
+            .observe(seconds);
+        }
+    }
 }

@@ -428,15 +428,42 @@ impl Failure {
     }
 }
 
-/// An error's message with its causes, on one line.
+/// An error's message with its causes on one line, and for a trap the
+/// innermost wasm function it happened in.
 fn error_text(error: &wasmtime::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        parts.push(trap.to_string());
+    }
     for cause in error.chain() {
+        if cause.is::<Trap>() {
+            continue;
+        }
         let text = cause.to_string();
-        let first = text.lines().next().unwrap_or_default().trim().to_string();
-        if !first.is_empty() && !parts.contains(&first) {
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches(':')
+            .to_string();
+        if !first.is_empty()
+            && !first.starts_with("error while executing")
+            && !parts.contains(&first)
+        {
             parts.push(first);
         }
+    }
+    // The innermost frame, demangled as the backtrace prints it ("  0: 0x1f - name").
+    if let Some(frame) = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| {
+            bt.to_string()
+                .lines()
+                .find_map(|l| l.split_once(" - ").map(|(_, f)| f.trim().to_string()))
+        })
+    {
+        parts.push(format!("in {frame}"));
     }
     parts.join(": ")
 }
@@ -581,7 +608,8 @@ pub(crate) struct Vm {
 }
 
 impl Vm {
-    /// Instantiates the module, runs its initialization and `proxy_on_vm_start`.
+    /// Instantiates the module and runs its initialization (`_initialize` and
+    /// `main`, or `_start`).
     /// `spawn` says whether hostcalls may start tasks (only on worker threads).
     pub fn start(plugin: &Arc<PluginShared>, spawn: bool) -> Result<Rc<Vm>, Failure> {
         let mut store = Store::new(&plugin.host.engine.engine, HostState::new(plugin, spawn));
@@ -650,18 +678,6 @@ impl Vm {
                 |_| {},
             )?;
         }
-        let size = plugin.vm_config.len() as i32;
-        if vm.call(
-            plugin,
-            Callback::VmStart,
-            0,
-            vm.exports.on_vm_start.as_ref(),
-            (0, size),
-            |_| {},
-        )? == Some(0)
-        {
-            return Err(Failure::rejected("on_vm_start returned false"));
-        }
         Ok(vm)
     }
 
@@ -670,7 +686,8 @@ impl Vm {
         self.roots.borrow().get(&plugin.uid).copied()
     }
 
-    /// Creates the plugin's root context and runs `proxy_on_configure`.
+    /// Creates the plugin's root context and runs `proxy_on_vm_start` and
+    /// `proxy_on_configure` on it.
     pub fn create_root(&self, plugin: &Arc<PluginShared>) -> Result<u32, Failure> {
         let id = self.new_context(plugin, None, CtxKind::Root)?;
         self.call(
@@ -681,6 +698,20 @@ impl Vm {
             (id as i32, 0),
             |_| {},
         )?;
+        // As in Envoy, `proxy_on_vm_start` gets the root context id (SDKs look it up).
+        let size = plugin.vm_config.len() as i32;
+        let started = self.call(
+            plugin,
+            Callback::VmStart,
+            id,
+            self.exports.on_vm_start.as_ref(),
+            (id as i32, size),
+            |_| {},
+        )?;
+        if started == Some(0) {
+            self.with_state(|s| s.remove_context(id));
+            return Err(Failure::rejected("on_vm_start returned false"));
+        }
         let size = plugin.plugin_config.len() as i32;
         let configured = self.call(
             plugin,
@@ -839,9 +870,9 @@ impl Vm {
             prepare(state);
             let started = Instant::now();
             let result = func.call(&mut *store, params);
-            if let Some(h) = plugin.metrics.durations.get(callback as usize) {
-                h.observe(started.elapsed().as_secs_f64());
-            }
+            plugin
+                .metrics
+                .observe(callback, started.elapsed().as_secs_f64());
             let state = store.data_mut();
             state.current.callout = None;
             state.current.foreign_args = None;
@@ -1079,6 +1110,23 @@ impl Vm {
             s.queue_tx = None;
         });
     }
+}
+
+/// Starts a task on the current thread's `LocalSet`. `None` when the thread
+/// runs none (callouts and timers then cannot work here), instead of letting
+/// tokio's panic escape into the data plane.
+pub(crate) fn spawn_local<F: std::future::Future<Output = ()> + 'static>(
+    task: F,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio::task::spawn_local(task)
+    }));
+    if spawned.is_err() {
+        tracing::error!(
+            "wasm host: no tokio LocalSet on this thread; callouts and timers are unavailable"
+        );
+    }
+    spawned.ok()
 }
 
 /// A worker's VMs and their restart history.

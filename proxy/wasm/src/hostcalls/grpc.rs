@@ -157,6 +157,19 @@ fn start(
     let context = state.current.effective;
     let handle = if state.spawn {
         let (tx, mut rx) = mpsc::unbounded_channel::<GrpcEvent>();
+        let vm = state.vm.clone();
+        let task = crate::vm::spawn_local(async move {
+            while let Some(event) = rx.recv().await {
+                let Some(vm) = vm.upgrade() else { return };
+                if vm.broken.get() {
+                    return;
+                }
+                vm.deliver_grpc(token, event);
+            }
+        });
+        if task.is_none() {
+            return Err(Status::InternalFailure.into());
+        }
         let timeout = timeout_ms
             .filter(|ms| *ms > 0)
             .map(|ms| Duration::from_millis(u64::from(ms)));
@@ -173,16 +186,6 @@ fn start(
             // A send failure surfaces as a close event on the stream.
             let _ = handle.send(message, true);
         }
-        let vm = state.vm.clone();
-        tokio::task::spawn_local(async move {
-            while let Some(event) = rx.recv().await {
-                let Some(vm) = vm.upgrade() else { return };
-                if vm.broken.get() {
-                    return;
-                }
-                vm.deliver_grpc(token, event);
-            }
-        });
         Some(handle)
     } else {
         None

@@ -94,11 +94,10 @@ fn http_call(
     let token = state.new_token();
     let context = state.current.effective;
     if state.spawn {
-        state.http_calls.insert(token, context);
         let upstreams = state.plugin.upstreams.clone();
         let vm = state.vm.clone();
         let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
-        tokio::task::spawn_local(async move {
+        let task = crate::vm::spawn_local(async move {
             let result =
                 crate::callout::http_call(upstreams, cluster, headers, body, trailers, timeout)
                     .await;
@@ -108,6 +107,10 @@ fn http_call(
                 vm.deliver_http_response(token, result.map_err(|e| e.to_string()));
             }
         });
+        if task.is_none() {
+            return Err(Status::InternalFailure.into());
+        }
+        state.http_calls.insert(token, context);
     }
     memory::write_u32(caller, ret_token, token)?;
     Ok(())

@@ -61,7 +61,7 @@ fn waker(state: &mut HostState) -> QueueWaker {
     let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
     if state.spawn {
         let vm = state.vm.clone();
-        tokio::task::spawn_local(async move {
+        let task = crate::vm::spawn_local(async move {
             while let Some(queue) = rx.recv().await {
                 let Some(vm) = vm.upgrade() else { return };
                 if vm.broken.get() {
@@ -70,7 +70,9 @@ fn waker(state: &mut HostState) -> QueueWaker {
                 vm.deliver_queue_ready(queue);
             }
         });
-        state.queue_tx = Some(tx.clone());
+        if task.is_some() {
+            state.queue_tx = Some(tx.clone());
+        }
     }
     // Without a task (load-time validation) the receiver is dropped and the waker is dead.
     QueueWaker::new(tx)

@@ -47,7 +47,7 @@ fn set_tick_period(caller: &mut Caller<'_, HostState>, period_ms: u32) -> HostRe
         return Ok(());
     }
     let period = Duration::from_millis(u64::from(period_ms));
-    let task = tokio::task::spawn_local(async move {
+    let task = crate::vm::spawn_local(async move {
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -59,6 +59,7 @@ fn set_tick_period(caller: &mut Caller<'_, HostState>, period_ms: u32) -> HostRe
             vm.deliver_tick(root);
         }
     });
+    let task = task.ok_or(Status::InternalFailure)?;
     ctx.tick = Some(task.abort_handle());
     Ok(())
 }
