@@ -28,8 +28,10 @@ pub fn open_fds() -> usize {
         .count()
 }
 
-/// Path of the `lacewing` binary in this workspace's target directory, built
-/// with `cargo build -p lacewing` the first time it is asked for if it is missing.
+/// Path of the `lacewing` binary in this workspace's target directory.
+///
+/// The first call in a process runs `cargo build -p lacewing` (a quick no-op
+/// when the binary is up to date), so the tests never run a stale binary.
 pub fn lacewing_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
@@ -41,16 +43,15 @@ pub fn lacewing_binary() -> PathBuf {
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| workspace.join("target"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "lacewing"])
+                .current_dir(&workspace)
+                .status()
+                .expect("run cargo build -p lacewing");
+            assert!(status.success(), "cargo build -p lacewing failed");
             let binary = target.join("debug").join("lacewing");
-            if !binary.exists() {
-                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-                let status = Command::new(cargo)
-                    .args(["build", "-p", "lacewing"])
-                    .current_dir(&workspace)
-                    .status()
-                    .expect("run cargo build -p lacewing");
-                assert!(status.success(), "cargo build -p lacewing failed");
-            }
+            assert!(binary.exists(), "{} was not built", binary.display());
             binary
         })
         .clone()

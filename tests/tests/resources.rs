@@ -131,7 +131,7 @@ listeners:
     routes:
       - { name: default, cluster: upstream }
 clusters:
-  - { name: upstream, endpoints: ['{upstream}'] }
+  - { name: upstream, endpoints: ['{upstream}'], idle_timeout: 1s }
 ",
         &[("upstream", &upstream.addr)],
     ));

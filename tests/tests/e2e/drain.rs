@@ -62,7 +62,9 @@ clusters:
         "/ready while draining"
     );
 
-    tokio::task::spawn_blocking(move || handle.join())
+    let joined = tokio::task::spawn_blocking(move || handle.join());
+    tokio::time::timeout(Duration::from_secs(60), joined)
         .await
-        .expect("workers exit after the drain");
+        .expect("workers exit within the drain timeout")
+        .expect("joining the workers did not panic");
 }

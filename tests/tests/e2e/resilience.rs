@@ -113,7 +113,7 @@ clusters:
 }
 
 #[tokio::test]
-async fn all_endpoints_dead_gives_a_short_5xx_naming_the_failure() {
+async fn all_endpoints_refusing_gives_502_with_flag_uf() {
     let handle = proxy::start(&proxy::fill(
         "admin: { address: 127.0.0.1:0 }
 workers: 1
@@ -130,24 +130,77 @@ clusters:
 
     let response = client::get(&proxy::url(&handle, "main", "/nobody-home")).await;
 
-    // lacewing-core's mapping: a failed connect is 502 (flag UF); no healthy
-    // endpoint left to try is 503 (flag UH). Either is right here, but the
-    // status and the recorded flag must agree.
+    // A connect failure on every endpoint (none ejected yet) is a failed
+    // connect: 502, flag UF (lacewing-core `ProxyError::Connect`).
+    assert_eq!(
+        response.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        response.text()
+    );
     assert_short_local_reply(&response);
     let metrics = client::metrics(proxy::admin_addr(&handle)).await;
-    let flag = |code: &str| {
+    assert_eq!(
         metric_sum(
             &metrics,
             "lacewing_http_local_replies_total",
-            &[("flag", code)],
+            &[("flag", "UF")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn every_endpoint_ejected_fails_fast_with_503_and_flag_uh() {
+    let handle = proxy::start(&proxy::fill(
+        "admin: { address: 127.0.0.1:0 }
+workers: 1
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - { name: default, cluster: upstream, retry: { attempts: 2 } }
+clusters:
+  - name: upstream
+    endpoints: ['{a}', '{b}']
+    outlier_detection: { consecutive_failures: 1, base_ejection_time: 60s, max_ejection_percent: 100 }
+",
+        &[("a", &servers::dead_addr()), ("b", &servers::dead_addr())],
+    ));
+    let url = proxy::url(&handle, "main", "/nobody-home");
+
+    // The first request tries both endpoints; each refusal ejects one.
+    let first = client::get(&url).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY, "{}", first.text());
+    let second = client::get(&url).await;
+
+    // With every endpoint ejected for refusing connections, requests fail
+    // fast: no healthy upstream, 503, flag UH.
+    assert_eq!(
+        second.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        second.text()
+    );
+    assert_short_local_reply(&second);
+    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "lacewing_http_local_replies_total",
+            &[("flag", "UH")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(
+            &metrics,
+            "lacewing_upstream_ejections_total",
+            &[("cluster", "upstream")]
         )
-        .unwrap_or(0.0)
-    };
-    match response.status {
-        StatusCode::BAD_GATEWAY => assert_eq!(flag("UF"), 1.0, "502 is recorded as UF: {metrics}"),
-        StatusCode::SERVICE_UNAVAILABLE => {
-            assert_eq!(flag("UH"), 1.0, "503 is recorded as UH: {metrics}")
-        }
-        other => panic!("expected 502 or 503, got {other}: {}", response.text()),
-    }
+        .is_some_and(|n| n >= 2.0),
+        "both endpoints ejected: {metrics}"
+    );
 }
