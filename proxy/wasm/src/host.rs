@@ -46,6 +46,8 @@ pub struct WasmHost {
     pub(crate) started: Instant,
     pub(crate) node_id: String,
     pub(crate) node_cluster: String,
+    /// Bumped whenever a plugin is dropped, so workers retire its VMs and timers.
+    pub(crate) retired_generation: AtomicU64,
 }
 
 impl std::fmt::Debug for WasmHost {
@@ -89,6 +91,7 @@ impl WasmHost {
             started: Instant::now(),
             node_id,
             node_cluster,
+            retired_generation: AtomicU64::new(0),
         }))
     }
 

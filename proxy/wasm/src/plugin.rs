@@ -2,6 +2,7 @@
 //! its ABI version, configuration bytes and limits. Shared by every worker.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use lacewing_abi::AbiVersion;
@@ -31,6 +32,18 @@ impl std::fmt::Debug for WasmPlugin {
             .field("name", &self.shared.name)
             .field("abi", &self.shared.abi)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for WasmPlugin {
+    fn drop(&mut self) {
+        // Streams in flight keep their VM; workers drop the plugin's root
+        // context, timers and idle VMs the next time they look for a VM.
+        self.shared.retired.store(true, Ordering::Release);
+        self.shared
+            .host
+            .retired_generation
+            .fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -69,6 +82,8 @@ pub(crate) struct PluginShared {
     pub memory_cap: usize,
     pub metrics: PluginHostMetrics,
     pub vm_key: VmKey,
+    /// Set when the [`WasmPlugin`] is dropped (for example replaced by a reload).
+    pub retired: AtomicBool,
 }
 
 fn config_bytes(value: &Option<serde_json::Value>) -> Bytes {
@@ -143,6 +158,7 @@ pub(crate) fn load(
         memory_cap: cfg.limits.memory.as_usize(),
         metrics: host.host_metrics.for_plugin(&cfg.name),
         vm_key,
+        retired: AtomicBool::new(false),
     });
     // One throwaway instance proves the plugin starts and accepts its configuration.
     let vm = Vm::start(&shared, false).map_err(|f| WasmError::Start {

@@ -11,6 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -1099,6 +1100,46 @@ impl Vm {
         }
     }
 
+    /// Drops the root contexts (and their timers and queues) of retired
+    /// plugins; true when no root is left. No module code runs.
+    fn retire_roots(&self) -> bool {
+        let retired: Vec<(u64, u32)> = self
+            .with_state(|s| {
+                s.contexts
+                    .iter()
+                    .filter(|(_, c)| {
+                        matches!(c.kind, CtxKind::Root) && c.plugin.retired.load(Ordering::Acquire)
+                    })
+                    .map(|(id, c)| (c.plugin.uid, *id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !retired.is_empty() {
+            self.with_state(|s| {
+                for (_, root) in &retired {
+                    s.remove_context(*root);
+                    s.queue_owners.retain(|_, owner| owner != root);
+                }
+            });
+            let mut roots = self.roots.borrow_mut();
+            for (uid, _) in &retired {
+                roots.remove(uid);
+            }
+        }
+        self.roots.borrow().is_empty()
+    }
+
+    /// A plugin that still has a root context here.
+    fn any_root_plugin(&self) -> Option<Arc<PluginShared>> {
+        self.with_state(|s| {
+            s.contexts
+                .values()
+                .find(|c| matches!(c.kind, CtxKind::Root))
+                .map(|c| c.plugin.clone())
+        })
+        .flatten()
+    }
+
     /// Retires a VM that is no longer used (drops its contexts and timers).
     pub fn shutdown(&self) {
         self.broken.set(true);
@@ -1138,11 +1179,60 @@ struct WorkerSlot {
 
 thread_local! {
     static WORKER_VMS: RefCell<HashMap<VmKey, WorkerSlot>> = RefCell::new(HashMap::new());
+    /// The (host, retired generation) this worker last swept for.
+    static SWEPT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Forgets this worker's VMs of dropped plugins and their root contexts.
+/// VMs still used by streams in flight live on until those streams end.
+fn retire_dropped_plugins() {
+    let slots: Vec<(VmKey, Option<Rc<Vm>>)> = WORKER_VMS.with(|m| {
+        m.borrow()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.vm.clone()))
+            .collect()
+    });
+    let mut idle = Vec::new();
+    let mut new_owners = Vec::new();
+    for (key, vm) in slots {
+        match vm {
+            Some(vm) if !vm.retire_roots() => {
+                if let Some(owner) = vm.any_root_plugin() {
+                    new_owners.push((key, owner));
+                }
+            }
+            _ => idle.push(key),
+        }
+    }
+    WORKER_VMS.with(|m| {
+        let mut map = m.borrow_mut();
+        for (key, owner) in new_owners {
+            if let Some(slot) = map.get_mut(&key) {
+                slot.owner = Arc::downgrade(&owner);
+            }
+        }
+        for key in idle {
+            let retired = map.get(&key).is_some_and(|s| {
+                s.owner
+                    .upgrade()
+                    .is_none_or(|p| p.retired.load(Ordering::Acquire))
+            });
+            if retired {
+                map.remove(&key);
+            }
+        }
+    });
 }
 
 /// The VM of `plugin` on this worker thread and the plugin's root context in
 /// it, creating (or recreating, rate-limited) the VM when needed.
 pub(crate) fn worker_vm(plugin: &Arc<PluginShared>) -> Result<(Rc<Vm>, u32), Failure> {
+    let host = &plugin.host;
+    let generation = (host.uid, host.retired_generation.load(Ordering::Acquire));
+    if SWEPT.with(Cell::get) != generation {
+        SWEPT.with(|s| s.set(generation));
+        retire_dropped_plugins();
+    }
     let existing = WORKER_VMS.with(|m| m.borrow().get(&plugin.vm_key).and_then(|s| s.vm.clone()));
     if let Some(vm) = &existing
         && !vm.broken.get()
@@ -1158,10 +1248,6 @@ pub(crate) fn worker_vm(plugin: &Arc<PluginShared>) -> Result<(Rc<Vm>, u32), Fai
     let (allowed, restart) = WORKER_VMS.with(|m| {
         let mut map = m.borrow_mut();
         let restart = map.contains_key(&plugin.vm_key);
-        if !restart {
-            // A new entry: drop the VMs of plugins that are gone.
-            map.retain(|_, slot| slot.owner.strong_count() > 0);
-        }
         let slot = map
             .entry(plugin.vm_key.clone())
             .or_insert_with(|| WorkerSlot {

@@ -18,6 +18,15 @@ mod stream;
 mod time;
 mod wasi;
 
+/// The request header pairs as `proxy_get_header_map_pairs` serializes them.
+#[cfg(test)]
+pub(crate) fn request_pairs_for_tests<'a>(
+    stream: &'a lacewing_core::stream::HttpStream,
+    out: &mut Vec<(&'a [u8], &'a [u8])>,
+) {
+    maps::request_pairs(stream, out);
+}
+
 /// Module name of proxy-wasm imports.
 const ENV: &str = lacewing_abi::names::ENV_MODULE;
 

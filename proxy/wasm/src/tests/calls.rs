@@ -54,12 +54,19 @@ fn tick_timer_fires_on_the_worker() {
 fn queue_ready_is_delivered_to_the_registering_vm() {
     let (host, _) = host();
     let bytes = module(
-        "",
+        r#"(import "env" "proxy_resolve_shared_queue" (func $resolve_queue (param i32 i32 i32 i32 i32) (result i32)))
+           (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))"#,
         r#"(data (i32.const 100) "jobs") (data (i32.const 110) "qid") (data (i32.const 120) "item") (data (i32.const 130) "empty")
            (func (export "proxy_on_configure") (param i32 i32) (result i32)
              (drop (call $register_queue (i32.const 100) (i32.const 4) (i32.const 2000)))
              (call $record (i32.const 110) (i32.const 3) (i32.load (i32.const 2000)))
              i32.const 1)
+           (data (i32.const 140) "workers") (data (i32.const 150) "job-1") (data (i32.const 160) "enq")
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $resolve_queue (i32.const 140) (i32.const 7) (i32.const 100) (i32.const 4) (i32.const 2010)))
+             (call $record (i32.const 160) (i32.const 3)
+               (call $enqueue (i32.load (i32.const 2010)) (i32.const 150) (i32.const 5)))
+             i32.const 0)
            (func (export "proxy_on_queue_ready") (param i32 i32)
              (drop (call $dequeue (local.get 1) (i32.const 2000) (i32.const 2004)))
              (drop (call $set_shared (i32.const 120) (i32.const 4) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0)))
@@ -73,14 +80,10 @@ fn queue_ready_is_delivered_to_the_registering_vm() {
     .unwrap();
     tokio::task::LocalSet::new().block_on(&runtime(), async {
         let s = stream("/");
-        let _f = filter(&plugin, &s);
-        let id = host
-            .queues()
-            .resolve("workers", "jobs")
-            .expect("registered");
-        host.queues()
-            .enqueue(id, bytes::Bytes::from_static(b"job-1"))
-            .unwrap();
+        let mut f = filter(&plugin, &s);
+        assert!(host.queues().resolve("workers", "jobs").is_some());
+        f.on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "enq"), Some(0));
         eventually("the item", || host.shared_data().get(b"item").is_some()).await;
         assert_eq!(&host.shared_data().get(b"item").unwrap().0[..], b"job-1");
         assert_eq!(recorded(&host, "empty"), Some(Status::Empty.code()));

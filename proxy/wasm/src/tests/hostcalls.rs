@@ -264,11 +264,21 @@ fn wasi_functions_behave() {
            (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
            (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
            (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
-           (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))"#,
+           (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
+           (import "wasi_snapshot_preview1" "fd_seek" (func $fd_seek (param i32 i64 i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "fd_prestat_dir_name" (func $prestat_name (param i32 i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "clock_res_get" (func $clock_res (param i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "sched_yield" (func $yield (result i32)))"#,
         r#"(data (i32.const 100) "hello from wasm\n")
            (data (i32.const 200) "write") (data (i32.const 210) "envc") (data (i32.const 220) "env") (data (i32.const 230) "args")
            (data (i32.const 240) "clock") (data (i32.const 250) "random") (data (i32.const 260) "prestat") (data (i32.const 270) "poll")
-           (data (i32.const 280) "bad-fd")
+           (data (i32.const 280) "bad-fd") (data (i32.const 290) "read") (data (i32.const 300) "fdclose") (data (i32.const 310) "seek")
+           (data (i32.const 320) "fdstat") (data (i32.const 330) "filetype") (data (i32.const 340) "prename") (data (i32.const 350) "res")
+           (data (i32.const 360) "argsget") (data (i32.const 370) "yield")
            (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
              (i32.store (i32.const 3000) (i32.const 100))
              (i32.store (i32.const 3004) (i32.const 16))
@@ -284,6 +294,15 @@ fn wasi_functions_behave() {
              (call $record (i32.const 250) (i32.const 6) (call $random (i32.const 3500) (i32.const 16)))
              (call $record (i32.const 260) (i32.const 7) (call $prestat (i32.const 3) (i32.const 3600)))
              (call $record (i32.const 270) (i32.const 4) (call $poll (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 3700)))
+             (call $record (i32.const 290) (i32.const 4) (call $fd_read (i32.const 0) (i32.const 3000) (i32.const 1) (i32.const 3800)))
+             (call $record (i32.const 300) (i32.const 7) (call $fd_close (i32.const 5)))
+             (call $record (i32.const 310) (i32.const 4) (call $fd_seek (i32.const 1) (i64.const 0) (i32.const 0) (i32.const 3800)))
+             (call $record (i32.const 320) (i32.const 6) (call $fdstat (i32.const 1) (i32.const 3900)))
+             (call $record (i32.const 330) (i32.const 8) (i32.load8_u (i32.const 3900)))
+             (call $record (i32.const 340) (i32.const 7) (call $prestat_name (i32.const 3) (i32.const 3800) (i32.const 4)))
+             (call $record (i32.const 350) (i32.const 3) (call $clock_res (i32.const 1) (i32.const 3800)))
+             (call $record (i32.const 360) (i32.const 7) (call $args_get (i32.const 3800) (i32.const 3900)))
+             (call $record (i32.const 370) (i32.const 5) (call $yield))
              i32.const 0)"#,
     );
     assert_eq!(recorded(&host, "write"), Some(0));
@@ -295,6 +314,15 @@ fn wasi_functions_behave() {
     assert_eq!(recorded(&host, "random"), Some(0));
     assert_eq!(recorded(&host, "prestat"), Some(8));
     assert_eq!(recorded(&host, "poll"), Some(58));
+    assert_eq!(recorded(&host, "read"), Some(0));
+    assert_eq!(recorded(&host, "fdclose"), Some(8));
+    assert_eq!(recorded(&host, "seek"), Some(70));
+    assert_eq!(recorded(&host, "fdstat"), Some(0));
+    assert_eq!(recorded(&host, "filetype"), Some(2));
+    assert_eq!(recorded(&host, "prename"), Some(8));
+    assert_eq!(recorded(&host, "res"), Some(0));
+    assert_eq!(recorded(&host, "argsget"), Some(0));
+    assert_eq!(recorded(&host, "yield"), Some(0));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use lacewing_core::stream::{HttpStream, SharedStream, StreamInfo};
 use crate::{HostOptions, LogLevel, WasmError, WasmHost, WasmPlugin};
 
 mod calls;
+mod coverage;
 mod hostcalls;
 mod load;
 mod sandbox;
