@@ -107,6 +107,46 @@ where
     exchange(&client, req).await
 }
 
+/// A client that keeps its connections: sequential requests reuse one
+/// HTTP/1.1 connection, concurrent h2c requests share one HTTP/2 connection.
+#[derive(Debug, Clone)]
+pub struct ReusingClient {
+    inner: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl ReusingClient {
+    /// An HTTP/1.1 client.
+    pub fn http1() -> Self {
+        Self {
+            inner: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// An h2c (prior knowledge) client.
+    pub fn h2() -> Self {
+        Self {
+            inner: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        }
+    }
+
+    /// GET `url`.
+    pub async fn get(&self, url: &str) -> Response {
+        self.request(
+            Request::get(url)
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+    }
+
+    /// Sends `req` and reads the whole response.
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Response {
+        exchange(&self.inner, req).await
+    }
+}
+
 /// Sends a request and returns the response with its body still streaming.
 ///
 /// For large downloads: read the body frame by frame instead of collecting it.

@@ -188,3 +188,21 @@ async fn slowloris_head_is_cut_off_after_the_header_read_timeout() {
     );
     setup.assert_still_serving().await;
 }
+
+#[tokio::test]
+async fn large_headers_within_the_limit_pass() {
+    let setup = Setup::new("{ max_request_headers: 32KiB }").await;
+    let big = "v".repeat(20 * 1024);
+    let request = http::Request::get(proxy::url(&setup.handle, "main", "/big-header"))
+        .header("x-big", big.as_str())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+
+    let response = client::request(request).await;
+
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(
+        response.echoed_header("x-big").map(|v| v.len()),
+        Some(big.len())
+    );
+}

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::Full;
-use lacewing_tests::client::{self, raw_exchange};
+use lacewing_tests::client::{self, ReusingClient, metric_sum, raw_exchange};
 use lacewing_tests::{proxy, servers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -269,4 +269,88 @@ async fn read_head(stream: &mut TcpStream) -> String {
         head.push(byte[0]);
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn one_downstream_connection_carries_sequential_requests() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let client = ReusingClient::http1();
+
+    for i in 0..5 {
+        let response = client
+            .get(&proxy::url(&handle, "main", &format!("/ka/{i}")))
+            .await;
+        assert_eq!(response.status, StatusCode::OK, "request {i}");
+    }
+
+    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "lacewing_downstream_connections_total",
+            &[("listener", "main")]
+        ),
+        Some(1.0),
+        "the client's keep-alive connection is kept open between requests: {metrics}"
+    );
+    assert_eq!(upstream.accepted(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_h2c_streams_share_one_connection_each_side() {
+    const STREAMS: usize = 40;
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "h2"));
+    let client = ReusingClient::h2();
+    // One request first, so the connection exists before the burst.
+    let first = client.get(&proxy::url(&handle, "main", "/first")).await;
+    assert_eq!(first.status, StatusCode::OK);
+
+    let requests: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let client = client.clone();
+            let url = proxy::url(&handle, "main", &format!("/delay/100?stream={i}"));
+            tokio::spawn(async move { client.get(&url).await })
+        })
+        .collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = request.await.expect("request task did not panic");
+        assert_eq!(response.status, StatusCode::OK, "stream {i}");
+        assert_eq!(response.json()["query"], format!("stream={i}"));
+    }
+
+    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "lacewing_downstream_connections_total",
+            &[("listener", "main")]
+        ),
+        Some(1.0),
+        "all streams on one downstream connection: {metrics}"
+    );
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "an h2 cluster multiplexes concurrent requests on one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn head_response_has_headers_but_no_body() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let request = Request::head(proxy::url(&handle, "main", "/bytes/1000"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+
+    let response = client::request(request).await;
+
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("content-length"), Some("1000"));
+    assert!(response.body.is_empty());
+    // The connection is still in a sane state for the next request.
+    let next = client::get(&proxy::url(&handle, "main", "/after-head")).await;
+    assert_eq!(next.status, StatusCode::OK);
 }
