@@ -242,3 +242,120 @@ fn http_call_arguments_are_checked() {
         assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
     });
 }
+
+/// A response body of one chunk followed by trailers.
+struct BodyWithTrailers {
+    data: Option<bytes::Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for BodyWithTrailers {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        std::task::Poll::Ready(
+            self.trailers
+                .take()
+                .map(|t| Ok(http_body::Frame::trailers(t))),
+        )
+    }
+}
+
+/// A gRPC upstream (h2c) whose every method echoes the request message back,
+/// with `x-md: 1` initial metadata and status 0.
+async fn grpc_upstream() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let framed = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let response = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("x-md", "1")
+                            .body(BodyWithTrailers {
+                                data: Some(framed),
+                                trailers: Some(trailers),
+                            })
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn grpc_call_delivers_metadata_message_and_close() {
+    let (host, metrics) = host();
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        let addr = grpc_upstream().await;
+        let cluster: ClusterConfig = serde_json::from_value(serde_json::json!({
+            "name": "grpc", "endpoints": [addr.to_string()], "protocol": "h2"
+        }))
+        .unwrap();
+        let ups = upstreams(&[cluster], &metrics);
+        let bytes = module(
+            "",
+            r#"(data (i32.const 100) "grpc") (data (i32.const 110) "svc.Echo") (data (i32.const 120) "Say") (data (i32.const 130) "ping")
+               (data (i32.const 140) "call") (data (i32.const 150) "imd") (data (i32.const 160) "msg") (data (i32.const 170) "tmd")
+               (data (i32.const 180) "close") (data (i32.const 190) "cancel") (data (i32.const 200) "x-md") (data (i32.const 210) "md")
+               (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                 (call $record (i32.const 140) (i32.const 4)
+                   (call $grpc_call (i32.const 100) (i32.const 4) (i32.const 110) (i32.const 8) (i32.const 120) (i32.const 3)
+                     (i32.const 0) (i32.const 0) (i32.const 130) (i32.const 4) (i32.const 5000) (i32.const 2100)))
+                 (call $record (i32.const 190) (i32.const 6) (call $grpc_cancel (i32.const 9999)))
+                 i32.const 1)
+               (func (export "proxy_on_grpc_receive_initial_metadata") (param i32 i32 i32)
+                 (call $record (i32.const 150) (i32.const 3) (local.get 2))
+                 (drop (call $get_value (i32.const 4) (i32.const 200) (i32.const 4) (i32.const 2000) (i32.const 2004)))
+                 (call $record (i32.const 210) (i32.const 2) (i32.load8_u (i32.load (i32.const 2000)))))
+               (func (export "proxy_on_grpc_receive") (param i32 i32 i32)
+                 (drop (call $get_buffer (i32.const 5) (i32.const 0) (local.get 2) (i32.const 2000) (i32.const 2004)))
+                 (drop (call $set_shared (i32.const 160) (i32.const 3) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0))))
+               (func (export "proxy_on_grpc_receive_trailing_metadata") (param i32 i32 i32)
+                 (call $record (i32.const 170) (i32.const 3) (local.get 2)))
+               (func (export "proxy_on_grpc_close") (param $ctx i32) (param $token i32) (param $status i32)
+                 (call $record (i32.const 180) (i32.const 5) (local.get $status))
+                 (drop (call $set_effective (local.get $ctx)))
+                 (drop (call $continue_stream (i32.const 0))))"#,
+        );
+        let plugin = host.load_plugin_bytes(&config(serde_json::json!({})), &bytes, ups).unwrap();
+        let s = stream("/");
+        let mut f = filter(&plugin, &s);
+        assert_eq!(f.on_request_headers(&s, true), FilterStatus::StopIteration);
+        assert_eq!(recorded(&host, "call"), Some(0));
+        assert_eq!(recorded(&host, "cancel"), Some(Status::NotFound.code()));
+        let resumed = s.borrow().resumed();
+        tokio::time::timeout(Duration::from_secs(10), resumed.notified()).await.expect("resumed on close");
+        assert_eq!(recorded(&host, "close"), Some(0));
+        assert_eq!(&host.shared_data().get(b"msg").unwrap().0[..], b"ping");
+        assert!(recorded(&host, "imd").unwrap() >= 1);
+        assert_eq!(recorded(&host, "md"), Some(i32::from(b'1')));
+        assert!(recorded(&host, "tmd").unwrap() >= 1);
+    });
+}
