@@ -176,6 +176,24 @@ where
     exchange_within(&client, req, limit).await
 }
 
+/// [`send_streaming`] over h2c.
+pub async fn send_streaming_h2<B>(req: Request<B>) -> http::Response<hyper::body::Incoming>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<B>();
+    let what = format!("{} {}", req.method(), req.uri());
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, client.request(req)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => panic!("{what} failed: {e:?}"),
+        Err(_) => panic!("{what}: no response head within {EXCHANGE_TIMEOUT:?}"),
+    }
+}
+
 async fn exchange<C, B>(client: &Client<C, B>, req: Request<B>) -> Response
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,

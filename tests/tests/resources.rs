@@ -15,6 +15,8 @@ use lacewing_tests::body::GeneratedBody;
 use lacewing_tests::client::{self, raw_exchange};
 use lacewing_tests::process::{open_fds, rss_bytes};
 use lacewing_tests::{eventually, proxy, servers};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 /// One measuring test at a time.
@@ -90,23 +92,14 @@ async fn streamed_200mb_upload_and_download_keep_memory_flat() {
         .unwrap();
     let response = client::send_streaming(download).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.into_body();
-    let mut received = 0u64;
-    let counting = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.expect("download body streams without error");
-            if let Some(data) = frame.data_ref() {
-                received += data.len() as u64;
-            }
-        }
-    };
-    tokio::time::timeout(TRANSFER_LIMIT, counting)
+    let received = tokio::time::timeout(TRANSFER_LIMIT, count_body(response.into_body()))
         .await
         .expect("the download finishes");
     assert_eq!(received, BODY_LEN, "every downloaded byte arrives");
 
     let peak = sampler.finish();
     let growth = peak.saturating_sub(baseline);
+    eprintln!("RSS baseline {} KiB, peak {} KiB", baseline >> 10, peak >> 10);
     assert!(
         growth < MAX_RSS_GROWTH,
         "RSS grew by {} MiB (baseline {} MiB, peak {} MiB) while 2 × 200 MiB streamed",
@@ -114,6 +107,63 @@ async fn streamed_200mb_upload_and_download_keep_memory_flat() {
         baseline >> 20,
         peak >> 20
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_200mb_over_h2_both_sides_keeps_memory_flat() {
+    let _turn = EXCLUSIVE.lock().await;
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "h2"));
+    for _ in 0..3 {
+        let warm = client::get_h2(&proxy::url(&handle, "main", "/bytes/1048576")).await;
+        assert_eq!(warm.status, StatusCode::OK);
+    }
+    let baseline = rss_bytes();
+    let sampler = RssSampler::start();
+
+    let upload = Request::post(proxy::url(&handle, "main", "/upload"))
+        .body(GeneratedBody::chunked(BODY_LEN))
+        .unwrap();
+    let uploaded = client::send_h2(upload).await;
+    assert_eq!(uploaded.status, StatusCode::OK, "{}", uploaded.text());
+    assert_eq!(
+        uploaded.json()["body_len"],
+        BODY_LEN,
+        "every uploaded byte arrives"
+    );
+
+    let download = Request::get(proxy::url(&handle, "main", &format!("/bytes/{BODY_LEN}")))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = client::send_streaming_h2(download).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let received = tokio::time::timeout(TRANSFER_LIMIT, count_body(response.into_body()))
+        .await
+        .expect("the download finishes");
+    assert_eq!(received, BODY_LEN, "every downloaded byte arrives");
+
+    let peak = sampler.finish();
+    let growth = peak.saturating_sub(baseline);
+    eprintln!("RSS baseline {} KiB, peak {} KiB", baseline >> 10, peak >> 10);
+    assert!(
+        growth < MAX_RSS_GROWTH,
+        "RSS grew by {} MiB (baseline {} MiB, peak {} MiB) while 2 × 200 MiB streamed over h2",
+        growth >> 20,
+        baseline >> 20,
+        peak >> 20
+    );
+}
+
+/// Reads a body to its end, counting bytes without keeping them.
+async fn count_body(mut body: hyper::body::Incoming) -> u64 {
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("body streams without error");
+        if let Some(data) = frame.data_ref() {
+            received += data.len() as u64;
+        }
+    }
+    received
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,6 +214,17 @@ clusters:
     }
     for task in tasks {
         task.await.unwrap();
+    }
+    // Clients that hang up in the middle of a large download.
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /bytes/100000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = vec![0u8; 64 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut first)).await;
+        drop(stream);
     }
 
     eventually("open descriptors return to where they were", || async {
