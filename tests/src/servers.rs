@@ -37,6 +37,7 @@ pub struct TestServer {
     /// Where it listens (127.0.0.1 and a free port).
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -45,6 +46,11 @@ impl TestServer {
     /// TCP connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// HTTP requests (or gRPC calls) received so far, counted when their head arrives.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// `http://<addr>`.
@@ -73,9 +79,11 @@ pub fn dead_addr() -> SocketAddr {
 }
 
 /// Binds 127.0.0.1:0 and runs `handle` for every accepted connection on a new thread.
+///
+/// `handle` gets the stream and the server's request counter.
 fn spawn_server<H, Fut>(name: &str, handle: H) -> TestServer
 where
-    H: Fn(TcpStream) -> Fut + Send + 'static,
+    H: Fn(TcpStream, Arc<AtomicUsize>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let std_listener = StdTcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
@@ -86,6 +94,8 @@ where
         .local_addr()
         .expect("bound listener has an address");
     let accepted = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let request_counter = requests.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let counter = accepted.clone();
     let thread = std::thread::Builder::new()
@@ -106,7 +116,7 @@ where
                         };
                         counter.fetch_add(1, Ordering::SeqCst);
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(handle(stream));
+                        tokio::spawn(handle(stream, request_counter.clone()));
                     }
                 };
                 tokio::select! {
@@ -120,6 +130,7 @@ where
     TestServer {
         addr,
         accepted,
+        requests,
         stop: Some(stop),
         thread: Some(thread),
     }
@@ -141,11 +152,12 @@ pub async fn http_echo() -> TestServer {
 /// - `/ws`: accepts `Upgrade: websocket` with 101, then echoes raw bytes.
 pub async fn http_echo_named(id: &str) -> TestServer {
     let id: Arc<str> = Arc::from(id);
-    spawn_server("http-echo", move |stream| {
+    spawn_server("http-echo", move |stream, requests| {
         let id = id.clone();
         async move {
             let service = service_fn(move |req| {
                 let id = id.clone();
+                requests.fetch_add(1, Ordering::SeqCst);
                 async move { Ok::<_, Infallible>(echo(&id, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -331,11 +343,12 @@ pub async fn grpc_echo() -> TestServer {
 /// [`grpc_echo`] whose responses carry `x-upstream: <id>`.
 pub async fn grpc_echo_named(id: &str) -> TestServer {
     let id: Arc<str> = Arc::from(id);
-    spawn_server("grpc-echo", move |stream| {
+    spawn_server("grpc-echo", move |stream, requests| {
         let id = id.clone();
         async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let id = id.clone();
+                requests.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let mut response = crate::grpc::serve(req).await;
                     if let Ok(value) = HeaderValue::from_str(&id) {
@@ -353,7 +366,7 @@ pub async fn grpc_echo_named(id: &str) -> TestServer {
 
 /// A raw TCP server that writes back every byte it reads.
 pub async fn tcp_echo() -> TestServer {
-    spawn_server("tcp-echo", |mut stream| async move {
+    spawn_server("tcp-echo", |mut stream, _requests| async move {
         let (mut reader, mut writer) = stream.split();
         let _ = tokio::io::copy(&mut reader, &mut writer).await;
         let _ = writer.shutdown().await;

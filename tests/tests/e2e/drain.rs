@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use lacewing_tests::{client, eventually, proxy, servers};
+use lacewing_tests::client::{self, ReusingClient};
+use lacewing_tests::{eventually, proxy, servers};
 use tokio::net::TcpStream;
 
 const IN_FLIGHT: usize = 20;
@@ -36,9 +37,9 @@ clusters:
             tokio::spawn(async move { client::get(&url).await })
         })
         .collect();
-    // Every request has reached the upstream (one pooled connection each) before the drain.
+    // Every request has reached the upstream before the drain.
     eventually("all requests are in flight at the upstream", || async {
-        upstream.accepted() >= IN_FLIGHT
+        upstream.requests() >= IN_FLIGHT
     })
     .await;
 
@@ -67,4 +68,53 @@ clusters:
         .await
         .expect("workers exit within the drain timeout")
         .expect("joining the workers did not panic");
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_h2_streams() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::fill(
+        "admin: { address: 127.0.0.1:0 }
+workers: 1
+drain_timeout: 30s
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - { name: default, cluster: upstream }
+clusters:
+  - { name: upstream, endpoints: ['{upstream}'], protocol: h2 }
+",
+        &[("upstream", &upstream.addr)],
+    ));
+    let listener = proxy::listener_addr(&handle, "main");
+    let client = ReusingClient::h2();
+    let warm = client.get(&proxy::url(&handle, "main", "/warm")).await;
+    assert_eq!(warm.status, StatusCode::OK);
+
+    let url = proxy::url(&handle, "main", "/delay/1500");
+    let requests: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { client.get(&url).await })
+        })
+        .collect();
+    eventually("every stream has reached the upstream", || async {
+        upstream.requests() > IN_FLIGHT
+    })
+    .await;
+
+    handle.drain();
+
+    eventually("new connections are refused once draining", || async move {
+        TcpStream::connect(listener).await.is_err()
+    })
+    .await;
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .expect("in-flight stream finishes")
+            .expect("request task did not panic");
+        assert_eq!(response.status, StatusCode::OK, "in-flight stream {i}");
+    }
 }
