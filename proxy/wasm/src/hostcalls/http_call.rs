@@ -11,6 +11,9 @@ use super::ENV;
 use crate::memory::{self, HostResult, status};
 use crate::vm::HostState;
 
+/// The timeout of a call made with a timeout of 0.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         ENV,
@@ -96,7 +99,10 @@ fn http_call(
     if state.spawn {
         let upstreams = state.plugin.upstreams.clone();
         let vm = state.vm.clone();
-        let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+        let timeout = match timeout_ms {
+            0 => DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
         let task = crate::vm::spawn_local(async move {
             let result =
                 crate::callout::http_call(upstreams, cluster, headers, body, trailers, timeout)
