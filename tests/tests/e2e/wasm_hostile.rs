@@ -2,7 +2,7 @@
 //! confines what misbehaves at run time (CPU deadline, memory cap, bounds-checked
 //! pointers) and keeps serving routes without the plugin throughout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use lacewing_tests::wasm::{self, WatShape};
 
 /// A plugin named `guarded` from `module` on route `/hostile` (failing `policy`:
 /// `closed` or `open`), and no plugin on every other path.
-fn hostile_yaml(echo: &TestServer, module: &PathBuf, policy: &str, limits: &str) -> String {
+fn hostile_yaml(echo: &TestServer, module: &Path, policy: &str, limits: &str) -> String {
     proxy::fill(
         r#"
 admin: { address: 127.0.0.1:0 }
@@ -69,7 +69,7 @@ async fn assert_plain_route_serves(handle: &ProxyHandle) {
 }
 
 /// The error `Proxy::start` gives for a config whose plugin is `module`.
-async fn start_error(module: &PathBuf) -> String {
+async fn start_error(module: &Path) -> String {
     let echo = servers::http_echo().await;
     let yaml = hostile_yaml(&echo, module, "closed", DEFAULT_LIMITS);
     let config = lacewing_config::load::from_yaml_str(&yaml, proxy::TEST_CONFIG_NAME)
