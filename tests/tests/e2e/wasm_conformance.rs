@@ -553,19 +553,25 @@ async fn http_callout_to_unknown_cluster_is_bad_argument() {
     assert_eq!(header(&response, servers::UPSTREAM_HEADER), "echo");
 }
 
-fn grpc_headers(message: &str) -> Vec<(&'static str, String)> {
-    let encoded = EchoRequest {
-        message: message.to_string(),
-        count: 0,
-    }
-    .encode_to_vec();
-    let hex: String = encoded.iter().map(|b| format!("{b:02x}")).collect();
+fn grpc_headers(method: &str, request: &EchoRequest) -> Vec<(&'static str, String)> {
+    let hex: String = request
+        .encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     vec![
         ("x-grpc-cluster", "grpc".to_string()),
         ("x-grpc-service", "lacewing.test.Echo".to_string()),
-        ("x-grpc-method", "Echo".to_string()),
+        ("x-grpc-method", method.to_string()),
         ("x-grpc-message", hex),
     ]
+}
+
+fn echo_request(message: &str, count: u32) -> EchoRequest {
+    EchoRequest {
+        message: message.to_string(),
+        count,
+    }
 }
 
 fn from_hex(text: &str) -> Vec<u8> {
@@ -577,7 +583,7 @@ fn from_hex(text: &str) -> Vec<u8> {
 #[tokio::test]
 async fn grpc_callout_delivers_the_reply_message() {
     let conformance = Conformance::start("").await;
-    let headers = grpc_headers("ping");
+    let headers = grpc_headers("Echo", &echo_request("ping", 0));
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let response = conformance.case("grpc", &headers).await;
     assert_eq!(response.status, StatusCode::OK);
@@ -586,11 +592,54 @@ async fn grpc_callout_delivers_the_reply_message() {
         .expect("the module got an EchoReply");
     assert_eq!(reply.message, "ping");
 
-    let headers = grpc_headers(NOT_FOUND_MESSAGE);
+    let headers = grpc_headers("Echo", &echo_request(NOT_FOUND_MESSAGE, 0));
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let response = conformance.case("grpc", &headers).await;
     assert_eq!(response.status, StatusCode::OK);
     assert_eq!(header(&response, "x-grpc-status"), "5", "gRPC NOT_FOUND");
+    assert_eq!(
+        header(&response, "x-grpc-status-message"),
+        format!("nothing called `{NOT_FOUND_MESSAGE}`")
+    );
+}
+
+#[tokio::test]
+async fn grpc_stream_delivers_metadata_messages_and_close() {
+    let conformance = Conformance::start("").await;
+    let headers = grpc_headers("Repeat", &echo_request("tick", 3));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let response = conformance.case("grpc-stream", &headers).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(header(&response, "x-grpc-stream-send"), "Ok");
+    assert!(
+        header(&response, "x-grpc-stream-content-type").starts_with("application/grpc"),
+        "initial metadata was readable"
+    );
+    assert_eq!(header(&response, "x-grpc-stream-status"), "0");
+    assert_eq!(header(&response, "x-grpc-stream-count"), "3");
+    let replies: Vec<EchoReply> = header(&response, "x-grpc-stream-messages")
+        .split(',')
+        .map(|hex| EchoReply::decode(from_hex(hex).as_slice()).expect("an EchoReply"))
+        .collect();
+    let indexes: Vec<u32> = replies.iter().map(|r| r.index).collect();
+    assert_eq!(indexes, [0, 1, 2]);
+    assert!(replies.iter().all(|r| r.message == "tick"));
+    assert_eq!(header(&response, servers::UPSTREAM_HEADER), "echo");
+}
+
+#[tokio::test]
+async fn grpc_cancel_and_close_of_unknown_calls() {
+    let conformance = Conformance::start("").await;
+    let headers = grpc_headers("Echo", &echo_request("ping", 0));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let response = conformance.case("grpc-cancel", &headers).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(header(&response, "x-grpc-cancel"), "Ok");
+    assert_eq!(header(&response, "x-grpc-cancel-again"), "NotFound");
+    assert_eq!(header(&response, "x-grpc-close-unknown"), "NotFound");
+    // The cancelled call delivers nothing later: the VM keeps serving.
+    let next = conformance.case("global", &[]).await;
+    assert_eq!(next.status, StatusCode::OK);
 }
 
 #[tokio::test]

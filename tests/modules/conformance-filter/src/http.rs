@@ -19,6 +19,8 @@
 //! | `callout` / `callout-local` | HTTP call to `x-callout-cluster` (default `callout`), resumes / answers with it | `x-callout-*` |
 //! | `callout-unknown` | HTTP call to a cluster that does not exist | `x-callout-error` |
 //! | `grpc` | unary gRPC call (`x-grpc-cluster`, `x-grpc-service`, `x-grpc-method`, `x-grpc-message` hex) | `x-grpc-status`, `x-grpc-response` (hex) |
+//! | `grpc-stream` | gRPC stream (same headers): one message with end of stream, replies collected | `x-grpc-stream-*` |
+//! | `grpc-cancel` | starts a unary gRPC call and cancels it; cancels / closes unknown ids | `x-grpc-cancel*`, `x-grpc-close-unknown` |
 //! | `metrics` | increments, records and reads plugin metrics | `x-metric-*` |
 //! | `shared` | shared data set/get with CAS on `x-shared-key` | `x-shared-*` |
 //! | `shared-get` / `shared-set` | reads / writes `x-shared-key` (`x-shared-value`) | `x-shared-value` or `x-shared-status` |
@@ -66,6 +68,7 @@ enum Waiting {
         answer_locally: bool,
     },
     GrpcCall,
+    GrpcStream,
 }
 
 pub struct ConformanceHttp {
@@ -76,6 +79,8 @@ pub struct ConformanceHttp {
     waiting: Waiting,
     log_tag: Option<String>,
     chain_seen: Option<String>,
+    /// Hex of each message received on a gRPC stream.
+    stream_messages: Vec<String>,
 }
 
 fn status_of(status: Status) -> String {
@@ -115,6 +120,7 @@ impl ConformanceHttp {
             waiting: Waiting::Nothing,
             log_tag: None,
             chain_seen: None,
+            stream_messages: Vec::new(),
         }
     }
 
@@ -283,10 +289,7 @@ impl ConformanceHttp {
     }
 
     fn start_grpc(&mut self) -> Action {
-        let cluster = self.request_header_or("x-grpc-cluster", "grpc");
-        let service = self.request_header_or("x-grpc-service", "");
-        let method = self.request_header_or("x-grpc-method", "");
-        let message = from_hex(&self.request_header_or("x-grpc-message", ""));
+        let (cluster, service, method, message) = self.grpc_target();
         match self.dispatch_grpc_call(
             &cluster,
             &service,
@@ -304,6 +307,60 @@ impl ConformanceHttp {
                 Action::Continue
             }
         }
+    }
+
+    fn grpc_target(&self) -> (String, String, String, Vec<u8>) {
+        (
+            self.request_header_or("x-grpc-cluster", "grpc"),
+            self.request_header_or("x-grpc-service", ""),
+            self.request_header_or("x-grpc-method", ""),
+            from_hex(&self.request_header_or("x-grpc-message", "")),
+        )
+    }
+
+    fn start_grpc_stream(&mut self) -> Action {
+        let (cluster, service, method, message) = self.grpc_target();
+        match self.open_grpc_stream(&cluster, &service, &method, vec![]) {
+            Ok(token) => {
+                let sent = match hostcalls::send_grpc_stream_message(token, Some(&message), true) {
+                    Ok(()) => "Ok".to_string(),
+                    Err(status) => status_of(status),
+                };
+                self.report("x-grpc-stream-send", sent);
+                self.waiting = Waiting::GrpcStream;
+                Action::Pause
+            }
+            Err(status) => {
+                self.report("x-grpc-stream-error", status_of(status));
+                Action::Continue
+            }
+        }
+    }
+
+    fn run_grpc_cancel(&mut self) {
+        let (cluster, service, method, message) = self.grpc_target();
+        let outcome = |result: Result<(), Status>| match result {
+            Ok(()) => "Ok".to_string(),
+            Err(status) => status_of(status),
+        };
+        match self.dispatch_grpc_call(
+            &cluster,
+            &service,
+            &method,
+            vec![],
+            Some(&message),
+            CALLOUT_TIMEOUT,
+        ) {
+            Ok(token) => {
+                let cancelled = outcome(hostcalls::cancel_grpc_call(token));
+                self.report("x-grpc-cancel", cancelled);
+                let again = outcome(hostcalls::cancel_grpc_call(token));
+                self.report("x-grpc-cancel-again", again);
+            }
+            Err(status) => self.report("x-grpc-cancel", format!("dispatch:{}", status_of(status))),
+        }
+        let close = outcome(hostcalls::close_grpc_stream(0x7fff_fff0));
+        self.report("x-grpc-close-unknown", close);
     }
 
     fn run_metrics(&mut self) {
@@ -575,10 +632,53 @@ impl Context for ConformanceHttp {
         }
         self.waiting = Waiting::Nothing;
         self.report("x-grpc-status", status_code.to_string());
+        let (_, status_message) = self.get_grpc_status();
+        self.report("x-grpc-status-message", status_message.unwrap_or_default());
         let message = self
             .get_grpc_call_response_body(0, response_size)
             .unwrap_or_default();
         self.report("x-grpc-response", to_hex(&message));
+        self.resume_http_request();
+    }
+
+    fn on_grpc_stream_initial_metadata(&mut self, _token_id: u32, num_elements: u32) {
+        if self.waiting != Waiting::GrpcStream {
+            return;
+        }
+        self.report("x-grpc-stream-initial-metadata", num_elements.to_string());
+        let content_type = self
+            .get_grpc_stream_initial_metadata_value("content-type")
+            .map(|v| header_safe(&v))
+            .unwrap_or_else(|| "<absent>".into());
+        self.report("x-grpc-stream-content-type", content_type);
+    }
+
+    fn on_grpc_stream_message(&mut self, _token_id: u32, message_size: usize) {
+        if self.waiting != Waiting::GrpcStream {
+            return;
+        }
+        let message = self
+            .get_grpc_stream_message(0, message_size)
+            .unwrap_or_default();
+        self.stream_messages.push(to_hex(&message));
+    }
+
+    fn on_grpc_stream_trailing_metadata(&mut self, _token_id: u32, num_elements: u32) {
+        if self.waiting != Waiting::GrpcStream {
+            return;
+        }
+        self.report("x-grpc-stream-trailing-metadata", num_elements.to_string());
+    }
+
+    fn on_grpc_stream_close(&mut self, _token_id: u32, status_code: u32) {
+        if self.waiting != Waiting::GrpcStream {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        self.report("x-grpc-stream-status", status_code.to_string());
+        let messages = std::mem::take(&mut self.stream_messages);
+        self.report("x-grpc-stream-count", messages.len().to_string());
+        self.report("x-grpc-stream-messages", messages.join(","));
         self.resume_http_request();
     }
 
@@ -662,6 +762,9 @@ impl HttpContext for ConformanceHttp {
         if self.has("bad-map") {
             self.run_bad_map();
         }
+        if self.has("grpc-cancel") {
+            self.run_grpc_cancel();
+        }
         if self.has("request-body") {
             self.remove_http_request_header("content-length");
         }
@@ -685,6 +788,9 @@ impl HttpContext for ConformanceHttp {
         }
         if self.has("grpc") {
             return self.start_grpc();
+        }
+        if self.has("grpc-stream") {
+            return self.start_grpc_stream();
         }
         Action::Continue
     }
