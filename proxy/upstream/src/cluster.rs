@@ -166,6 +166,7 @@ impl Cluster {
                 id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
                 endpoints: endpoints.len(),
                 alive: Arc::downgrade(&alive),
+                idle_timeout: config.idle_timeout.0,
             },
             _alive: alive,
             name: config.name.clone(),

@@ -8,9 +8,10 @@
 //!
 //! Connection drivers are plain `tokio::spawn` tasks (the runtime may be
 //! current-thread). An HTTP/1 driver closes its connection once it has sat idle
-//! in the pool for the idle timeout. An HTTP/2 connection is dropped from the
-//! pool when it was unused for the idle timeout; it closes once its last
-//! stream ends.
+//! in the pool for the idle timeout. A sweeper task per thread and cluster
+//! drops expired entries: an HTTP/2 connection unused for the idle timeout
+//! leaves the pool and closes once its last stream ends; the pools of a
+//! removed cluster go at the next sweep.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -75,6 +76,7 @@ pub(crate) struct PoolKey {
     /// Alive exactly as long as the cluster (nothing else holds it); lets
     /// threads drop the pools of removed clusters.
     pub(crate) alive: Weak<()>,
+    pub(crate) idle_timeout: Duration,
 }
 
 /// Runs `f` on this thread's connections to one endpoint, creating the pool on
@@ -102,12 +104,67 @@ fn with_endpoint<R>(
                         endpoints,
                     },
                 );
+                spawn_sweeper(key);
             }
             let conns = pools.get_mut(&key.id)?.endpoints.get_mut(index)?;
             Some(f(conns))
         })
         .ok()
         .flatten()
+}
+
+/// Starts the task that keeps this thread's pool of a cluster tidy: it drops
+/// closed or expired connections (an unused HTTP/2 connection closes once its
+/// last stream ends) and removes the whole pool once the cluster is gone.
+fn spawn_sweeper(key: &PoolKey) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let (id, alive, idle_ms) = (key.id, key.alive.clone(), millis(key.idle_timeout));
+    let period = (key.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(10));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let cluster_gone = alive.strong_count() == 0;
+            let keep_going = POOLS
+                .try_with(|pools| {
+                    let Ok(mut pools) = pools.try_borrow_mut() else {
+                        return true;
+                    };
+                    if cluster_gone {
+                        pools.remove(&id);
+                        return false;
+                    }
+                    let Some(conns) = pools.get_mut(&id) else {
+                        return false;
+                    };
+                    let now = now_ms();
+                    for endpoint in &mut conns.endpoints {
+                        endpoint.sweep(now, idle_ms);
+                    }
+                    true
+                })
+                .unwrap_or(false);
+            if !keep_going {
+                return;
+            }
+        }
+    });
+}
+
+impl EndpointConns {
+    /// Drops closed and expired connections.
+    fn sweep(&mut self, now: u64, idle_ms: u64) {
+        self.idle.retain(|conn| {
+            let since = conn.idle_since.load(Ordering::Relaxed);
+            !conn.sender.is_closed() && (since == BUSY || now.saturating_sub(since) < idle_ms)
+        });
+        if let H2Slot::Ready { sender, last_used } = &self.h2
+            && (sender.is_closed() || now.saturating_sub(*last_used) >= idle_ms)
+        {
+            self.h2 = H2Slot::Empty;
+        }
+    }
 }
 
 /// The most recently used idle HTTP/1 connection that is still usable, marked busy.

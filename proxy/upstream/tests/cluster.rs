@@ -471,6 +471,29 @@ async fn h2_upstream_multiplexes_one_connection() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn unused_h2_connection_closes_after_the_idle_timeout() {
+    let server = h2(|_| async { reply(200, "ok") }).await;
+    let mut cfg = config("h2idle", &[server.addr]);
+    cfg.protocol = UpstreamProtocol::H2;
+    cfg.idle_timeout = Dur(Duration::from_millis(100));
+    let (cluster, metrics) = build(cfg);
+    let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+    body_text(answer.response).await;
+    eventually("the idle h2 connection closes", || server.closed() == 1).await;
+    eventually("the count drops", || cluster.open_connections() == 0).await;
+    assert_eq!(
+        metrics
+            .upstream_connections_active
+            .with_label_values(&["h2idle"])
+            .get(),
+        0
+    );
+    let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+    assert_eq!(answer.response.status(), 200);
+    assert_eq!(server.accepted(), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn removed_cluster_pools_are_dropped_after_a_reload() {
     let old = h2(|_| async { reply(200, "old") }).await;
     let new = h2(|_| async { reply(200, "new") }).await;
@@ -485,6 +508,7 @@ async fn removed_cluster_pools_are_dropped_after_a_reload() {
     let (cluster, _) = build(new_config);
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     assert_eq!(body_text(answer.response).await, "new");
+    // Creating the new cluster's pool on this thread dropped the old one.
     eventually("the old cluster's connection closes", || old.closed() == 1).await;
     assert_eq!(new.closed(), 0);
 }
