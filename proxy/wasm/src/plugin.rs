@@ -130,7 +130,23 @@ pub(crate) fn load(
             plugin: plugin.clone(),
             reason: format!("{e:#}"),
         })?;
-    let abi = detect_abi(&module);
+    let abi = detect_abi(&module).ok_or_else(|| WasmError::Link {
+        plugin: plugin.clone(),
+        reason: "module exports no proxy_abi_version_* marker (supported: \
+                 proxy_abi_version_0_1_0, proxy_abi_version_0_2_0, proxy_abi_version_0_2_1)"
+            .into(),
+    })?;
+    let allocates = module
+        .exports()
+        .any(|e| matches!(e.name(), "proxy_on_memory_allocate" | "malloc"));
+    if !allocates {
+        return Err(WasmError::Link {
+            plugin: plugin.clone(),
+            reason: "module exports neither proxy_on_memory_allocate nor malloc, \
+                     so the host cannot hand it data"
+                .into(),
+        });
+    }
     let uid = next_uid();
     let vm_key = if cfg.vm_id.is_empty() {
         VmKey::Plugin(uid)
@@ -196,23 +212,11 @@ fn check_imports(module: &Module) -> Result<(), String> {
     Ok(())
 }
 
-/// The ABI version from the exported `proxy_abi_version_*` marker; the newest
-/// when several are exported; 0.1.0 or 0.2.1 by the header callback's arity when none is.
-pub(crate) fn detect_abi(module: &Module) -> AbiVersion {
-    let marked = module
+/// The ABI version from the exported `proxy_abi_version_*` marker (the newest
+/// when several are exported).
+pub(crate) fn detect_abi(module: &Module) -> Option<AbiVersion> {
+    module
         .exports()
         .filter_map(|e| AbiVersion::from_marker(e.name()))
-        .max();
-    if let Some(v) = marked {
-        return v;
-    }
-    let two_arg_headers = module.exports().any(|e| {
-        e.name() == "proxy_on_request_headers"
-            && matches!(e.ty(), ExternType::Func(f) if f.params().len() == 2)
-    });
-    if two_arg_headers {
-        AbiVersion::V0_1_0
-    } else {
-        AbiVersion::V0_2_1
-    }
+        .max()
 }

@@ -18,25 +18,25 @@ fn abi_version_detected_from_marker() {
         let plugin = load(&host, &config(serde_json::json!({})), &bytes).unwrap();
         assert_eq!(plugin.abi_version(), expected, "{marker}");
     }
-    // Without a marker: 0.1.0 by a two-argument header callback, else 0.2.1.
-    let two_args = module_with_marker(
-        "",
-        "",
-        r#"(func (export "proxy_on_request_headers") (param i32 i32) (result i32) i32.const 0)"#,
-    );
-    assert_eq!(
-        load(&host, &config(serde_json::json!({})), &two_args)
-            .unwrap()
-            .abi_version(),
-        AbiVersion::V0_1_0
-    );
+    // Without a marker the module is refused.
     let none = module_with_marker("", "", "");
-    assert_eq!(
-        load(&host, &config(serde_json::json!({})), &none)
-            .unwrap()
-            .abi_version(),
-        AbiVersion::V0_2_1
-    );
+    let err = load(&host, &config(serde_json::json!({})), &none)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("proxy_abi_version"), "{err}");
+}
+
+#[test]
+fn module_without_allocator_is_refused() {
+    let (host, _) = host();
+    let bytes = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1")))"#,
+    )
+    .unwrap();
+    let err = load(&host, &config(serde_json::json!({})), &bytes)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("proxy_on_memory_allocate"), "{err}");
 }
 
 #[test]
