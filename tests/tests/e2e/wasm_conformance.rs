@@ -124,6 +124,7 @@ plugins:
     vm_id: conformance
     configuration: "{configuration}"
     vm_configuration: "vm-config-text"
+    env: { LACEWING_TEST_ENV: "from-config" }
 "#,
         &[
             ("echo", &echo),
@@ -203,6 +204,43 @@ async fn on_vm_start_and_on_configure_read_their_configuration() {
     assert_eq!(response.status, StatusCode::OK);
     assert_eq!(header(&response, "x-vm-config"), VM_CONFIGURATION);
     assert_eq!(header(&response, "x-plugin-config"), "tag=Z");
+}
+
+#[tokio::test]
+async fn wasi_environment_clock_arguments_and_stdout() {
+    let conformance = Conformance::start("").await;
+    let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let response = conformance.case("wasi", &[]).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(header(&response, "x-wasi-env"), "from-config");
+    assert_eq!(header(&response, "x-wasi-args"), "0");
+    assert_eq!(header(&response, "x-wasi-stdout"), "Ok");
+    let nanos: u128 = header(&response, "x-wasi-clock-ns").parse().unwrap();
+    let slack = Duration::from_secs(60).as_nanos();
+    assert!(
+        nanos + slack >= before.as_nanos() && nanos <= before.as_nanos() + 2 * slack,
+        "WASI realtime clock {nanos} ns is not near the test's clock {}",
+        before.as_nanos()
+    );
+}
+
+#[tokio::test]
+async fn header_map_size_and_body_buffer_status() {
+    let conformance = Conformance::start("").await;
+    let request = request_with(
+        "POST",
+        &conformance.url("/conformance"),
+        &[
+            ("x-test", "sizes,request-body"),
+            ("x-padding", "some value"),
+        ],
+    )
+    .body(GeneratedBody::chunked(1000))
+    .expect("valid request");
+    let response = client::send(request).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(header(&response, "x-map-size-matches"), "true");
+    assert_eq!(header(&response, "x-request-body-status-size"), "1000");
 }
 
 #[tokio::test]
@@ -496,6 +534,25 @@ async fn on_log_reads_response_code_and_on_done_runs() {
         conformance.shared(&done_key).await.as_deref() == Some("1")
     })
     .await;
+}
+
+#[tokio::test]
+async fn on_done_false_then_proxy_done_from_the_root_context() {
+    let conformance = Conformance::start("").await;
+    let tag = unique("deferred");
+    let response = conformance
+        .case("deferred-done", &[("x-log-tag", tag.as_str())])
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    let key = format!("conformance-deferred-done-{tag}");
+    eventually(
+        "the root context called set_effective_context and proxy_done",
+        || async { conformance.shared(&key).await.as_deref() == Some("Ok,Ok") },
+    )
+    .await;
+    // The VM is intact afterwards.
+    let next = conformance.case("global", &[]).await;
+    assert_eq!(next.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -21,6 +21,9 @@
 //! | `grpc` | unary gRPC call (`x-grpc-cluster`, `x-grpc-service`, `x-grpc-method`, `x-grpc-message` hex) | `x-grpc-status`, `x-grpc-response` (hex) |
 //! | `grpc-stream` | gRPC stream (same headers): one message with end of stream, replies collected | `x-grpc-stream-*` |
 //! | `grpc-cancel` | starts a unary gRPC call and cancels it; cancels / closes unknown ids | `x-grpc-cancel*`, `x-grpc-close-unknown` |
+//! | `wasi` | reads an environment variable, the clock and the arguments through WASI, prints to stdout | `x-wasi-*` |
+//! | `sizes` | header map size vs serialized pairs; body buffer status (with `request-body`) | `x-map-size-matches`, `x-request-body-status-size` |
+//! | `deferred-done` | `on_done` returns false; the root context finishes the stream with `proxy_done` | shared key `conformance-deferred-done-T` (`x-log-tag: T`) |
 //! | `metrics` | increments, records and reads plugin metrics | `x-metric-*` |
 //! | `shared` | shared data set/get with CAS on `x-shared-key` | `x-shared-*` |
 //! | `shared-get` / `shared-set` | reads / writes `x-shared-key` (`x-shared-value`) | `x-shared-value` or `x-shared-status` |
@@ -49,7 +52,9 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, Status};
 
 use crate::raw;
-use crate::root::{IDLE_QUEUE_NAME, QUEUE_NAME, Settings, header_safe, increment_shared_counter};
+use crate::root::{
+    DeferredDone, IDLE_QUEUE_NAME, QUEUE_NAME, Settings, header_safe, increment_shared_counter,
+};
 
 thread_local! {
     /// A counter in the module's linear memory: shared by every plugin in the same VM.
@@ -72,6 +77,7 @@ enum Waiting {
 }
 
 pub struct ConformanceHttp {
+    context_id: u32,
     settings: Rc<Settings>,
     cases: Vec<String>,
     /// Response headers to add in `on_http_response_headers` (or to a local reply).
@@ -112,8 +118,9 @@ fn property_text(path: &[&str], value: &[u8]) -> String {
 }
 
 impl ConformanceHttp {
-    pub fn new(settings: Rc<Settings>) -> Self {
+    pub fn new(context_id: u32, settings: Rc<Settings>) -> Self {
         Self {
+            context_id,
             settings,
             cases: Vec::new(),
             report: Vec::new(),
@@ -361,6 +368,34 @@ impl ConformanceHttp {
         }
         let close = outcome(hostcalls::close_grpc_stream(0x7fff_fff0));
         self.report("x-grpc-close-unknown", close);
+    }
+
+    fn run_wasi(&mut self) {
+        let env = std::env::var("LACEWING_TEST_ENV").unwrap_or_else(|_| "<absent>".into());
+        self.report("x-wasi-env", env);
+        self.report("x-wasi-args", std::env::args().count().to_string());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        self.report("x-wasi-clock-ns", nanos.to_string());
+        println!("conformance-filter: printed through WASI fd_write");
+        self.report("x-wasi-stdout", "Ok");
+    }
+
+    fn run_sizes(&mut self) {
+        let (size_status, size) = raw::header_map_size(0);
+        let (pairs_status, pairs_len) = raw::header_map_pairs_len(0);
+        let matches = if size_status == 0 && pairs_status == 0 {
+            (size == pairs_len).to_string()
+        } else {
+            format!(
+                "status:{}/{}",
+                raw::status_name(size_status),
+                raw::status_name(pairs_status)
+            )
+        };
+        self.report("x-map-size-matches", matches);
     }
 
     fn run_metrics(&mut self) {
@@ -683,11 +718,21 @@ impl Context for ConformanceHttp {
     }
 
     fn on_done(&mut self) -> bool {
-        if let Some(tag) = &self.log_tag {
-            let key = format!("conformance-done-{tag}");
-            let _ = hostcalls::set_shared_data(&key, Some(b"1"), None);
+        let Some(tag) = self.log_tag.clone() else {
+            return true;
+        };
+        let key = format!("conformance-done-{tag}");
+        let _ = hostcalls::set_shared_data(&key, Some(b"1"), None);
+        if !self.has("deferred-done") {
+            return true;
         }
-        true
+        let item = DeferredDone {
+            context_id: self.context_id,
+            tag,
+        }
+        .item();
+        // Finished later, from the root context's on_queue_ready.
+        hostcalls::enqueue_shared_queue(self.settings.queue_id, Some(item.as_bytes())).is_err()
     }
 }
 
@@ -765,6 +810,12 @@ impl HttpContext for ConformanceHttp {
         if self.has("grpc-cancel") {
             self.run_grpc_cancel();
         }
+        if self.has("wasi") {
+            self.run_wasi();
+        }
+        if self.has("sizes") {
+            self.run_sizes();
+        }
         if self.has("request-body") {
             self.remove_http_request_header("content-length");
         }
@@ -801,6 +852,15 @@ impl HttpContext for ConformanceHttp {
         }
         if !end_of_stream {
             return Action::Pause;
+        }
+        if self.has("sizes") {
+            let (status, size) = raw::buffer_status(0);
+            let size = if status == 0 {
+                size.to_string()
+            } else {
+                format!("status:{}", raw::status_name(status))
+            };
+            self.report("x-request-body-status-size", size);
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         let mut rewritten = String::from_utf8_lossy(&body).to_uppercase();

@@ -41,6 +41,13 @@ unsafe extern "C" {
         return_buffer_size: *mut usize,
     ) -> u32;
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_header_map_size(map_type: u32, return_size: *mut usize) -> u32;
+    fn proxy_get_buffer_status(
+        buffer_type: u32,
+        return_buffered_size: *mut usize,
+        return_flags: *mut u32,
+    ) -> u32;
+    fn proxy_done() -> u32;
 }
 
 /// A guest address far past the end of any linear memory this module grows to.
@@ -148,4 +155,37 @@ pub fn bytes_of_unknown_buffer(buffer_type: u32) -> u32 {
     let status = unsafe { proxy_get_buffer_bytes(buffer_type, 0, 16, &mut data, &mut size) };
     drop(take_host_bytes(data, size));
     status
+}
+
+/// `proxy_get_header_map_size`: the status and the serialized size of the map.
+pub fn header_map_size(map_type: u32) -> (u32, usize) {
+    let mut size = 0;
+    // SAFETY: the out-param lives across the call.
+    let status = unsafe { proxy_get_header_map_size(map_type, &mut size) };
+    (status, size)
+}
+
+/// `proxy_get_header_map_pairs`: the status and the length of the serialized pairs.
+pub fn header_map_pairs_len(map_type: u32) -> (u32, usize) {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: the out-params live across the call.
+    let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
+    let pairs = take_host_bytes(data, size);
+    (status, pairs.len())
+}
+
+/// `proxy_get_buffer_status`: the status and the buffered size.
+pub fn buffer_status(buffer_type: u32) -> (u32, usize) {
+    let mut size = 0;
+    let mut flags = 0;
+    // SAFETY: both out-params live across the call.
+    let status = unsafe { proxy_get_buffer_status(buffer_type, &mut size, &mut flags) };
+    (status, size)
+}
+
+/// `proxy_done`: the status.
+pub fn done() -> u32 {
+    // SAFETY: no arguments.
+    unsafe { proxy_done() }
 }

@@ -33,6 +33,8 @@ pub struct Settings {
     pub gauge_id: u32,
     pub histogram_id: u32,
     pub idle_queue_id: u32,
+    /// The id of [`QUEUE_NAME`], which `on_queue_ready` drains.
+    pub queue_id: u32,
 }
 
 #[derive(Default)]
@@ -76,6 +78,44 @@ pub fn increment_shared_counter(key: &str) -> Result<u64, String> {
     Err("CasMismatch".into())
 }
 
+/// A stream context whose `on_done` returned false, to be finished from the root
+/// context with `proxy_set_effective_context` + `proxy_done`.
+pub struct DeferredDone {
+    pub context_id: u32,
+    pub tag: String,
+}
+
+impl DeferredDone {
+    const PREFIX: &'static str = "deferred-done:";
+
+    /// The queue item that asks the root context to finish the stream.
+    pub fn item(&self) -> String {
+        format!("{}{}:{}", Self::PREFIX, self.context_id, self.tag)
+    }
+
+    fn parse(item: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(item).ok()?.strip_prefix(Self::PREFIX)?;
+        let (id, tag) = text.split_once(':')?;
+        Some(Self {
+            context_id: id.parse().ok()?,
+            tag: tag.to_string(),
+        })
+    }
+
+    /// Switches to the stream's context and calls `proxy_done`; records both
+    /// statuses in shared key `conformance-deferred-done-<tag>`.
+    fn finish(&self) {
+        let effective = match hostcalls::set_effective_context(self.context_id) {
+            Ok(()) => "Ok".to_string(),
+            Err(status) => crate::raw::status_name(status as u32),
+        };
+        let done = crate::raw::status_name(crate::raw::done());
+        let key = format!("conformance-deferred-done-{}", self.tag);
+        let value = format!("{effective},{done}");
+        let _ = hostcalls::set_shared_data(&key, Some(value.as_bytes()), None);
+    }
+}
+
 impl RootContext for ConformanceRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
         if let Some(bytes) = self.get_vm_configuration() {
@@ -111,9 +151,10 @@ impl RootContext for ConformanceRoot {
         if tick_ms > 0 {
             self.set_tick_period(Duration::from_millis(tick_ms));
         }
-        if let Err(status) = hostcalls::register_shared_queue(QUEUE_NAME) {
+        let queue_id = hostcalls::register_shared_queue(QUEUE_NAME).unwrap_or_else(|status| {
             log::warn!("conformance-filter: cannot register {QUEUE_NAME}: {status:?}");
-        }
+            u32::MAX
+        });
         let idle_queue_id = hostcalls::register_shared_queue(IDLE_QUEUE_NAME).unwrap_or(0);
         let metric = |kind, name| hostcalls::define_metric(kind, name).unwrap_or(u32::MAX);
         self.settings = Rc::new(Settings {
@@ -124,6 +165,7 @@ impl RootContext for ConformanceRoot {
             gauge_id: metric(MetricType::Gauge, "conformance_gauge"),
             histogram_id: metric(MetricType::Histogram, "conformance_sample"),
             idle_queue_id,
+            queue_id,
         });
         true
     }
@@ -136,13 +178,20 @@ impl RootContext for ConformanceRoot {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         while let Ok(Some(item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            if let Some(request) = DeferredDone::parse(&item) {
+                request.finish();
+                continue;
+            }
             let _ = hostcalls::set_shared_data(QUEUE_LAST_KEY, Some(&item), None);
             let _ = increment_shared_counter(QUEUE_COUNT_KEY);
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(ConformanceHttp::new(self.settings.clone())))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(ConformanceHttp::new(
+            context_id,
+            self.settings.clone(),
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {
