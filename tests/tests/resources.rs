@@ -99,7 +99,11 @@ async fn streamed_200mb_upload_and_download_keep_memory_flat() {
 
     let peak = sampler.finish();
     let growth = peak.saturating_sub(baseline);
-    eprintln!("RSS baseline {} KiB, peak {} KiB", baseline >> 10, peak >> 10);
+    eprintln!(
+        "RSS baseline {} KiB, peak {} KiB",
+        baseline >> 10,
+        peak >> 10
+    );
     assert!(
         growth < MAX_RSS_GROWTH,
         "RSS grew by {} MiB (baseline {} MiB, peak {} MiB) while 2 × 200 MiB streamed",
@@ -144,7 +148,11 @@ async fn streamed_200mb_over_h2_both_sides_keeps_memory_flat() {
 
     let peak = sampler.finish();
     let growth = peak.saturating_sub(baseline);
-    eprintln!("RSS baseline {} KiB, peak {} KiB", baseline >> 10, peak >> 10);
+    eprintln!(
+        "RSS baseline {} KiB, peak {} KiB",
+        baseline >> 10,
+        peak >> 10
+    );
     assert!(
         growth < MAX_RSS_GROWTH,
         "RSS grew by {} MiB (baseline {} MiB, peak {} MiB) while 2 × 200 MiB streamed over h2",
