@@ -94,6 +94,9 @@ fn config_bytes(value: &Option<serde_json::Value>) -> Bytes {
     }
 }
 
+/// The longest callback deadline, in epoch ticks (one day).
+const MAX_DEADLINE_TICKS: u64 = 24 * 3600 * 1000;
+
 /// Loads and validates a plugin (see [`WasmHost::load_plugin`]).
 pub(crate) fn load(
     host: &Arc<WasmHost>,
@@ -158,7 +161,9 @@ pub(crate) fn load(
         }
     };
     let timeout = cfg.limits.callback_timeout.0;
-    let deadline_ticks = (timeout.as_micros() / EPOCH_TICK.as_micros().max(1)) as u64 + 1;
+    // One tick of slack for the tick already under way; at most a day.
+    let ticks = timeout.as_micros() / EPOCH_TICK.as_micros().max(1);
+    let deadline_ticks = u64::try_from(ticks).unwrap_or(u64::MAX).clamp(1, MAX_DEADLINE_TICKS) + 1;
     let shared = Arc::new(PluginShared {
         uid,
         name: cfg.name.clone(),
@@ -170,7 +175,7 @@ pub(crate) fn load(
         plugin_config: config_bytes(&cfg.configuration),
         vm_config: config_bytes(&cfg.vm_configuration),
         upstreams,
-        deadline_ticks: deadline_ticks.max(2),
+        deadline_ticks,
         memory_cap: cfg.limits.memory.as_usize(),
         metrics: host.host_metrics.for_plugin(&cfg.name),
         vm_key,
