@@ -18,7 +18,7 @@ use lacewing_core::stream::{LocalReply, SharedConnection, SharedStream};
 use std::rc::Rc;
 
 use crate::plugin::{PluginShared, WasmPlugin};
-use crate::vm::{Callback, CtxKind, Failure, HeadersFn, Phase, Vm, worker_vm};
+use crate::vm::{Callback, CtxKind, Failure, FailureKind, HeadersFn, Phase, Vm, worker_vm};
 
 /// Fails an HTTP stream by the plugin's policy (closed: 503 while the response
 /// head has not gone downstream, reset after; open: nothing).
@@ -54,6 +54,16 @@ pub(crate) fn fail_connection(conn: &SharedConnection, plugin: &PluginShared) {
     }
     if let Ok(mut c) = conn.try_borrow_mut() {
         c.close = true;
+    }
+}
+
+/// Logs why a plugin takes no part; quietly while its VM is held back by the
+/// restart limit (the failures that led there were logged already).
+fn log_unavailable(plugin: &PluginShared, what: &str, failure: &Failure) {
+    if failure.kind == FailureKind::Unavailable {
+        tracing::debug!(plugin = %plugin.name, "plugin unavailable for a {what}: {failure}");
+    } else {
+        tracing::warn!(plugin = %plugin.name, "plugin unavailable for a {what}: {failure}");
     }
 }
 
@@ -102,7 +112,7 @@ impl HttpFilterFactory for WasmPlugin {
                 skip: false,
             })),
             Err(failure) => {
-                tracing::warn!(plugin = %plugin.name, "plugin unavailable for a stream: {failure}");
+                log_unavailable(plugin, "stream", &failure);
                 match plugin.cfg.fail {
                     FailPolicy::Open => None,
                     FailPolicy::Closed => Some(Box::new(UnavailableHttpFilter {
@@ -379,7 +389,7 @@ impl NetworkFilterFactory for WasmPlugin {
                 skip: false,
             })),
             Err(failure) => {
-                tracing::warn!(plugin = %plugin.name, "plugin unavailable for a connection: {failure}");
+                log_unavailable(plugin, "connection", &failure);
                 match plugin.cfg.fail {
                     FailPolicy::Open => None,
                     FailPolicy::Closed => Some(Box::new(UnavailableNetworkFilter {

@@ -163,7 +163,10 @@ pub(crate) fn load(
     let timeout = cfg.limits.callback_timeout.0;
     // One tick of slack for the tick already under way; at most a day.
     let ticks = timeout.as_micros() / EPOCH_TICK.as_micros().max(1);
-    let deadline_ticks = u64::try_from(ticks).unwrap_or(u64::MAX).clamp(1, MAX_DEADLINE_TICKS) + 1;
+    let deadline_ticks = u64::try_from(ticks)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_DEADLINE_TICKS)
+        + 1;
     let shared = Arc::new(PluginShared {
         uid,
         name: cfg.name.clone(),
