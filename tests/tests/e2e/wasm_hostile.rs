@@ -183,17 +183,14 @@ async fn memory_grow_bomb_stops_at_the_memory_limit() {
     let handle = proxy::start(&hostile_yaml(&echo, &bomb, "closed", "{ memory: 16MiB }"));
     for attempt in 0..2 {
         let response = get(&handle, "/hostile", &[]).await;
-        // Either memory.grow fails inside the limit (the module carries on), or the
-        // host stops the plugin for exceeding it (fail closed). Never more memory.
-        match response.status {
-            StatusCode::OK => assert_eq!(
-                response.header("x-memory-bomb"),
-                Some("contained"),
-                "attempt {attempt}"
-            ),
-            StatusCode::SERVICE_UNAVAILABLE => {}
-            other => panic!("attempt {attempt}: unexpected status {other}"),
-        }
+        // memory.grow fails (-1) at the limit and the module carries on with
+        // the memory it has: the request succeeds and the module saw the cap.
+        assert_eq!(response.status, StatusCode::OK, "attempt {attempt}");
+        assert_eq!(
+            response.header("x-memory-bomb"),
+            Some("contained"),
+            "attempt {attempt}: memory stayed within 16 MiB"
+        );
         assert_plain_route_serves(&handle).await;
     }
 }
