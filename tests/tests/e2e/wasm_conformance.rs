@@ -1440,6 +1440,85 @@ async fn envoy_gives_the_same_header_and_property_results() {
         );
     }
 
+    // Status codes and module-side results of the other areas.
+    let shared_key = unique("envoy-cas");
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            "oob",
+            &[
+                "x-status-oob-key",
+                "x-status-oob-return",
+                "x-status-oob-log",
+            ],
+        ),
+        ("bad-map", &["x-status-bad-map", "x-status-bad-buffer"]),
+        (
+            "shared",
+            &[
+                "x-shared-first-set",
+                "x-shared-after-first",
+                "x-shared-second-set",
+                "x-shared-stale-cas",
+                "x-shared-value",
+                "x-shared-cas-changed",
+            ],
+        ),
+        ("callout-unknown", &["x-callout-error"]),
+        (
+            "queue-empty",
+            &[
+                "x-queue-dequeue",
+                "x-queue-resolve-unknown",
+                "x-queue-enqueue-unknown",
+            ],
+        ),
+        (
+            "metrics",
+            &[
+                "x-metric-increment",
+                "x-metric-record-gauge",
+                "x-metric-record-histogram",
+                "x-metric-counter",
+                "x-metric-gauge",
+                "x-metric-unknown",
+            ],
+        ),
+        ("config", &["x-vm-config", "x-plugin-config"]),
+    ];
+    for (case, names) in cases {
+        let headers = [
+            ("x-test", case),
+            ("x-shared-key", shared_key.as_str()),
+            ("x-queue-vm-id", VM_ID),
+        ];
+        let from_envoy = get_with(&format!("http://{envoy_addr}/c"), &headers).await;
+        let from_lacewing = get_with(&format!("http://{lacewing_addr}/c"), &headers).await;
+        assert_eq!(from_lacewing.status, from_envoy.status, "case {case}");
+        for name in names {
+            assert!(
+                from_envoy.header(name).is_some(),
+                "case {case}: Envoy lacks `{name}`"
+            );
+            assert_eq!(
+                from_lacewing.header(name),
+                from_envoy.header(name),
+                "case {case}: `{name}`: Lacewing vs Envoy"
+            );
+        }
+    }
+    let local = [("x-test", "local-reply")];
+    let from_envoy = get_with(&format!("http://{envoy_addr}/l"), &local).await;
+    let from_lacewing = get_with(&format!("http://{lacewing_addr}/l"), &local).await;
+    assert_eq!(
+        from_lacewing.status, from_envoy.status,
+        "local reply status"
+    );
+    assert_eq!(
+        from_lacewing.header("x-local"),
+        from_envoy.header("x-local")
+    );
+    assert_eq!(from_lacewing.text(), from_envoy.text(), "local reply body");
+
     let response_case = [("x-test", "response-headers")];
     let from_envoy = get_with(&format!("http://{envoy_addr}/r"), &response_case).await;
     let from_lacewing = get_with(&format!("http://{lacewing_addr}/r"), &response_case).await;
