@@ -359,3 +359,48 @@ fn grpc_call_delivers_metadata_message_and_close() {
         assert!(recorded(&host, "tmd").unwrap() >= 1);
     });
 }
+
+#[test]
+fn grpc_stream_send_and_close() {
+    let (host, metrics) = host();
+    tokio::task::LocalSet::new().block_on(&runtime(), async {
+        let addr = grpc_upstream().await;
+        let cluster: ClusterConfig = serde_json::from_value(serde_json::json!({
+            "name": "grpc", "endpoints": [addr.to_string()], "protocol": "h2"
+        }))
+        .unwrap();
+        let ups = upstreams(&[cluster], &metrics);
+        let bytes = module(
+            "",
+            r#"(data (i32.const 100) "grpc") (data (i32.const 110) "svc.Echo") (data (i32.const 120) "Say") (data (i32.const 130) "pong")
+               (data (i32.const 140) "open") (data (i32.const 150) "send") (data (i32.const 160) "msg") (data (i32.const 170) "halfclose")
+               (data (i32.const 180) "close")
+               (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                 (call $record (i32.const 140) (i32.const 4)
+                   (call $grpc_stream (i32.const 100) (i32.const 4) (i32.const 110) (i32.const 8) (i32.const 120) (i32.const 3)
+                     (i32.const 0) (i32.const 0) (i32.const 2100)))
+                 (call $record (i32.const 150) (i32.const 4)
+                   (call $grpc_send (i32.load (i32.const 2100)) (i32.const 130) (i32.const 4) (i32.const 0)))
+                 (call $record (i32.const 170) (i32.const 9) (call $grpc_close (i32.load (i32.const 2100))))
+                 i32.const 1)
+               (func (export "proxy_on_grpc_receive") (param i32 i32 i32)
+                 (drop (call $get_buffer (i32.const 5) (i32.const 0) (local.get 2) (i32.const 2000) (i32.const 2004)))
+                 (drop (call $set_shared (i32.const 160) (i32.const 3) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0))))
+               (func (export "proxy_on_grpc_close") (param $ctx i32) (param $token i32) (param $status i32)
+                 (call $record (i32.const 180) (i32.const 5) (local.get $status))
+                 (drop (call $set_effective (local.get $ctx)))
+                 (drop (call $continue_stream (i32.const 0))))"#,
+        );
+        let plugin = host.load_plugin_bytes(&config(serde_json::json!({})), &bytes, ups).unwrap();
+        let s = stream("/");
+        let mut f = filter(&plugin, &s);
+        assert_eq!(f.on_request_headers(&s, true), FilterStatus::StopIteration);
+        assert_eq!(recorded(&host, "open"), Some(0));
+        assert_eq!(recorded(&host, "send"), Some(0));
+        assert_eq!(recorded(&host, "halfclose"), Some(0));
+        let resumed = s.borrow().resumed();
+        tokio::time::timeout(Duration::from_secs(10), resumed.notified()).await.expect("resumed on close");
+        assert_eq!(recorded(&host, "close"), Some(0));
+        assert_eq!(&host.shared_data().get(b"msg").unwrap().0[..], b"pong");
+    });
+}

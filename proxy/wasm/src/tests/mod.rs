@@ -17,6 +17,14 @@ mod hostcalls;
 mod load;
 mod sandbox;
 
+#[test]
+fn host_and_plugin_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<WasmHost>();
+    assert_send_sync::<WasmPlugin>();
+    assert_send_sync::<HostOptions>();
+}
+
 /// A host with its own registry and no disk cache.
 pub(crate) fn host() -> (Arc<WasmHost>, Metrics) {
     let metrics = Metrics::new();
@@ -80,6 +88,9 @@ pub(crate) const STD_IMPORTS: &str = r#"
   (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_grpc_call" (func $grpc_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_grpc_cancel" (func $grpc_cancel (param i32) (result i32)))
+  (import "env" "proxy_grpc_stream" (func $grpc_stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $grpc_send (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_close" (func $grpc_close (param i32) (result i32)))
   (import "env" "proxy_get_current_time_nanoseconds" (func $now (param i32) (result i32)))
 "#;
 
