@@ -748,3 +748,22 @@ async fn workers_on_several_threads_share_a_cluster() {
     // Five concurrent requests per worker need five connections, reused across rounds.
     assert!(server.accepted() <= 15, "{} connections", server.accepted());
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_endpoint_ejected_for_5xx_still_gets_traffic() {
+    let failing = http1(|_| async { reply(500, "bad") }).await;
+    let mut cfg = config("panic", &[failing.addr]);
+    cfg.outlier_detection = OutlierDetection {
+        consecutive_failures: 1,
+        base_ejection_time: Dur(Duration::from_secs(30)),
+        max_ejection_percent: 100,
+    };
+    let (cluster, _) = build(cfg);
+    let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+    assert_eq!(answer.response.status(), 500);
+    assert!(cluster.is_ejected(failing.addr));
+    // Panic routing: an answering endpoint is better than none.
+    let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
+    assert_eq!(answer.response.status(), 500);
+    assert_eq!(failing.requests(), 2);
+}
