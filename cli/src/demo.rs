@@ -33,17 +33,23 @@ async fn service(name: &'static str) -> anyhow::Result<SocketAddr> {
                 continue;
             };
             tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
-                    let body = serde_json::json!({
-                        "service": name,
-                        "path": req.uri().path(),
-                        "x-request-id": req.headers().get("x-request-id").and_then(|v| v.to_str().ok()),
-                        "x-forwarded-for": req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()),
-                    });
-                    let mut resp = http::Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
-                    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
-                    Ok::<_, Infallible>(resp)
-                });
+                let svc = service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = serde_json::json!({
+                            "service": name,
+                            "path": req.uri().path(),
+                            "x-request-id": req.headers().get("x-request-id").and_then(|v| v.to_str().ok()),
+                            "x-forwarded-for": req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+                        });
+                        let mut resp =
+                            http::Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -62,7 +68,11 @@ async fn get(url: &str) -> anyhow::Result<(http::StatusCode, http::HeaderMap, St
         .with_context(|| format!("GET {url}"))?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok((parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned()))
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 /// Runs the demo.
@@ -75,14 +85,21 @@ async fn run_async(args: &DemoArgs) -> anyhow::Result<()> {
     let orders_a = service("orders-a").await?;
     let orders_b = service("orders-b").await?;
     let users = service("users").await?;
-    let filter = args.filter.exists().then(|| args.filter.display().to_string());
+    let filter = args
+        .filter
+        .exists()
+        .then(|| args.filter.display().to_string());
     let plugins = match &filter {
         Some(path) => format!(
             "plugins:\n  - name: header-echo\n    module: {path}\n    configuration: \"x-request-id=x-echo-request-id\"\n"
         ),
         None => String::new(),
     };
-    let filters = if filter.is_some() { "[header-echo]" } else { "[]" };
+    let filters = if filter.is_some() {
+        "[header-echo]"
+    } else {
+        "[]"
+    };
     let yaml = format!(
         r#"admin: {{ address: "127.0.0.1:0" }}
 workers: 1
@@ -103,15 +120,22 @@ clusters:
     let handle = tokio::task::spawn_blocking(move || lacewing_proxy::Proxy::start(config))
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let proxy = handle.listener_addr("ingress").context("ingress listener")?;
+    let proxy = handle
+        .listener_addr("ingress")
+        .context("ingress listener")?;
     let admin = handle.admin_addr().context("admin listener")?;
 
     println!("== Lacewing demo ==");
     println!("services : orders-a {orders_a}, orders-b {orders_b}, users {users}");
     println!("proxy    : http://{proxy}   admin: http://{admin}");
     match &filter {
-        Some(p) => println!("filter   : header-echo ({p}) copies x-request-id into x-echo-request-id"),
-        None => println!("filter   : none ({} not built; `cargo xtask demo` builds it)", args.filter.display()),
+        Some(p) => {
+            println!("filter   : header-echo ({p}) copies x-request-id into x-echo-request-id")
+        }
+        None => println!(
+            "filter   : none ({} not built; `cargo xtask demo` builds it)",
+            args.filter.display()
+        ),
     }
     println!();
     for path in ["/orders/1", "/orders/2", "/users/7", "/nowhere"] {

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy, from a config file or from flags.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Check a config file; prints every problem with file, line and field.
     Validate {
         /// The YAML config file.
@@ -134,7 +134,10 @@ fn wasm_flags(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<
         })
         .collect();
     let Some(m) = matches else { return Ok(flags) };
-    let wasm_at: Vec<usize> = m.indices_of("wasm").map(|i| i.collect()).unwrap_or_default();
+    let wasm_at: Vec<usize> = m
+        .indices_of("wasm")
+        .map(|i| i.collect())
+        .unwrap_or_default();
     let owner = |index: usize, flag: &str| -> anyhow::Result<usize> {
         wasm_at
             .iter()

@@ -70,5 +70,6 @@ impl AccessLog {
 
 /// Seconds since the Unix epoch of a wall-clock time.
 pub fn epoch_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -80,7 +80,10 @@ impl Proxy {
     }
 
     /// [`Proxy::start`] with extra options.
-    pub fn start_with(config: ProxyConfig, options: StartOptions) -> Result<ProxyHandle, StartError> {
+    pub fn start_with(
+        config: ProxyConfig,
+        options: StartOptions,
+    ) -> Result<ProxyHandle, StartError> {
         lacewing_config::load::validate(&config)?;
         let config = Arc::new(config);
         let metrics = Metrics::new();
@@ -99,12 +102,12 @@ impl Proxy {
             let (bound, sockets) = bind_shared(&l.name, l.address, workers)?;
             addresses.insert(l.name.clone(), bound);
             let slot = match l.protocol {
-                ListenerProtocol::Http => ListenerSlot::Http(Arc::new(ArcSwap::new(
-                    snapshot.http[&l.name].clone(),
-                ))),
-                ListenerProtocol::Tcp => ListenerSlot::Tcp(Arc::new(ArcSwap::new(
-                    snapshot.tcp[&l.name].clone(),
-                ))),
+                ListenerProtocol::Http => {
+                    ListenerSlot::Http(Arc::new(ArcSwap::new(snapshot.http[&l.name].clone())))
+                }
+                ListenerProtocol::Tcp => {
+                    ListenerSlot::Tcp(Arc::new(ArcSwap::new(snapshot.tcp[&l.name].clone())))
+                }
             };
             for (i, socket) in sockets.into_iter().enumerate() {
                 per_worker[i].push(WorkerListener {

@@ -134,8 +134,7 @@ impl Matcher {
             let ok = match authority {
                 AuthorityMatch::Exact(e) => host.eq_ignore_ascii_case(e),
                 AuthorityMatch::Suffix(s) => {
-                    host.len() > s.len()
-                        && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+                    host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
                 }
             };
             if !ok {
@@ -187,7 +186,9 @@ pub fn request_host(parts: &Parts) -> Option<&str> {
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
-        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -263,7 +264,10 @@ mod tests {
             ..Default::default()
         });
         assert!(regex.matches(&parts("GET", "/v2/users", &[])));
-        assert!(!regex.matches(&parts("GET", "/x/v2/users", &[])), "anchored");
+        assert!(
+            !regex.matches(&parts("GET", "/x/v2/users", &[])),
+            "anchored"
+        );
     }
 
     #[test]

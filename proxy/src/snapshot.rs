@@ -47,7 +47,13 @@ impl TargetStats {
                 .with_label_values(&[listener, route, cluster, c])
         };
         Self {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
             duration: metrics
                 .request_duration
                 .with_label_values(&[listener, route, cluster]),
@@ -246,8 +252,7 @@ impl Snapshot {
                         .filters
                         .iter()
                         .map(|f| {
-                            plugin(&plugins, &l.name, f)
-                                .map(|p| p as Arc<dyn NetworkFilterFactory>)
+                            plugin(&plugins, &l.name, f).map(|p| p as Arc<dyn NetworkFilterFactory>)
                         })
                         .collect::<Result<_, _>>()?;
                     tcp.insert(
@@ -294,10 +299,7 @@ fn build_route(
     let mut cumulative = Vec::new();
     let mut add = |name: &str| -> Result<(), BuildError> {
         let cluster = upstreams.cluster(name).cloned().ok_or_else(|| {
-            BuildError::Reference(format!(
-                "route `{}`: unknown cluster `{name}`",
-                route.name
-            ))
+            BuildError::Reference(format!("route `{}`: unknown cluster `{name}`", route.name))
         })?;
         targets.push(Target {
             cluster,

@@ -31,8 +31,11 @@ pub async fn serve(
     let _ = downstream.set_nodelay(true);
     let info = StreamInfo::new(id, remote, local, state.stats.name.clone());
     let conn = ConnectionStream::new(info).shared();
-    let mut filters: Vec<Box<dyn NetworkFilter>> =
-        state.filters.iter().filter_map(|f| f.create(&conn)).collect();
+    let mut filters: Vec<Box<dyn NetworkFilter>> = state
+        .filters
+        .iter()
+        .filter_map(|f| f.create(&conn))
+        .collect();
 
     let result = async {
         for f in filters.iter_mut() {
@@ -64,7 +67,9 @@ pub async fn serve(
             state.stats.bytes_received.inc_by(up);
             state.stats.bytes_sent.inc_by(down);
         }
-        Err(e) => tracing::debug!(error = %e, %remote, listener = %state.stats.name, "tcp connection failed"),
+        Err(e) => {
+            tracing::debug!(error = %e, %remote, listener = %state.stats.name, "tcp connection failed")
+        }
     }
     for f in filters.iter_mut() {
         f.on_log(&conn);

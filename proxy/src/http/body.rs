@@ -86,3 +86,46 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// The client's request body on its way upstream, remembering whether the
+/// client broke it (bad chunk framing, early close) so the failure is blamed
+/// on the right side.
+pub struct DownstreamBody {
+    inner: Incoming,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DownstreamBody {
+    /// Wraps a body; `failed` turns true if reading it from the client fails.
+    pub fn new(inner: Incoming, failed: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Self { inner, failed }
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            other => other.map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

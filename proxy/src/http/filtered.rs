@@ -36,8 +36,26 @@ use crate::snapshot::{HttpListenerState, RouteState};
 /// How a phase ended.
 enum Verdict {
     Continue,
-    Local(LocalReply),
+    Local(Box<LocalReply>),
     Reset,
+}
+
+/// Which way a phase walks the chain: requests in configured order,
+/// responses in reverse (the filter nearest the upstream sees it first), as in Envoy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    /// The filter index of the `step`-th filter in this direction.
+    fn index(self, step: usize, count: usize) -> usize {
+        match self {
+            Self::Request => step,
+            Self::Response => count - 1 - step,
+        }
+    }
 }
 
 /// The filters of one stream and the stream they act on.
@@ -57,19 +75,23 @@ impl Chain {
         if s.reset {
             return Some(Verdict::Reset);
         }
-        s.local_reply.take().map(Verdict::Local)
+        s.local_reply.take().map(|r| Verdict::Local(Box::new(r)))
     }
 
     /// Runs a headers-like phase over every filter, pausing where a filter stops.
     async fn headers_phase(
         &self,
+        direction: Direction,
         call: impl Fn(&mut dyn HttpFilter, &SharedStream) -> FilterStatus,
     ) -> Verdict {
         let count = self.filters.borrow().len();
-        for i in 0..count {
+        for step in 0..count {
             let status = {
                 let mut filters = self.filters.borrow_mut();
-                call(filters[i].as_mut(), &self.stream)
+                let Some(filter) = filters.get_mut(direction.index(step, count)) else {
+                    break;
+                };
+                call(filter.as_mut(), &self.stream)
             };
             if let Some(v) = self.stop_requested() {
                 return v;
@@ -80,11 +102,11 @@ impl Chain {
                     .await
                     .is_err()
                 {
-                    return Verdict::Local(LocalReply::new(
+                    return Verdict::Local(Box::new(LocalReply::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "504 Gateway Timeout: a filter paused the request and did not resume it\n",
                         ResponseFlag::UpstreamRequestTimeout,
-                    ));
+                    )));
                 }
                 if let Some(v) = self.stop_requested() {
                     return v;
@@ -99,21 +121,25 @@ impl Chain {
     /// the new start so it sees the growing buffer next time.
     fn body_phase(
         &self,
+        direction: Direction,
         from: &mut usize,
         end_of_stream: bool,
         call: impl Fn(&mut dyn HttpFilter, &SharedStream, bool) -> FilterStatus,
     ) -> Result<bool, Verdict> {
         let count = self.filters.borrow().len();
-        for i in *from..count {
+        for step in *from..count {
             let status = {
                 let mut filters = self.filters.borrow_mut();
-                call(filters[i].as_mut(), &self.stream, end_of_stream)
+                let Some(filter) = filters.get_mut(direction.index(step, count)) else {
+                    break;
+                };
+                call(filter.as_mut(), &self.stream, end_of_stream)
             };
             if let Some(v) = self.stop_requested() {
                 return Err(v);
             }
             if status != FilterStatus::Continue && !end_of_stream {
-                *from = i;
+                *from = step;
                 return Ok(false);
             }
         }
@@ -162,8 +188,11 @@ pub async fn handle(
     info.route_name = Some(route.name.clone());
     info.cluster_name = Some(target.cluster_name.clone());
     let stream = HttpStream::new(info, parts).shared();
-    let filters: Vec<Box<dyn HttpFilter>> =
-        route.filters.iter().filter_map(|f| f.create(&stream)).collect();
+    let filters: Vec<Box<dyn HttpFilter>> = route
+        .filters
+        .iter()
+        .filter_map(|f| f.create(&stream))
+        .collect();
     let chain = Rc::new(Chain {
         wants_request_body: filters.iter().any(|f| f.wants_request_body()),
         wants_response_body: filters.iter().any(|f| f.wants_response_body()),
@@ -176,11 +205,15 @@ pub async fn handle(
 
     let request_eos = body.is_end_stream();
     let verdict = chain
-        .headers_phase(|f, s| f.on_request_headers(s, request_eos))
+        .headers_phase(Direction::Request, |f, s| {
+            f.on_request_headers(s, request_eos)
+        })
         .await;
     match verdict {
         Verdict::Continue => {}
-        Verdict::Local(reply) => return Ok(local(reply, &chain, guard, &listener, &conn, &facts)),
+        Verdict::Local(reply) => {
+            return Ok(local(*reply, &chain, guard, &listener, &conn, &facts));
+        }
         Verdict::Reset => return Err(StreamReset),
     }
 
@@ -195,25 +228,39 @@ pub async fn handle(
         *req.headers_mut() = s.request.headers.clone();
         (req, upgrade)
     };
+    let mut body_failed = None;
     if !request_eos {
         *req.body_mut() = if chain.wants_request_body {
             let (tx, rx) = mpsc::channel(4);
             tokio::task::spawn_local(pump_request_body(chain.clone(), body, tx));
             ChannelBody { rx }.boxed_unsync()
         } else {
-            body.map_err(Into::into).boxed_unsync()
+            let (body, failed) = super::proxy::downstream_body(body);
+            body_failed = failed;
+            body
         };
     }
     let result = target.cluster.send(req, &route.policy).await;
+    if result.is_err() && body_failed.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        listener.stats.local_reply("DC");
+        return Ok(local_reply::bad_request(
+            "malformed or truncated request body",
+        ));
+    }
     if let Some(v) = chain.stop_requested() {
         // The request body pump answered (413) or a filter reset the stream.
         return match v {
-            Verdict::Local(reply) => Ok(local(reply, &chain, guard, &listener, &conn, &facts)),
+            Verdict::Local(reply) => Ok(local(*reply, &chain, guard, &listener, &conn, &facts)),
             _ => Err(StreamReset),
         };
     }
     let (attempts, endpoint, mut resp) = match result {
-        Ok(up) => (up.attempts, Some(up.endpoint), up.response.map(ProxyBody::Upstream)),
+        Ok(up) => (
+            up.attempts,
+            Some(up.endpoint),
+            up.response.map(ProxyBody::Upstream),
+        ),
         Err(err) => {
             let flag = err.flag();
             listener.stats.local_reply(flag.code());
@@ -240,11 +287,15 @@ pub async fn handle(
     }
     let response_eos = rbody.is_end_stream();
     let verdict = chain
-        .headers_phase(|f, s| f.on_response_headers(s, response_eos))
+        .headers_phase(Direction::Response, |f, s| {
+            f.on_response_headers(s, response_eos)
+        })
         .await;
     match verdict {
         Verdict::Continue => {}
-        Verdict::Local(reply) => return Ok(local(reply, &chain, guard, &listener, &conn, &facts)),
+        Verdict::Local(reply) => {
+            return Ok(local(*reply, &chain, guard, &listener, &conn, &facts));
+        }
         Verdict::Reset => return Err(StreamReset),
     }
     let head = {
@@ -254,7 +305,7 @@ pub async fn handle(
         };
         let mut head = Response::new(());
         *head.status_mut() = r.status;
-        *head.version_mut() = r.version;
+        *head.version_mut() = facts.version;
         *head.headers_mut() = r.headers.clone();
         head
     };
@@ -340,6 +391,12 @@ async fn pump_request_body(chain: Rc<Chain>, mut body: Incoming, tx: mpsc::Sende
         let (end_of_stream, trailers) = match frame {
             None => (true, None),
             Some(Err(e)) => {
+                // The client broke its body: answer 400, not an upstream error.
+                chain.stream.borrow_mut().local_reply = Some(LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: malformed or truncated request body\n",
+                    ResponseFlag::DownstreamConnectionTermination,
+                ));
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
@@ -356,9 +413,12 @@ async fn pump_request_body(chain: Rc<Chain>, mut body: Incoming, tx: mpsc::Sende
         let over_limit = chain.stream.borrow().request_body.len() > chain.max_buffered;
         // Trailers end the body: the filters see the data as complete first.
         let eos = end_of_stream || trailers.is_some();
-        let forward = match chain.body_phase(&mut from, eos && trailers.is_none(), |f, s, e| {
-            f.on_request_body(s, e)
-        }) {
+        let forward = match chain.body_phase(
+            Direction::Request,
+            &mut from,
+            eos && trailers.is_none(),
+            |f, s, e| f.on_request_body(s, e),
+        ) {
             Ok(forward) => forward || eos,
             Err(v) => {
                 abort(&chain, v, &tx).await;
@@ -369,10 +429,15 @@ async fn pump_request_body(chain: Rc<Chain>, mut body: Incoming, tx: mpsc::Sende
             let limit = chain.max_buffered;
             chain.stream.borrow_mut().local_reply = Some(LocalReply::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("413 Payload Too Large: {}\n", ProxyError::BodyTooLarge { limit }),
+                format!(
+                    "413 Payload Too Large: {}\n",
+                    ProxyError::BodyTooLarge { limit }
+                ),
                 ResponseFlag::PayloadTooLarge,
             ));
-            let _ = tx.send(Err("request body over the buffer limit".into())).await;
+            let _ = tx
+                .send(Err("request body over the buffer limit".into()))
+                .await;
             return;
         }
         if forward {
@@ -383,10 +448,8 @@ async fn pump_request_body(chain: Rc<Chain>, mut body: Incoming, tx: mpsc::Sende
         }
         if let Some(t) = trailers {
             chain.stream.borrow_mut().request_trailers = Some(t);
-            let count = chain.filters.borrow().len();
-            for i in 0..count {
-                let mut filters = chain.filters.borrow_mut();
-                filters[i].on_request_trailers(&chain.stream);
+            for filter in chain.filters.borrow_mut().iter_mut() {
+                filter.on_request_trailers(&chain.stream);
             }
             if let Some(v) = chain.stop_requested() {
                 abort(&chain, v, &tx).await;
@@ -410,7 +473,7 @@ async fn pump_request_body(chain: Rc<Chain>, mut body: Incoming, tx: mpsc::Sende
 async fn abort(chain: &Chain, verdict: Verdict, tx: &mpsc::Sender<FrameResult>) {
     // Put the verdict back for the request task, which answers once the upstream send fails.
     match verdict {
-        Verdict::Local(reply) => chain.stream.borrow_mut().local_reply = Some(reply),
+        Verdict::Local(reply) => chain.stream.borrow_mut().local_reply = Some(*reply),
         Verdict::Reset => chain.stream.borrow_mut().reset = true,
         Verdict::Continue => {}
     }
@@ -426,10 +489,7 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<FrameResult>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult>> {
         self.rx.poll_recv(cx)
     }
 }
@@ -463,9 +523,12 @@ impl FilteredResponse {
             }
         }
         let forward = chain
-            .body_phase(&mut self.from, end_of_stream, |f, s, e| {
-                f.on_response_body(s, e)
-            })
+            .body_phase(
+                Direction::Response,
+                &mut self.from,
+                end_of_stream,
+                |f, s, e| f.on_response_body(s, e),
+            )
             .map_err(|_| -> BoxError { "response stopped by a filter".into() })?;
         let buffered = chain.stream.borrow().response_body.len();
         if !forward && buffered > chain.max_buffered {
@@ -486,10 +549,8 @@ impl FilteredResponse {
         };
         self.on_data(None, true)?;
         chain.stream.borrow_mut().response_trailers = Some(trailers);
-        let count = chain.filters.borrow().len();
-        for i in 0..count {
-            let mut filters = chain.filters.borrow_mut();
-            filters[i].on_response_trailers(&chain.stream);
+        for filter in chain.filters.borrow_mut().iter_mut().rev() {
+            filter.on_response_trailers(&chain.stream);
         }
         if chain.stop_requested().is_some() {
             return Err("response stopped by a filter".into());
@@ -525,7 +586,11 @@ impl Body for FilteredResponse {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     this.done = true;
-                    if this.filter { this.on_data(None, true) } else { Ok(()) }
+                    if this.filter {
+                        this.on_data(None, true)
+                    } else {
+                        Ok(())
+                    }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;

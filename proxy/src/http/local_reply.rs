@@ -31,3 +31,14 @@ pub fn from_local(reply: LocalReply) -> Response<ProxyBody> {
     *resp.headers_mut() = reply.headers;
     resp
 }
+
+/// 400 for a request the proxy will not forward; the connection is closed after it.
+pub fn bad_request(reason: &str) -> Response<ProxyBody> {
+    let mut resp = text(
+        StatusCode::BAD_REQUEST,
+        format!("400 Bad Request: {reason}\n"),
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}

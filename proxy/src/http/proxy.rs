@@ -5,15 +5,18 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use lacewing_core::body::BoxBody;
 use lacewing_core::{ProxyError, ResponseFlag};
 
-use super::body::ProxyBody;
+use super::body::{DownstreamBody, ProxyBody};
 use super::headers::{
     X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, strip_hop_by_hop,
 };
@@ -57,6 +60,8 @@ pub struct RequestFacts {
     pub version: http::Version,
     pub request_id: HeaderValue,
     pub user_agent: Option<HeaderValue>,
+    /// `:authority` or Host, as the client sent it.
+    pub authority: Option<HeaderValue>,
 }
 
 /// Handles one request end to end.
@@ -67,11 +72,22 @@ pub async fn handle(
     let start = Instant::now();
     let listener = conn.slot.load_full();
     let (mut parts, body) = req.into_parts();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // Ambiguous framing is how requests get smuggled: refuse it outright.
+        listener.stats.local_reply("DC");
+        return Ok(local_reply::bad_request(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
     let hop = strip_hop_by_hop(&mut parts.headers);
     let request_id = ensure_request_id(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, conn.remote.ip());
     if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
-        parts.headers.insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
     }
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
@@ -87,6 +103,7 @@ pub async fn handle(
         version: parts.version,
         request_id,
         user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+        authority: parts.headers.get(header::HOST).cloned(),
     };
 
     let Some(route) = listener.routes.find(&parts).cloned() else {
@@ -121,9 +138,16 @@ pub async fn handle(
         return filtered::handle(parts, body, route, conn, listener, facts).await;
     }
     let target = route.pick();
-    let mut req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let (body, body_failed) = downstream_body(body);
+    let mut req = Request::from_parts(parts, body);
     let downstream_upgrade = hop.upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let result = target.cluster.send(req, &route.policy).await;
+    if result.is_err() && body_failed.is_some_and(|f| f.load(Ordering::Relaxed)) {
+        listener.stats.local_reply("DC");
+        return Ok(local_reply::bad_request(
+            "malformed or truncated request body",
+        ));
+    }
     Ok(respond(
         result,
         downstream_upgrade,
@@ -133,6 +157,19 @@ pub async fn handle(
         target,
         &facts,
     ))
+}
+
+/// The request body for the upstream: empty bodies cost nothing, others
+/// remember whether the client broke them.
+pub fn downstream_body(body: Incoming) -> (BoxBody, Option<Arc<AtomicBool>>) {
+    if body.is_end_stream() {
+        return (lacewing_core::body::empty(), None);
+    }
+    let failed = Arc::new(AtomicBool::new(false));
+    (
+        DownstreamBody::new(body, failed.clone()).boxed_unsync(),
+        Some(failed),
+    )
 }
 
 /// Turns the upstream result into the downstream response, recording it.
@@ -148,6 +185,8 @@ pub fn respond(
     match result {
         Ok(up) => {
             let mut resp = up.response;
+            // Speak the client's HTTP version, whatever the upstream spoke.
+            *resp.version_mut() = facts.version;
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 match downstream_upgrade {
                     Some(downstream) => {
@@ -221,9 +260,9 @@ pub fn record(
     }
     if let Some(log) = &listener.access_log {
         let authority = facts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
+            .authority
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         log.write(&Entry {
             start_time: epoch_seconds(facts.start_time),
@@ -237,7 +276,9 @@ pub fn record(
             flag: outcome.flag.map_or("-", |f| f.code()),
             route: outcome.route.map_or("-", |r| &r.name),
             cluster: outcome.target.map_or("-", |t| &t.cluster_name),
-            upstream: outcome.upstream.map_or_else(|| "-".into(), |a| a.to_string()),
+            upstream: outcome
+                .upstream
+                .map_or_else(|| "-".into(), |a| a.to_string()),
             attempts: outcome.attempts,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             request_id: facts.request_id.to_str().unwrap_or("-"),
