@@ -10,6 +10,8 @@
 pub mod callout;
 mod engine;
 mod error;
+mod exports;
+mod failure;
 mod filter;
 mod host;
 mod host_metrics;
@@ -19,7 +21,9 @@ mod plugin;
 pub mod plugin_metrics;
 pub mod queues;
 pub mod shared_data;
+mod state;
 mod vm;
+mod workers;
 
 #[cfg(test)]
 mod tests;

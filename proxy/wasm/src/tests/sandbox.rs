@@ -190,7 +190,7 @@ fn vm_restarts_are_rate_limited() {
         &module("", TRAP_ON_HEADERS),
     )
     .unwrap();
-    for _ in 0..(crate::vm::MAX_RESTARTS + 3) {
+    for _ in 0..(crate::workers::MAX_RESTARTS + 3) {
         let s = stream("/");
         let mut f = filter(&plugin, &s);
         assert_eq!(f.on_request_headers(&s, true), FilterStatus::StopIteration);
@@ -203,7 +203,7 @@ fn vm_restarts_are_rate_limited() {
         &metrics,
         r#"lacewing_wasm_vm_restarts_total{plugin="test"}"#,
     );
-    assert_eq!(restarts, Some(crate::vm::MAX_RESTARTS as f64));
+    assert_eq!(restarts, Some(crate::workers::MAX_RESTARTS as f64));
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn fail_open_plugin_without_vm_takes_no_part() {
     )
     .unwrap();
     let mut absent = 0;
-    for _ in 0..(crate::vm::MAX_RESTARTS + 3) {
+    for _ in 0..(crate::workers::MAX_RESTARTS + 3) {
         let s = stream("/");
         match HttpFilterFactory::create(&*plugin, &s) {
             Some(mut f) => assert_eq!(f.on_request_headers(&s, true), FilterStatus::Continue),
