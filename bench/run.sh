@@ -73,9 +73,20 @@ stop_pid() {
   return 0
 }
 
+AUTOGROUP_NICE_BEFORE=""
 cleanup() {
   local pid
   for pid in "${STARTED_PIDS[@]}"; do stop_pid "$pid"; done
+  if [ -n "$AUTOGROUP_NICE_BEFORE" ]; then echo "$AUTOGROUP_NICE_BEFORE" >"/proc/$$/autogroup" 2>/dev/null; fi
+}
+
+# With autogroup scheduling, nice only ranks processes within one session, and
+# each session competes as a whole; so the benchmark's session gets the same
+# nice level for the load runs, and its previous level back on exit.
+raise_session_priority() {
+  [ "$NICE" -lt 0 ] && [ -w "/proc/$$/autogroup" ] || return 0
+  AUTOGROUP_NICE_BEFORE=$(awk '{ print $3 }' "/proc/$$/autogroup")
+  echo "$NICE" >"/proc/$$/autogroup" 2>/dev/null || AUTOGROUP_NICE_BEFORE=""
 }
 trap cleanup EXIT
 trap 'say "interrupted"; exit 130' INT TERM
@@ -117,6 +128,20 @@ rss_mib() { # VmRSS of a process plus its children, in MiB
     total=$(( total + ${kib:-0} ))
   done
   awk -v k="$total" 'BEGIN { printf "%.1f", k / 1024 }'
+}
+
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+cpu_ticks() { # user+system CPU ticks of a process (all threads) plus its children
+  local pid=$1 total=0 p t
+  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+    # fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name
+    t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }')
+    total=$(( total + ${t:-0} ))
+  done
+  echo "$total"
+}
+core_ticks() { # "busy total" ticks of one CPU from /proc/stat
+  awk -v c="cpu$1" '$1 == c { total = 0; for (i = 2; i <= NF; i++) total += $i; print total - $5 - $6, total }' /proc/stat
 }
 
 log_tail() { # last lines of a server's log, or of the stdout.log beside it when that one is empty
@@ -431,7 +456,7 @@ check_response() { # the probe must carry the upstream body and the filters' hea
 
 # ------------------------------------------------------------------- load
 
-declare -A RPS P50 P99 RSS READY NOTE NA ROUND_RPS
+declare -A RPS P50 P99 RSS READY NOTE NA ROUND_RPS CPU CORE PER_CPU
 
 wrk_load() { # wrk_load DURATION OUT
   on_core "${LOAD_CORE:-0}"
@@ -439,7 +464,7 @@ wrk_load() { # wrk_load DURATION OUT
     --latency --timeout 5s -H "x-request-id: $REQUEST_ID" "http://127.0.0.1:$SUT_PORT/" >"$2" 2>&1
 }
 
-parse_wrk() { # prints: rps p50_us p99_us socket_errors non2xx
+parse_wrk() { # prints: rps p50_us p99_us socket_errors non2xx requests
   awk '
     function us(v) {
       if (v ~ /us$/) return v + 0
@@ -453,7 +478,8 @@ parse_wrk() { # prints: rps p50_us p99_us socket_errors non2xx
     /^Requests\/sec:/ { rps = $2 }
     /Socket errors:/ { gsub(/,/, ""); errs = $4 + $6 + $8 + $10 }
     /Non-2xx or 3xx responses:/ { non2xx = $5 }
-    END { printf "%s %s %s %d %d\n", (rps == "" ? "-" : rps), (p50 == "" ? "-" : p50), (p99 == "" ? "-" : p99), errs, non2xx }
+    / requests in / { requests = $1 }
+    END { printf "%s %s %s %d %d %d\n", (rps == "" ? "-" : rps), (p50 == "" ? "-" : p50), (p99 == "" ? "-" : p99), errs, non2xx, requests }
   ' "$1"
 }
 
@@ -480,11 +506,14 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   wrk_load "$WARMUP" "$dir/warmup.txt"
   out=$dir/wrk-round$round.txt
   rss_at=$(( $(seconds_of "$DURATION") - 1 )); [ "$rss_at" -lt 1 ] && rss_at=1
+  local t0 t1 cpu0 cpu1 core0 core1 cpu_pct per_cpu_s core_pct requests
+  t0=$(date +%s%N); cpu0=$(cpu_ticks "$SUT_PID"); core0=$(core_ticks "${SUT_CORE:-0}")
   wrk_load "$DURATION" "$out" &
   wpid=$!
   sleep "$rss_at"
   rss=$(rss_mib "$SUT_PID")
   wait "$wpid"
+  t1=$(date +%s%N); cpu1=$(cpu_ticks "$SUT_PID"); core1=$(core_ticks "${SUT_CORE:-0}")
   case "$key" in lacewing*)
     curl -s --max-time 2 "http://127.0.0.1:$LACEWING_ADMIN_PORT/metrics" >"$dir/metrics.txt" 2>/dev/null ;;
   esac
@@ -492,13 +521,21 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
     round_failed "$key" "server exited during the load run: $(log_tail "$log")"
     return 1
   fi
-  read -r rps p50 p99 errs non2xx < <(parse_wrk "$out")
+  read -r rps p50 p99 errs non2xx requests < <(parse_wrk "$out")
+  # Server CPU use over the load run (percent of one core), requests served per
+  # CPU-second of the server (robust to other load on the machine), and how busy
+  # the server's core was in total (server plus anything else).
+  read -r cpu_pct per_cpu_s core_pct < <(awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" \
+    -v n="$requests" -v core0="$core0" -v core1="$core1" 'BEGIN {
+      split(core0, a, " "); split(core1, b, " ")
+      cpu_s = (c1 - c0) / hz; wall_s = (t1 - t0) / 1e9
+      printf "%.0f %.0f %.0f\n", 100 * cpu_s / wall_s, (cpu_s > 0 ? n / cpu_s : 0), (b[2] > a[2] ? 100 * (b[1] - a[1]) / (b[2] - a[2]) : 0) }')
   stop_pid "$SUT_PID"
   if [ "$rps" = - ] || [ "$p99" = - ]; then
     round_failed "$key" "wrk produced no result: $(log_tail "$out")"
     return 1
   fi
-  say "  ${rps} req/s, p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB"
+  say "  ${rps} req/s, p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB, CPU ${cpu_pct}% (core busy ${core_pct}%), ${per_cpu_s} req/CPU-s"
   [ "$errs" -gt 0 ] && NOTE[$key]+="round $round: ${errs} socket errors; "
   [ "$non2xx" -gt 0 ] && NOTE[$key]+="round $round: ${non2xx} non-2xx; "
   ROUND_RPS[$key]+="${ROUND_RPS[$key]:+ / }$(fmt "$rps" '%.0f')"
@@ -506,7 +543,10 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   # most requests per second is the one reported (its p50 and p99 with it).
   if [ -z "${RPS[$key]:-}" ] || awk -v a="$rps" -v b="${RPS[$key]}" 'BEGIN { exit !(a > b) }'; then
     RPS[$key]=$rps; P50[$key]=$p50; P99[$key]=$p99
+    CPU[$key]=$cpu_pct; CORE[$key]=$core_pct
   fi
+  # Requests per CPU-second: the best round too (interference only lowers it).
+  if [ -z "${PER_CPU[$key]:-}" ] || [ "$per_cpu_s" -gt "${PER_CPU[$key]}" ]; then PER_CPU[$key]=$per_cpu_s; fi
   if [ -z "${RSS[$key]:-}" ] || awk -v a="$rss" -v b="${RSS[$key]}" 'BEGIN { exit !(a > b) }'; then RSS[$key]=$rss; fi
   if [ -z "${READY[$key]:-}" ] || [ "$READY_MS" -lt "${READY[$key]}" ]; then READY[$key]=$READY_MS; fi
 }
@@ -562,6 +602,8 @@ report() {
   else
     pin_text="no CPU pinning"
   fi
+  pin_text+="; every process at nice $NICE"
+  [ -n "$AUTOGROUP_NICE_BEFORE" ] && pin_text+=", and the session's autogroup too (autogroup scheduling ranks sessions before nice)"
   {
     echo "# Lacewing benchmark"
     echo
@@ -569,36 +611,37 @@ report() {
     echo "- Machine: $(nproc) CPUs, $cpu; load average $LOAD_AT_START at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
     echo "- Versions: lacewing $(version_of lacewing); nginx $(version_of nginx); Envoy $(version_of envoy); wrk $(version_of wrk)"
     echo "- Load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency -H 'x-request-id: $REQUEST_ID'\` after a $WARMUP warm-up, HTTP/1.1 keep-alive; $ROUNDS round(s) of all rows in turn, the round with the most req/s reported per row, upstream nginx answers \`200 hello\\n\`"
-    echo "- Pinning: $pin_text; every process at nice $NICE"
+    echo "- Scheduling: $pin_text"
     echo "- RSS: VmRSS of the server process (plus its children, for nginx's worker) sampled 1 s before its load run ends, highest round"
     echo
-    echo "| Row | Req/s | p50 (µs) | p99 (µs) | RSS (MiB) | vs direct | Ready (ms) | Notes |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---|"
+    echo "| Row | Req/s | p50 (µs) | p99 (µs) | RSS (MiB) | Server CPU | Req per CPU-s | vs direct | Ready (ms) | Notes |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     for k in "${SELECTED[@]}"; do
       if [ -n "${RPS[$k]:-}" ]; then
         rows_run=$((rows_run + 1))
         local notes="${NOTE[$k]:-}"
         [ "$ROUNDS" -gt 1 ] && notes="rounds: ${ROUND_RPS[$k]} req/s; $notes"
+        [ "$PIN" = 1 ] && notes="core $SUT_CORE busy ${CORE[$k]}%; $notes"
         [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$k]}" "$(fmt "${RPS[$k]}" '%.0f')" \
-          "$(fmt "${P50[$k]}" '%.0f')" "$(fmt "${P99[$k]}" '%.0f')" "${RSS[$k]:-–}" \
+        printf '| %s | %s | %s | %s | %s | %s%% | %s | %s | %s | %s |\n' "${LABEL[$k]}" "$(fmt "${RPS[$k]}" '%.0f')" \
+          "$(fmt "${P50[$k]}" '%.0f')" "$(fmt "${P99[$k]}" '%.0f')" "${RSS[$k]:-–}" "${CPU[$k]}" "${PER_CPU[$k]}" \
           "$(ratio "${RPS[$k]}" "${RPS[direct]:-}")" "${READY[$k]:-–}" "$(printf '%s' "$notes" | sed 's/; *$//' | tr '\n|' ' /')"
       else
         failed=$((failed + 1))
-        printf '| %s | n/a | | | | | | n/a (%s) |\n' "${LABEL[$k]}" "$(printf '%s' "${NA[$k]:-not run}" | tr '\n|' ' /')"
+        printf '| %s | n/a | | | | | | | | n/a (%s) |\n' "${LABEL[$k]}" "$(printf '%s' "${NA[$k]:-not run}" | tr '\n|' ' /')"
       fi
     done
     echo
     echo "## Ratios"
     echo
-    echo "| Comparison | Req/s ratio | p99 ratio | Added p50 | Target | Result |"
-    echo "|---|---:|---:|---:|---|---|"
-    echo "| lacewing / nginx | $(ratio "${RPS[lacewing]:-}" "${RPS[nginx]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[nginx]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[nginx]:-}") | req/s ≥ 1.00×, p99 ≤ 1.00× | $(verdict "${RPS[lacewing]:-}" ">=" "${RPS[nginx]:-}") / $(verdict "${P99[lacewing]:-}" "<=" "${P99[nginx]:-}") |"
-    echo "| lacewing / Envoy | $(ratio "${RPS[lacewing]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[envoy]:-}") | (reference) | |"
-    echo "| lacewing + 1 filter / lacewing | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[lacewing]:-}") | req/s ≥ 0.90×, added p50 ≤ 20 µs | $(verdict "${RPS[lacewing_wasm1]:-}" ">=" "$(awk -v r="${RPS[lacewing]:-}" 'BEGIN { if (r != "") print r * 0.9 }')") / $(verdict "${P50[lacewing_wasm1]:-}" "<=" "$(awk -v p="${P50[lacewing]:-}" 'BEGIN { if (p != "") print p + 20 }')") |"
-    echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | (reference) | |"
-    echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | (reference) | |"
-    echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | (reference) | |"
+    echo "| Comparison | Req/s ratio | p99 ratio | Added p50 | Req per CPU-s ratio | Target | Result |"
+    echo "|---|---:|---:|---:|---:|---|---|"
+    echo "| lacewing / nginx | $(ratio "${RPS[lacewing]:-}" "${RPS[nginx]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[nginx]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[nginx]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[nginx]:-}") | req/s ≥ 1.00×, p99 ≤ 1.00× | $(verdict "${RPS[lacewing]:-}" ">=" "${RPS[nginx]:-}") / $(verdict "${P99[lacewing]:-}" "<=" "${P99[nginx]:-}") |"
+    echo "| lacewing / Envoy | $(ratio "${RPS[lacewing]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    echo "| lacewing + 1 filter / lacewing | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[lacewing]:-}") | req/s ≥ 0.90×, added p50 ≤ 20 µs | $(verdict "${RPS[lacewing_wasm1]:-}" ">=" "$(awk -v r="${RPS[lacewing]:-}" 'BEGIN { if (r != "") print r * 0.9 }')") / $(verdict "${P50[lacewing_wasm1]:-}" "<=" "$(awk -v p="${P50[lacewing]:-}" 'BEGIN { if (p != "") print p + 20 }')") |"
+    echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
+    echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
+    echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
     echo
     echo "## Wasm cold start"
     echo
@@ -642,6 +685,7 @@ else
 fi
 
 if [ "$SKIP_SETUP" = 1 ]; then find_envoy; else setup; fi
+raise_session_priority
 for tool in wrk curl python3; do
   command -v "$tool" >/dev/null || { say "missing $tool: cannot run any row"; exit 1; }
 done
