@@ -567,6 +567,10 @@ delta_us() {
   if [ -z "${1:-}" ] || [ -z "${2:-}" ]; then echo "–"; return; fi
   awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f µs", a - b }'
 }
+cpu_delta_us() { # cpu_delta_us A B: server CPU per request of A minus that of B (from requests per CPU-second)
+  if [ -z "${1:-}" ] || [ -z "${2:-}" ] || [ "${1:-0}" = 0 ] || [ "${2:-0}" = 0 ]; then echo "–"; return; fi
+  awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.1f µs", 1e6 / a - 1e6 / b }'
+}
 verdict() { # verdict A OP B -> "met" / "missed" / "–"
   if [ -z "${1:-}" ] || [ -z "${3:-}" ]; then echo "–"; return; fi
   awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN {
@@ -634,14 +638,14 @@ report() {
     echo
     echo "## Ratios"
     echo
-    echo "| Comparison | Req/s ratio | p99 ratio | Added p50 | Req per CPU-s ratio | Target | Result |"
-    echo "|---|---:|---:|---:|---:|---|---|"
-    echo "| lacewing / nginx | $(ratio "${RPS[lacewing]:-}" "${RPS[nginx]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[nginx]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[nginx]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[nginx]:-}") | req/s ≥ 1.00×, p99 ≤ 1.00× | $(verdict "${RPS[lacewing]:-}" ">=" "${RPS[nginx]:-}") / $(verdict "${P99[lacewing]:-}" "<=" "${P99[nginx]:-}") |"
-    echo "| lacewing / Envoy | $(ratio "${RPS[lacewing]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
-    echo "| lacewing + 1 filter / lacewing | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[lacewing]:-}") | req/s ≥ 0.90×, added p50 ≤ 20 µs | $(verdict "${RPS[lacewing_wasm1]:-}" ">=" "$(awk -v r="${RPS[lacewing]:-}" 'BEGIN { if (r != "") print r * 0.9 }')") / $(verdict "${P50[lacewing_wasm1]:-}" "<=" "$(awk -v p="${P50[lacewing]:-}" 'BEGIN { if (p != "") print p + 20 }')") |"
-    echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
-    echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
-    echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    echo "| Comparison | Req/s ratio | p99 ratio | Added p50 | Req per CPU-s ratio | Added CPU per request | Target | Result |"
+    echo "|---|---:|---:|---:|---:|---:|---|---|"
+    echo "| lacewing / nginx | $(ratio "${RPS[lacewing]:-}" "${RPS[nginx]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[nginx]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[nginx]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[nginx]:-}") | $(cpu_delta_us "${PER_CPU[lacewing]:-}" "${PER_CPU[nginx]:-}") | req/s ≥ 1.00×, p99 ≤ 1.00× | $(verdict "${RPS[lacewing]:-}" ">=" "${RPS[nginx]:-}") / $(verdict "${P99[lacewing]:-}" "<=" "${P99[nginx]:-}") |"
+    echo "| lacewing / Envoy | $(ratio "${RPS[lacewing]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[lacewing]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    echo "| lacewing + 1 filter / lacewing | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[lacewing]:-}") | req/s ≥ 0.90×, added p50 ≤ 20 µs | $(verdict "${RPS[lacewing_wasm1]:-}" ">=" "$(awk -v r="${RPS[lacewing]:-}" 'BEGIN { if (r != "") print r * 0.9 }')") / $(verdict "${P50[lacewing_wasm1]:-}" "<=" "$(awk -v p="${P50[lacewing]:-}" 'BEGIN { if (p != "") print p + 20 }')") |"
+    echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
+    echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
+    echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
     echo
     echo "## Wasm cold start"
     echo
@@ -650,6 +654,9 @@ report() {
     fi
     if [ -n "${READY[envoy]:-}" ] && [ -n "${READY[envoy_wasm]:-}" ]; then
       echo "- Envoy (V8): first proxied 200 after $(( READY[envoy_wasm] - READY[envoy] )) ms more with one filter than without (${READY[envoy_wasm]} vs ${READY[envoy]} ms)"
+    fi
+    if [ -f "$RESULTS/wasm.md" ]; then
+      echo "- module compile versus on-disk cache load, and memory per VM: bench/results/wasm.md"
     fi
     local metric
     metric=$(cold_start_metric)
