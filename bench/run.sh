@@ -584,7 +584,7 @@ version_of() {
     wrk) wrk -v 2>&1 | head -1 | awk '{print $2}' ;;
     lacewing)
       local v
-      v=$("$LACEWING_BIN" --version 2>/dev/null | head -1)
+      v=$("$LACEWING_BIN" --version 2>/dev/null | head -1 | sed "s/^lacewing //")
       echo "${v:-$( [ -x "$LACEWING_BIN" ] && echo built || echo not built)} (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', uncommitted changes'))"
       ;;
   esac
