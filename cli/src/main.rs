@@ -3,6 +3,11 @@
 
 mod demo;
 
+/// mimalloc: the proxy allocates many small, short-lived objects per request
+/// across worker threads; measured faster than the system allocator here.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
