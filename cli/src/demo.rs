@@ -151,7 +151,7 @@ clusters:
     let (_, _, metrics) = get(&format!("http://{admin}/metrics")).await?;
     println!();
     println!("== metrics (from http://{admin}/metrics) ==");
-    for line in metrics.lines().filter(|l| {
+    for line in metrics.lines().filter(|l| !l.ends_with(" 0")).filter(|l| {
         l.starts_with("lacewing_http_requests_total")
             || l.starts_with("lacewing_http_local_replies_total")
             || l.starts_with("lacewing_wasm_callback_duration_seconds_count")
