@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use super::body::ProxyBody;
 use super::headers::strip_hop_by_hop;
 use super::local_reply;
-use super::proxy::{ConnContext, Outcome, RequestFacts, StreamReset, record};
+use super::proxy::{ConnContext, Outcome, RequestFacts, StreamReset, record, tunnel};
 use crate::snapshot::{HttpListenerState, RouteState};
 
 /// How a phase ended.
@@ -209,12 +209,8 @@ pub async fn handle(
             f.on_request_headers(s, request_eos)
         })
         .await;
-    match verdict {
-        Verdict::Continue => {}
-        Verdict::Local(reply) => {
-            return Ok(local(*reply, &chain, guard, &listener, &conn, &facts));
-        }
-        Verdict::Reset => return Err(StreamReset),
+    if let Some(answer) = settle(verdict, &chain, &listener, &conn, &facts) {
+        return answer;
     }
 
     // Build the upstream request from what the filters left.
@@ -248,12 +244,11 @@ pub async fn handle(
             "malformed or truncated request body",
         ));
     }
-    if let Some(v) = chain.stop_requested() {
-        // The request body pump answered (413) or a filter reset the stream.
-        return match v {
-            Verdict::Local(reply) => Ok(local(*reply, &chain, guard, &listener, &conn, &facts)),
-            _ => Err(StreamReset),
-        };
+    // The request body pump may have answered (400, 413) or a filter reset the stream.
+    if let Some(verdict) = chain.stop_requested()
+        && let Some(answer) = settle(verdict, &chain, &listener, &conn, &facts)
+    {
+        return answer;
     }
     let (attempts, endpoint, mut resp) = match result {
         Ok(up) => (
@@ -291,12 +286,8 @@ pub async fn handle(
             f.on_response_headers(s, response_eos)
         })
         .await;
-    match verdict {
-        Verdict::Continue => {}
-        Verdict::Local(reply) => {
-            return Ok(local(*reply, &chain, guard, &listener, &conn, &facts));
-        }
-        Verdict::Reset => return Err(StreamReset),
+    if let Some(answer) = settle(verdict, &chain, &listener, &conn, &facts) {
+        return answer;
     }
     let head = {
         let s = stream.borrow();
@@ -335,11 +326,26 @@ pub async fn handle(
     Ok(head.map(|()| ProxyBody::Local(Box::pin(body))))
 }
 
-/// Sends a filter's local reply, then ends the filters.
+/// The response that ends a phase early, if the verdict ends it. The filters'
+/// lives end when the handler returns (the guard drops), after the reply is built.
+fn settle(
+    verdict: Verdict,
+    chain: &Chain,
+    listener: &HttpListenerState,
+    conn: &ConnContext,
+    facts: &RequestFacts,
+) -> Option<Result<Response<ProxyBody>, StreamReset>> {
+    match verdict {
+        Verdict::Continue => None,
+        Verdict::Local(reply) => Some(Ok(local(*reply, chain, listener, conn, facts))),
+        Verdict::Reset => Some(Err(StreamReset)),
+    }
+}
+
+/// Sends a filter's local reply.
 fn local(
     reply: LocalReply,
-    chain: &Rc<Chain>,
-    guard: FinishGuard,
+    chain: &Chain,
     listener: &HttpListenerState,
     conn: &ConnContext,
     facts: &RequestFacts,
@@ -366,18 +372,7 @@ fn local(
             attempts: 0,
         },
     );
-    let resp = local_reply::from_local(reply);
-    drop(guard);
-    resp
-}
-
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
-        return;
-    };
-    let mut down = hyper_util::rt::TokioIo::new(down);
-    let mut up = hyper_util::rt::TokioIo::new(up);
-    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    local_reply::from_local(reply)
 }
 
 type FrameResult = Result<Frame<Bytes>, BoxError>;

@@ -234,7 +234,10 @@ pub fn respond(
 }
 
 /// Splices an upgraded downstream connection to an upgraded upstream one.
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub(super) async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
     let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
         tracing::debug!("upgrade did not complete on both sides");
         return;
