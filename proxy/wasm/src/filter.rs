@@ -14,11 +14,22 @@ use lacewing_core::ResponseFlag;
 use lacewing_core::filter::{
     FilterStatus, HttpFilter, HttpFilterFactory, NetworkFilter, NetworkFilterFactory, PeerType,
 };
-use lacewing_core::stream::{LocalReply, SharedConnection, SharedStream};
+use lacewing_core::stream::{HttpStream, LocalReply, SharedConnection, SharedStream};
 use std::rc::Rc;
 
+use wasmtime::TypedFunc;
+
 use crate::plugin::{PluginShared, WasmPlugin};
-use crate::vm::{Callback, CtxKind, Failure, FailureKind, HeadersFn, Phase, Vm, worker_vm};
+use crate::vm::{
+    Callback, CtxKind, Exports, Failure, FailureKind, HeadersFn, Phase, Vm, worker_vm,
+};
+
+/// `(context, size, end_of_stream) -> action`: the body and data callbacks.
+type DataFn = TypedFunc<(i32, i32, i32), i32>;
+/// `(context, count) -> action`: the trailer callbacks.
+type TrailersFn = TypedFunc<(i32, i32), i32>;
+/// `(context, peer)`: the connection close callbacks.
+type CloseFn = TypedFunc<(i32, i32), ()>;
 
 /// Fails an HTTP stream by the plugin's policy (closed: 503 while the response
 /// head has not gone downstream, reset after; open: nothing).
@@ -67,29 +78,29 @@ fn log_unavailable(plugin: &PluginShared, what: &str, failure: &Failure) {
     }
 }
 
+/// A new stream context for `kind` in this worker's VM of the plugin.
+fn create_context(plugin: &Arc<PluginShared>, kind: CtxKind) -> Result<(Rc<Vm>, u32), Failure> {
+    let (vm, root) = worker_vm(plugin)?;
+    let ctx = vm.create_stream_context(plugin, root, kind)?;
+    Ok((vm, ctx))
+}
+
+/// `proxy_on_log` for a context; its outcome does not change the stream.
+fn call_on_log(vm: &Vm, plugin: &Arc<PluginShared>, ctx: u32) {
+    let _ = vm.call(
+        plugin,
+        Callback::Log,
+        ctx,
+        vm.exports.on_log.as_ref(),
+        ctx as i32,
+        |_| {},
+    );
+}
+
 fn action(result: Option<i32>, pause: FilterStatus) -> FilterStatus {
     match result {
         None | Some(0) => FilterStatus::Continue,
         Some(_) => pause,
-    }
-}
-
-fn call_headers(
-    vm: &Vm,
-    plugin: &Arc<PluginShared>,
-    cb: Callback,
-    ctx: u32,
-    f: Option<&HeadersFn>,
-    count: usize,
-    eos: bool,
-) -> Result<Option<i32>, Failure> {
-    let (id, n) = (ctx as i32, count as i32);
-    match f {
-        None => Ok(None),
-        Some(HeadersFn::NoEndOfStream(f)) => vm.call(plugin, cb, ctx, Some(f), (id, n), |_| {}),
-        Some(HeadersFn::WithEndOfStream(f)) => {
-            vm.call(plugin, cb, ctx, Some(f), (id, n, i32::from(eos)), |_| {})
-        }
     }
 }
 
@@ -100,11 +111,7 @@ impl HttpFilterFactory for WasmPlugin {
 
     fn create(&self, stream: &SharedStream) -> Option<Box<dyn HttpFilter>> {
         let plugin = &self.shared;
-        let created = worker_vm(plugin).and_then(|(vm, root)| {
-            let ctx = vm.create_stream_context(plugin, root, CtxKind::Http(stream.clone()))?;
-            Ok((vm, ctx))
-        });
-        match created {
+        match create_context(plugin, CtxKind::Http(stream.clone())) {
             Ok((vm, ctx)) => Some(Box::new(WasmHttpFilter {
                 vm,
                 plugin: plugin.clone(),
@@ -180,6 +187,66 @@ impl WasmHttpFilter {
         }
     }
 
+    /// A header callback (`count` headers); `Pause` stops iteration.
+    fn run_headers(
+        &mut self,
+        stream: &SharedStream,
+        phase: Phase,
+        callback: Callback,
+        export: impl FnOnce(&Exports) -> Option<&HeadersFn>,
+        count: usize,
+        end_of_stream: bool,
+    ) -> FilterStatus {
+        self.run(stream, phase, FilterStatus::StopIteration, |vm, p, ctx| {
+            let (id, n) = (ctx as i32, count as i32);
+            match export(&vm.exports) {
+                None => Ok(None),
+                Some(HeadersFn::NoEndOfStream(f)) => {
+                    vm.call(p, callback, ctx, Some(f), (id, n), |_| {})
+                }
+                Some(HeadersFn::WithEndOfStream(f)) => vm.call(
+                    p,
+                    callback,
+                    ctx,
+                    Some(f),
+                    (id, n, i32::from(end_of_stream)),
+                    |_| {},
+                ),
+            }
+        })
+    }
+
+    /// A body callback (`size` bytes buffered); `Pause` buffers.
+    fn run_body(
+        &mut self,
+        stream: &SharedStream,
+        phase: Phase,
+        callback: Callback,
+        export: impl FnOnce(&Exports) -> Option<&DataFn>,
+        size: usize,
+        end_of_stream: bool,
+    ) -> FilterStatus {
+        self.run(stream, phase, FilterStatus::StopAndBuffer, |vm, p, ctx| {
+            let params = (ctx as i32, size as i32, i32::from(end_of_stream));
+            vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
+        })
+    }
+
+    /// A trailer callback (`count` trailers); `Pause` stops iteration.
+    fn run_trailers(
+        &mut self,
+        stream: &SharedStream,
+        phase: Phase,
+        callback: Callback,
+        export: impl FnOnce(&Exports) -> Option<&TrailersFn>,
+        count: usize,
+    ) -> FilterStatus {
+        self.run(stream, phase, FilterStatus::StopIteration, |vm, p, ctx| {
+            let params = (ctx as i32, count as i32);
+            vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
+        })
+    }
+
     fn failed(&mut self, stream: &SharedStream, phase: Phase, failure: &Failure) -> FilterStatus {
         match self.plugin.cfg.fail {
             FailPolicy::Open => {
@@ -200,6 +267,18 @@ impl WasmHttpFilter {
     }
 }
 
+/// How many trailers `of` the stream holds (none while it is borrowed).
+fn trailer_count(
+    stream: &SharedStream,
+    of: impl FnOnce(&HttpStream) -> Option<&HeaderMap>,
+) -> usize {
+    stream
+        .try_borrow()
+        .ok()
+        .and_then(|s| of(&s).map(HeaderMap::len))
+        .unwrap_or(0)
+}
+
 fn request_header_count(stream: &SharedStream) -> usize {
     stream.try_borrow().map_or(0, |s| {
         let host = if s.request.uri.authority().is_none() {
@@ -213,130 +292,76 @@ fn request_header_count(stream: &SharedStream) -> usize {
 
 impl HttpFilter for WasmHttpFilter {
     fn on_request_headers(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
-        let n = request_header_count(stream);
-        self.run(
+        let count = request_header_count(stream);
+        self.run_headers(
             stream,
             Phase::RequestHeaders,
-            FilterStatus::StopIteration,
-            |vm, p, ctx| {
-                call_headers(
-                    vm,
-                    p,
-                    Callback::RequestHeaders,
-                    ctx,
-                    vm.exports.on_request_headers.as_ref(),
-                    n,
-                    end_of_stream,
-                )
-            },
+            Callback::RequestHeaders,
+            |e| e.on_request_headers.as_ref(),
+            count,
+            end_of_stream,
         )
     }
 
     fn on_request_body(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
-        let size = stream.try_borrow().map_or(0, |s| s.request_body.len()) as i32;
-        self.run(
+        let size = stream.try_borrow().map_or(0, |s| s.request_body.len());
+        self.run_body(
             stream,
             Phase::RequestBody,
-            FilterStatus::StopAndBuffer,
-            |vm, p, ctx| {
-                vm.call(
-                    p,
-                    Callback::RequestBody,
-                    ctx,
-                    vm.exports.on_request_body.as_ref(),
-                    (ctx as i32, size, i32::from(end_of_stream)),
-                    |_| {},
-                )
-            },
+            Callback::RequestBody,
+            |e| e.on_request_body.as_ref(),
+            size,
+            end_of_stream,
         )
     }
 
     fn on_request_trailers(&mut self, stream: &SharedStream) -> FilterStatus {
-        let n = stream
-            .try_borrow()
-            .ok()
-            .and_then(|s| s.request_trailers.as_ref().map(HeaderMap::len))
-            .unwrap_or(0) as i32;
-        self.run(
+        let count = trailer_count(stream, |s| s.request_trailers.as_ref());
+        self.run_trailers(
             stream,
             Phase::RequestTrailers,
-            FilterStatus::StopIteration,
-            |vm, p, ctx| {
-                vm.call(
-                    p,
-                    Callback::RequestTrailers,
-                    ctx,
-                    vm.exports.on_request_trailers.as_ref(),
-                    (ctx as i32, n),
-                    |_| {},
-                )
-            },
+            Callback::RequestTrailers,
+            |e| e.on_request_trailers.as_ref(),
+            count,
         )
     }
 
     fn on_response_headers(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
-        let n = stream
+        let count = stream
             .try_borrow()
             .ok()
             .and_then(|s| s.response.as_ref().map(|r| r.headers.len() + 1))
             .unwrap_or(0);
-        self.run(
+        self.run_headers(
             stream,
             Phase::ResponseHeaders,
-            FilterStatus::StopIteration,
-            |vm, p, ctx| {
-                call_headers(
-                    vm,
-                    p,
-                    Callback::ResponseHeaders,
-                    ctx,
-                    vm.exports.on_response_headers.as_ref(),
-                    n,
-                    end_of_stream,
-                )
-            },
+            Callback::ResponseHeaders,
+            |e| e.on_response_headers.as_ref(),
+            count,
+            end_of_stream,
         )
     }
 
     fn on_response_body(&mut self, stream: &SharedStream, end_of_stream: bool) -> FilterStatus {
-        let size = stream.try_borrow().map_or(0, |s| s.response_body.len()) as i32;
-        self.run(
+        let size = stream.try_borrow().map_or(0, |s| s.response_body.len());
+        self.run_body(
             stream,
             Phase::ResponseBody,
-            FilterStatus::StopAndBuffer,
-            |vm, p, ctx| {
-                vm.call(
-                    p,
-                    Callback::ResponseBody,
-                    ctx,
-                    vm.exports.on_response_body.as_ref(),
-                    (ctx as i32, size, i32::from(end_of_stream)),
-                    |_| {},
-                )
-            },
+            Callback::ResponseBody,
+            |e| e.on_response_body.as_ref(),
+            size,
+            end_of_stream,
         )
     }
 
     fn on_response_trailers(&mut self, stream: &SharedStream) -> FilterStatus {
-        let n = stream
-            .try_borrow()
-            .ok()
-            .and_then(|s| s.response_trailers.as_ref().map(HeaderMap::len))
-            .unwrap_or(0) as i32;
-        self.run(
+        let count = trailer_count(stream, |s| s.response_trailers.as_ref());
+        self.run_trailers(
             stream,
             Phase::ResponseTrailers,
-            FilterStatus::StopIteration,
-            |vm, p, ctx| {
-                vm.call(
-                    p,
-                    Callback::ResponseTrailers,
-                    ctx,
-                    vm.exports.on_response_trailers.as_ref(),
-                    (ctx as i32, n),
-                    |_| {},
-                )
-            },
+            Callback::ResponseTrailers,
+            |e| e.on_response_trailers.as_ref(),
+            count,
         )
     }
 
@@ -345,14 +370,7 @@ impl HttpFilter for WasmHttpFilter {
             return;
         }
         self.vm.set_phase(self.ctx, Phase::Log);
-        let _ = self.vm.call(
-            &self.plugin,
-            Callback::Log,
-            self.ctx,
-            self.vm.exports.on_log.as_ref(),
-            self.ctx as i32,
-            |_| {},
-        );
+        call_on_log(&self.vm, &self.plugin, self.ctx);
     }
 
     fn wants_request_body(&self) -> bool {
@@ -377,11 +395,7 @@ impl NetworkFilterFactory for WasmPlugin {
 
     fn create(&self, conn: &SharedConnection) -> Option<Box<dyn NetworkFilter>> {
         let plugin = &self.shared;
-        let created = worker_vm(plugin).and_then(|(vm, root)| {
-            let ctx = vm.create_stream_context(plugin, root, CtxKind::Net(conn.clone()))?;
-            Ok((vm, ctx))
-        });
-        match created {
+        match create_context(plugin, CtxKind::Net(conn.clone())) {
             Ok((vm, ctx)) => Some(Box::new(WasmNetworkFilter {
                 vm,
                 plugin: plugin.clone(),
@@ -461,6 +475,38 @@ impl WasmNetworkFilter {
     }
 }
 
+impl WasmNetworkFilter {
+    /// A data callback (`size` bytes buffered in one direction).
+    fn run_data(
+        &mut self,
+        conn: &SharedConnection,
+        callback: Callback,
+        export: impl FnOnce(&Exports) -> Option<&DataFn>,
+        size: usize,
+        end_of_stream: bool,
+    ) -> FilterStatus {
+        self.run(conn, |vm, p, ctx| {
+            let params = (ctx as i32, size as i32, i32::from(end_of_stream));
+            vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
+        })
+    }
+
+    /// A close callback, telling which peer closed.
+    fn run_close(
+        &mut self,
+        conn: &SharedConnection,
+        callback: Callback,
+        export: impl FnOnce(&Exports) -> Option<&CloseFn>,
+        peer: PeerType,
+    ) {
+        self.run(conn, |vm, p, ctx| {
+            let params = (ctx as i32, peer as i32);
+            vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
+                .map(|_| None)
+        });
+    }
+}
+
 impl NetworkFilter for WasmNetworkFilter {
     fn on_new_connection(&mut self, conn: &SharedConnection) -> FilterStatus {
         self.run(conn, |vm, p, ctx| {
@@ -476,73 +522,50 @@ impl NetworkFilter for WasmNetworkFilter {
     }
 
     fn on_downstream_data(&mut self, conn: &SharedConnection, end_of_stream: bool) -> FilterStatus {
-        let size = conn.try_borrow().map_or(0, |c| c.downstream_data.len()) as i32;
-        self.run(conn, |vm, p, ctx| {
-            vm.call(
-                p,
-                Callback::DownstreamData,
-                ctx,
-                vm.exports.on_downstream_data.as_ref(),
-                (ctx as i32, size, i32::from(end_of_stream)),
-                |_| {},
-            )
-        })
+        let size = conn.try_borrow().map_or(0, |c| c.downstream_data.len());
+        self.run_data(
+            conn,
+            Callback::DownstreamData,
+            |e| e.on_downstream_data.as_ref(),
+            size,
+            end_of_stream,
+        )
     }
 
     fn on_upstream_data(&mut self, conn: &SharedConnection, end_of_stream: bool) -> FilterStatus {
-        let size = conn.try_borrow().map_or(0, |c| c.upstream_data.len()) as i32;
-        self.run(conn, |vm, p, ctx| {
-            vm.call(
-                p,
-                Callback::UpstreamData,
-                ctx,
-                vm.exports.on_upstream_data.as_ref(),
-                (ctx as i32, size, i32::from(end_of_stream)),
-                |_| {},
-            )
-        })
+        let size = conn.try_borrow().map_or(0, |c| c.upstream_data.len());
+        self.run_data(
+            conn,
+            Callback::UpstreamData,
+            |e| e.on_upstream_data.as_ref(),
+            size,
+            end_of_stream,
+        )
     }
 
     fn on_downstream_close(&mut self, conn: &SharedConnection, peer: PeerType) {
-        self.run(conn, |vm, p, ctx| {
-            vm.call(
-                p,
-                Callback::DownstreamClose,
-                ctx,
-                vm.exports.on_downstream_close.as_ref(),
-                (ctx as i32, peer as i32),
-                |_| {},
-            )
-            .map(|_| None)
-        });
+        self.run_close(
+            conn,
+            Callback::DownstreamClose,
+            |e| e.on_downstream_close.as_ref(),
+            peer,
+        );
     }
 
     fn on_upstream_close(&mut self, conn: &SharedConnection, peer: PeerType) {
-        self.run(conn, |vm, p, ctx| {
-            vm.call(
-                p,
-                Callback::UpstreamClose,
-                ctx,
-                vm.exports.on_upstream_close.as_ref(),
-                (ctx as i32, peer as i32),
-                |_| {},
-            )
-            .map(|_| None)
-        });
+        self.run_close(
+            conn,
+            Callback::UpstreamClose,
+            |e| e.on_upstream_close.as_ref(),
+            peer,
+        );
     }
 
     fn on_log(&mut self, _conn: &SharedConnection) {
         if self.skip || self.vm.broken.get() {
             return;
         }
-        let _ = self.vm.call(
-            &self.plugin,
-            Callback::Log,
-            self.ctx,
-            self.vm.exports.on_log.as_ref(),
-            self.ctx as i32,
-            |_| {},
-        );
+        call_on_log(&self.vm, &self.plugin, self.ctx);
     }
 }
 
