@@ -139,6 +139,70 @@ enum Pick {
     Exhausted,
 }
 
+/// The bookkeeping of one request's (or connection's) attempts: the endpoints
+/// tried and failed, the retry-budget slot, and the error to report when no
+/// endpoint is left.
+struct AttemptChain<'a> {
+    cluster: &'a Cluster,
+    tried: EndpointSet,
+    failed: EndpointSet,
+    retry_slot: Option<Held<'a>>,
+    last_error: Option<ProxyError>,
+    /// Attempts started so far, the first included.
+    attempts: u32,
+}
+
+impl<'a> AttemptChain<'a> {
+    fn new(cluster: &'a Cluster) -> Self {
+        Self {
+            cluster,
+            tried: EndpointSet::default(),
+            failed: EndpointSet::default(),
+            retry_slot: None,
+            last_error: None,
+            attempts: 0,
+        }
+    }
+
+    /// Picks the endpoint of the next attempt and counts it (as a retry after the first).
+    fn next_endpoint(&mut self) -> Result<usize, ProxyError> {
+        let cluster = self.cluster;
+        let index = match cluster.pick(&self.tried, &self.failed) {
+            Pick::Endpoint(index) => index,
+            Pick::NoHealthy => return Err(cluster.no_healthy()),
+            Pick::Exhausted => {
+                return Err(self
+                    .last_error
+                    .take()
+                    .unwrap_or_else(|| cluster.no_healthy()));
+            }
+        };
+        if self.attempts > 0 {
+            cluster.metrics.retries.inc();
+        }
+        self.attempts += 1;
+        self.tried.insert(index);
+        Ok(index)
+    }
+
+    /// Records that connecting to an endpoint failed: never picked again by
+    /// this chain, and a connect failure for outlier detection.
+    fn connect_failed(&mut self, index: usize) {
+        self.failed.insert(index);
+        self.cluster
+            .outlier
+            .failure(&self.cluster.endpoints, index, Failure::Connect);
+    }
+
+    /// Takes (once per chain) a slot of the retry budget.
+    fn retry_permit(&mut self) -> bool {
+        if self.retry_slot.is_none() {
+            self.retry_slot = self.cluster.limits.retry();
+        }
+        self.retry_slot.is_some()
+    }
+}
+
 static NEXT_CLUSTER_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Cluster {
@@ -268,22 +332,9 @@ impl Cluster {
     /// connect retries of [`Cluster::send`]. The caller owns the stream; it is
     /// counted in `upstream_connections_total` but not in the circuit breaker.
     pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), ProxyError> {
-        let mut tried = EndpointSet::default();
-        let mut failed = EndpointSet::default();
-        let mut retry_slot = None;
-        let mut last_error = None;
-        let mut attempts = 0u32;
+        let mut chain = AttemptChain::new(self);
         loop {
-            let index = match self.pick(&tried, &failed) {
-                Pick::Endpoint(index) => index,
-                Pick::NoHealthy => return Err(self.no_healthy()),
-                Pick::Exhausted => return Err(last_error.unwrap_or_else(|| self.no_healthy())),
-            };
-            if attempts > 0 {
-                self.metrics.retries.inc();
-            }
-            attempts += 1;
-            tried.insert(index);
+            let index = chain.next_endpoint()?;
             match self.connect(index).await {
                 Ok(stream) => {
                     self.connections.count_unpooled();
@@ -291,11 +342,9 @@ impl Cluster {
                     return Ok((stream, self.endpoints[index].addr));
                 }
                 Err(error) => {
-                    failed.insert(index);
-                    self.outlier
-                        .failure(&self.endpoints, index, Failure::Connect);
-                    if attempts <= TCP_CONNECT_RETRIES && self.retry_permit(&mut retry_slot) {
-                        last_error = Some(error);
+                    chain.connect_failed(index);
+                    if chain.attempts <= TCP_CONNECT_RETRIES && chain.retry_permit() {
+                        chain.last_error = Some(error);
                         continue;
                     }
                     return Err(error);
@@ -317,28 +366,15 @@ impl Cluster {
             && (!policy.retry_on_status.is_empty() || is_idempotent(request.method()))
             && (request.body().is_end_stream() || request.body().size_hint().exact() == Some(0)))
         .then(|| RetryTemplate::of(&request));
-        let mut tried = EndpointSet::default();
-        let mut failed = EndpointSet::default();
-        let mut retry_slot = None;
-        let mut last_error = None;
-        let mut attempts = 0u32;
+        let mut chain = AttemptChain::new(self);
         loop {
-            let index = match self.pick(&tried, &failed) {
-                Pick::Endpoint(index) => index,
-                Pick::NoHealthy => return Err(self.no_healthy()),
-                Pick::Exhausted => return Err(last_error.unwrap_or_else(|| self.no_healthy())),
-            };
-            if attempts > 0 {
-                self.metrics.retries.inc();
-            }
-            attempts += 1;
-            tried.insert(index);
+            let index = chain.next_endpoint()?;
             let endpoint = &self.endpoints[index];
             let outcome = {
                 let _active = endpoint.begin_request();
                 self.attempt(index, request).await
             };
-            let may_retry = attempts <= policy.retry_attempts;
+            let may_retry = chain.attempts <= policy.retry_attempts;
             match outcome {
                 Ok(response) => {
                     let status = response.status().as_u16();
@@ -351,7 +387,7 @@ impl Cluster {
                     if may_retry
                         && policy.retry_on_status.contains(&status)
                         && let Some(template) = &template
-                        && self.retry_permit(&mut retry_slot)
+                        && chain.retry_permit()
                     {
                         drop(response);
                         request = template.request();
@@ -360,22 +396,17 @@ impl Cluster {
                     return Ok(UpstreamResponse {
                         response,
                         endpoint: endpoint.addr,
-                        attempts,
+                        attempts: chain.attempts,
                     });
                 }
                 Err(AttemptError::Unsent {
                     error,
                     request: unsent,
                 }) => {
-                    failed.insert(index);
-                    self.outlier
-                        .failure(&self.endpoints, index, Failure::Connect);
-                    if may_retry
-                        && policy.retry_on_connect_failure
-                        && self.retry_permit(&mut retry_slot)
-                    {
+                    chain.connect_failed(index);
+                    if may_retry && policy.retry_on_connect_failure && chain.retry_permit() {
                         request = *unsent;
-                        last_error = Some(error);
+                        chain.last_error = Some(error);
                         continue;
                     }
                     return Err(error);
@@ -384,7 +415,7 @@ impl Cluster {
                     if may_retry
                         && let Some(template) = &template
                         && is_idempotent(&template.method)
-                        && self.retry_permit(&mut retry_slot)
+                        && chain.retry_permit()
                     {
                         request = template.request();
                         continue;
@@ -439,14 +470,6 @@ impl Cluster {
             Some(index) => Pick::Endpoint(index),
             None => Pick::Exhausted,
         }
-    }
-
-    /// Takes (once per request) a slot of the retry budget.
-    fn retry_permit<'a>(&'a self, slot: &mut Option<Held<'a>>) -> bool {
-        if slot.is_none() {
-            *slot = self.limits.retry();
-        }
-        slot.is_some()
     }
 
     fn no_healthy(&self) -> ProxyError {
