@@ -49,44 +49,24 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             status(get_value(&mut c, map, key_ptr, key_len, ret_ptr, ret_len))
         },
     )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_add_header_map_value",
-        |mut c: Caller<'_, HostState>,
-         map: i32,
-         key_ptr: i32,
-         key_len: i32,
-         val_ptr: i32,
-         val_len: i32| {
-            status(modify(
-                &mut c,
-                map,
-                key_ptr,
-                key_len,
-                Some((val_ptr, val_len)),
-                Edit::Add,
-            ))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_replace_header_map_value",
-        |mut c: Caller<'_, HostState>,
-         map: i32,
-         key_ptr: i32,
-         key_len: i32,
-         val_ptr: i32,
-         val_len: i32| {
-            status(modify(
-                &mut c,
-                map,
-                key_ptr,
-                key_len,
-                Some((val_ptr, val_len)),
-                Edit::Replace,
-            ))
-        },
-    )?;
+    for (name, edit) in [
+        ("proxy_add_header_map_value", Edit::Add),
+        ("proxy_replace_header_map_value", Edit::Replace),
+    ] {
+        linker.func_wrap(
+            ENV,
+            name,
+            move |mut c: Caller<'_, HostState>,
+                  map: i32,
+                  key_ptr: i32,
+                  key_len: i32,
+                  val_ptr: i32,
+                  val_len: i32| {
+                let value = Some((val_ptr, val_len));
+                status(modify(&mut c, map, key_ptr, key_len, value, edit))
+            },
+        )?;
+    }
     linker.func_wrap(
         ENV,
         "proxy_remove_header_map_value",
