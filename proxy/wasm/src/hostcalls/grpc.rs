@@ -9,8 +9,8 @@ use lacewing_abi::Status;
 use tokio::sync::mpsc;
 use wasmtime::{Caller, Linker};
 
-use super::ENV;
-use super::http_call::{check_cluster, owned_pairs};
+use super::http_call::{begin_callout, owned_pairs};
+use super::{ENV, spawn_delivery};
 use crate::callout::GrpcEvent;
 use crate::memory::{self, HostResult, status};
 use crate::vm::{GrpcCall, HostState};
@@ -150,22 +150,12 @@ fn start(
     if service.is_empty() || method.is_empty() {
         return Err(Status::BadArgument.into());
     }
-    check_cluster(caller.data(), &cluster)?;
-    memory::write_u32(caller, ret_token, 0)?;
+    let (token, context) = begin_callout(caller, &cluster, ret_token)?;
     let state = caller.data_mut();
-    let token = state.new_token();
-    let context = state.current.effective;
     let handle = if state.spawn {
-        let (tx, mut rx) = mpsc::unbounded_channel::<GrpcEvent>();
-        let vm = state.vm.clone();
-        let task = crate::vm::spawn_local(async move {
-            while let Some(event) = rx.recv().await {
-                let Some(vm) = vm.upgrade() else { return };
-                if vm.broken.get() {
-                    return;
-                }
-                vm.deliver_grpc(token, event);
-            }
+        let (tx, rx) = mpsc::unbounded_channel::<GrpcEvent>();
+        let task = spawn_delivery(state.vm.clone(), rx, move |vm, event| {
+            vm.deliver_grpc(token, event);
         });
         if task.is_none() {
             return Err(Status::InternalFailure.into());

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use lacewing_abi::{Status, pairs};
 use wasmtime::{Caller, Linker};
 
-use super::ENV;
+use super::{ENV, live_vm};
 use crate::memory::{self, HostResult, status};
 use crate::vm::HostState;
 
@@ -66,6 +66,20 @@ pub(crate) fn check_cluster(state: &HostState, cluster: &str) -> Result<(), Stat
     Ok(())
 }
 
+/// What every callout starts with: the plugin may call `cluster`, and the token
+/// out-param is writable (checked before anything starts). Returns a new token
+/// and the context the callout's events go to.
+pub(crate) fn begin_callout(
+    caller: &mut Caller<'_, HostState>,
+    cluster: &str,
+    ret_token: i32,
+) -> HostResult<(u32, u32)> {
+    check_cluster(caller.data(), cluster)?;
+    memory::write_u32(caller, ret_token, 0)?;
+    let state = caller.data_mut();
+    Ok((state.new_token(), state.current.effective))
+}
+
 fn http_call(
     caller: &mut Caller<'_, HostState>,
     upstream: (i32, i32),
@@ -90,12 +104,8 @@ fn http_call(
             return Err(Status::BadArgument.into());
         }
     }
-    check_cluster(caller.data(), &cluster)?;
-    // Check the out-param before starting anything.
-    memory::write_u32(caller, ret_token, 0)?;
+    let (token, context) = begin_callout(caller, &cluster, ret_token)?;
     let state = caller.data_mut();
-    let token = state.new_token();
-    let context = state.current.effective;
     if state.spawn {
         let upstreams = state.plugin.upstreams.clone();
         let vm = state.vm.clone();
@@ -107,9 +117,7 @@ fn http_call(
             let result =
                 crate::callout::http_call(upstreams, cluster, headers, body, trailers, timeout)
                     .await;
-            if let Some(vm) = vm.upgrade()
-                && !vm.broken.get()
-            {
+            if let Some(vm) = live_vm(&vm) {
                 vm.deliver_http_response(token, result.map_err(|e| e.to_string()));
             }
         });

@@ -1,8 +1,12 @@
 //! The host functions, one file per ABI area; each adds itself to the `Linker`.
 
+use std::rc::{Rc, Weak};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use wasmtime::Linker;
 
-use crate::vm::HostState;
+use crate::vm::{HostState, Vm};
 
 mod buffers;
 mod foreign;
@@ -29,6 +33,27 @@ pub(crate) fn request_pairs_for_tests<'a>(
 
 /// Module name of proxy-wasm imports.
 const ENV: &str = lacewing_abi::names::ENV_MODULE;
+
+/// The VM behind `vm` while it is alive and not broken: the only state in which
+/// a callout, queue or timer event is still delivered to it.
+fn live_vm(vm: &Weak<Vm>) -> Option<Rc<Vm>> {
+    vm.upgrade().filter(|vm| !vm.broken.get())
+}
+
+/// Spawns the task that hands each of `events` to the VM, ending once the VM
+/// is gone or broken. `None` where no task can be spawned.
+fn spawn_delivery<T: 'static>(
+    vm: Weak<Vm>,
+    mut events: mpsc::UnboundedReceiver<T>,
+    deliver: impl Fn(&Vm, T) + 'static,
+) -> Option<JoinHandle<()>> {
+    crate::vm::spawn_local(async move {
+        while let Some(event) = events.recv().await {
+            let Some(vm) = live_vm(&vm) else { return };
+            deliver(&vm, event);
+        }
+    })
+}
 
 /// Links every proxy-wasm (0.1.0, 0.2.0, 0.2.1) and WASI preview 1 import.
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {

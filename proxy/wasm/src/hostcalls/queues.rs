@@ -6,10 +6,10 @@ use lacewing_abi::Status;
 use tokio::sync::mpsc;
 use wasmtime::{Caller, Linker};
 
-use super::ENV;
+use super::{ENV, spawn_delivery};
 use crate::memory::{self, HostResult, status};
 use crate::queues::{QueueError, QueueWaker};
-use crate::vm::HostState;
+use crate::vm::{HostState, Vm};
 
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -58,18 +58,9 @@ fn waker(state: &mut HostState) -> QueueWaker {
     if let Some(tx) = &state.queue_tx {
         return QueueWaker::new(tx.clone());
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
+    let (tx, rx) = mpsc::unbounded_channel::<u32>();
     if state.spawn {
-        let vm = state.vm.clone();
-        let task = crate::vm::spawn_local(async move {
-            while let Some(queue) = rx.recv().await {
-                let Some(vm) = vm.upgrade() else { return };
-                if vm.broken.get() {
-                    return;
-                }
-                vm.deliver_queue_ready(queue);
-            }
-        });
+        let task = spawn_delivery(state.vm.clone(), rx, Vm::deliver_queue_ready);
         if task.is_some() {
             state.queue_tx = Some(tx.clone());
         }

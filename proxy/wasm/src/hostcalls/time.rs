@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lacewing_abi::Status;
 use wasmtime::{Caller, Linker};
 
-use super::ENV;
+use super::{ENV, live_vm};
 use crate::memory::{self, HostResult, status};
 use crate::vm::HostState;
 
@@ -52,10 +52,7 @@ fn set_tick_period(caller: &mut Caller<'_, HostState>, period_ms: u32) -> HostRe
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let Some(vm) = vm.upgrade() else { return };
-            if vm.broken.get() {
-                return;
-            }
+            let Some(vm) = live_vm(&vm) else { return };
             vm.deliver_tick(root);
         }
     });
