@@ -57,16 +57,12 @@ fn read_buffer(
     start: usize,
     max: usize,
 ) -> Result<Bytes, Status> {
-    let window = |b: &[u8]| -> Bytes {
-        let from = start.min(b.len());
-        let to = from.saturating_add(max).min(b.len());
-        Bytes::copy_from_slice(&b[from..to])
+    let clamped = |len: usize| {
+        let from = start.min(len);
+        from..from.saturating_add(max).min(len)
     };
-    let shared = |b: &Bytes| -> Bytes {
-        let from = start.min(b.len());
-        let to = from.saturating_add(max).min(b.len());
-        b.slice(from..to)
-    };
+    let window = |b: &[u8]| Bytes::copy_from_slice(&b[clamped(b.len())]);
+    let shared = |b: &Bytes| b.slice(clamped(b.len()));
     match kind {
         BufferType::HttpRequestBody | BufferType::HttpResponseBody => {
             match state.effective().map(|c| &c.kind) {
