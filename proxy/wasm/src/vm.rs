@@ -123,31 +123,33 @@ impl Vm {
             |_| {},
         )?;
         // As in Envoy, `proxy_on_vm_start` gets the root context id (SDKs look it up).
-        let size = plugin.vm_config.len() as i32;
-        let started = self.call(
-            plugin,
-            Callback::VmStart,
-            id,
-            self.exports.on_vm_start.as_ref(),
-            (id as i32, size),
-            |_| {},
-        )?;
-        if started == Some(0) {
-            self.with_state(|s| s.remove_context(id));
-            return Err(Failure::rejected("on_vm_start returned false"));
-        }
-        let size = plugin.plugin_config.len() as i32;
-        let configured = self.call(
-            plugin,
-            Callback::Configure,
-            id,
-            self.exports.on_configure.as_ref(),
-            (id as i32, size),
-            |_| {},
-        )?;
-        if configured == Some(0) {
-            self.with_state(|s| s.remove_context(id));
-            return Err(Failure::rejected("on_configure returned false"));
+        let steps = [
+            (
+                Callback::VmStart,
+                self.exports.on_vm_start.as_ref(),
+                plugin.vm_config.len(),
+                "on_vm_start returned false",
+            ),
+            (
+                Callback::Configure,
+                self.exports.on_configure.as_ref(),
+                plugin.plugin_config.len(),
+                "on_configure returned false",
+            ),
+        ];
+        for (callback, func, config_size, refusal) in steps {
+            let accepted = self.call(
+                plugin,
+                callback,
+                id,
+                func,
+                (id as i32, config_size as i32),
+                |_| {},
+            )?;
+            if accepted == Some(0) {
+                self.with_state(|s| s.remove_context(id));
+                return Err(Failure::rejected(refusal));
+            }
         }
         self.roots.borrow_mut().insert(plugin.uid, id);
         Ok(id)
