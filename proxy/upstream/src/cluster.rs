@@ -130,6 +130,34 @@ enum OpenError {
     Connect(ProxyError),
 }
 
+impl AttemptError {
+    /// A send that failed with no retry left on this endpoint: unsent when
+    /// hyper gave the request back, failed otherwise.
+    fn send_failed(error: hyper::Error, unsent: Option<Request<BoxBody>>) -> Self {
+        match unsent {
+            Some(unsent) => AttemptError::Unsent {
+                error: reset(error),
+                request: Box::new(unsent),
+            },
+            None => AttemptError::Failed(reset(error)),
+        }
+    }
+}
+
+impl OpenError {
+    /// The attempt's outcome when no connection could be had for `request`; a
+    /// failed connect gives the request back for another endpoint.
+    fn attempt_error(self, request: Request<BoxBody>) -> AttemptError {
+        match self {
+            OpenError::Overflow(error) => AttemptError::Failed(error),
+            OpenError::Connect(error) => AttemptError::Unsent {
+                error,
+                request: Box::new(request),
+            },
+        }
+    }
+}
+
 /// The endpoint chosen for an attempt, or why there is none.
 enum Pick {
     Endpoint(usize),
@@ -584,26 +612,17 @@ impl Cluster {
         }
         let (mut sender, idle_since) = match self.open_h1(index).await {
             Ok(connection) => connection,
-            Err(OpenError::Overflow(error)) => return Err(AttemptError::Failed(error)),
-            Err(OpenError::Connect(error)) => {
-                return Err(AttemptError::Unsent {
-                    error,
-                    request: Box::new(request),
-                });
-            }
+            Err(error) => return Err(error.attempt_error(request)),
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
                 self.release_h1(index, sender, idle_since, &response);
                 Ok(response)
             }
-            Err(mut error) => match error.take_message() {
-                Some(unsent) => Err(AttemptError::Unsent {
-                    error: reset(error.into_error()),
-                    request: Box::new(unsent),
-                }),
-                None => Err(AttemptError::Failed(reset(error.into_error()))),
-            },
+            Err(mut error) => {
+                let unsent = error.take_message();
+                Err(AttemptError::send_failed(error.into_error(), unsent))
+            }
         }
     }
 
@@ -663,13 +682,7 @@ impl Cluster {
         loop {
             let mut sender = match self.h2_sender(index).await {
                 Ok(sender) => sender,
-                Err(OpenError::Overflow(error)) => return Err(AttemptError::Failed(error)),
-                Err(OpenError::Connect(error)) => {
-                    return Err(AttemptError::Unsent {
-                        error,
-                        request: Box::new(request),
-                    });
-                }
+                Err(error) => return Err(error.attempt_error(request)),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(response),
@@ -680,13 +693,7 @@ impl Cluster {
                         request = unsent;
                         fresh = true;
                     }
-                    Some(unsent) => {
-                        return Err(AttemptError::Unsent {
-                            error: reset(error.into_error()),
-                            request: Box::new(unsent),
-                        });
-                    }
-                    None => return Err(AttemptError::Failed(reset(error.into_error()))),
+                    unsent => return Err(AttemptError::send_failed(error.into_error(), unsent)),
                 },
             }
         }
