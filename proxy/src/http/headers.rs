@@ -35,11 +35,19 @@ pub struct HopByHop {
     pub te_trailers: bool,
 }
 
+/// Whether a header name is hop-by-hop on its own (without `Connection` naming it).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE || fixed_hop_by_hop().contains(&name)
+}
+
 /// Removes hop-by-hop headers, including those `Connection` names. `TE` is
 /// kept only as `TE: trailers`. Returns the upgrade the client asked for.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
     let mut out = HopByHop::default();
-    // Fast path: most requests carry none of these.
+    // Fast path: one scan of the names, no hashing; most messages carry none.
+    if !headers.keys().any(is_hop_by_hop) {
+        return out;
+    }
     let has_connection = headers.contains_key(header::CONNECTION);
     let has_te = headers.contains_key(header::TE);
     if has_connection {
@@ -110,6 +118,27 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
 
 fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     use std::io::Write;
+    if let IpAddr::V4(v4) = ip {
+        // The common case, without the formatting machinery.
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            if octet >= 100 {
+                buf[len] = b'0' + octet / 100;
+                len += 1;
+            }
+            if octet >= 10 {
+                buf[len] = b'0' + (octet / 10) % 10;
+                len += 1;
+            }
+            buf[len] = b'0' + octet % 10;
+            len += 1;
+        }
+        return &buf[..len];
+    }
     let mut cursor = std::io::Cursor::new(&mut buf[..]);
     // An IP address always fits in 64 bytes.
     let _ = write!(cursor, "{ip}");
@@ -178,6 +207,31 @@ mod tests {
         assert!(out.te_trailers);
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert!(!h.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn ipv4_formats_like_display() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "127.0.0.1",
+            "192.168.100.255",
+            "1.20.255.9",
+        ] {
+            let mut buf = [0u8; 64];
+            let addr: IpAddr = ip.parse().unwrap();
+            assert_eq!(format_ip(addr, &mut buf), ip.as_bytes());
+        }
+    }
+
+    #[test]
+    fn messages_without_hop_headers_are_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "a".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let out = strip_hop_by_hop(&mut h);
+        assert!(out.upgrade.is_none() && !out.te_trailers);
+        assert_eq!(h.len(), 2);
     }
 
     #[test]

@@ -1,35 +1,27 @@
-//! A downstream socket wrapper that counts bytes and remembers when it last moved.
+//! A downstream socket wrapper that counts the bytes moved, for metrics and
+//! idle detection (no clock reads on the I/O path).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Byte counts and last activity of one connection, read by its owner.
+/// Byte counts of one connection, read by its owner.
 ///
 /// Atomics because an upgraded connection may be moved by hyper; they are
 /// only ever touched by one thread, so the adds stay uncontended.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct IoStats {
     received: AtomicU64,
     sent: AtomicU64,
-    /// Nanoseconds after `opened` of the last byte moved.
-    last_activity: AtomicU64,
-    opened: Instant,
 }
 
 impl IoStats {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            received: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            last_activity: AtomicU64::new(0),
-            opened: Instant::now(),
-        })
+        Arc::new(Self::default())
     }
 
     /// Bytes read from the peer.
@@ -42,25 +34,17 @@ impl IoStats {
         self.sent.load(Ordering::Relaxed)
     }
 
-    /// Time since a byte last moved.
-    pub fn idle_for(&self) -> Duration {
-        let last = Duration::from_nanos(self.last_activity.load(Ordering::Relaxed));
-        self.opened.elapsed().saturating_sub(last)
-    }
-
-    fn touch(&self) {
-        let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_activity.store(now, Ordering::Relaxed);
+    /// Bytes moved either way; unchanged between two looks means idle in between.
+    pub fn moved(&self) -> u64 {
+        self.received() + self.sent()
     }
 
     fn add_received(&self, n: usize) {
         self.received.fetch_add(n as u64, Ordering::Relaxed);
-        self.touch();
     }
 
     fn add_sent(&self, n: usize) {
         self.sent.fetch_add(n as u64, Ordering::Relaxed);
-        self.touch();
     }
 }
 

@@ -71,14 +71,12 @@ pub async fn serve(
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
-    let idle_timeout = limits.idle_timeout.0;
+    // Idle detection: a connection that moved no byte over a whole
+    // `idle_timeout` window is asked to close (so idle for between one and two windows).
+    let idle_timeout = limits.idle_timeout.0.max(Duration::from_millis(10));
+    let mut moved_at_last_look = io_stats.moved();
     let mut draining = false;
     loop {
-        let idle_check = tokio::time::sleep(
-            idle_timeout
-                .saturating_sub(io_stats.idle_for())
-                .max(Duration::from_millis(10)),
-        );
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -90,11 +88,13 @@ pub async fn serve(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = idle_check => {
-                if io_stats.idle_for() >= idle_timeout && !draining {
+            _ = tokio::time::sleep(idle_timeout), if !draining => {
+                let moved = io_stats.moved();
+                if moved == moved_at_last_look {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
+                moved_at_last_look = moved;
             }
         }
     }
