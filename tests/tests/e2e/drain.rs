@@ -118,3 +118,80 @@ clusters:
         assert_eq!(response.status, StatusCode::OK, "in-flight stream {i}");
     }
 }
+
+/// The real binary, a real SIGTERM: requests in flight all complete, then the
+/// process exits 0 on its own.
+#[tokio::test]
+async fn sigterm_to_the_binary_drains_and_exits_cleanly() {
+    let upstream = servers::http_echo().await;
+    let dir = std::env::temp_dir().join(format!("lacewing-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // A free port for the proxy: bind, read, release.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        proxy::fill(
+            "admin: { address: null }
+workers: 2
+drain_timeout: 30s
+listeners:
+  - name: main
+    address: 127.0.0.1:{port}
+    routes:
+      - { name: default, cluster: upstream }
+clusters:
+  - { name: upstream, endpoints: ['{upstream}'] }
+",
+            &[("port", &port), ("upstream", &upstream.addr)],
+        ),
+    )
+    .expect("write config");
+    let binary = lacewing_tests::process::lacewing_binary();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start lacewing");
+    let pid = child.id().expect("child pid");
+    let url = format!("http://127.0.0.1:{port}/delay/1500");
+    eventually("the proxy accepts connections", || async move {
+        TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+
+    let requests: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client::get(&url).await })
+        })
+        .collect();
+    eventually("all requests are in flight at the upstream", || async {
+        upstream.requests() >= IN_FLIGHT
+    })
+    .await;
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success(), "SIGTERM delivered");
+
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .expect("in-flight request finishes")
+            .expect("request task did not panic");
+        assert_eq!(response.status, StatusCode::OK, "in-flight request {i}");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("the process exits after draining")
+        .expect("wait for lacewing");
+    assert!(status.success(), "clean exit after SIGTERM: {status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
