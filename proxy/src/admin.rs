@@ -71,16 +71,24 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
     }
 }
 
-/// Serves the admin endpoints until drained.
-pub async fn serve(listener: TcpListener, state: AdminState, mut drain: DrainWatch) {
+/// Serves the admin endpoints until `stop` fires. While the proxy drains it
+/// keeps answering, with `/ready` = 503.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    mut drain: DrainWatch,
+    mut stop: DrainWatch,
+) {
+    let mut draining = false;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = drain.signaled() => {
+            _ = drain.signaled(), if !draining => {
+                draining = true;
                 state.ready.store(false, Ordering::Release);
-                // Keep answering (with /ready = 503) until the process exits.
-                listener.accept().await
+                continue;
             }
+            _ = stop.signaled() => return,
         };
         let Ok((stream, _)) = accepted else { continue };
         let state = state.clone();

@@ -56,6 +56,9 @@ pub struct ProxyHandle {
     listeners: HashMap<String, SocketAddr>,
     admin: Option<SocketAddr>,
     drain: DrainTrigger,
+    /// Ends the admin endpoint once the workers are gone.
+    stop_admin: DrainTrigger,
+    admin_thread: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     ready: Arc<AtomicBool>,
     metrics: Metrics,
@@ -120,8 +123,10 @@ impl Proxy {
         }
 
         let (trigger, _) = drain::channel();
+        let (stop_admin, _) = drain::channel();
         let ready = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let mut admin_thread = None;
         let admin = match config.admin.address {
             None => None,
             Some(address) => {
@@ -137,6 +142,7 @@ impl Proxy {
                     ready: ready.clone(),
                 };
                 let watch = trigger.watch();
+                let stop = stop_admin.watch();
                 let thread = std::thread::Builder::new()
                     .name("lacewing-admin".into())
                     .spawn(move || {
@@ -152,15 +158,13 @@ impl Proxy {
                         };
                         rt.block_on(async move {
                             match tokio::net::TcpListener::from_std(socket) {
-                                Ok(l) => admin::serve(l, state, watch).await,
+                                Ok(l) => admin::serve(l, state, watch, stop).await,
                                 Err(e) => tracing::error!(error = %e, "admin listener failed"),
                             }
                         });
                     })
                     .map_err(StartError::Thread)?;
-                // The admin thread outlives drain on purpose (it reports /ready = 503);
-                // it ends with the process.
-                drop(thread);
+                admin_thread = Some(thread);
                 Some(bound)
             }
         };
@@ -188,6 +192,8 @@ impl Proxy {
             listeners: addresses,
             admin,
             drain: trigger,
+            stop_admin,
+            admin_thread,
             workers: threads,
             ready,
             metrics,
@@ -217,10 +223,15 @@ impl ProxyHandle {
         self.drain.drain();
     }
 
-    /// Waits for every worker to exit (they exit after a drain).
+    /// Waits for every worker to exit (they exit after a drain), then stops
+    /// the admin endpoint, which reports `/ready` = 503 until then.
     pub fn join(self) {
         for w in self.workers {
             let _ = w.join();
+        }
+        self.stop_admin.drain();
+        if let Some(admin) = self.admin_thread {
+            let _ = admin.join();
         }
     }
 
