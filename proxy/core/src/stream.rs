@@ -85,6 +85,17 @@ impl StreamInfo {
     }
 }
 
+/// The protocol name as proxy-wasm (`request.protocol`) and the access log spell it.
+pub fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
 /// A reply the proxy sends itself instead of (or in place of) the upstream's.
 #[derive(Debug, Clone)]
 pub struct LocalReply {

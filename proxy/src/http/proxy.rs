@@ -271,7 +271,7 @@ pub fn record(
             start_time: epoch_seconds(facts.start_time),
             listener: &listener.config.name,
             downstream: conn.remote.to_string(),
-            protocol: version_name(facts.version),
+            protocol: lacewing_core::stream::protocol_name(facts.version),
             method: facts.method.as_str(),
             authority,
             path: facts.uri.path_and_query().map_or("/", |p| p.as_str()),
@@ -291,16 +291,5 @@ pub fn record(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-"),
         });
-    }
-}
-
-/// The protocol name as proxy-wasm and the access log spell it.
-pub fn version_name(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_09 => "HTTP/0.9",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_2 => "HTTP/2",
-        http::Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
     }
 }

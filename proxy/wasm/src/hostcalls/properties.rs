@@ -132,16 +132,6 @@ fn flag_bits(flag: Option<ResponseFlag>) -> i64 {
     }
 }
 
-fn protocol(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_09 => "HTTP/0.9",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_2 => "HTTP/2",
-        http::Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
-    }
-}
-
 fn header_map_value(headers: &http::HeaderMap, segments: &[&[u8]]) -> Result<Vec<u8>, Status> {
     match segments {
         [] => {
@@ -270,7 +260,7 @@ fn http_property(s: &HttpStream, segments: &[&[u8]]) -> Result<Vec<u8>, Status> 
             }
         }
         [b"request", b"id"] => header(http::header::HeaderName::from_static("x-request-id"))?,
-        [b"request", b"protocol"] => text(protocol(s.info.protocol)),
+        [b"request", b"protocol"] => text(lacewing_core::stream::protocol_name(s.info.protocol)),
         [b"request", b"time"] => int(nanos(s.info.start_time)),
         [b"request", b"duration"] => int(s.info.start_instant.elapsed().as_nanos() as i64),
         [b"request", b"size"] => int(s.info.request_body_bytes as i64),
