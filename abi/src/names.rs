@@ -290,4 +290,62 @@ mod tests {
             assert!(used, "{name}");
         }
     }
+
+    /// FNV-1a over the names, each followed by a newline: pins order and spelling.
+    fn fingerprint(names: &[&str]) -> u64 {
+        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+        for byte in names
+            .iter()
+            .flat_map(|n| n.bytes().chain(core::iter::once(b'\n')))
+        {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash
+    }
+
+    #[test]
+    fn every_list_keeps_its_exact_names_in_order() {
+        let expected: [(&str, &[&str], usize, u64); 7] = [
+            ("IMPORTS_0_1_0", IMPORTS_0_1_0, 40, 0xc192_1dcf_140b_e3e4),
+            ("IMPORTS_0_2_0", IMPORTS_0_2_0, 38, 0x8d6b_33e5_7d31_419c),
+            ("IMPORTS_0_2_1", IMPORTS_0_2_1, 39, 0xf943_11e2_bc4e_20b7),
+            ("ALL_IMPORTS", ALL_IMPORTS, 43, 0x46da_5538_93e5_5c1a),
+            ("WASI_IMPORTS", WASI_IMPORTS, 17, 0x5ee1_cfd0_2aec_1fa5),
+            ("EXPORTS_0_1_0", EXPORTS_0_1_0, 29, 0x117b_d08b_e77c_f7b2),
+            ("EXPORTS_0_2_X", EXPORTS_0_2_X, 30, 0x3f93_748d_2cb8_fefc),
+        ];
+        for (label, list, len, hash) in expected {
+            assert_eq!(list.len(), len, "{label} length");
+            assert_eq!(fingerprint(list), hash, "{label} names or order");
+        }
+    }
+
+    #[test]
+    fn version_lists_differ_only_where_the_abi_changed() {
+        let only_0_1_0 = [
+            "proxy_get_configuration",
+            "proxy_continue_request",
+            "proxy_continue_response",
+            "proxy_clear_route_cache",
+        ];
+        let only_0_2_x = ["proxy_continue_stream", "proxy_close_stream"];
+        for name in only_0_1_0 {
+            assert!(
+                IMPORTS_0_1_0.contains(&name) && !IMPORTS_0_2_0.contains(&name),
+                "{name}"
+            );
+        }
+        for name in only_0_2_x {
+            assert!(
+                !IMPORTS_0_1_0.contains(&name) && IMPORTS_0_2_1.contains(&name),
+                "{name}"
+            );
+        }
+        assert_eq!(IMPORTS_0_2_1.len(), IMPORTS_0_2_0.len() + 1);
+        assert!(IMPORTS_0_2_1.contains(&"proxy_get_log_level"));
+        assert!(!IMPORTS_0_2_0.contains(&"proxy_get_log_level"));
+        assert_eq!(EXPORTS_0_2_X[..EXPORTS_0_1_0.len()], *EXPORTS_0_1_0);
+        assert_eq!(EXPORTS_0_2_X.last(), Some(&"proxy_on_foreign_function"));
+    }
 }
