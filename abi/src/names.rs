@@ -8,181 +8,100 @@ pub const ENV_MODULE: &str = "env";
 /// Module name of WASI preview 1 imports.
 pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 
-/// Host imports of ABI 0.1.0.
-pub const IMPORTS_0_1_0: &[&str] = &[
-    "proxy_log",
-    "proxy_get_current_time_nanoseconds",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_get_configuration",
-    "proxy_get_buffer_bytes",
-    "proxy_set_buffer_bytes",
-    "proxy_get_buffer_status",
-    "proxy_get_header_map_pairs",
-    "proxy_set_header_map_pairs",
-    "proxy_get_header_map_size",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-    "proxy_replace_header_map_value",
-    "proxy_remove_header_map_value",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-    "proxy_register_shared_queue",
-    "proxy_resolve_shared_queue",
-    "proxy_dequeue_shared_queue",
-    "proxy_enqueue_shared_queue",
-    "proxy_continue_request",
-    "proxy_continue_response",
-    "proxy_clear_route_cache",
-    "proxy_send_local_response",
-    "proxy_http_call",
-    "proxy_grpc_call",
-    "proxy_grpc_stream",
-    "proxy_grpc_send",
-    "proxy_grpc_cancel",
-    "proxy_grpc_close",
-    "proxy_get_status",
-    "proxy_set_effective_context",
-    "proxy_done",
-    "proxy_get_property",
-    "proxy_set_property",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-    "proxy_record_metric",
-    "proxy_get_metric",
-    "proxy_call_foreign_function",
+/// Bit set of ABI versions a host import belongs to.
+type Versions = u8;
+const V0_1_0: Versions = 1;
+const V0_2_0: Versions = 1 << 1;
+const V0_2_1: Versions = 1 << 2;
+const FROM_0_2_0: Versions = V0_2_0 | V0_2_1;
+const EVERY: Versions = V0_1_0 | FROM_0_2_0;
+
+/// Every `env` import with the ABI versions that have it, in link order.
+const IMPORT_TABLE: &[(&str, Versions)] = &[
+    ("proxy_log", EVERY),
+    ("proxy_get_log_level", V0_2_1),
+    ("proxy_get_current_time_nanoseconds", EVERY),
+    ("proxy_set_tick_period_milliseconds", EVERY),
+    ("proxy_get_configuration", V0_1_0),
+    ("proxy_get_buffer_bytes", EVERY),
+    ("proxy_set_buffer_bytes", EVERY),
+    ("proxy_get_buffer_status", EVERY),
+    ("proxy_get_header_map_pairs", EVERY),
+    ("proxy_set_header_map_pairs", EVERY),
+    ("proxy_get_header_map_size", EVERY),
+    ("proxy_get_header_map_value", EVERY),
+    ("proxy_add_header_map_value", EVERY),
+    ("proxy_replace_header_map_value", EVERY),
+    ("proxy_remove_header_map_value", EVERY),
+    ("proxy_get_shared_data", EVERY),
+    ("proxy_set_shared_data", EVERY),
+    ("proxy_register_shared_queue", EVERY),
+    ("proxy_resolve_shared_queue", EVERY),
+    ("proxy_dequeue_shared_queue", EVERY),
+    ("proxy_enqueue_shared_queue", EVERY),
+    ("proxy_continue_request", V0_1_0),
+    ("proxy_continue_response", V0_1_0),
+    ("proxy_continue_stream", FROM_0_2_0),
+    ("proxy_close_stream", FROM_0_2_0),
+    ("proxy_clear_route_cache", V0_1_0),
+    ("proxy_send_local_response", EVERY),
+    ("proxy_http_call", EVERY),
+    ("proxy_grpc_call", EVERY),
+    ("proxy_grpc_stream", EVERY),
+    ("proxy_grpc_send", EVERY),
+    ("proxy_grpc_cancel", EVERY),
+    ("proxy_grpc_close", EVERY),
+    ("proxy_get_status", EVERY),
+    ("proxy_set_effective_context", EVERY),
+    ("proxy_done", EVERY),
+    ("proxy_get_property", EVERY),
+    ("proxy_set_property", EVERY),
+    ("proxy_define_metric", EVERY),
+    ("proxy_increment_metric", EVERY),
+    ("proxy_record_metric", EVERY),
+    ("proxy_get_metric", EVERY),
+    ("proxy_call_foreign_function", EVERY),
 ];
+
+/// How many imports of [`IMPORT_TABLE`] belong to any of `versions`.
+const fn import_count(versions: Versions) -> usize {
+    let mut count = 0;
+    let mut i = 0;
+    while i < IMPORT_TABLE.len() {
+        if IMPORT_TABLE[i].1 & versions != 0 {
+            count += 1;
+        }
+        i += 1;
+    }
+    count
+}
+
+/// The imports of [`IMPORT_TABLE`] that belong to any of `versions`, in table order.
+const fn imports_of<const N: usize>(versions: Versions) -> [&'static str; N] {
+    let mut names = [""; N];
+    let mut next = 0;
+    let mut i = 0;
+    while i < IMPORT_TABLE.len() {
+        if IMPORT_TABLE[i].1 & versions != 0 {
+            names[next] = IMPORT_TABLE[i].0;
+            next += 1;
+        }
+        i += 1;
+    }
+    names
+}
+
+/// Host imports of ABI 0.1.0.
+pub const IMPORTS_0_1_0: &[&str] = &imports_of::<{ import_count(V0_1_0) }>(V0_1_0);
 
 /// Host imports of ABI 0.2.0.
-pub const IMPORTS_0_2_0: &[&str] = &[
-    "proxy_log",
-    "proxy_get_current_time_nanoseconds",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_get_buffer_bytes",
-    "proxy_set_buffer_bytes",
-    "proxy_get_buffer_status",
-    "proxy_get_header_map_pairs",
-    "proxy_set_header_map_pairs",
-    "proxy_get_header_map_size",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-    "proxy_replace_header_map_value",
-    "proxy_remove_header_map_value",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-    "proxy_register_shared_queue",
-    "proxy_resolve_shared_queue",
-    "proxy_dequeue_shared_queue",
-    "proxy_enqueue_shared_queue",
-    "proxy_continue_stream",
-    "proxy_close_stream",
-    "proxy_send_local_response",
-    "proxy_http_call",
-    "proxy_grpc_call",
-    "proxy_grpc_stream",
-    "proxy_grpc_send",
-    "proxy_grpc_cancel",
-    "proxy_grpc_close",
-    "proxy_get_status",
-    "proxy_set_effective_context",
-    "proxy_done",
-    "proxy_get_property",
-    "proxy_set_property",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-    "proxy_record_metric",
-    "proxy_get_metric",
-    "proxy_call_foreign_function",
-];
+pub const IMPORTS_0_2_0: &[&str] = &imports_of::<{ import_count(V0_2_0) }>(V0_2_0);
 
 /// Host imports of ABI 0.2.1 (0.2.0 plus `proxy_get_log_level`).
-pub const IMPORTS_0_2_1: &[&str] = &[
-    "proxy_log",
-    "proxy_get_log_level",
-    "proxy_get_current_time_nanoseconds",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_get_buffer_bytes",
-    "proxy_set_buffer_bytes",
-    "proxy_get_buffer_status",
-    "proxy_get_header_map_pairs",
-    "proxy_set_header_map_pairs",
-    "proxy_get_header_map_size",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-    "proxy_replace_header_map_value",
-    "proxy_remove_header_map_value",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-    "proxy_register_shared_queue",
-    "proxy_resolve_shared_queue",
-    "proxy_dequeue_shared_queue",
-    "proxy_enqueue_shared_queue",
-    "proxy_continue_stream",
-    "proxy_close_stream",
-    "proxy_send_local_response",
-    "proxy_http_call",
-    "proxy_grpc_call",
-    "proxy_grpc_stream",
-    "proxy_grpc_send",
-    "proxy_grpc_cancel",
-    "proxy_grpc_close",
-    "proxy_get_status",
-    "proxy_set_effective_context",
-    "proxy_done",
-    "proxy_get_property",
-    "proxy_set_property",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-    "proxy_record_metric",
-    "proxy_get_metric",
-    "proxy_call_foreign_function",
-];
+pub const IMPORTS_0_2_1: &[&str] = &imports_of::<{ import_count(V0_2_1) }>(V0_2_1);
 
 /// Every `env` import of every supported version (what the host links).
-pub const ALL_IMPORTS: &[&str] = &[
-    "proxy_log",
-    "proxy_get_log_level",
-    "proxy_get_current_time_nanoseconds",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_get_configuration",
-    "proxy_get_buffer_bytes",
-    "proxy_set_buffer_bytes",
-    "proxy_get_buffer_status",
-    "proxy_get_header_map_pairs",
-    "proxy_set_header_map_pairs",
-    "proxy_get_header_map_size",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-    "proxy_replace_header_map_value",
-    "proxy_remove_header_map_value",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-    "proxy_register_shared_queue",
-    "proxy_resolve_shared_queue",
-    "proxy_dequeue_shared_queue",
-    "proxy_enqueue_shared_queue",
-    "proxy_continue_request",
-    "proxy_continue_response",
-    "proxy_continue_stream",
-    "proxy_close_stream",
-    "proxy_clear_route_cache",
-    "proxy_send_local_response",
-    "proxy_http_call",
-    "proxy_grpc_call",
-    "proxy_grpc_stream",
-    "proxy_grpc_send",
-    "proxy_grpc_cancel",
-    "proxy_grpc_close",
-    "proxy_get_status",
-    "proxy_set_effective_context",
-    "proxy_done",
-    "proxy_get_property",
-    "proxy_set_property",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-    "proxy_record_metric",
-    "proxy_get_metric",
-    "proxy_call_foreign_function",
-];
+pub const ALL_IMPORTS: &[&str] = &imports_of::<{ IMPORT_TABLE.len() }>(EVERY);
 
 /// WASI preview 1 functions the host links.
 pub const WASI_IMPORTS: &[&str] = &[
@@ -239,38 +158,22 @@ pub const EXPORTS_0_1_0: &[&str] = &[
 ];
 
 /// Module exports the host calls, ABI 0.2.0 and 0.2.1.
-pub const EXPORTS_0_2_X: &[&str] = &[
-    "_initialize",
-    "_start",
-    "main",
-    "proxy_on_memory_allocate",
-    "malloc",
-    "proxy_on_context_create",
-    "proxy_on_done",
-    "proxy_on_log",
-    "proxy_on_delete",
-    "proxy_on_vm_start",
-    "proxy_on_configure",
-    "proxy_on_tick",
-    "proxy_on_new_connection",
-    "proxy_on_downstream_data",
-    "proxy_on_downstream_connection_close",
-    "proxy_on_upstream_data",
-    "proxy_on_upstream_connection_close",
-    "proxy_on_request_headers",
-    "proxy_on_request_body",
-    "proxy_on_request_trailers",
-    "proxy_on_response_headers",
-    "proxy_on_response_body",
-    "proxy_on_response_trailers",
-    "proxy_on_http_call_response",
-    "proxy_on_grpc_receive_initial_metadata",
-    "proxy_on_grpc_receive",
-    "proxy_on_grpc_receive_trailing_metadata",
-    "proxy_on_grpc_close",
-    "proxy_on_queue_ready",
-    "proxy_on_foreign_function",
-];
+pub const EXPORTS_0_2_X: &[&str] =
+    &with_last::<{ EXPORTS_0_1_0.len() + 1 }>(EXPORTS_0_1_0, "proxy_on_foreign_function");
+
+/// `names` followed by `last`; `N` is `names.len() + 1`.
+const fn with_last<const N: usize>(
+    names: &[&'static str],
+    last: &'static str,
+) -> [&'static str; N] {
+    let mut out = [last; N];
+    let mut i = 0;
+    while i < names.len() {
+        out[i] = names[i];
+        i += 1;
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
