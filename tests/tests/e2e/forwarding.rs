@@ -5,8 +5,10 @@
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::Full;
+use lacewing_proxy::ProxyHandle;
 use lacewing_tests::client::{self, ReusingClient, metric_sum, raw_exchange};
-use lacewing_tests::{proxy, servers};
+use lacewing_tests::proxy;
+use lacewing_tests::servers::{self, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -38,8 +40,7 @@ async fn http1_request_and_response_pass_through_intact() {
 
 #[tokio::test]
 async fn upstream_status_and_body_reach_the_client() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
 
     let not_found = client::get(&proxy::url(&handle, "main", "/status/404")).await;
     assert_eq!(not_found.status, StatusCode::NOT_FOUND);
@@ -52,8 +53,7 @@ async fn upstream_status_and_body_reach_the_client() {
 
 #[tokio::test]
 async fn sequential_requests_reuse_one_upstream_connection() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (upstream, handle) = echo_behind_proxy("http1").await;
 
     for i in 0..5 {
         let response = client::get(&proxy::url(&handle, "main", &format!("/n/{i}"))).await;
@@ -69,14 +69,10 @@ async fn sequential_requests_reuse_one_upstream_connection() {
 
 #[tokio::test]
 async fn h2c_client_to_http1_upstream() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
 
-    let response = client::get_h2(&proxy::url(&handle, "main", "/h2-to-h1")).await;
+    let echo = h2c_get_echo(&handle, "/h2-to-h1").await;
 
-    assert_eq!(response.status, StatusCode::OK);
-    assert_eq!(response.version, Version::HTTP_2);
-    let echo = response.json();
     assert_eq!(echo["version"], "HTTP/1.1");
     assert_eq!(echo["path"], "/h2-to-h1");
     assert!(
@@ -87,22 +83,17 @@ async fn h2c_client_to_http1_upstream() {
 
 #[tokio::test]
 async fn h2c_client_to_h2_upstream() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "h2"));
+    let (_upstream, handle) = echo_behind_proxy("h2").await;
 
-    let response = client::get_h2(&proxy::url(&handle, "main", "/h2-to-h2")).await;
+    let echo = h2c_get_echo(&handle, "/h2-to-h2").await;
 
-    assert_eq!(response.status, StatusCode::OK);
-    assert_eq!(response.version, Version::HTTP_2);
-    let echo = response.json();
     assert_eq!(echo["version"], "HTTP/2.0");
     assert_eq!(echo["path"], "/h2-to-h2");
 }
 
 #[tokio::test]
 async fn http1_client_to_h2_upstream() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "h2"));
+    let (_upstream, handle) = echo_behind_proxy("h2").await;
 
     let response = client::get(&proxy::url(&handle, "main", "/h1-to-h2")).await;
 
@@ -112,8 +103,7 @@ async fn http1_client_to_h2_upstream() {
 
 #[tokio::test]
 async fn response_trailers_survive_h2_end_to_end() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "h2"));
+    let (_upstream, handle) = echo_behind_proxy("h2").await;
 
     let response = client::get_h2(&proxy::url(&handle, "main", "/trailers")).await;
 
@@ -127,8 +117,7 @@ async fn response_trailers_survive_h2_end_to_end() {
 
 #[tokio::test]
 async fn hop_by_hop_headers_are_not_forwarded() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
     let request = "GET /hop HTTP/1.1\r\n\
         Host: example\r\n\
         Connection: close, x-named-by-connection\r\n\
@@ -171,8 +160,7 @@ async fn hop_by_hop_headers_are_not_forwarded() {
 
 #[tokio::test]
 async fn x_forwarded_for_is_set_or_appended() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
     let url = proxy::url(&handle, "main", "/xff");
 
     let fresh = client::get(&url).await;
@@ -181,10 +169,7 @@ async fn x_forwarded_for_is_set_or_appended() {
         Some("127.0.0.1")
     );
 
-    let request = Request::get(&url)
-        .header("x-forwarded-for", "203.0.113.7")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let request = get_with_header(&url, "x-forwarded-for", "203.0.113.7");
     let appended = client::request(request).await;
     assert_eq!(
         appended.echoed_header("x-forwarded-for").as_deref(),
@@ -194,8 +179,7 @@ async fn x_forwarded_for_is_set_or_appended() {
 
 #[tokio::test]
 async fn x_request_id_is_generated_when_absent_and_kept_when_present() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
     let url = proxy::url(&handle, "main", "/rid");
 
     let first = client::get(&url).await.echoed_header("x-request-id");
@@ -205,10 +189,7 @@ async fn x_request_id_is_generated_when_absent_and_kept_when_present() {
     assert!(!first.is_empty());
     assert_ne!(first, second, "each request gets its own id");
 
-    let request = Request::get(&url)
-        .header("x-request-id", "caller-chosen-id-42")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let request = get_with_header(&url, "x-request-id", "caller-chosen-id-42");
     let kept = client::request(request).await;
     assert_eq!(
         kept.echoed_header("x-request-id").as_deref(),
@@ -218,8 +199,7 @@ async fn x_request_id_is_generated_when_absent_and_kept_when_present() {
 
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
     let mut stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
         .await
         .unwrap();
@@ -273,8 +253,7 @@ async fn read_head(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn one_downstream_connection_carries_sequential_requests() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (upstream, handle) = echo_behind_proxy("http1").await;
     let client = ReusingClient::http1();
 
     for i in 0..5 {
@@ -284,13 +263,9 @@ async fn one_downstream_connection_carries_sequential_requests() {
         assert_eq!(response.status, StatusCode::OK, "request {i}");
     }
 
-    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    let (connections, metrics) = downstream_connections(&handle).await;
     assert_eq!(
-        metric_sum(
-            &metrics,
-            "lacewing_downstream_connections_total",
-            &[("listener", "main")]
-        ),
+        connections,
         Some(1.0),
         "the client's keep-alive connection is kept open between requests: {metrics}"
     );
@@ -300,8 +275,7 @@ async fn one_downstream_connection_carries_sequential_requests() {
 #[tokio::test]
 async fn concurrent_h2c_streams_share_one_connection_each_side() {
     const STREAMS: usize = 40;
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "h2"));
+    let (upstream, handle) = echo_behind_proxy("h2").await;
     let client = ReusingClient::h2();
     // One request first, so the connection exists before the burst.
     let first = client.get(&proxy::url(&handle, "main", "/first")).await;
@@ -320,13 +294,9 @@ async fn concurrent_h2c_streams_share_one_connection_each_side() {
         assert_eq!(response.json()["query"], format!("stream={i}"));
     }
 
-    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    let (connections, metrics) = downstream_connections(&handle).await;
     assert_eq!(
-        metric_sum(
-            &metrics,
-            "lacewing_downstream_connections_total",
-            &[("listener", "main")]
-        ),
+        connections,
         Some(1.0),
         "all streams on one downstream connection: {metrics}"
     );
@@ -339,8 +309,7 @@ async fn concurrent_h2c_streams_share_one_connection_each_side() {
 
 #[tokio::test]
 async fn head_response_has_headers_but_no_body() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let (_upstream, handle) = echo_behind_proxy("http1").await;
     let request = Request::head(proxy::url(&handle, "main", "/bytes/1000"))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -353,4 +322,41 @@ async fn head_response_has_headers_but_no_body() {
     // The connection is still in a sane state for the next request.
     let next = client::get(&proxy::url(&handle, "main", "/after-head")).await;
     assert_eq!(next.status, StatusCode::OK);
+}
+
+/// An echo upstream and a proxy in front of it whose cluster speaks `protocol`
+/// (`http1` or `h2`); keep both alive for the test.
+async fn echo_behind_proxy(protocol: &str) -> (TestServer, ProxyHandle) {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], protocol));
+    (upstream, handle)
+}
+
+/// GETs `path` over h2c through the `main` listener; asserts a 200 over HTTP/2
+/// and returns what the echo upstream saw.
+async fn h2c_get_echo(handle: &ProxyHandle, path: &str) -> serde_json::Value {
+    let response = client::get_h2(&proxy::url(handle, "main", path)).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.version, Version::HTTP_2);
+    response.json()
+}
+
+/// A bodiless GET of `url` carrying one extra header.
+fn get_with_header(url: &str, name: &str, value: &str) -> Request<Full<Bytes>> {
+    Request::get(url)
+        .header(name, value)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Downstream connections the `main` listener has accepted, with the metrics
+/// text it was read from.
+async fn downstream_connections(handle: &ProxyHandle) -> (Option<f64>, String) {
+    let metrics = client::metrics(proxy::admin_addr(handle)).await;
+    let total = metric_sum(
+        &metrics,
+        "lacewing_downstream_connections_total",
+        &[("listener", "main")],
+    );
+    (total, metrics)
 }
