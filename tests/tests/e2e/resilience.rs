@@ -2,8 +2,55 @@
 //! and the short local replies the proxy writes for them.
 
 use http::StatusCode;
+use lacewing_proxy::ProxyHandle;
 use lacewing_tests::client::{self, Response, metric_sum};
 use lacewing_tests::{proxy, servers};
+
+/// The retry policy of the routes to clusters with a dead endpoint.
+const RETRY_TWICE: &str = "{ name: default, cluster: upstream, retry: { attempts: 2 } }";
+
+/// A one-worker proxy config with listener `main` holding the single `route`
+/// and the single `cluster`, both YAML flow mappings.
+fn one_route_yaml(route: &str, cluster: &str) -> String {
+    format!(
+        "admin: {{ address: 127.0.0.1:0 }}
+workers: 1
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - {route}
+clusters:
+  - {cluster}
+"
+    )
+}
+
+/// A proxy retrying twice on cluster `upstream`, whose two endpoints refuse
+/// connections; `cluster_settings` (`, key: value`...) extend the cluster.
+fn start_with_two_dead_endpoints(cluster_settings: &str) -> ProxyHandle {
+    let cluster = format!("{{ name: upstream, endpoints: ['{{a}}', '{{b}}']{cluster_settings} }}");
+    proxy::start(&proxy::fill(
+        &one_route_yaml(RETRY_TWICE, &cluster),
+        &[("a", &servers::dead_addr()), ("b", &servers::dead_addr())],
+    ))
+}
+
+/// Asserts exactly one local reply carried response flag `flag`; returns the
+/// metrics text for further checks.
+async fn assert_one_local_reply_flagged(handle: &ProxyHandle, flag: &str) -> String {
+    let metrics = client::metrics(proxy::admin_addr(handle)).await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "lacewing_http_local_replies_total",
+            &[("flag", flag)]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    metrics
+}
 
 /// A proxy-generated error reply is short, non-empty text.
 fn assert_short_local_reply(response: &Response) {
@@ -22,16 +69,10 @@ fn assert_short_local_reply(response: &Response) {
 async fn slow_upstream_times_out_with_504() {
     let upstream = servers::http_echo().await;
     let handle = proxy::start(&proxy::fill(
-        "admin: { address: 127.0.0.1:0 }
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: slow, cluster: upstream, timeout: 200ms }
-clusters:
-  - { name: upstream, endpoints: ['{upstream}'] }
-",
+        &one_route_yaml(
+            "{ name: slow, cluster: upstream, timeout: 200ms }",
+            "{ name: upstream, endpoints: ['{upstream}'] }",
+        ),
         &[("upstream", &upstream.addr)],
     ));
 
@@ -39,16 +80,7 @@ clusters:
 
     assert_eq!(response.status, StatusCode::GATEWAY_TIMEOUT);
     assert_short_local_reply(&response);
-    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "lacewing_http_local_replies_total",
-            &[("flag", "UT")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    let metrics = assert_one_local_reply_flagged(&handle, "UT").await;
     assert_eq!(
         metric_sum(
             &metrics,
@@ -65,16 +97,10 @@ async fn dead_endpoint_is_retried_on_a_live_one() {
     let live = servers::http_echo_named("live").await;
     let dead = servers::dead_addr();
     let handle = proxy::start(&proxy::fill(
-        "admin: { address: 127.0.0.1:0 }
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: default, cluster: upstream, retry: { attempts: 2 } }
-clusters:
-  - { name: upstream, endpoints: ['{dead}', '{live}'], lb: round_robin }
-",
+        &one_route_yaml(
+            RETRY_TWICE,
+            "{ name: upstream, endpoints: ['{dead}', '{live}'], lb: round_robin }",
+        ),
         &[("dead", &dead), ("live", &live.addr)],
     ));
 
@@ -114,19 +140,7 @@ clusters:
 
 #[tokio::test]
 async fn all_endpoints_refusing_gives_502_with_flag_uf() {
-    let handle = proxy::start(&proxy::fill(
-        "admin: { address: 127.0.0.1:0 }
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: default, cluster: upstream, retry: { attempts: 2 } }
-clusters:
-  - { name: upstream, endpoints: ['{a}', '{b}'] }
-",
-        &[("a", &servers::dead_addr()), ("b", &servers::dead_addr())],
-    ));
+    let handle = start_with_two_dead_endpoints("");
 
     let response = client::get(&proxy::url(&handle, "main", "/nobody-home")).await;
 
@@ -139,35 +153,14 @@ clusters:
         response.text()
     );
     assert_short_local_reply(&response);
-    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "lacewing_http_local_replies_total",
-            &[("flag", "UF")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    assert_one_local_reply_flagged(&handle, "UF").await;
 }
 
 #[tokio::test]
 async fn every_endpoint_ejected_fails_fast_with_503_and_flag_uh() {
-    let handle = proxy::start(&proxy::fill(
-        "admin: { address: 127.0.0.1:0 }
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: default, cluster: upstream, retry: { attempts: 2 } }
-clusters:
-  - name: upstream
-    endpoints: ['{a}', '{b}']
-    outlier_detection: { consecutive_failures: 1, base_ejection_time: 60s, max_ejection_percent: 100 }
-",
-        &[("a", &servers::dead_addr()), ("b", &servers::dead_addr())],
-    ));
+    let handle = start_with_two_dead_endpoints(
+        ", outlier_detection: { consecutive_failures: 1, base_ejection_time: 60s, max_ejection_percent: 100 }",
+    );
     let url = proxy::url(&handle, "main", "/nobody-home");
 
     // The first request tries both endpoints; each refusal ejects one.
@@ -184,16 +177,7 @@ clusters:
         second.text()
     );
     assert_short_local_reply(&second);
-    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "lacewing_http_local_replies_total",
-            &[("flag", "UH")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    let metrics = assert_one_local_reply_flagged(&handle, "UH").await;
     assert!(
         metric_sum(
             &metrics,
