@@ -1,10 +1,18 @@
 //! Wasm modules for tests: crates under `tests/modules/` and `filters/` built
-//! once per test process for `wasm32-wasip1`, and WAT text compiled to files.
+//! once per test process for `wasm32-wasip1`, WAT text compiled to files, and
+//! proxies in front of an echo upstream that run them.
 
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use lacewing_proxy::ProxyHandle;
+
+use crate::proxy;
+use crate::servers::{self, TestServer};
 
 /// The Cargo profile wasm modules are built with.
 pub const WASM_PROFILE: &str = "wasm";
@@ -153,4 +161,79 @@ pub fn proxy_wat(imports: &str, shape: WatShape<'_>, body: &str) -> String {
         "(module\n{imports}\n  (memory (export \"memory\") 2)\n{marker}{allocator}\n  \
          (func (export \"proxy_on_context_create\") (param i32 i32))\n{body}\n)\n"
     )
+}
+
+/// A module path quoted for a YAML config.
+pub fn yaml_path(path: &Path) -> String {
+    format!("\"{}\"", path.display())
+}
+
+/// Where a test proxy's plugins go: HTTP listener `main` with `routes` and
+/// `plugins` (each item a YAML flow mapping, e.g. `{ name: all, cluster: echo,
+/// filters: [guarded] }`), and `listener_fields`, more fields of `main` as one
+/// YAML line (e.g. `filters: [first]`) or empty.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginRoutes<'a> {
+    pub listener_fields: &'a str,
+    pub routes: &'a [&'a str],
+    pub plugins: &'a [&'a str],
+}
+
+/// A proxy config for `routes`: admin on `127.0.0.1:0`, one worker, a 1 s
+/// drain timeout, listener `main` on `127.0.0.1:0`, and cluster `echo` with
+/// the one endpoint `echo`. Each `{name}` in the routes and plugins is
+/// replaced with its value from `values` (see [`proxy::fill`]).
+pub fn echo_proxy_yaml(
+    echo: SocketAddr,
+    routes: PluginRoutes<'_>,
+    values: &[(&str, &dyn Display)],
+) -> String {
+    let items = |entries: &[&str], indent: &str| -> String {
+        entries
+            .iter()
+            .map(|entry| format!("{indent}- {entry}\n"))
+            .collect()
+    };
+    let listener_fields = match routes.listener_fields {
+        "" => String::new(),
+        fields => format!("    {fields}\n"),
+    };
+    let template = format!(
+        "admin: {{ address: 127.0.0.1:0 }}
+workers: 1
+drain_timeout: 1s
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+{listener_fields}    routes:
+{}clusters:
+  - {{ name: echo, endpoints: [\"{echo}\"] }}
+plugins:
+{}",
+        items(routes.routes, "      "),
+        items(routes.plugins, "  "),
+    );
+    proxy::fill(&template, values)
+}
+
+/// An echo upstream and a proxy in front of it running wasm plugins; both
+/// stop when this is dropped.
+pub struct EchoProxy {
+    pub proxy: ProxyHandle,
+    pub echo: TestServer,
+}
+
+impl EchoProxy {
+    /// Starts an echo upstream ([`servers::http_echo`]) and a proxy with the
+    /// config [`echo_proxy_yaml`] writes for it.
+    pub async fn start(routes: PluginRoutes<'_>, values: &[(&str, &dyn Display)]) -> Self {
+        let echo = servers::http_echo().await;
+        let proxy = proxy::start(&echo_proxy_yaml(echo.addr, routes, values));
+        Self { proxy, echo }
+    }
+
+    /// `http://<listener main><path>`.
+    pub fn url(&self, path: &str) -> String {
+        proxy::url(&self.proxy, "main", path)
+    }
 }

@@ -20,7 +20,7 @@ use lacewing_tests::body::GeneratedBody;
 use lacewing_tests::client::{self, Response};
 use lacewing_tests::grpc::{EchoReply, EchoRequest, NOT_FOUND_MESSAGE};
 use lacewing_tests::servers::{self, TestServer};
-use lacewing_tests::wasm::{self, WatShape};
+use lacewing_tests::wasm::{self, EchoProxy, PluginRoutes, WatShape, yaml_path};
 use lacewing_tests::{eventually, proxy};
 use prost::Message;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -93,8 +93,9 @@ impl Conformance {
     }
 }
 
-fn yaml_path(path: &Path) -> String {
-    format!("\"{}\"", path.display())
+/// The conformance module's path, quoted for YAML.
+fn conformance_module() -> String {
+    yaml_path(&wasm::module("conformance-filter"))
 }
 
 /// Listener `main`: `/plain` without plugins, `/trailers` to the echo server over
@@ -129,7 +130,7 @@ plugins:
         &[
             ("echo", &echo),
             ("grpc", &grpc),
-            ("module", &yaml_path(&wasm::module("conformance-filter"))),
+            ("module", &conformance_module()),
             ("configuration", &configuration),
         ],
     )
@@ -482,44 +483,28 @@ async fn response_body_is_buffered_to_the_end_then_replaced() {
 
 #[tokio::test]
 async fn buffering_a_body_beyond_max_buffered_body_answers_413() {
-    let echo = servers::http_echo().await;
-    let yaml = proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    limits: { max_buffered_body: 64KiB }
-    routes:
-      - { name: plain, match: { path: { prefix: /plain } }, cluster: echo }
-      - { name: wasm, cluster: echo, filters: [conformance] }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - { name: conformance, module: {module} }
-"#,
-        &[
-            ("echo", &echo.addr),
-            ("module", &yaml_path(&wasm::module("conformance-filter"))),
-        ],
-    );
-    let handle = proxy::start(&yaml);
-    let request = request_with(
-        "POST",
-        &proxy::url(&handle, "main", "/big"),
-        &[("x-test", "request-body")],
+    let fixture = EchoProxy::start(
+        PluginRoutes {
+            listener_fields: "limits: { max_buffered_body: 64KiB }",
+            routes: &[
+                "{ name: plain, match: { path: { prefix: /plain } }, cluster: echo }",
+                "{ name: wasm, cluster: echo, filters: [conformance] }",
+            ],
+            plugins: &["{ name: conformance, module: {module} }"],
+        },
+        &[("module", &conformance_module())],
     )
-    .body(GeneratedBody::chunked(1024 * 1024))
-    .expect("valid request");
+    .await;
+    let request = request_with("POST", &fixture.url("/big"), &[("x-test", "request-body")])
+        .body(GeneratedBody::chunked(1024 * 1024))
+        .expect("valid request");
     let response = client::send(request).await;
     assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
 
     // A body within the limit is still buffered and rewritten.
     let request = request_with(
         "POST",
-        &proxy::url(&handle, "main", "/small"),
+        &fixture.url("/small"),
         &[("x-test", "request-body")],
     )
     .body(GeneratedBody::chunked(1000))
@@ -955,49 +940,40 @@ async fn reset_http_request_closes_the_stream_without_a_response() {
 }
 
 /// Two plugins from the conformance module, `closed` and `open`, on `/closed` and `/open`.
-async fn fail_policy_proxy(echo: &TestServer) -> ProxyHandle {
-    let yaml = proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: closed, match: { path: { prefix: /closed } }, cluster: echo, filters: [closed] }
-      - { name: open, match: { path: { prefix: /open } }, cluster: echo, filters: [open] }
-      - { name: plain, cluster: echo }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - { name: closed, module: {module}, vm_id: closed, fail: closed }
-  - { name: open, module: {module}, vm_id: open, fail: open }
-"#,
-        &[
-            ("echo", &echo.addr),
-            ("module", &yaml_path(&wasm::module("conformance-filter"))),
-        ],
-    );
-    proxy::start(&yaml)
+async fn fail_policy_proxy() -> EchoProxy {
+    EchoProxy::start(
+        PluginRoutes {
+            listener_fields: "",
+            routes: &[
+                "{ name: closed, match: { path: { prefix: /closed } }, cluster: echo, filters: [closed] }",
+                "{ name: open, match: { path: { prefix: /open } }, cluster: echo, filters: [open] }",
+                "{ name: plain, cluster: echo }",
+            ],
+            plugins: &[
+                "{ name: closed, module: {module}, vm_id: closed, fail: closed }",
+                "{ name: open, module: {module}, vm_id: open, fail: open }",
+            ],
+        },
+        &[("module", &conformance_module())],
+    )
+    .await
 }
 
 #[tokio::test]
 async fn trap_fails_closed_with_503_or_open_with_passthrough() {
-    let echo = servers::http_echo().await;
-    let handle = fail_policy_proxy(&echo).await;
+    let fixture = fail_policy_proxy().await;
     let trap = [("x-test", "trap")];
 
-    let closed = get_with(&proxy::url(&handle, "main", "/closed"), &trap).await;
+    let closed = get_with(&fixture.url("/closed"), &trap).await;
     assert_eq!(closed.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(closed.header(servers::UPSTREAM_HEADER), None);
 
-    let open = get_with(&proxy::url(&handle, "main", "/open"), &trap).await;
+    let open = get_with(&fixture.url("/open"), &trap).await;
     assert_eq!(open.status, StatusCode::OK, "fail open skips the plugin");
     assert_eq!(open.header(servers::UPSTREAM_HEADER), Some("echo"));
     assert_eq!(open.json()["path"], "/open");
 
-    let plain = client::get(&proxy::url(&handle, "main", "/plain")).await;
+    let plain = client::get(&fixture.url("/plain")).await;
     assert_eq!(plain.status, StatusCode::OK);
 }
 
@@ -1047,30 +1023,20 @@ async fn module_that_traps_once_then_behaves_serves_the_next_request() {
 
 #[tokio::test]
 async fn three_plugins_run_in_chain_order() {
-    let echo = servers::http_echo().await;
-    let module = yaml_path(&wasm::module("conformance-filter"));
-    let yaml = proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    filters: [first]
-    routes:
-      - { name: all, cluster: echo, filters: [second, third] }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - { name: first, module: {module}, vm_id: first, configuration: "tag=A" }
-  - { name: second, module: {module}, vm_id: second, configuration: "tag=B" }
-  - { name: third, module: {module}, vm_id: third, configuration: "tag=C" }
-"#,
-        &[("echo", &echo.addr), ("module", &module)],
-    );
-    let handle = proxy::start(&yaml);
-    let response = client::get(&proxy::url(&handle, "main", "/chain")).await;
+    let fixture = EchoProxy::start(
+        PluginRoutes {
+            listener_fields: "filters: [first]",
+            routes: &["{ name: all, cluster: echo, filters: [second, third] }"],
+            plugins: &[
+                "{ name: first, module: {module}, vm_id: first, configuration: \"tag=A\" }",
+                "{ name: second, module: {module}, vm_id: second, configuration: \"tag=B\" }",
+                "{ name: third, module: {module}, vm_id: third, configuration: \"tag=C\" }",
+            ],
+        },
+        &[("module", &conformance_module())],
+    )
+    .await;
+    let response = client::get(&fixture.url("/chain")).await;
     // Request phase: listener plugin first, then the route's, in the order written.
     assert_ok_with_headers(
         &response,
@@ -1087,34 +1053,27 @@ plugins:
 
 #[tokio::test]
 async fn plugins_with_the_same_vm_id_share_one_vm() {
-    let echo = servers::http_echo().await;
-    let module = yaml_path(&wasm::module("conformance-filter"));
-    let yaml = proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: one, match: { path: { prefix: /one } }, cluster: echo, filters: [one] }
-      - { name: two, match: { path: { prefix: /two } }, cluster: echo, filters: [two] }
-      - { name: alone, match: { path: { prefix: /alone } }, cluster: echo, filters: [alone] }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - { name: one, module: {module}, vm_id: together }
-  - { name: two, module: {module}, vm_id: together }
-  - { name: alone, module: {module}, vm_id: apart }
-"#,
-        &[("echo", &echo.addr), ("module", &module)],
-    );
-    let handle = proxy::start(&yaml);
+    let fixture = EchoProxy::start(
+        PluginRoutes {
+            listener_fields: "",
+            routes: &[
+                "{ name: one, match: { path: { prefix: /one } }, cluster: echo, filters: [one] }",
+                "{ name: two, match: { path: { prefix: /two } }, cluster: echo, filters: [two] }",
+                "{ name: alone, match: { path: { prefix: /alone } }, cluster: echo, filters: [alone] }",
+            ],
+            plugins: &[
+                "{ name: one, module: {module}, vm_id: together }",
+                "{ name: two, module: {module}, vm_id: together }",
+                "{ name: alone, module: {module}, vm_id: apart }",
+            ],
+        },
+        &[("module", &conformance_module())],
+    )
+    .await;
     let global = [("x-test", "global")];
     let mut counters = Vec::new();
     for path in ["/one", "/two", "/one", "/alone"] {
-        let response = get_with(&proxy::url(&handle, "main", path), &global).await;
+        let response = get_with(&fixture.url(path), &global).await;
         assert_eq!(response.status, StatusCode::OK, "{path}");
         counters.push(header(&response, "x-global-counter").to_string());
     }
@@ -1160,33 +1119,26 @@ fn older_abi_module(version: &str) -> PathBuf {
 
 #[tokio::test]
 async fn abi_0_1_0_and_0_2_0_modules_run() {
-    let echo = servers::http_echo().await;
-    let yaml = proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: v010, match: { path: { prefix: /v010 } }, cluster: echo, filters: [v010] }
-      - { name: v020, match: { path: { prefix: /v020 } }, cluster: echo, filters: [v020] }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - { name: v010, module: {v010} }
-  - { name: v020, module: {v020} }
-"#,
+    let fixture = EchoProxy::start(
+        PluginRoutes {
+            listener_fields: "",
+            routes: &[
+                "{ name: v010, match: { path: { prefix: /v010 } }, cluster: echo, filters: [v010] }",
+                "{ name: v020, match: { path: { prefix: /v020 } }, cluster: echo, filters: [v020] }",
+            ],
+            plugins: &[
+                "{ name: v010, module: {v010} }",
+                "{ name: v020, module: {v020} }",
+            ],
+        },
         &[
-            ("echo", &echo.addr),
             ("v010", &yaml_path(&older_abi_module("0.1.0"))),
             ("v020", &yaml_path(&older_abi_module("0.2.0"))),
         ],
-    );
-    let handle = proxy::start(&yaml);
+    )
+    .await;
     for (path, version) in [("/v010", "0.1.0"), ("/v020", "0.2.0")] {
-        let response = client::get(&proxy::url(&handle, "main", path)).await;
+        let response = client::get(&fixture.url(path)).await;
         assert_eq!(response.status, StatusCode::OK, "ABI {version}");
         assert_eq!(header(&response, "x-abi-version"), version);
         assert_eq!(
