@@ -8,76 +8,101 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use lacewing_proxy::{Proxy, ProxyHandle};
+use lacewing_proxy::Proxy;
 use lacewing_tests::client::{self, Response};
 use lacewing_tests::proxy;
-use lacewing_tests::servers::{self, TestServer};
-use lacewing_tests::wasm::{self, WatShape};
+use lacewing_tests::servers;
+use lacewing_tests::wasm::{self, EchoProxy, PluginRoutes, WatShape, yaml_path};
 
-/// A plugin named `guarded` from `module` on route `/hostile` (failing `policy`:
-/// `closed` or `open`), and no plugin on every other path.
-fn hostile_yaml(echo: &TestServer, module: &Path, policy: &str, limits: &str) -> String {
-    proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: hostile, match: { path: { prefix: /hostile } }, cluster: echo, filters: [guarded] }
-      - { name: plain, cluster: echo }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - name: guarded
-    module: "{module}"
-    fail: {policy}
-    limits: {limits}
-"#,
-        &[
-            ("echo", &echo.addr),
-            ("module", &module.display()),
-            ("policy", &policy),
-            ("limits", &limits),
-        ],
-    )
+/// Routes of [`Hostile`]: plugin `guarded` on `/hostile`, none on every other path.
+const HOSTILE_ROUTES: &[&str] = &[
+    "{ name: hostile, match: { path: { prefix: /hostile } }, cluster: echo, filters: [guarded] }",
+    "{ name: plain, cluster: echo }",
+];
+
+/// Plugin `guarded` from `{module}`, failing `{policy}`, with `{limits}`.
+const GUARDED_PLUGIN: &str =
+    "{ name: guarded, module: {module}, fail: {policy}, limits: {limits} }";
+
+/// Where the plugin `guarded` runs [`HOSTILE_ROUTES`].
+fn hostile_routes() -> PluginRoutes<'static> {
+    PluginRoutes {
+        listener_fields: "",
+        routes: HOSTILE_ROUTES,
+        plugins: &[GUARDED_PLUGIN],
+    }
 }
 
 /// Default plugin limits, written out.
 const DEFAULT_LIMITS: &str = "{}";
 
-async fn get(handle: &ProxyHandle, path: &str, headers: &[(&str, &str)]) -> Response {
-    let mut builder = Request::get(proxy::url(handle, "main", path));
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
+/// A proxy whose plugin `guarded` runs `module` on route `/hostile` (failing
+/// `policy`: `closed` or `open`), and no plugin on every other path.
+struct Hostile {
+    fixture: EchoProxy,
+}
+
+impl Hostile {
+    async fn start(module: &Path, policy: &str, limits: &str) -> Self {
+        Self {
+            fixture: EchoProxy::start(
+                hostile_routes(),
+                &[
+                    ("module", &yaml_path(module)),
+                    ("policy", &policy),
+                    ("limits", &limits),
+                ],
+            )
+            .await,
+        }
     }
-    client::request(
-        builder
-            .body(Full::new(Bytes::new()))
-            .expect("valid request"),
-    )
-    .await
+
+    /// GET `path` with `headers`.
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut builder = Request::get(self.fixture.url(path));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        client::request(
+            builder
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+    }
+
+    /// The route without the plugin answers normally.
+    async fn assert_plain_route_serves(&self) {
+        let response = self.get("/plain", &[]).await;
+        assert_eq!(response.status, StatusCode::OK, "route without the plugin");
+        assert_eq!(response.json()["path"], "/plain");
+    }
 }
 
-/// The route without the plugin answers normally.
-async fn assert_plain_route_serves(handle: &ProxyHandle) {
-    let response = get(handle, "/plain", &[]).await;
-    assert_eq!(response.status, StatusCode::OK, "route without the plugin");
-    assert_eq!(response.json()["path"], "/plain");
-}
-
-/// The error `Proxy::start` gives for a config whose plugin is `module`.
-async fn start_error(module: &Path) -> String {
-    let echo = servers::http_echo().await;
-    let yaml = hostile_yaml(&echo, module, "closed", DEFAULT_LIMITS);
-    let config = lacewing_config::load::from_yaml_str(&yaml, proxy::TEST_CONFIG_NAME)
+/// The error `Proxy::start` gives for `yaml`, a config that loads; panics
+/// with "the proxy started `started_how`" when the proxy starts.
+fn start_error_of(yaml: &str, started_how: &str) -> String {
+    let config = lacewing_config::load::from_yaml_str(yaml, proxy::TEST_CONFIG_NAME)
         .unwrap_or_else(|e| panic!("the config itself is valid: {e}"));
     match Proxy::start(config) {
-        Ok(_) => panic!("the proxy started with module {}", module.display()),
+        Ok(_) => panic!("the proxy started {started_how}\n--- config ---\n{yaml}"),
         Err(e) => e.to_string(),
     }
+}
+
+/// The error `Proxy::start` gives for a config whose plugin `guarded` is `module`.
+async fn start_error(module: &Path) -> String {
+    let echo = servers::http_echo().await;
+    let yaml = wasm::echo_proxy_yaml(
+        echo.addr,
+        hostile_routes(),
+        &[
+            ("module", &yaml_path(module)),
+            ("policy", &"closed"),
+            ("limits", &DEFAULT_LIMITS),
+        ],
+    );
+    start_error_of(&yaml, &format!("with module {}", module.display()))
 }
 
 /// The imports every hostile module here may use.
@@ -90,34 +115,40 @@ fn module(name: &str, shape: WatShape<'_>, imports: &str, body: &str) -> PathBuf
     wasm::wat_file(name, &wasm::proxy_wat(imports, shape, body))
 }
 
-#[tokio::test]
-async fn infinite_loop_is_stopped_at_the_callback_timeout() {
-    let echo = servers::http_echo().await;
-    let looping = module(
-        "hostile-loop",
+/// A module whose `proxy_on_request_headers` never returns.
+fn looping_module(name: &str) -> PathBuf {
+    module(
+        name,
         WatShape::V0_2_1,
         IMPORTS,
         r#"
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (loop $forever (br $forever))
     (i32.const 0))"#,
-    );
-    let handle = proxy::start(&hostile_yaml(
-        &echo,
-        &looping,
+    )
+}
+
+/// Limits that stop a looping callback quickly.
+const SHORT_CALLBACK_TIMEOUT: &str = "{ callback_timeout: 50ms }";
+
+#[tokio::test]
+async fn infinite_loop_is_stopped_at_the_callback_timeout() {
+    let hostile = Hostile::start(
+        &looping_module("hostile-loop"),
         "closed",
-        "{ callback_timeout: 50ms }",
-    ));
+        SHORT_CALLBACK_TIMEOUT,
+    )
+    .await;
     for attempt in 0..3 {
-        let response = get(&handle, "/hostile", &[]).await;
+        let response = hostile.get("/hostile", &[]).await;
         assert_eq!(
             response.status,
             StatusCode::SERVICE_UNAVAILABLE,
             "attempt {attempt}: the looping plugin fails closed"
         );
-        assert_plain_route_serves(&handle).await;
+        hostile.assert_plain_route_serves().await;
     }
-    let text = client::metrics(proxy::admin_addr(&handle)).await;
+    let text = client::metrics(proxy::admin_addr(&hostile.fixture.proxy)).await;
     let stopped = client::metric_sum(
         &text,
         "lacewing_wasm_deadline_exceeded_total",
@@ -131,31 +162,20 @@ async fn infinite_loop_is_stopped_at_the_callback_timeout() {
 
 #[tokio::test]
 async fn infinite_loop_in_a_fail_open_plugin_passes_requests_through() {
-    let echo = servers::http_echo().await;
-    let looping = module(
-        "hostile-loop-open",
-        WatShape::V0_2_1,
-        IMPORTS,
-        r#"
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (loop $forever (br $forever))
-    (i32.const 0))"#,
-    );
-    let handle = proxy::start(&hostile_yaml(
-        &echo,
-        &looping,
+    let hostile = Hostile::start(
+        &looping_module("hostile-loop-open"),
         "open",
-        "{ callback_timeout: 50ms }",
-    ));
-    let response = get(&handle, "/hostile", &[]).await;
+        SHORT_CALLBACK_TIMEOUT,
+    )
+    .await;
+    let response = hostile.get("/hostile", &[]).await;
     assert_eq!(response.status, StatusCode::OK);
     assert_eq!(response.json()["path"], "/hostile");
-    assert_plain_route_serves(&handle).await;
+    hostile.assert_plain_route_serves().await;
 }
 
 #[tokio::test]
 async fn memory_grow_bomb_stops_at_the_memory_limit() {
-    let echo = servers::http_echo().await;
     // Grows 1 MiB at a time until memory.grow fails, then reports whether the
     // memory it ended with is within the 16 MiB (256 pages) limit.
     let bomb = module(
@@ -180,9 +200,9 @@ async fn memory_grow_bomb_stops_at_the_memory_limit() {
       (else (drop (call $add (i32.const 2) (i32.const 0) (i32.const 13) (i32.const 32) (i32.const 8)))))
     (i32.const 0))"#,
     );
-    let handle = proxy::start(&hostile_yaml(&echo, &bomb, "closed", "{ memory: 16MiB }"));
+    let hostile = Hostile::start(&bomb, "closed", "{ memory: 16MiB }").await;
     for attempt in 0..2 {
-        let response = get(&handle, "/hostile", &[]).await;
+        let response = hostile.get("/hostile", &[]).await;
         // memory.grow fails (-1) at the limit and the module carries on with
         // the memory it has: the request succeeds and the module saw the cap.
         assert_eq!(response.status, StatusCode::OK, "attempt {attempt}");
@@ -191,13 +211,12 @@ async fn memory_grow_bomb_stops_at_the_memory_limit() {
             Some("contained"),
             "attempt {attempt}: memory stayed within 16 MiB"
         );
-        assert_plain_route_serves(&handle).await;
+        hostile.assert_plain_route_serves().await;
     }
 }
 
 #[tokio::test]
 async fn out_of_bounds_pointer_gets_invalid_memory_access_status() {
-    let echo = servers::http_echo().await;
     // Each status is written as one digit (`'0' + status`); InvalidMemoryAccess is 6.
     let oob = module(
         "hostile-oob",
@@ -231,9 +250,9 @@ async fn out_of_bounds_pointer_gets_invalid_memory_access_status() {
     (drop (call $add (i32.const 2) (i32.const 48) (i32.const 9) (i32.const 203) (i32.const 1)))
     (i32.const 0))"#,
     );
-    let handle = proxy::start(&hostile_yaml(&echo, &oob, "closed", DEFAULT_LIMITS));
+    let hostile = Hostile::start(&oob, "closed", DEFAULT_LIMITS).await;
     // `x-test` is the key the module looks up with out-of-bounds result pointers.
-    let response = get(&handle, "/hostile", &[("x-test", "present")]).await;
+    let response = hostile.get("/hostile", &[("x-test", "present")]).await;
     assert_eq!(response.status, StatusCode::OK);
     let invalid_memory_access = "6";
     for name in ["x-oob-key", "x-oob-return", "x-oob-length", "x-oob-log"] {
@@ -243,7 +262,7 @@ async fn out_of_bounds_pointer_gets_invalid_memory_access_status() {
             "{name}: status returned to the module"
         );
     }
-    assert_plain_route_serves(&handle).await;
+    hostile.assert_plain_route_serves().await;
 }
 
 #[tokio::test]
@@ -267,28 +286,16 @@ async fn trap_in_on_configure_rejects_the_plugin_at_start() {
 #[tokio::test]
 async fn on_configure_returning_false_rejects_the_plugin_at_start() {
     let echo = servers::http_echo().await;
-    let yaml = proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-listeners:
-  - { name: main, address: 127.0.0.1:0, routes: [{ name: all, cluster: echo, filters: [refusing] }] }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-plugins:
-  - { name: refusing, module: "{module}", configuration: "fail_configure" }
-"#,
-        &[
-            ("echo", &echo.addr),
-            ("module", &wasm::module("conformance-filter").display()),
-        ],
+    let yaml = wasm::echo_proxy_yaml(
+        echo.addr,
+        PluginRoutes {
+            listener_fields: "",
+            routes: &["{ name: all, cluster: echo, filters: [refusing] }"],
+            plugins: &["{ name: refusing, module: {module}, configuration: \"fail_configure\" }"],
+        },
+        &[("module", &yaml_path(&wasm::module("conformance-filter")))],
     );
-    let config = lacewing_config::load::from_yaml_str(&yaml, proxy::TEST_CONFIG_NAME)
-        .unwrap_or_else(|e| panic!("the config itself is valid: {e}"));
-    let error = match Proxy::start(config) {
-        Ok(_) => panic!("the proxy started although on_configure returned false"),
-        Err(e) => e.to_string(),
-    };
+    let error = start_error_of(&yaml, "although on_configure returned false");
     assert!(error.contains("refusing"), "names the plugin: {error}");
     assert!(error.contains("on_configure"), "gives the reason: {error}");
 }
@@ -354,7 +361,6 @@ async fn bytes_that_are_not_wasm_are_a_load_error() {
 
 #[tokio::test]
 async fn trap_on_every_request_keeps_failing_closed_while_other_routes_serve() {
-    let echo = servers::http_echo().await;
     let trapping = module(
         "hostile-trap-always",
         WatShape::V0_2_1,
@@ -363,18 +369,18 @@ async fn trap_on_every_request_keeps_failing_closed_while_other_routes_serve() {
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (unreachable))"#,
     );
-    let handle = proxy::start(&hostile_yaml(&echo, &trapping, "closed", DEFAULT_LIMITS));
+    let hostile = Hostile::start(&trapping, "closed", DEFAULT_LIMITS).await;
     for attempt in 0..5 {
-        let response = get(&handle, "/hostile", &[]).await;
+        let response = hostile.get("/hostile", &[]).await;
         assert_eq!(
             response.status,
             StatusCode::SERVICE_UNAVAILABLE,
             "attempt {attempt}"
         );
-        assert_plain_route_serves(&handle).await;
+        hostile.assert_plain_route_serves().await;
     }
     // Concurrent clients on the plain route are not held up by the failing plugin.
-    let plain = proxy::url(&handle, "main", "/plain");
+    let plain = hostile.fixture.url("/plain");
     let clients: Vec<_> = (0..8)
         .map(|_| {
             let plain = plain.clone();
