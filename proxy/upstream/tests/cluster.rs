@@ -12,10 +12,68 @@ use lacewing_config::units::Dur;
 use lacewing_config::{LbPolicy, OutlierDetection, UpstreamProtocol};
 use lacewing_core::ProxyError;
 use lacewing_core::body;
-use lacewing_upstream::{RequestPolicy, Upstreams};
+use lacewing_upstream::{Cluster, RequestPolicy, UpstreamResponse, Upstreams};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// An HTTP/1.1 server answering 200 `body`; requests for `/hold` first wait
+/// until `release` is notified.
+async fn http1_holding_on(release: &Arc<Notify>, body: &'static str) -> Server {
+    let gate = release.clone();
+    http1(move |request: Request<hyper::body::Incoming>| {
+        let gate = gate.clone();
+        async move {
+            if request.uri().path() == "/hold" {
+                gate.notified().await;
+            }
+            reply(200, body)
+        }
+    })
+    .await
+}
+
+/// Sends `GET /hold` without retries from a spawned task.
+fn spawn_held_request(cluster: &Arc<Cluster>) -> JoinHandle<Result<UpstreamResponse, ProxyError>> {
+    let cluster = cluster.clone();
+    tokio::spawn(async move { cluster.send(get("/hold"), &policy(0)).await })
+}
+
+fn assert_overflow(error: &ProxyError, expected_limit: &str) {
+    assert!(
+        matches!(error, ProxyError::Overflow { limit, .. } if *limit == expected_limit),
+        "{error}"
+    );
+}
+
+/// Outlier detection ejecting an endpoint after `consecutive_failures`.
+fn ejecting_after(
+    consecutive_failures: u32,
+    base_ejection_time: Duration,
+    max_ejection_percent: u32,
+) -> OutlierDetection {
+    OutlierDetection {
+        consecutive_failures,
+        base_ejection_time: Dur(base_ejection_time),
+        max_ejection_percent,
+    }
+}
+
+/// The `upstream_connections_active` gauge of cluster `name`.
+fn active_connections(metrics: &lacewing_core::metrics::Metrics, name: &str) -> i64 {
+    metrics
+        .upstream_connections_active
+        .with_label_values(&[name])
+        .get()
+}
+
+/// [`config`] for an h2 cluster.
+fn h2_config(name: &str, endpoints: &[std::net::SocketAddr]) -> lacewing_config::ClusterConfig {
+    let mut cfg = config(name, endpoints);
+    cfg.protocol = UpstreamProtocol::H2;
+    cfg
+}
 
 #[tokio::test(flavor = "current_thread")]
 async fn round_robin_spreads_across_three_live_endpoints() {
@@ -36,32 +94,13 @@ async fn round_robin_spreads_across_three_live_endpoints() {
 #[tokio::test(flavor = "current_thread")]
 async fn least_request_prefers_the_idle_endpoint() {
     let release = Arc::new(Notify::new());
-    let hold = |release: Arc<Notify>| {
-        move |request: Request<hyper::body::Incoming>| {
-            let release = release.clone();
-            async move {
-                if request.uri().path() == "/hold" {
-                    release.notified().await;
-                }
-                reply(200, "ok")
-            }
-        }
-    };
-    let a = http1(hold(release.clone())).await;
-    let b = http1(hold(release.clone())).await;
+    let a = http1_holding_on(&release, "ok").await;
+    let b = http1_holding_on(&release, "ok").await;
     let mut cfg = config("lr", &[a.addr, b.addr]);
     cfg.lb = LbPolicy::LeastRequest;
     let (cluster, _) = build(cfg);
 
-    let held = {
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            cluster
-                .send(get("/hold"), &policy(0))
-                .await
-                .map(|a| a.endpoint)
-        })
-    };
+    let held = spawn_held_request(&cluster);
     eventually("the held request reaches a server", || {
         a.requests() + b.requests() == 1
     })
@@ -79,7 +118,7 @@ async fn least_request_prefers_the_idle_endpoint() {
     assert_eq!(busy.requests(), 1);
     assert_eq!(idle.requests(), 20);
     release.notify_waiters();
-    assert_eq!(held.await.unwrap().unwrap(), busy.addr);
+    assert_eq!(held.await.unwrap().unwrap().endpoint, busy.addr);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -116,11 +155,7 @@ async fn all_dead_endpoints_fail_with_a_connect_error() {
 #[tokio::test(flavor = "current_thread")]
 async fn every_endpoint_ejected_for_refusing_connections_is_no_healthy_upstream() {
     let mut cfg = config("down", &[dead_addr()]);
-    cfg.outlier_detection = OutlierDetection {
-        consecutive_failures: 1,
-        base_ejection_time: Dur(Duration::from_secs(30)),
-        max_ejection_percent: 100,
-    };
+    cfg.outlier_detection = ejecting_after(1, Duration::from_secs(30), 100);
     let (cluster, metrics) = build(cfg);
     let first = cluster.send(get("/"), &policy(0)).await.unwrap_err();
     assert!(matches!(first, ProxyError::Connect { .. }), "{first}");
@@ -211,11 +246,7 @@ async fn failing_endpoint_is_ejected_then_readmitted() {
     let bad = http1(|_| async { reply(500, "bad") }).await;
     let good = http1(|_| async { reply(200, "good") }).await;
     let mut cfg = config("outlier", &[bad.addr, good.addr]);
-    cfg.outlier_detection = OutlierDetection {
-        consecutive_failures: 3,
-        base_ejection_time: Dur(Duration::from_millis(300)),
-        max_ejection_percent: 50,
-    };
+    cfg.outlier_detection = ejecting_after(3, Duration::from_millis(300), 50);
     let (cluster, metrics) = build(cfg);
     for _ in 0..6 {
         let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
@@ -252,41 +283,14 @@ async fn failing_endpoint_is_ejected_then_readmitted() {
 #[tokio::test(flavor = "current_thread")]
 async fn max_requests_overflows() {
     let release = Arc::new(Notify::new());
-    let gate = release.clone();
-    let held = http1(move |request: Request<hyper::body::Incoming>| {
-        let gate = gate.clone();
-        async move {
-            if request.uri().path() == "/hold" {
-                gate.notified().await;
-            }
-            reply(200, "done")
-        }
-    })
-    .await;
+    let held = http1_holding_on(&release, "done").await;
     let mut cfg = config("small", &[held.addr]);
     cfg.circuit_breaker.max_requests = 1;
     let (cluster, metrics) = build(cfg);
-    let first = {
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            cluster
-                .send(get("/hold"), &policy(0))
-                .await
-                .map(|a| a.response.status())
-        })
-    };
+    let first = spawn_held_request(&cluster);
     eventually("the first request is in flight", || held.requests() == 1).await;
     let error = cluster.send(get("/"), &policy(0)).await.unwrap_err();
-    assert!(
-        matches!(
-            error,
-            ProxyError::Overflow {
-                limit: "max_requests",
-                ..
-            }
-        ),
-        "{error}"
-    );
+    assert_overflow(&error, "max_requests");
     assert_eq!(error.status(), 503);
     let overflows = metrics
         .upstream_overflows
@@ -294,7 +298,7 @@ async fn max_requests_overflows() {
         .get();
     assert_eq!(overflows, 1);
     release.notify_waiters();
-    assert_eq!(first.await.unwrap().unwrap(), 200);
+    assert_eq!(first.await.unwrap().unwrap().response.status(), 200);
     assert!(cluster.send(get("/"), &policy(0)).await.is_ok());
 }
 
@@ -316,13 +320,7 @@ async fn pooled_connection_is_reused() {
             .get(),
         1
     );
-    assert_eq!(
-        metrics
-            .upstream_connections_active
-            .with_label_values(&["pool"])
-            .get(),
-        1
-    );
+    assert_eq!(active_connections(&metrics, "pool"), 1);
 }
 
 /// A keep-alive server that answers one request per connection, then closes
@@ -401,13 +399,7 @@ async fn idle_connections_close_after_the_idle_timeout() {
         cluster.open_connections() == 0
     })
     .await;
-    assert_eq!(
-        metrics
-            .upstream_connections_active
-            .with_label_values(&["idle"])
-            .get(),
-        0
-    );
+    assert_eq!(active_connections(&metrics, "idle"), 0);
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     assert_eq!(answer.response.status(), 200);
     assert_eq!(server.accepted(), 2);
@@ -449,9 +441,7 @@ async fn h2_upstream_multiplexes_one_connection() {
         }
     })
     .await;
-    let mut cfg = config("grpc", &[server.addr]);
-    cfg.protocol = UpstreamProtocol::H2;
-    let (cluster, _) = build(cfg);
+    let (cluster, _) = build(h2_config("grpc", &[server.addr]));
     let sends = (0..10).map(|i| {
         let cluster = cluster.clone();
         async move {
@@ -473,21 +463,14 @@ async fn h2_upstream_multiplexes_one_connection() {
 #[tokio::test(flavor = "current_thread")]
 async fn unused_h2_connection_closes_after_the_idle_timeout() {
     let server = h2(|_| async { reply(200, "ok") }).await;
-    let mut cfg = config("h2idle", &[server.addr]);
-    cfg.protocol = UpstreamProtocol::H2;
+    let mut cfg = h2_config("h2idle", &[server.addr]);
     cfg.idle_timeout = Dur(Duration::from_millis(100));
     let (cluster, metrics) = build(cfg);
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     body_text(answer.response).await;
     eventually("the idle h2 connection closes", || server.closed() == 1).await;
     eventually("the count drops", || cluster.open_connections() == 0).await;
-    assert_eq!(
-        metrics
-            .upstream_connections_active
-            .with_label_values(&["h2idle"])
-            .get(),
-        0
-    );
+    assert_eq!(active_connections(&metrics, "h2idle"), 0);
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     assert_eq!(answer.response.status(), 200);
     assert_eq!(server.accepted(), 2);
@@ -497,15 +480,11 @@ async fn unused_h2_connection_closes_after_the_idle_timeout() {
 async fn removed_cluster_pools_are_dropped_after_a_reload() {
     let old = h2(|_| async { reply(200, "old") }).await;
     let new = h2(|_| async { reply(200, "new") }).await;
-    let mut old_config = config("reloaded", &[old.addr]);
-    old_config.protocol = UpstreamProtocol::H2;
-    let (cluster, _) = build(old_config);
+    let (cluster, _) = build(h2_config("reloaded", &[old.addr]));
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     assert_eq!(body_text(answer.response).await, "old");
     drop(cluster);
-    let mut new_config = config("reloaded", &[new.addr]);
-    new_config.protocol = UpstreamProtocol::H2;
-    let (cluster, _) = build(new_config);
+    let (cluster, _) = build(h2_config("reloaded", &[new.addr]));
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     assert_eq!(body_text(answer.response).await, "new");
     // Creating the new cluster's pool on this thread dropped the old one.
@@ -623,53 +602,30 @@ fn send_future_is_send() {
 #[tokio::test(flavor = "current_thread")]
 async fn max_connections_overflows_when_no_connection_is_free() {
     let release = Arc::new(Notify::new());
-    let gate = release.clone();
-    let server = http1(move |request: Request<hyper::body::Incoming>| {
-        let gate = gate.clone();
-        async move {
-            if request.uri().path() == "/hold" {
-                gate.notified().await;
-            }
-            reply(200, "done")
-        }
-    })
-    .await;
+    let server = http1_holding_on(&release, "done").await;
     let mut cfg = config("conns", &[server.addr]);
     cfg.circuit_breaker.max_connections = 1;
     let (cluster, metrics) = build(cfg);
-    let first = {
-        let cluster = cluster.clone();
-        tokio::spawn(async move { cluster.send(get("/hold"), &policy(0)).await.is_ok() })
-    };
+    let first = spawn_held_request(&cluster);
     eventually("the first request holds the only connection", || {
         server.requests() == 1
     })
     .await;
     let error = cluster.send(get("/"), &policy(0)).await.unwrap_err();
-    assert!(
-        matches!(
-            error,
-            ProxyError::Overflow {
-                limit: "max_connections",
-                ..
-            }
-        ),
-        "{error}"
-    );
+    assert_overflow(&error, "max_connections");
     let overflows = metrics
         .upstream_overflows
         .with_label_values(&["conns", "max_connections"])
         .get();
     assert_eq!(overflows, 1);
     release.notify_waiters();
-    assert!(first.await.unwrap());
+    assert!(first.await.unwrap().is_ok());
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn concurrent_h2_requests_survive_a_dead_endpoint() {
     let live = h2(|_| async { reply(200, "live") }).await;
-    let mut cfg = config("h2dead", &[dead_addr(), live.addr]);
-    cfg.protocol = UpstreamProtocol::H2;
+    let mut cfg = h2_config("h2dead", &[dead_addr(), live.addr]);
     // Every request may need its retry at once.
     cfg.retry_budget.min_concurrent = 10;
     let (cluster, _) = build(cfg);
@@ -738,13 +694,7 @@ async fn workers_on_several_threads_share_a_cluster() {
         cluster.open_connections() == 0
     })
     .await;
-    assert_eq!(
-        metrics
-            .upstream_connections_active
-            .with_label_values(&["workers"])
-            .get(),
-        0
-    );
+    assert_eq!(active_connections(&metrics, "workers"), 0);
     // Five concurrent requests per worker need five connections, reused across rounds.
     assert!(server.accepted() <= 15, "{} connections", server.accepted());
 }
@@ -753,11 +703,7 @@ async fn workers_on_several_threads_share_a_cluster() {
 async fn every_endpoint_ejected_for_5xx_still_gets_traffic() {
     let failing = http1(|_| async { reply(500, "bad") }).await;
     let mut cfg = config("panic", &[failing.addr]);
-    cfg.outlier_detection = OutlierDetection {
-        consecutive_failures: 1,
-        base_ejection_time: Dur(Duration::from_secs(30)),
-        max_ejection_percent: 100,
-    };
+    cfg.outlier_detection = ejecting_after(1, Duration::from_secs(30), 100);
     let (cluster, _) = build(cfg);
     let answer = cluster.send(get("/"), &policy(0)).await.unwrap();
     assert_eq!(answer.response.status(), 500);
