@@ -168,14 +168,16 @@ pub fn yaml_path(path: &Path) -> String {
     format!("\"{}\"", path.display())
 }
 
-/// Where a test proxy's plugins go: HTTP listener `main` with `routes` and
-/// `plugins` (each item a YAML flow mapping, e.g. `{ name: all, cluster: echo,
-/// filters: [guarded] }`), and `listener_fields`, more fields of `main` as one
-/// YAML line (e.g. `filters: [first]`) or empty.
+/// Where a test proxy's plugins go: HTTP listener `main` with `routes`,
+/// `clusters` besides `echo`, and `plugins` (each item a YAML flow mapping,
+/// e.g. `{ name: all, cluster: echo, filters: [guarded] }`), and
+/// `listener_fields`, more fields of `main` as one YAML line (e.g.
+/// `filters: [first]`) or empty.
 #[derive(Debug, Clone, Copy)]
 pub struct PluginRoutes<'a> {
     pub listener_fields: &'a str,
     pub routes: &'a [&'a str],
+    pub clusters: &'a [&'a str],
     pub plugins: &'a [&'a str],
 }
 
@@ -208,9 +210,10 @@ listeners:
 {listener_fields}    routes:
 {}clusters:
   - {{ name: echo, endpoints: [\"{echo}\"] }}
-plugins:
+{}plugins:
 {}",
         items(routes.routes, "      "),
+        items(routes.clusters, "  "),
         items(routes.plugins, "  "),
     );
     proxy::fill(&template, values)

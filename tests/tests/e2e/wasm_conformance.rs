@@ -101,32 +101,26 @@ fn conformance_module() -> String {
 /// Listener `main`: `/plain` without plugins, `/trailers` to the echo server over
 /// h2 with the plugin, everything else to the echo server with the plugin.
 fn conformance_yaml(echo: SocketAddr, grpc: SocketAddr, configuration: &str) -> String {
-    proxy::fill(
-        r#"
-admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - { name: plain, match: { path: { prefix: /plain } }, cluster: echo }
-      - { name: trailers, match: { path: { prefix: /trailers } }, cluster: echo_h2, filters: [conformance] }
-      - { name: wasm, match: { path: { prefix: / } }, cluster: echo, filters: [conformance] }
-clusters:
-  - { name: echo, endpoints: ["{echo}"] }
-  - { name: echo_h2, endpoints: ["{echo}"], protocol: h2 }
-  - { name: callout, endpoints: ["{echo}"] }
-  - { name: grpc, endpoints: ["{grpc}"], protocol: h2 }
-plugins:
-  - name: conformance
-    module: {module}
-    root_id: conformance-root
-    vm_id: conformance
-    configuration: "{configuration}"
-    vm_configuration: "vm-config-text"
-    env: { LACEWING_TEST_ENV: "from-config" }
-"#,
+    wasm::echo_proxy_yaml(
+        echo,
+        PluginRoutes {
+            listener_fields: "",
+            routes: &[
+                "{ name: plain, match: { path: { prefix: /plain } }, cluster: echo }",
+                "{ name: trailers, match: { path: { prefix: /trailers } }, cluster: echo_h2, filters: [conformance] }",
+                "{ name: wasm, match: { path: { prefix: / } }, cluster: echo, filters: [conformance] }",
+            ],
+            clusters: &[
+                "{ name: echo_h2, endpoints: [\"{echo}\"], protocol: h2 }",
+                "{ name: callout, endpoints: [\"{echo}\"] }",
+                "{ name: grpc, endpoints: [\"{grpc}\"], protocol: h2 }",
+            ],
+            plugins: &[concat!(
+                "{ name: conformance, module: {module}, root_id: conformance-root, vm_id: conformance, ",
+                "configuration: \"{configuration}\", vm_configuration: \"vm-config-text\", ",
+                "env: { LACEWING_TEST_ENV: \"from-config\" } }",
+            )],
+        },
         &[
             ("echo", &echo),
             ("grpc", &grpc),
@@ -490,6 +484,7 @@ async fn buffering_a_body_beyond_max_buffered_body_answers_413() {
                 "{ name: plain, match: { path: { prefix: /plain } }, cluster: echo }",
                 "{ name: wasm, cluster: echo, filters: [conformance] }",
             ],
+            clusters: &[],
             plugins: &["{ name: conformance, module: {module} }"],
         },
         &[("module", &conformance_module())],
@@ -949,6 +944,7 @@ async fn fail_policy_proxy() -> EchoProxy {
                 "{ name: open, match: { path: { prefix: /open } }, cluster: echo, filters: [open] }",
                 "{ name: plain, cluster: echo }",
             ],
+            clusters: &[],
             plugins: &[
                 "{ name: closed, module: {module}, vm_id: closed, fail: closed }",
                 "{ name: open, module: {module}, vm_id: open, fail: open }",
@@ -1027,6 +1023,7 @@ async fn three_plugins_run_in_chain_order() {
         PluginRoutes {
             listener_fields: "filters: [first]",
             routes: &["{ name: all, cluster: echo, filters: [second, third] }"],
+            clusters: &[],
             plugins: &[
                 "{ name: first, module: {module}, vm_id: first, configuration: \"tag=A\" }",
                 "{ name: second, module: {module}, vm_id: second, configuration: \"tag=B\" }",
@@ -1061,6 +1058,7 @@ async fn plugins_with_the_same_vm_id_share_one_vm() {
                 "{ name: two, match: { path: { prefix: /two } }, cluster: echo, filters: [two] }",
                 "{ name: alone, match: { path: { prefix: /alone } }, cluster: echo, filters: [alone] }",
             ],
+            clusters: &[],
             plugins: &[
                 "{ name: one, module: {module}, vm_id: together }",
                 "{ name: two, module: {module}, vm_id: together }",
@@ -1126,6 +1124,7 @@ async fn abi_0_1_0_and_0_2_0_modules_run() {
                 "{ name: v010, match: { path: { prefix: /v010 } }, cluster: echo, filters: [v010] }",
                 "{ name: v020, match: { path: { prefix: /v020 } }, cluster: echo, filters: [v020] }",
             ],
+            clusters: &[],
             plugins: &[
                 "{ name: v010, module: {v010} }",
                 "{ name: v020, module: {v020} }",

@@ -29,6 +29,7 @@ fn hostile_routes() -> PluginRoutes<'static> {
     PluginRoutes {
         listener_fields: "",
         routes: HOSTILE_ROUTES,
+        clusters: &[],
         plugins: &[GUARDED_PLUGIN],
     }
 }
@@ -291,6 +292,7 @@ async fn on_configure_returning_false_rejects_the_plugin_at_start() {
         PluginRoutes {
             listener_fields: "",
             routes: &["{ name: all, cluster: echo, filters: [refusing] }"],
+            clusters: &[],
             plugins: &["{ name: refusing, module: {module}, configuration: \"fail_configure\" }"],
         },
         &[("module", &yaml_path(&wasm::module("conformance-filter")))],
