@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 use lacewing_proxy::ProxyHandle;
 
+use crate::client::{self, Response};
 use crate::proxy;
 use crate::servers::{self, TestServer};
 
@@ -239,4 +243,23 @@ impl EchoProxy {
     pub fn url(&self, path: &str) -> String {
         proxy::url(&self.proxy, "main", path)
     }
+
+    /// GET `path` on listener `main` with `headers`.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        get_with(&self.url(path), headers).await
+    }
+}
+
+/// GET `url` with `headers` (an empty body).
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Response {
+    let mut builder = Request::get(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    client::request(
+        builder
+            .body(Full::new(Bytes::new()))
+            .expect("valid request"),
+    )
+    .await
 }

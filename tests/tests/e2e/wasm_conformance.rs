@@ -20,7 +20,7 @@ use lacewing_tests::body::GeneratedBody;
 use lacewing_tests::client::{self, Response};
 use lacewing_tests::grpc::{EchoReply, EchoRequest, NOT_FOUND_MESSAGE};
 use lacewing_tests::servers::{self, TestServer};
-use lacewing_tests::wasm::{self, EchoProxy, PluginRoutes, WatShape, yaml_path};
+use lacewing_tests::wasm::{self, EchoProxy, PluginRoutes, WatShape, get_with, yaml_path};
 use lacewing_tests::{eventually, proxy};
 use prost::Message;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -136,13 +136,6 @@ fn request_with(method: &str, url: &str, headers: &[(&str, &str)]) -> http::requ
         builder = builder.header(*name, *value);
     }
     builder
-}
-
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> Response {
-    let request = request_with("GET", url, headers)
-        .body(Full::new(Bytes::new()))
-        .expect("valid request");
-    client::request(request).await
 }
 
 /// Starts a conformance proxy with an empty plugin configuration and runs the

@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use lacewing_proxy::Proxy;
 use lacewing_tests::client::{self, Response};
 use lacewing_tests::proxy;
@@ -60,16 +58,7 @@ impl Hostile {
 
     /// GET `path` with `headers`.
     async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        let mut builder = Request::get(self.fixture.url(path));
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        client::request(
-            builder
-                .body(Full::new(Bytes::new()))
-                .expect("valid request"),
-        )
-        .await
+        self.fixture.get(path, headers).await
     }
 
     /// The route without the plugin answers normally.
