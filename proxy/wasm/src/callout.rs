@@ -902,6 +902,21 @@ mod tests {
         addr
     }
 
+    /// Serves `handler` like [`serve`], as the one endpoint of cluster `name`.
+    async fn serve_cluster<F, Fut>(name: &str, protocol: Protocol, handler: F) -> Arc<dyn Upstreams>
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = http::Response<BoxBody>> + Send + 'static,
+    {
+        DirectUpstreams::one(name, serve(protocol, handler).await, protocol)
+    }
+
+    /// A handler that never answers.
+    async fn never_answers(_request: Request<Incoming>) -> http::Response<BoxBody> {
+        std::future::pending::<()>().await;
+        http::Response::new(body::empty())
+    }
+
     /// A port nothing listens on.
     async fn closed_port() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -956,6 +971,23 @@ mod tests {
         response
     }
 
+    /// An HTTP call with no body or trailers and a 10 s timeout.
+    async fn call_without_body(
+        upstreams: Arc<dyn Upstreams>,
+        cluster: &str,
+        headers: Vec<(String, Bytes)>,
+    ) -> Result<HttpCallResponse, CalloutError> {
+        http_call(
+            upstreams,
+            cluster.into(),
+            headers,
+            Bytes::new(),
+            Vec::new(),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     async fn in_local_set<F: Future>(future: F) -> F::Output {
         LocalSet::new().run_until(future).await
     }
@@ -963,8 +995,7 @@ mod tests {
     #[tokio::test]
     async fn http_call_round_trip_over_http1() {
         in_local_set(async {
-            let addr = serve(Protocol::Http1, echo).await;
-            let upstreams = DirectUpstreams::one("echo", addr, Protocol::Http1);
+            let upstreams = serve_cluster("echo", Protocol::Http1, echo).await;
             let response = http_call(
                 upstreams,
                 "echo".into(),
@@ -994,23 +1025,13 @@ mod tests {
     #[tokio::test]
     async fn http_call_without_body_or_trailers() {
         in_local_set(async {
-            let addr = serve(Protocol::Http1, echo).await;
-            let upstreams = DirectUpstreams::one("echo", addr, Protocol::Http1);
+            let upstreams = serve_cluster("echo", Protocol::Http1, echo).await;
             let headers = vec![
                 pair(":method", "GET"),
                 pair(":path", "/"),
                 pair(":authority", "a"),
             ];
-            let response = http_call(
-                upstreams,
-                "echo".into(),
-                headers,
-                Bytes::new(),
-                Vec::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+            let response = call_without_body(upstreams, "echo", headers).await.unwrap();
             assert_eq!(value(&response.headers, "x-method"), Some(&b"GET"[..]));
             assert_eq!(value(&response.headers, "x-trailer"), Some(&b"none"[..]));
             assert!(response.body.is_empty());
@@ -1021,7 +1042,7 @@ mod tests {
     #[tokio::test]
     async fn http_call_collects_response_trailers_over_http2() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, |_request| async {
+            let upstreams = serve_cluster("h2", Protocol::Http2, |_request| async {
                 let mut trailers = HeaderMap::new();
                 trailers.insert("x-done", HeaderValue::from_static("1"));
                 let body = http_body_util::Full::new(Bytes::from_static(b"data"))
@@ -1031,17 +1052,9 @@ mod tests {
                 http::Response::new(body)
             })
             .await;
-            let upstreams = DirectUpstreams::one("h2", addr, Protocol::Http2);
-            let response = http_call(
-                upstreams,
-                "h2".into(),
-                request_headers(),
-                Bytes::new(),
-                Vec::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+            let response = call_without_body(upstreams, "h2", request_headers())
+                .await
+                .unwrap();
             assert_eq!(response.status, 200);
             assert_eq!(response.body, Bytes::from_static(b"data"));
             assert_eq!(response.trailers, vec![pair("x-done", "1")]);
@@ -1059,16 +1072,9 @@ mod tests {
                     .into_iter()
                     .filter(|(name, _)| name != missing)
                     .collect();
-                let error = http_call(
-                    Arc::clone(&upstreams),
-                    "c".into(),
-                    headers,
-                    Bytes::new(),
-                    Vec::new(),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap_err();
+                let error = call_without_body(Arc::clone(&upstreams), "c", headers)
+                    .await
+                    .unwrap_err();
                 assert!(
                     matches!(&error, CalloutError::BadRequest(m) if m.contains(missing)),
                     "{missing}: {error}"
@@ -1076,27 +1082,13 @@ mod tests {
             }
             let mut bad = request_headers();
             bad.push(pair("bad header", "x"));
-            let error = http_call(
-                Arc::clone(&upstreams),
-                "c".into(),
-                bad,
-                Bytes::new(),
-                Vec::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_err();
+            let error = call_without_body(Arc::clone(&upstreams), "c", bad)
+                .await
+                .unwrap_err();
             assert!(matches!(error, CalloutError::BadRequest(_)), "{error}");
-            let error = http_call(
-                upstreams,
-                "other".into(),
-                request_headers(),
-                Bytes::new(),
-                Vec::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_err();
+            let error = call_without_body(upstreams, "other", request_headers())
+                .await
+                .unwrap_err();
             assert_eq!(error, CalloutError::UnknownCluster("other".into()));
         })
         .await;
@@ -1105,12 +1097,7 @@ mod tests {
     #[tokio::test]
     async fn http_call_times_out_when_the_upstream_never_answers() {
         in_local_set(async {
-            let addr = serve(Protocol::Http1, |_request| async {
-                std::future::pending::<()>().await;
-                http::Response::new(body::empty())
-            })
-            .await;
-            let upstreams = DirectUpstreams::one("slow", addr, Protocol::Http1);
+            let upstreams = serve_cluster("slow", Protocol::Http1, never_answers).await;
             let error = http_call(
                 upstreams,
                 "slow".into(),
@@ -1129,11 +1116,10 @@ mod tests {
     #[tokio::test]
     async fn http_call_refuses_oversized_bodies() {
         in_local_set(async {
-            let addr = serve(Protocol::Http1, |_request| async {
+            let upstreams = serve_cluster("big", Protocol::Http1, |_request| async {
                 http::Response::new(body::full(vec![b'x'; 4096]))
             })
             .await;
-            let upstreams = DirectUpstreams::one("big", addr, Protocol::Http1);
             let error = http_call_limited(
                 Arc::clone(&upstreams),
                 "big".into(),
@@ -1166,16 +1152,9 @@ mod tests {
     async fn http_call_reports_connection_failure() {
         in_local_set(async {
             let upstreams = DirectUpstreams::one("down", closed_port().await, Protocol::Http1);
-            let error = http_call(
-                upstreams,
-                "down".into(),
-                request_headers(),
-                Bytes::new(),
-                Vec::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_err();
+            let error = call_without_body(upstreams, "down", request_headers())
+                .await
+                .unwrap_err();
             assert!(matches!(error, CalloutError::Upstream(_)), "{error}");
         })
         .await;
@@ -1251,6 +1230,27 @@ mod tests {
         all
     }
 
+    /// The close event with `status` and `message`.
+    fn closed(status: u32, message: &str) -> GrpcEvent {
+        GrpcEvent::Close {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// The status of `event` when it is a close.
+    fn close_status(event: &GrpcEvent) -> Option<u32> {
+        match event {
+            GrpcEvent::Close { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// [`close_status`] of each event.
+    fn close_statuses(events: &[GrpcEvent]) -> Vec<Option<u32>> {
+        events.iter().map(close_status).collect()
+    }
+
     fn start(
         upstreams: Arc<dyn Upstreams>,
         cluster: &str,
@@ -1270,11 +1270,22 @@ mod tests {
         (handle, rx)
     }
 
+    /// Opens a stream and, without sending or closing anything, collects
+    /// its events until the close; the handle lives until then.
+    async fn events_of_untouched_stream(
+        upstreams: Arc<dyn Upstreams>,
+        cluster: &str,
+        metadata: Vec<(String, Bytes)>,
+        timeout: Option<Duration>,
+    ) -> Vec<GrpcEvent> {
+        let (_handle, mut events) = start(upstreams, cluster, metadata, timeout);
+        events_until_close(&mut events).await
+    }
+
     #[tokio::test]
     async fn grpc_stream_echoes_messages_and_reports_trailers() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, grpc_echo).await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
+            let upstreams = serve_cluster("grpc", Protocol::Http2, grpc_echo).await;
             let (handle, mut events) = start(
                 upstreams,
                 "grpc",
@@ -1306,13 +1317,7 @@ mod tests {
                 panic!("{all:?}");
             };
             assert_eq!(value(trailing, "x-t"), Some(&b"tail"[..]));
-            assert_eq!(
-                all[4],
-                GrpcEvent::Close {
-                    status: grpc_status::OK,
-                    message: "all good".into()
-                }
-            );
+            assert_eq!(all[4], closed(grpc_status::OK, "all good"));
             // The task ends after the close: the channel is closed.
             assert_eq!(events.recv().await, None);
         })
@@ -1322,8 +1327,7 @@ mod tests {
     #[tokio::test]
     async fn grpc_close_half_closes_without_messages() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, grpc_echo).await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
+            let upstreams = serve_cluster("grpc", Protocol::Http2, grpc_echo).await;
             let (handle, mut events) = start(upstreams, "grpc", Vec::new(), None);
             handle.close();
             let all = events_until_close(&mut events).await;
@@ -1332,13 +1336,7 @@ mod tests {
             };
             assert_eq!(value(initial, "x-seen-timeout"), Some(&b"absent"[..]));
             assert!(matches!(all[1], GrpcEvent::TrailingMetadata(_)), "{all:?}");
-            assert_eq!(
-                all[2],
-                GrpcEvent::Close {
-                    status: grpc_status::OK,
-                    message: "all good".into()
-                }
-            );
+            assert_eq!(all[2], closed(grpc_status::OK, "all good"));
         })
         .await;
     }
@@ -1346,7 +1344,7 @@ mod tests {
     #[tokio::test]
     async fn grpc_trailers_only_response() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, |_request| async {
+            let upstreams = serve_cluster("grpc", Protocol::Http2, |_request| async {
                 let mut response = http::Response::new(body::empty());
                 let headers = response.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -1358,9 +1356,7 @@ mod tests {
                 response
             })
             .await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
-            let (_handle, mut events) = start(upstreams, "grpc", Vec::new(), None);
-            let all = events_until_close(&mut events).await;
+            let all = events_of_untouched_stream(upstreams, "grpc", Vec::new(), None).await;
             assert_eq!(all.len(), 3, "{all:?}");
             assert_eq!(all[0], GrpcEvent::InitialMetadata(Vec::new()));
             let GrpcEvent::TrailingMetadata(trailing) = &all[1] else {
@@ -1369,10 +1365,7 @@ mod tests {
             assert_eq!(value(trailing, "grpc-status"), Some(&b"12"[..]));
             assert_eq!(
                 all[2],
-                GrpcEvent::Close {
-                    status: grpc_status::UNIMPLEMENTED,
-                    message: "no such method%".into()
-                }
+                closed(grpc_status::UNIMPLEMENTED, "no such method%")
             );
         })
         .await;
@@ -1381,24 +1374,17 @@ mod tests {
     #[tokio::test]
     async fn grpc_http_error_without_status_maps_to_grpc_code() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, |_request| async {
+            let upstreams = serve_cluster("grpc", Protocol::Http2, |_request| async {
                 let mut response = http::Response::new(body::full("overloaded"));
                 *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                 response
             })
             .await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
-            let (_handle, mut events) = start(upstreams, "grpc", Vec::new(), None);
-            let all = events_until_close(&mut events).await;
+            let all = events_of_untouched_stream(upstreams, "grpc", Vec::new(), None).await;
             assert!(matches!(all[0], GrpcEvent::InitialMetadata(_)), "{all:?}");
-            assert!(
-                matches!(
-                    all[1],
-                    GrpcEvent::Close {
-                        status: grpc_status::UNAVAILABLE,
-                        ..
-                    }
-                ),
+            assert_eq!(
+                close_status(&all[1]),
+                Some(grpc_status::UNAVAILABLE),
                 "{all:?}"
             );
         })
@@ -1408,25 +1394,17 @@ mod tests {
     #[tokio::test]
     async fn grpc_deadline_closes_with_deadline_exceeded() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, |_request| async {
-                std::future::pending::<()>().await;
-                http::Response::new(body::empty())
-            })
-            .await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
-            let (_handle, mut events) = start(
+            let upstreams = serve_cluster("grpc", Protocol::Http2, never_answers).await;
+            let all = events_of_untouched_stream(
                 upstreams,
                 "grpc",
                 Vec::new(),
                 Some(Duration::from_millis(200)),
-            );
-            let all = events_until_close(&mut events).await;
+            )
+            .await;
             assert_eq!(
                 all,
-                vec![GrpcEvent::Close {
-                    status: grpc_status::DEADLINE_EXCEEDED,
-                    message: "deadline exceeded".into()
-                }]
+                vec![closed(grpc_status::DEADLINE_EXCEEDED, "deadline exceeded")]
             );
         })
         .await;
@@ -1435,28 +1413,24 @@ mod tests {
     #[tokio::test]
     async fn grpc_deadline_applies_after_the_head_too() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, |_request| async {
+            let upstreams = serve_cluster("grpc", Protocol::Http2, |_request| async {
                 // Head now, then nothing: the body never ends.
                 let (tx, response) = streamed_response();
                 std::mem::forget(tx);
                 response
             })
             .await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
-            let (_handle, mut events) = start(
+            let all = events_of_untouched_stream(
                 upstreams,
                 "grpc",
                 Vec::new(),
                 Some(Duration::from_millis(300)),
-            );
-            let all = events_until_close(&mut events).await;
+            )
+            .await;
             assert!(matches!(all[0], GrpcEvent::InitialMetadata(_)), "{all:?}");
             assert_eq!(
                 all[1],
-                GrpcEvent::Close {
-                    status: grpc_status::DEADLINE_EXCEEDED,
-                    message: "deadline exceeded".into()
-                }
+                closed(grpc_status::DEADLINE_EXCEEDED, "deadline exceeded")
             );
         })
         .await;
@@ -1466,26 +1440,17 @@ mod tests {
     async fn grpc_unreachable_upstream_is_unavailable() {
         in_local_set(async {
             let upstreams = DirectUpstreams::one("grpc", closed_port().await, Protocol::Http2);
-            let (_handle, mut events) = start(Arc::clone(&upstreams), "grpc", Vec::new(), None);
-            let all = events_until_close(&mut events).await;
-            assert!(
-                matches!(
-                    all.as_slice(),
-                    [GrpcEvent::Close {
-                        status: grpc_status::UNAVAILABLE,
-                        ..
-                    }]
-                ),
+            let all =
+                events_of_untouched_stream(Arc::clone(&upstreams), "grpc", Vec::new(), None).await;
+            assert_eq!(
+                close_statuses(&all),
+                [Some(grpc_status::UNAVAILABLE)],
                 "{all:?}"
             );
-            let (_handle, mut events) = start(upstreams, "nope", Vec::new(), None);
-            let all = events_until_close(&mut events).await;
+            let all = events_of_untouched_stream(upstreams, "nope", Vec::new(), None).await;
             assert_eq!(
                 all,
-                vec![GrpcEvent::Close {
-                    status: grpc_status::UNAVAILABLE,
-                    message: "unknown cluster `nope`".into()
-                }]
+                vec![closed(grpc_status::UNAVAILABLE, "unknown cluster `nope`")]
             );
         })
         .await;
@@ -1494,18 +1459,13 @@ mod tests {
     #[tokio::test]
     async fn grpc_bad_metadata_closes_with_internal() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, grpc_echo).await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
-            let (_handle, mut events) = start(upstreams, "grpc", vec![pair("bad name", "x")], None);
-            let all = events_until_close(&mut events).await;
-            assert!(
-                matches!(
-                    all.as_slice(),
-                    [GrpcEvent::Close {
-                        status: grpc_status::INTERNAL,
-                        ..
-                    }]
-                ),
+            let upstreams = serve_cluster("grpc", Protocol::Http2, grpc_echo).await;
+            let all =
+                events_of_untouched_stream(upstreams, "grpc", vec![pair("bad name", "x")], None)
+                    .await;
+            assert_eq!(
+                close_statuses(&all),
+                [Some(grpc_status::INTERNAL)],
                 "{all:?}"
             );
         })
@@ -1515,7 +1475,7 @@ mod tests {
     #[tokio::test]
     async fn grpc_oversized_response_message_is_resource_exhausted() {
         in_local_set(async {
-            let addr = serve(Protocol::Http2, |_request| async {
+            let upstreams = serve_cluster("grpc", Protocol::Http2, |_request| async {
                 let (tx, response) = streamed_response();
                 let mut prefix = vec![0u8];
                 let too_big = u32::try_from(MAX_GRPC_MESSAGE_BYTES + 1).unwrap();
@@ -1525,17 +1485,10 @@ mod tests {
                 response
             })
             .await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
-            let (_handle, mut events) = start(upstreams, "grpc", Vec::new(), None);
-            let all = events_until_close(&mut events).await;
-            assert!(
-                matches!(
-                    all.last(),
-                    Some(GrpcEvent::Close {
-                        status: grpc_status::RESOURCE_EXHAUSTED,
-                        ..
-                    })
-                ),
+            let all = events_of_untouched_stream(upstreams, "grpc", Vec::new(), None).await;
+            assert_eq!(
+                all.last().and_then(close_status),
+                Some(grpc_status::RESOURCE_EXHAUSTED),
                 "{all:?}"
             );
         })
@@ -1546,7 +1499,7 @@ mod tests {
     async fn grpc_cancel_delivers_no_event() {
         in_local_set(async {
             let (seen_tx, mut seen_rx) = unbounded_channel::<()>();
-            let addr = serve(Protocol::Http2, move |_request| {
+            let upstreams = serve_cluster("grpc", Protocol::Http2, move |_request| {
                 let seen_tx = seen_tx.clone();
                 async move {
                     let _ = seen_tx.send(());
@@ -1555,7 +1508,6 @@ mod tests {
                 }
             })
             .await;
-            let upstreams = DirectUpstreams::one("grpc", addr, Protocol::Http2);
             let (handle, mut events) = start(upstreams, "grpc", Vec::new(), None);
             // Wait until the request reached the server, then cancel.
             seen_rx.recv().await.unwrap();
