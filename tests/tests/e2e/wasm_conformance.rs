@@ -1414,6 +1414,41 @@ async fn envoy_listener(envoy: &mut Envoy) -> SocketAddr {
     );
 }
 
+/// The same GET (`path`, `headers`) sent to Envoy and to Lacewing: `(from_envoy, from_lacewing)`.
+async fn get_from_both(
+    envoy: SocketAddr,
+    lacewing: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Response, Response) {
+    let from_envoy = get_with(&format!("http://{envoy}{path}"), headers).await;
+    let from_lacewing = get_with(&format!("http://{lacewing}{path}"), headers).await;
+    (from_envoy, from_lacewing)
+}
+
+/// Asserts that Envoy's response has each header of `names` and Lacewing's
+/// has the same value; `context` starts each failure message.
+#[track_caller]
+fn assert_same_headers(
+    from_envoy: &Response,
+    from_lacewing: &Response,
+    names: &[&str],
+    context: &str,
+) {
+    for name in names {
+        assert!(
+            from_envoy.header(name).is_some(),
+            "{context}Envoy's response lacks `{name}`: {:?}",
+            from_envoy.headers
+        );
+        assert_eq!(
+            from_lacewing.header(name),
+            from_envoy.header(name),
+            "{context}`{name}`: Lacewing vs Envoy"
+        );
+    }
+}
+
 #[tokio::test]
 async fn envoy_gives_the_same_header_and_property_results() {
     let Some(binary) = envoy_on_path() else {
@@ -1436,8 +1471,8 @@ async fn envoy_gives_the_same_header_and_property_results() {
         ("x-prop-probe", "probe-value"),
     ];
     let path = "/props/path?q=1";
-    let from_envoy = get_with(&format!("http://{envoy_addr}{path}"), &request_headers).await;
-    let from_lacewing = get_with(&format!("http://{lacewing_addr}{path}"), &request_headers).await;
+    let (from_envoy, from_lacewing) =
+        get_from_both(envoy_addr, lacewing_addr, path, &request_headers).await;
     assert_eq!(from_envoy.status, StatusCode::OK, "Envoy: {:?}", from_envoy);
     assert_eq!(from_lacewing.status, StatusCode::OK);
 
@@ -1457,18 +1492,7 @@ async fn envoy_gives_the_same_header_and_property_results() {
         "x-status-set-property",
         "x-prop-roundtrip",
     ];
-    for name in same {
-        assert!(
-            from_envoy.header(name).is_some(),
-            "Envoy's response lacks `{name}`: {:?}",
-            from_envoy.headers
-        );
-        assert_eq!(
-            from_lacewing.header(name),
-            from_envoy.header(name),
-            "`{name}`: Lacewing vs Envoy"
-        );
-    }
+    assert_same_headers(&from_envoy, &from_lacewing, &same, "");
     for (response, port) in [
         (&from_envoy, envoy_addr.port()),
         (&from_lacewing, lacewing_addr.port()),
@@ -1542,24 +1566,18 @@ async fn envoy_gives_the_same_header_and_property_results() {
             ("x-shared-key", shared_key.as_str()),
             ("x-queue-vm-id", VM_ID),
         ];
-        let from_envoy = get_with(&format!("http://{envoy_addr}/c"), &headers).await;
-        let from_lacewing = get_with(&format!("http://{lacewing_addr}/c"), &headers).await;
+        let (from_envoy, from_lacewing) =
+            get_from_both(envoy_addr, lacewing_addr, "/c", &headers).await;
         assert_eq!(from_lacewing.status, from_envoy.status, "case {case}");
-        for name in names {
-            assert!(
-                from_envoy.header(name).is_some(),
-                "case {case}: Envoy lacks `{name}`"
-            );
-            assert_eq!(
-                from_lacewing.header(name),
-                from_envoy.header(name),
-                "case {case}: `{name}`: Lacewing vs Envoy"
-            );
-        }
+        assert_same_headers(
+            &from_envoy,
+            &from_lacewing,
+            names,
+            &format!("case {case}: "),
+        );
     }
     let local = [("x-test", "local-reply")];
-    let from_envoy = get_with(&format!("http://{envoy_addr}/l"), &local).await;
-    let from_lacewing = get_with(&format!("http://{lacewing_addr}/l"), &local).await;
+    let (from_envoy, from_lacewing) = get_from_both(envoy_addr, lacewing_addr, "/l", &local).await;
     assert_eq!(
         from_lacewing.status, from_envoy.status,
         "local reply status"
@@ -1571,19 +1589,17 @@ async fn envoy_gives_the_same_header_and_property_results() {
     assert_eq!(from_lacewing.text(), from_envoy.text(), "local reply body");
 
     let response_case = [("x-test", "response-headers")];
-    let from_envoy = get_with(&format!("http://{envoy_addr}/r"), &response_case).await;
-    let from_lacewing = get_with(&format!("http://{lacewing_addr}/r"), &response_case).await;
-    for name in [
-        "x-resp-add",
-        "x-resp-replace",
-        "x-resp-removed",
-        "x-resp-status-seen",
-    ] {
-        assert!(from_envoy.header(name).is_some(), "Envoy lacks `{name}`");
-        assert_eq!(
-            from_lacewing.header(name),
-            from_envoy.header(name),
-            "`{name}`: Lacewing vs Envoy"
-        );
-    }
+    let (from_envoy, from_lacewing) =
+        get_from_both(envoy_addr, lacewing_addr, "/r", &response_case).await;
+    assert_same_headers(
+        &from_envoy,
+        &from_lacewing,
+        &[
+            "x-resp-add",
+            "x-resp-replace",
+            "x-resp-removed",
+            "x-resp-status-seen",
+        ],
+        "",
+    );
 }
