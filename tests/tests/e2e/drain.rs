@@ -7,8 +7,30 @@ use http::StatusCode;
 use lacewing_tests::client::{self, ReusingClient};
 use lacewing_tests::{eventually, proxy, servers};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 const IN_FLIGHT: usize = 20;
+
+/// `IN_FLIGHT` concurrent HTTP/1.1 GETs of `url`, each on its own connection.
+fn spawn_slow_gets(url: &str) -> Vec<JoinHandle<client::Response>> {
+    (0..IN_FLIGHT)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move { client::get(&url).await })
+        })
+        .collect()
+}
+
+/// Every in-flight `kind` (request or stream) completes with 200.
+async fn assert_all_ok(requests: Vec<JoinHandle<client::Response>>, kind: &str) {
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .unwrap_or_else(|_| panic!("in-flight {kind} finishes"))
+            .expect("request task did not panic");
+        assert_eq!(response.status, StatusCode::OK, "in-flight {kind} {i}");
+    }
+}
 
 #[tokio::test]
 async fn drain_lets_in_flight_requests_finish_and_refuses_new_connections() {
@@ -31,12 +53,7 @@ clusters:
     let admin = proxy::admin_addr(&handle);
 
     let url = proxy::url(&handle, "main", "/delay/1500");
-    let requests: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { client::get(&url).await })
-        })
-        .collect();
+    let requests = spawn_slow_gets(&url);
     // Every request has reached the upstream before the drain.
     eventually("all requests are in flight at the upstream", || async {
         upstream.requests() >= IN_FLIGHT
@@ -49,13 +66,7 @@ clusters:
         TcpStream::connect(listener).await.is_err()
     })
     .await;
-    for (i, request) in requests.into_iter().enumerate() {
-        let response = tokio::time::timeout(Duration::from_secs(30), request)
-            .await
-            .expect("in-flight request finishes")
-            .expect("request task did not panic");
-        assert_eq!(response.status, StatusCode::OK, "in-flight request {i}");
-    }
+    assert_all_ok(requests, "request").await;
     let ready = client::get(&format!("http://{admin}/ready")).await;
     assert_eq!(
         ready.status,
@@ -110,13 +121,7 @@ clusters:
         TcpStream::connect(listener).await.is_err()
     })
     .await;
-    for (i, request) in requests.into_iter().enumerate() {
-        let response = tokio::time::timeout(Duration::from_secs(30), request)
-            .await
-            .expect("in-flight stream finishes")
-            .expect("request task did not panic");
-        assert_eq!(response.status, StatusCode::OK, "in-flight stream {i}");
-    }
+    assert_all_ok(requests, "stream").await;
 }
 
 /// The real binary, a real SIGTERM: requests in flight all complete, then the
@@ -164,12 +169,7 @@ clusters:
     })
     .await;
 
-    let requests: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { client::get(&url).await })
-        })
-        .collect();
+    let requests = spawn_slow_gets(&url);
     eventually("all requests are in flight at the upstream", || async {
         upstream.requests() >= IN_FLIGHT
     })
@@ -181,13 +181,7 @@ clusters:
         .expect("run kill");
     assert!(killed.success(), "SIGTERM delivered");
 
-    for (i, request) in requests.into_iter().enumerate() {
-        let response = tokio::time::timeout(Duration::from_secs(30), request)
-            .await
-            .expect("in-flight request finishes")
-            .expect("request task did not panic");
-        assert_eq!(response.status, StatusCode::OK, "in-flight request {i}");
-    }
+    assert_all_ok(requests, "request").await;
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
         .expect("the process exits after draining")
