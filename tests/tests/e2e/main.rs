@@ -9,6 +9,7 @@ mod config_errors;
 mod drain;
 mod forwarding;
 mod grpc;
+mod reload;
 mod resilience;
 mod routing;
 mod tcp;
