@@ -1,0 +1,64 @@
+//! Connecting to an endpoint: the one place a connection to an upstream is
+//! made (under the connection limit, within the connect timeout). A
+//! transport such as TLS wraps the stream here.
+
+use lacewing_core::ProxyError;
+use tokio::net::TcpStream;
+
+use super::Cluster;
+use super::attempt::OpenError;
+use crate::breaker::{ConnectionSlot, Limit};
+
+impl Cluster {
+    /// Reserves a connection under `max_connections` and connects.
+    pub(super) async fn open_connection(
+        &self,
+        index: usize,
+    ) -> Result<(TcpStream, ConnectionSlot), OpenError> {
+        let mut slot = self
+            .connections
+            .reserve()
+            .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::Connections)))?;
+        let stream = self.connect(index).await.map_err(OpenError::Connect)?;
+        slot.established();
+        Ok((stream, slot))
+    }
+
+    /// One TCP connect within the connect timeout, with TCP_NODELAY.
+    pub(super) async fn connect(&self, index: usize) -> Result<TcpStream, ProxyError> {
+        let addr = self.endpoints[index].addr;
+        let reason = if self.connect_timeout.is_zero() {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(nodelay(stream)),
+                Err(error) => error.to_string(),
+            }
+        } else {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return Ok(nodelay(stream)),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("timed out after {:?}", self.connect_timeout),
+            }
+        };
+        self.metrics.connect_failures.inc();
+        tracing::debug!(cluster = %self.name, endpoint = %addr, %reason, "upstream connect failed");
+        Err(ProxyError::Connect {
+            endpoint: addr.to_string(),
+            reason,
+        })
+    }
+
+    pub(super) fn handshake_failed(&self, index: usize, error: &hyper::Error) -> ProxyError {
+        self.metrics.connect_failures.inc();
+        ProxyError::Connect {
+            endpoint: self.endpoints[index].addr.to_string(),
+            reason: format!("handshake: {error}"),
+        }
+    }
+}
+
+pub(super) fn nodelay(stream: TcpStream) -> TcpStream {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "TCP_NODELAY not set on upstream socket");
+    }
+    stream
+}

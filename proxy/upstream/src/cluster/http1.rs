@@ -1,0 +1,119 @@
+//! One attempt over HTTP/1.1: a pooled idle connection when there is one
+//! (LIFO), else a new one; the connection returns to the pool once its
+//! response body is done.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use lacewing_core::body::BoxBody;
+
+use super::Cluster;
+use super::attempt::{AttemptError, OpenError, reset};
+use crate::breaker::Limit;
+use crate::pool::{self, H1Sender, IdleSince};
+
+impl Cluster {
+    pub(super) async fn attempt_h1(
+        &self,
+        index: usize,
+        mut request: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        if !request.headers().contains_key(header::HOST) {
+            let host = self.endpoints[index].host.clone();
+            request.headers_mut().insert(header::HOST, host);
+        }
+        let mut yielded = false;
+        loop {
+            let Some((mut sender, idle_since)) =
+                pool::checkout_h1(&self.pool, index, self.idle_timeout)
+            else {
+                if yielded {
+                    break;
+                }
+                // Before paying for a connect, let connections whose response
+                // just finished (on this worker) come back to the pool.
+                yielded = true;
+                tokio::task::yield_now().await;
+                continue;
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.release_h1(index, sender, idle_since, &response);
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    // The pooled connection closed under us before anything was written.
+                    Some(unsent) => request = unsent,
+                    None => {
+                        let error = error.into_error();
+                        let stale = error.is_incomplete_message() || error.is_canceled();
+                        let error = reset(error);
+                        return Err(if stale {
+                            AttemptError::Stale(error)
+                        } else {
+                            AttemptError::Failed(error)
+                        });
+                    }
+                },
+            }
+        }
+        let (mut sender, idle_since) = match self.open_h1(index).await {
+            Ok(connection) => connection,
+            Err(error) => return Err(error.attempt_error(request)),
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                self.release_h1(index, sender, idle_since, &response);
+                Ok(response)
+            }
+            Err(mut error) => {
+                let unsent = error.take_message();
+                Err(AttemptError::send_failed(error.into_error(), unsent))
+            }
+        }
+    }
+
+    /// Returns an HTTP/1 connection to the pool once its response body is done.
+    /// Upgraded connections (`101`) belong to the caller and are never pooled.
+    pub(super) fn release_h1(
+        &self,
+        index: usize,
+        mut sender: H1Sender,
+        idle_since: IdleSince,
+        response: &Response<Incoming>,
+    ) {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let key = self.pool.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool::checkin_h1(&key, index, sender, idle_since);
+            }
+        });
+    }
+
+    pub(super) async fn open_h1(&self, index: usize) -> Result<(H1Sender, IdleSince), OpenError> {
+        let _pending = self
+            .limits
+            .pending()
+            .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::PendingRequests)))?;
+        let (stream, slot) = self.open_connection(index).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| OpenError::Connect(self.handshake_failed(index, &e)))?;
+        let idle_since = Arc::new(AtomicU64::new(pool::BUSY));
+        pool::spawn_h1_driver(
+            conn.with_upgrades(),
+            Arc::clone(&idle_since),
+            self.idle_timeout,
+            slot,
+        );
+        Ok((sender, idle_since))
+    }
+}
