@@ -26,7 +26,7 @@ use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::callout::{self, LocalFuture};
 use lacewing_core::metrics::Metrics;
-use lacewing_upstream::Upstreams;
+use lacewing_upstream::{Resolver, Upstreams};
 use lacewing_wasm::{WasmHost, WasmPlugin};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use serde::Serialize;
@@ -34,6 +34,11 @@ use serde::Serialize;
 use crate::listener::{BindError, bind_listener};
 use crate::snapshot::{BuildError, ListenerSlot, Snapshot};
 use crate::worker::{Command, CommandSender, PluginStartFailure, WorkerListener};
+
+/// How often host-name endpoints are resolved again.
+const DNS_REFRESH: Duration = Duration::from_secs(5);
+/// Longest a publish waits for the first answer for a new host name.
+const DNS_FIRST_ANSWER: Duration = Duration::from_secs(5);
 
 /// A generation that went live: its number and where its configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -110,6 +115,7 @@ struct Live {
     metrics: Metrics,
     wasm: Arc<WasmHost>,
     callouts: Arc<LiveUpstreams>,
+    resolver: Resolver,
     stats: PublishStats,
 }
 
@@ -215,6 +221,8 @@ impl Publisher {
     ) -> Result<Self, BuildError> {
         let empty =
             Upstreams::new(&[], &metrics).map_err(|e| BuildError::Upstream(e.to_string()))?;
+        let resolver = Resolver::start(DNS_REFRESH)
+            .map_err(|e| BuildError::Upstream(format!("cannot start the DNS resolver: {e}")))?;
         Ok(Self {
             live: Arc::new(Live {
                 inner: Mutex::new(Inner {
@@ -229,6 +237,7 @@ impl Publisher {
                 metrics,
                 wasm,
                 callouts: Arc::new(LiveUpstreams(ArcSwap::new(empty))),
+                resolver,
             }),
         })
     }
@@ -320,12 +329,16 @@ impl Live {
         }
         let workers = inner.workers.len();
         let config = Arc::new(config);
+        // New host names are resolved on the resolver's thread; the build only reads answers.
+        self.resolver
+            .prepare(Upstreams::host_names(&config.clusters), DNS_FIRST_ANSWER);
         let snapshot = Snapshot::build(
             config.clone(),
             &self.metrics,
             &self.wasm,
             inner.snapshot.as_ref(),
             self.callouts.clone(),
+            Some(&self.resolver),
         )?;
 
         // Listeners: kept (same address and protocol: only their state changes) or opened anew.
@@ -414,6 +427,7 @@ impl Live {
             drain_timeout,
             done,
         });
+        snapshot.upstreams.activate(Some(&self.resolver));
         self.callouts.0.store(snapshot.upstreams.clone());
         let generation = Generation {
             number: inner.next,

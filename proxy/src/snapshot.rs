@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use lacewing_config::{ListenerConfig, ListenerProtocol, ProxyConfig, RouteConfig};
 use lacewing_core::filter::{HttpFilterFactory, NetworkFilterFactory};
 use lacewing_core::metrics::{Metrics, status_class};
-use lacewing_upstream::{Cluster, RequestPolicy, Upstreams};
+use lacewing_upstream::{Cluster, RequestPolicy, Resolver, Upstreams};
 use lacewing_wasm::{WasmHost, WasmPlugin};
 use prometheus::{Histogram, IntCounter};
 use rand::Rng;
@@ -211,16 +211,22 @@ impl Snapshot {
     /// With the `previous` generation, unchanged clusters and plugins are
     /// taken over from it with their state (see [`Upstreams::build`] and
     /// [`WasmHost::reload_plugin`]). Plugins call out through `callouts`.
+    /// Host names are answered from `resolver` (see [`Upstreams::build`]).
     pub fn build(
         config: Arc<ProxyConfig>,
         metrics: &Metrics,
         wasm: &Arc<WasmHost>,
         previous: Option<&Snapshot>,
         callouts: Arc<dyn lacewing_core::callout::Upstreams>,
+        resolver: Option<&Resolver>,
     ) -> Result<Self, BuildError> {
-        let upstreams =
-            Upstreams::build(&config.clusters, metrics, previous.map(|p| &*p.upstreams))
-                .map_err(|e| BuildError::Upstream(e.to_string()))?;
+        let upstreams = Upstreams::build(
+            &config.clusters,
+            metrics,
+            previous.map(|p| &*p.upstreams),
+            resolver,
+        )
+        .map_err(|e| BuildError::Upstream(e.to_string()))?;
         let mut plugins = HashMap::new();
         for p in &config.plugins {
             let old = previous.and_then(|s| s.plugins.get(&p.name));

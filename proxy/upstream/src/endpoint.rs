@@ -5,9 +5,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use http::HeaderValue;
 
+static NEXT_ENDPOINT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// An endpoint of a cluster, shared by every worker.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
+    /// Process-unique; names the endpoint's connections in the per-thread pools.
+    pub(crate) id: u64,
     pub(crate) addr: SocketAddr,
     /// `ip:port`, the Host (or `:authority`) used when a request carries none.
     pub(crate) host: HeaderValue,
@@ -29,6 +33,7 @@ impl Endpoint {
         let host = HeaderValue::try_from(addr.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
+            id: NEXT_ENDPOINT_ID.fetch_add(1, Ordering::Relaxed),
             addr,
             host,
             active: AtomicUsize::new(0),

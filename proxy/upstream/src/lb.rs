@@ -1,6 +1,7 @@
 //! Load balancing: round robin and least request (power of two random choices).
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lacewing_config::LbPolicy;
@@ -33,7 +34,7 @@ impl Balancer {
     /// The index of the chosen endpoint, or `None` when no endpoint is eligible.
     pub(crate) fn choose(
         &self,
-        endpoints: &[Endpoint],
+        endpoints: &[Arc<Endpoint>],
         eligible: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let count = endpoints.len();
@@ -86,9 +87,9 @@ fn first_eligible(count: usize, start: usize, eligible: &impl Fn(usize) -> bool)
 mod tests {
     use super::*;
 
-    fn endpoints(count: u16) -> Vec<Endpoint> {
+    fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
         (0..count)
-            .map(|i| Endpoint::new(([127, 0, 0, 1], 1000 + i).into()))
+            .map(|i| Arc::new(Endpoint::new(([127, 0, 0, 1], 1000 + i).into())))
             .collect()
     }
 

@@ -1,8 +1,9 @@
 //! Lacewing upstream clusters: endpoints, load balancing, connection pools,
 //! timeouts, retries, outlier ejection and circuit breaking.
 //!
-//! [`Upstreams`] is built once per configuration snapshot from the cluster
-//! configs; the data plane and the wasm host send requests through a
+//! [`Upstreams`] is built once per configuration generation from the cluster
+//! configs, carrying unchanged clusters over; a cluster's endpoint set can
+//! change in place; host names are resolved by a [`Resolver`] thread; the data plane and the wasm host send requests through a
 //! [`Cluster`]. Counters that several workers must agree on (active requests,
 //! circuit-breaker limits, ejections) are shared atomics; connection pools are
 //! per worker thread, so the request path takes no lock.
@@ -10,6 +11,7 @@
 mod breaker;
 mod clock;
 mod cluster;
+mod dns;
 mod endpoint;
 mod error;
 mod lb;
@@ -18,5 +20,6 @@ mod pool;
 mod upstreams;
 
 pub use cluster::{Cluster, RequestPolicy, UpstreamResponse};
+pub use dns::Resolver;
 pub use error::UpstreamError;
 pub use upstreams::Upstreams;

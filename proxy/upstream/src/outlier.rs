@@ -7,8 +7,8 @@
 //! of ejections resets once the endpoint succeeds after having stayed in for a
 //! full base ejection time.
 
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lacewing_config::OutlierDetection;
@@ -70,7 +70,7 @@ impl OutlierDetector {
 
     /// Records a failed attempt; ejects `endpoints[index]` when it reached the threshold
     /// and the cluster can spare it. Returns whether it was ejected.
-    pub(crate) fn failure(&self, endpoints: &[Endpoint], index: usize, kind: Failure) -> bool {
+    pub(crate) fn failure(&self, endpoints: &[Arc<Endpoint>], index: usize, kind: Failure) -> bool {
         let Some(endpoint) = endpoints.get(index) else {
             return false;
         };
@@ -133,9 +133,9 @@ mod tests {
         OutlierDetector::new(&config, IntCounter::new("e", "e").unwrap())
     }
 
-    fn endpoints(count: u16) -> Vec<Endpoint> {
+    fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
         (0..count)
-            .map(|i| Endpoint::new(([127, 0, 0, 1], 2000 + i).into()))
+            .map(|i| Arc::new(Endpoint::new(([127, 0, 0, 1], 2000 + i).into())))
             .collect()
     }
 

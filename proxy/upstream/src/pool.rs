@@ -1,6 +1,7 @@
 //! Per-worker-thread connection pools.
 //!
-//! Each worker thread keeps, per cluster and endpoint, a LIFO stack of idle
+//! Each worker thread keeps, per cluster and endpoint (by endpoint id, so an
+//! endpoint keeps its connections when the cluster's endpoint set changes), a LIFO stack of idle
 //! HTTP/1 connections and one shared HTTP/2 connection. Nothing here is shared
 //! between threads, so checking a connection out or in takes no lock. Pools are
 //! found by cluster id; a thread drops the pools of clusters that no longer
@@ -26,6 +27,7 @@ use tokio::sync::Notify;
 
 use crate::breaker::ConnectionSlot;
 use crate::clock::{millis, now_ms};
+use crate::endpoint::Endpoint;
 
 pub(crate) type H1Sender = http1::SendRequest<BoxBody>;
 pub(crate) type H2Sender = http2::SendRequest<BoxBody>;
@@ -53,15 +55,17 @@ enum H2Slot {
     },
 }
 
-#[derive(Default)]
 struct EndpointConns {
+    /// Gone once the endpoint left the cluster and its last request ended.
+    alive: Weak<Endpoint>,
     idle: VecDeque<IdleH1>,
     h2: H2Slot,
 }
 
 struct ClusterConns {
     alive: Weak<()>,
-    endpoints: Vec<EndpointConns>,
+    /// By endpoint id.
+    endpoints: HashMap<u64, EndpointConns>,
 }
 
 thread_local! {
@@ -72,7 +76,6 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub(crate) struct PoolKey {
     pub(crate) id: u64,
-    pub(crate) endpoints: usize,
     /// Alive exactly as long as the cluster (nothing else holds it); lets
     /// threads drop the pools of removed clusters.
     pub(crate) alive: Weak<()>,
@@ -83,7 +86,7 @@ pub(crate) struct PoolKey {
 /// first use. `None` while the thread is being torn down.
 fn with_endpoint<R>(
     key: &PoolKey,
-    index: usize,
+    endpoint: &Arc<Endpoint>,
     create: bool,
     f: impl FnOnce(&mut EndpointConns) -> R,
 ) -> Option<R> {
@@ -95,18 +98,27 @@ fn with_endpoint<R>(
                     return None;
                 }
                 pools.retain(|_, conns| conns.alive.strong_count() > 0);
-                let mut endpoints = Vec::with_capacity(key.endpoints);
-                endpoints.resize_with(key.endpoints, EndpointConns::default);
                 pools.insert(
                     key.id,
                     ClusterConns {
                         alive: key.alive.clone(),
-                        endpoints,
+                        endpoints: HashMap::new(),
                     },
                 );
                 spawn_sweeper(key);
             }
-            let conns = pools.get_mut(&key.id)?.endpoints.get_mut(index)?;
+            let endpoints = &mut pools.get_mut(&key.id)?.endpoints;
+            let conns = if create {
+                endpoints
+                    .entry(endpoint.id)
+                    .or_insert_with(|| EndpointConns {
+                        alive: Arc::downgrade(endpoint),
+                        idle: VecDeque::new(),
+                        h2: H2Slot::Empty,
+                    })
+            } else {
+                endpoints.get_mut(&endpoint.id)?
+            };
             Some(f(conns))
         })
         .ok()
@@ -139,7 +151,11 @@ fn spawn_sweeper(key: &PoolKey) {
                         return false;
                     };
                     let now = now_ms();
-                    for endpoint in &mut conns.endpoints {
+                    // Connections to endpoints that left the cluster close here.
+                    conns
+                        .endpoints
+                        .retain(|_, endpoint| endpoint.alive.strong_count() > 0);
+                    for endpoint in conns.endpoints.values_mut() {
                         endpoint.sweep(now, idle_ms);
                     }
                     true
@@ -170,11 +186,11 @@ impl EndpointConns {
 /// The most recently used idle HTTP/1 connection that is still usable, marked busy.
 pub(crate) fn checkout_h1(
     key: &PoolKey,
-    index: usize,
+    endpoint: &Arc<Endpoint>,
     idle_timeout: Duration,
 ) -> Option<(H1Sender, IdleSince)> {
     let idle_ms = millis(idle_timeout);
-    with_endpoint(key, index, true, |conns| {
+    with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
         while let Some(conn) = conns.idle.pop_back() {
             let since = conn.idle_since.load(Ordering::Relaxed);
@@ -191,11 +207,16 @@ pub(crate) fn checkout_h1(
 }
 
 /// Puts an HTTP/1 connection that finished its exchange back on top of the stack.
-pub(crate) fn checkin_h1(key: &PoolKey, index: usize, sender: H1Sender, idle_since: IdleSince) {
+pub(crate) fn checkin_h1(
+    key: &PoolKey,
+    endpoint: &Arc<Endpoint>,
+    sender: H1Sender,
+    idle_since: IdleSince,
+) {
     if sender.is_closed() {
         return;
     }
-    with_endpoint(key, index, false, |conns| {
+    with_endpoint(key, endpoint, false, |conns| {
         while conns
             .idle
             .front()
@@ -210,17 +231,22 @@ pub(crate) fn checkin_h1(key: &PoolKey, index: usize, sender: H1Sender, idle_sin
 
 /// Usable idle HTTP/1 connections of a cluster on this thread.
 pub(crate) fn idle_h1_count(key: &PoolKey) -> usize {
-    (0..key.endpoints)
-        .filter_map(|index| {
-            with_endpoint(key, index, false, |conns| {
+    POOLS
+        .try_with(|pools| {
+            let pools = pools.try_borrow().ok()?;
+            let conns = pools.get(&key.id)?;
+            Some(
                 conns
-                    .idle
-                    .iter()
+                    .endpoints
+                    .values()
+                    .flat_map(|e| &e.idle)
                     .filter(|conn| !conn.sender.is_closed())
-                    .count()
-            })
+                    .count(),
+            )
         })
-        .sum()
+        .ok()
+        .flatten()
+        .unwrap_or(0)
 }
 
 /// What a request finds in an endpoint's HTTP/2 slot.
@@ -236,9 +262,13 @@ pub(crate) enum H2Lookup {
 }
 
 /// Looks up (and on a miss claims) the HTTP/2 connection to an endpoint.
-pub(crate) fn h2_lookup(key: &PoolKey, index: usize, idle_timeout: Duration) -> H2Lookup {
+pub(crate) fn h2_lookup(
+    key: &PoolKey,
+    endpoint: &Arc<Endpoint>,
+    idle_timeout: Duration,
+) -> H2Lookup {
     let idle_ms = millis(idle_timeout);
-    with_endpoint(key, index, true, |conns| {
+    with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
         match &mut conns.h2 {
             H2Slot::Ready { sender, last_used }
@@ -258,8 +288,8 @@ pub(crate) fn h2_lookup(key: &PoolKey, index: usize, idle_timeout: Duration) -> 
 }
 
 /// Publishes a new HTTP/2 connection and wakes the requests waiting for it.
-pub(crate) fn h2_install(key: &PoolKey, index: usize, sender: H2Sender) {
-    with_endpoint(key, index, true, |conns| {
+pub(crate) fn h2_install(key: &PoolKey, endpoint: &Arc<Endpoint>, sender: H2Sender) {
+    with_endpoint(key, endpoint, true, |conns| {
         let previous = std::mem::replace(
             &mut conns.h2,
             H2Slot::Ready {
@@ -274,8 +304,8 @@ pub(crate) fn h2_install(key: &PoolKey, index: usize, sender: H2Sender) {
 }
 
 /// Gives up a claim from [`h2_lookup`] (connect failed or was cancelled).
-pub(crate) fn h2_abandon(key: &PoolKey, index: usize, claim: &Arc<Notify>) {
-    with_endpoint(key, index, false, |conns| {
+pub(crate) fn h2_abandon(key: &PoolKey, endpoint: &Arc<Endpoint>, claim: &Arc<Notify>) {
+    with_endpoint(key, endpoint, false, |conns| {
         if matches!(&conns.h2, H2Slot::Connecting(n) if Arc::ptr_eq(n, claim)) {
             conns.h2 = H2Slot::Empty;
         }
@@ -284,8 +314,8 @@ pub(crate) fn h2_abandon(key: &PoolKey, index: usize, claim: &Arc<Notify>) {
 }
 
 /// Forgets a pooled HTTP/2 connection that turned out to be closed.
-pub(crate) fn h2_evict(key: &PoolKey, index: usize) {
-    with_endpoint(key, index, false, |conns| {
+pub(crate) fn h2_evict(key: &PoolKey, endpoint: &Arc<Endpoint>) {
+    with_endpoint(key, endpoint, false, |conns| {
         if matches!(&conns.h2, H2Slot::Ready { .. }) {
             conns.h2 = H2Slot::Empty;
         }

@@ -3,6 +3,8 @@
 //! statuses, stale pooled connections), and the request shaped for the
 //! upstream protocol. One attempt is [`super::http1`] or [`super::http2`].
 
+use std::sync::Arc;
+
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header};
 use http_body::Body as _;
@@ -14,7 +16,7 @@ use lacewing_core::body::{self, BoxBody};
 use super::http2::{invalid_target, set_absolute};
 use super::{Cluster, RequestPolicy, UpstreamResponse};
 use crate::breaker::Held;
-use crate::endpoint::EndpointSet;
+use crate::endpoint::{Endpoint, EndpointSet};
 use crate::outlier::Failure;
 
 /// Why one attempt did not produce a response head.
@@ -80,6 +82,8 @@ pub(super) enum Pick {
 /// endpoint is left.
 pub(super) struct AttemptChain<'a> {
     cluster: &'a Cluster,
+    /// The cluster's endpoints when the chain started; indexes below refer to it.
+    pub(super) endpoints: Arc<Vec<Arc<Endpoint>>>,
     tried: EndpointSet,
     failed: EndpointSet,
     retry_slot: Option<Held<'a>>,
@@ -92,6 +96,7 @@ impl<'a> AttemptChain<'a> {
     pub(super) fn new(cluster: &'a Cluster) -> Self {
         Self {
             cluster,
+            endpoints: cluster.endpoints.load_full(),
             tried: EndpointSet::default(),
             failed: EndpointSet::default(),
             retry_slot: None,
@@ -101,9 +106,9 @@ impl<'a> AttemptChain<'a> {
     }
 
     /// Picks the endpoint of the next attempt and counts it (as a retry after the first).
-    pub(super) fn next_endpoint(&mut self) -> Result<usize, ProxyError> {
+    pub(super) fn next_endpoint(&mut self) -> Result<(usize, Arc<Endpoint>), ProxyError> {
         let cluster = self.cluster;
-        let index = match cluster.pick(&self.tried, &self.failed) {
+        let index = match cluster.pick(&self.endpoints, &self.tried, &self.failed) {
             Pick::Endpoint(index) => index,
             Pick::NoHealthy => return Err(cluster.no_healthy()),
             Pick::Exhausted => {
@@ -118,7 +123,7 @@ impl<'a> AttemptChain<'a> {
         }
         self.attempts += 1;
         self.tried.insert(index);
-        Ok(index)
+        Ok((index, self.endpoints[index].clone()))
     }
 
     /// Records that connecting to an endpoint failed: never picked again by
@@ -127,7 +132,7 @@ impl<'a> AttemptChain<'a> {
         self.failed.insert(index);
         self.cluster
             .outlier
-            .failure(&self.cluster.endpoints, index, Failure::Connect);
+            .failure(&self.endpoints, index, Failure::Connect);
     }
 
     /// Takes (once per chain) a slot of the retry budget.
@@ -155,11 +160,10 @@ impl Cluster {
         .then(|| RetryTemplate::of(&request));
         let mut chain = AttemptChain::new(self);
         loop {
-            let index = chain.next_endpoint()?;
-            let endpoint = &self.endpoints[index];
+            let (index, endpoint) = chain.next_endpoint()?;
             let outcome = {
                 let _active = endpoint.begin_request();
-                self.attempt(index, request).await
+                self.attempt(&endpoint, request).await
             };
             let may_retry = chain.attempts <= policy.retry_attempts;
             match outcome {
@@ -167,9 +171,9 @@ impl Cluster {
                     let status = response.status().as_u16();
                     if status >= 500 {
                         self.outlier
-                            .failure(&self.endpoints, index, Failure::Response);
+                            .failure(&chain.endpoints, index, Failure::Response);
                     } else {
-                        self.outlier.success(endpoint);
+                        self.outlier.success(&endpoint);
                     }
                     if may_retry
                         && policy.retry_on_status.contains(&status)
@@ -208,13 +212,13 @@ impl Cluster {
                         continue;
                     }
                     self.outlier
-                        .failure(&self.endpoints, index, Failure::Response);
+                        .failure(&chain.endpoints, index, Failure::Response);
                     return Err(error);
                 }
                 Err(AttemptError::Failed(error)) => {
                     if matches!(error, ProxyError::UpstreamReset(_)) {
                         self.outlier
-                            .failure(&self.endpoints, index, Failure::Response);
+                            .failure(&chain.endpoints, index, Failure::Response);
                     }
                     return Err(error);
                 }
@@ -262,12 +266,12 @@ impl Cluster {
 
     pub(super) async fn attempt(
         &self,
-        index: usize,
+        endpoint: &Arc<Endpoint>,
         request: Request<BoxBody>,
     ) -> Result<Response<Incoming>, AttemptError> {
         match self.protocol {
-            UpstreamProtocol::Http1 => self.attempt_h1(index, request).await,
-            UpstreamProtocol::H2 => self.attempt_h2(index, request).await,
+            UpstreamProtocol::Http1 => self.attempt_h1(endpoint, request).await,
+            UpstreamProtocol::H2 => self.attempt_h2(endpoint, request).await,
         }
     }
 }

@@ -8,25 +8,26 @@ use tokio::net::TcpStream;
 use super::Cluster;
 use super::attempt::OpenError;
 use crate::breaker::{ConnectionSlot, Limit};
+use crate::endpoint::Endpoint;
 
 impl Cluster {
     /// Reserves a connection under `max_connections` and connects.
     pub(super) async fn open_connection(
         &self,
-        index: usize,
+        endpoint: &Endpoint,
     ) -> Result<(TcpStream, ConnectionSlot), OpenError> {
         let mut slot = self
             .connections
             .reserve()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::Connections)))?;
-        let stream = self.connect(index).await.map_err(OpenError::Connect)?;
+        let stream = self.connect(endpoint).await.map_err(OpenError::Connect)?;
         slot.established();
         Ok((stream, slot))
     }
 
     /// One TCP connect within the connect timeout, with TCP_NODELAY.
-    pub(super) async fn connect(&self, index: usize) -> Result<TcpStream, ProxyError> {
-        let addr = self.endpoints[index].addr;
+    pub(super) async fn connect(&self, endpoint: &Endpoint) -> Result<TcpStream, ProxyError> {
+        let addr = endpoint.addr;
         let reason = if self.connect_timeout.is_zero() {
             match TcpStream::connect(addr).await {
                 Ok(stream) => return Ok(nodelay(stream)),
@@ -47,10 +48,10 @@ impl Cluster {
         })
     }
 
-    pub(super) fn handshake_failed(&self, index: usize, error: &hyper::Error) -> ProxyError {
+    pub(super) fn handshake_failed(&self, endpoint: &Endpoint, error: &hyper::Error) -> ProxyError {
         self.metrics.connect_failures.inc();
         ProxyError::Connect {
-            endpoint: self.endpoints[index].addr.to_string(),
+            endpoint: endpoint.addr.to_string(),
             reason: format!("handshake: {error}"),
         }
     }

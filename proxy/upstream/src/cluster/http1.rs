@@ -14,22 +14,23 @@ use lacewing_core::body::BoxBody;
 use super::Cluster;
 use super::attempt::{AttemptError, OpenError, reset};
 use crate::breaker::Limit;
+use crate::endpoint::Endpoint;
 use crate::pool::{self, H1Sender, IdleSince};
 
 impl Cluster {
     pub(super) async fn attempt_h1(
         &self,
-        index: usize,
+        endpoint: &Arc<Endpoint>,
         mut request: Request<BoxBody>,
     ) -> Result<Response<Incoming>, AttemptError> {
         if !request.headers().contains_key(header::HOST) {
-            let host = self.endpoints[index].host.clone();
+            let host = endpoint.host.clone();
             request.headers_mut().insert(header::HOST, host);
         }
         let mut yielded = false;
         loop {
             let Some((mut sender, idle_since)) =
-                pool::checkout_h1(&self.pool, index, self.idle_timeout)
+                pool::checkout_h1(&self.pool, endpoint, self.idle_timeout)
             else {
                 if yielded {
                     break;
@@ -42,7 +43,7 @@ impl Cluster {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.release_h1(index, sender, idle_since, &response);
+                    self.release_h1(endpoint, sender, idle_since, &response);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -61,13 +62,13 @@ impl Cluster {
                 },
             }
         }
-        let (mut sender, idle_since) = match self.open_h1(index).await {
+        let (mut sender, idle_since) = match self.open_h1(endpoint).await {
             Ok(connection) => connection,
             Err(error) => return Err(error.attempt_error(request)),
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
-                self.release_h1(index, sender, idle_since, &response);
+                self.release_h1(endpoint, sender, idle_since, &response);
                 Ok(response)
             }
             Err(mut error) => {
@@ -81,7 +82,7 @@ impl Cluster {
     /// Upgraded connections (`101`) belong to the caller and are never pooled.
     pub(super) fn release_h1(
         &self,
-        index: usize,
+        endpoint: &Arc<Endpoint>,
         mut sender: H1Sender,
         idle_since: IdleSince,
         response: &Response<Incoming>,
@@ -90,23 +91,27 @@ impl Cluster {
             return;
         }
         let key = self.pool.clone();
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                pool::checkin_h1(&key, index, sender, idle_since);
+                pool::checkin_h1(&key, &endpoint, sender, idle_since);
             }
         });
     }
 
-    pub(super) async fn open_h1(&self, index: usize) -> Result<(H1Sender, IdleSince), OpenError> {
+    pub(super) async fn open_h1(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<(H1Sender, IdleSince), OpenError> {
         let _pending = self
             .limits
             .pending()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::PendingRequests)))?;
-        let (stream, slot) = self.open_connection(index).await?;
+        let (stream, slot) = self.open_connection(endpoint).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| OpenError::Connect(self.handshake_failed(index, &e)))?;
+            .map_err(|e| OpenError::Connect(self.handshake_failed(endpoint, &e)))?;
         let idle_since = Arc::new(AtomicU64::new(pool::BUSY));
         pool::spawn_h1_driver(
             conn.with_upgrades(),

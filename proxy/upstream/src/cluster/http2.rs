@@ -16,16 +16,17 @@ use lacewing_core::body::BoxBody;
 use super::Cluster;
 use super::attempt::{AttemptError, OpenError};
 use crate::breaker::Limit;
+use crate::endpoint::Endpoint;
 use crate::pool::{self, H2Lookup, H2Sender, PoolKey};
 
 impl Cluster {
     pub(super) async fn attempt_h2(
         &self,
-        index: usize,
+        endpoint: &Arc<Endpoint>,
         mut request: Request<BoxBody>,
     ) -> Result<Response<Incoming>, AttemptError> {
         if request.uri().authority().is_none()
-            && let Err(error) = Authority::try_from(self.endpoints[index].host.as_bytes())
+            && let Err(error) = Authority::try_from(endpoint.host.as_bytes())
                 .map_err(|e| invalid_target(&e))
                 .and_then(|authority| set_absolute(&mut request, authority))
         {
@@ -33,7 +34,7 @@ impl Cluster {
         }
         let mut fresh = false;
         loop {
-            let mut sender = match self.h2_sender(index).await {
+            let mut sender = match self.h2_sender(endpoint).await {
                 Ok(sender) => sender,
                 Err(error) => return Err(error.attempt_error(request)),
             };
@@ -42,7 +43,7 @@ impl Cluster {
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if !fresh => {
                         // The shared connection closed before the stream opened: replace it once.
-                        pool::h2_evict(&self.pool, index);
+                        pool::h2_evict(&self.pool, endpoint);
                         request = unsent;
                         fresh = true;
                     }
@@ -54,10 +55,10 @@ impl Cluster {
 
     /// The shared HTTP/2 connection to an endpoint on this thread, opened by the
     /// first request that needs it while the others wait.
-    pub(super) async fn h2_sender(&self, index: usize) -> Result<H2Sender, OpenError> {
+    pub(super) async fn h2_sender(&self, endpoint: &Arc<Endpoint>) -> Result<H2Sender, OpenError> {
         let mut waited = false;
         loop {
-            match pool::h2_lookup(&self.pool, index, self.idle_timeout) {
+            match pool::h2_lookup(&self.pool, endpoint, self.idle_timeout) {
                 H2Lookup::Ready(sender) => return Ok(sender),
                 H2Lookup::Wait(notify) if !waited => {
                     waited = true;
@@ -70,15 +71,15 @@ impl Cluster {
                     // Bounded: a connect that never reports back must not strand us.
                     let _ = tokio::time::timeout(self.wait_for_connect(), notified).await;
                 }
-                H2Lookup::Wait(_) | H2Lookup::Unpooled => return self.open_h2(index).await,
+                H2Lookup::Wait(_) | H2Lookup::Unpooled => return self.open_h2(endpoint).await,
                 H2Lookup::Connect(claim) => {
                     let claim = H2Claim {
                         key: &self.pool,
-                        index,
+                        endpoint,
                         notify: Some(claim),
                     };
-                    let sender = self.open_h2(index).await?;
-                    pool::h2_install(&self.pool, index, sender.clone());
+                    let sender = self.open_h2(endpoint).await?;
+                    pool::h2_install(&self.pool, endpoint, sender.clone());
                     claim.installed();
                     return Ok(sender);
                 }
@@ -86,17 +87,17 @@ impl Cluster {
         }
     }
 
-    pub(super) async fn open_h2(&self, index: usize) -> Result<H2Sender, OpenError> {
+    pub(super) async fn open_h2(&self, endpoint: &Endpoint) -> Result<H2Sender, OpenError> {
         let _pending = self
             .limits
             .pending()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::PendingRequests)))?;
-        let (stream, slot) = self.open_connection(index).await?;
+        let (stream, slot) = self.open_connection(endpoint).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| OpenError::Connect(self.handshake_failed(index, &e)))?;
+            .map_err(|e| OpenError::Connect(self.handshake_failed(endpoint, &e)))?;
         pool::spawn_h2_driver(conn, slot);
         Ok(sender)
     }
@@ -113,7 +114,7 @@ impl Cluster {
 /// A claim on an endpoint's HTTP/2 slot; given up (and waiters woken) unless installed.
 pub(super) struct H2Claim<'a> {
     key: &'a PoolKey,
-    index: usize,
+    endpoint: &'a Arc<Endpoint>,
     notify: Option<Arc<tokio::sync::Notify>>,
 }
 
@@ -126,7 +127,7 @@ impl H2Claim<'_> {
 impl Drop for H2Claim<'_> {
     fn drop(&mut self) {
         if let Some(notify) = self.notify.take() {
-            pool::h2_abandon(self.key, self.index, &notify);
+            pool::h2_abandon(self.key, self.endpoint, &notify);
         }
     }
 }

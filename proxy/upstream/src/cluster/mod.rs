@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use http::{Request, Response};
 use hyper::body::Incoming;
 use lacewing_config::{ClusterConfig, RetryPolicy, UpstreamProtocol};
@@ -100,7 +102,8 @@ struct ClusterMetrics {
 pub struct Cluster {
     name: String,
     protocol: UpstreamProtocol,
-    endpoints: Box<[Endpoint]>,
+    /// Replaced whole when the endpoint set changes; a request keeps the list it started with.
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     balancer: Balancer,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -133,19 +136,21 @@ impl Cluster {
                 .upstream_connections_total
                 .with_label_values(&[name]),
         ));
-        let endpoints: Box<[Endpoint]> = addrs.into_iter().map(Endpoint::new).collect();
+        let endpoints: Vec<Arc<Endpoint>> = addrs
+            .into_iter()
+            .map(|addr| Arc::new(Endpoint::new(addr)))
+            .collect();
         let alive = Arc::new(());
         Self {
             pool: PoolKey {
                 id: NEXT_CLUSTER_ID.fetch_add(1, Ordering::Relaxed),
-                endpoints: endpoints.len(),
                 alive: Arc::downgrade(&alive),
                 idle_timeout: config.idle_timeout.0,
             },
             _alive: alive,
             name: config.name.clone(),
             protocol: config.protocol,
-            endpoints,
+            endpoints: ArcSwap::from_pointee(endpoints),
             balancer: Balancer::new(config.lb),
             connect_timeout: config.connect_timeout.0,
             idle_timeout: config.idle_timeout.0,
@@ -176,14 +181,32 @@ impl Cluster {
     }
 
     /// The endpoint addresses, in configuration order.
-    pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.endpoints.iter().map(|e| e.addr)
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.endpoints.load().iter().map(|e| e.addr).collect()
+    }
+
+    /// Replaces the endpoint set. An address that was already an endpoint
+    /// stays the same endpoint, with its pooled connections, active-request
+    /// count and outlier state; removed endpoints take no new request, and
+    /// their pooled connections close once idle. Requests in flight finish on
+    /// the set they started with.
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        let mut old: Vec<Arc<Endpoint>> = self.endpoints.load().iter().cloned().collect();
+        let next: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .map(|addr| match old.iter().position(|e| e.addr == *addr) {
+                Some(i) => old.swap_remove(i),
+                None => Arc::new(Endpoint::new(*addr)),
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
     }
 
     /// Whether outlier detection has the endpoint out right now.
     pub fn is_ejected(&self, endpoint: SocketAddr) -> bool {
         let now = now_ms();
         self.endpoints
+            .load()
             .iter()
             .any(|e| e.addr == endpoint && e.is_ejected(now))
     }
@@ -244,12 +267,12 @@ impl Cluster {
     pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), ProxyError> {
         let mut chain = AttemptChain::new(self);
         loop {
-            let index = chain.next_endpoint()?;
-            match self.connect(index).await {
+            let (index, endpoint) = chain.next_endpoint()?;
+            match self.connect(&endpoint).await {
                 Ok(stream) => {
                     self.connections.count_unpooled();
-                    self.outlier.success(&self.endpoints[index]);
-                    return Ok((stream, self.endpoints[index].addr));
+                    self.outlier.success(&endpoint);
+                    return Ok((stream, endpoint.addr));
                 }
                 Err(error) => {
                     chain.connect_failed(index);
@@ -271,9 +294,8 @@ impl Cluster {
     /// unless every endpoint is ejected because it refused connections, which
     /// fails fast with `NoHealthyUpstream` until the first ejection expires.
     /// Endpoints that failed to connect during this request are never chosen again.
-    fn pick(&self, tried: &EndpointSet, failed: &EndpointSet) -> Pick {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &EndpointSet, failed: &EndpointSet) -> Pick {
         let now = now_ms();
-        let endpoints = &self.endpoints[..];
         let usable = |i: usize| !failed.contains(i) && !endpoints[i].is_ejected(now);
         if let Some(index) = self
             .balancer
