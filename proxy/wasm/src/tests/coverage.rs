@@ -301,3 +301,47 @@ fn dropped_plugin_stops_ticking() {
         );
     });
 }
+
+#[test]
+fn a_plugin_started_on_a_worker_ends_its_root_context_when_retired() {
+    let (host, _) = host();
+    let bytes = module(
+        "",
+        r#"(data (i32.const 100) "configured")
+           (data (i32.const 120) "done")
+           (data (i32.const 140) "deleted")
+           (func (export "proxy_on_configure") (param i32 i32) (result i32)
+             (call $record (i32.const 100) (i32.const 10) (local.get 0))
+             i32.const 1)
+           (func (export "proxy_on_done") (param i32) (result i32)
+             (call $record (i32.const 120) (i32.const 4) (local.get 0))
+             i32.const 1)
+           (func (export "proxy_on_delete") (param i32)
+             (call $record (i32.const 140) (i32.const 7) (local.get 0)))"#,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let plugin = load(
+            &host,
+            &config(serde_json::json!({ "name": "eager" })),
+            &bytes,
+        )
+        .unwrap();
+        plugin.start_on_worker().unwrap();
+        let root = recorded(&host, "configured").expect("on_configure ran");
+        // The load-time instance is thrown away without callbacks.
+        assert_eq!(recorded(&host, "done"), None);
+
+        drop(plugin);
+        host.retire_dropped_plugins();
+        assert_eq!(
+            recorded(&host, "done"),
+            Some(root),
+            "on_done on the root context"
+        );
+        assert_eq!(recorded(&host, "deleted"), Some(root), "then on_delete");
+    });
+}
