@@ -303,7 +303,7 @@ async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays()
 }
 
 #[tokio::test]
-async fn listeners_added_and_removed_by_publish_start_and_stop_accepting() {
+async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting() {
     let up = Upstreams::start().await;
     let handle = proxy::start(&up.yaml("a", "A", 2));
 
@@ -320,6 +320,20 @@ async fn listeners_added_and_removed_by_publish_start_and_stop_accepting() {
     assert_eq!(response.status, StatusCode::OK);
     assert_eq!(generation_of(&response).0, "b");
     assert_still_serves_a(&handle).await;
+
+    // Re-bound: the same listener moves to another port.
+    let main_before = proxy::listener_addr(&handle, "main");
+    let mut moved = up.config("a", "A", 2);
+    moved.listeners[0].address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    publish(&handle, moved).await.expect("publish a moved listener");
+    let main_after = proxy::listener_addr(&handle, "main");
+    assert_ne!(main_after, main_before);
+    let response = client::get(&format!("http://{main_after}/")).await;
+    assert_eq!(generation_of(&response), pair("a", "A"));
+    eventually("the old address refuses connections", || async move {
+        TcpStream::connect(main_before).await.is_err()
+    })
+    .await;
 
     publish(&handle, up.config("a", "A", 2))
         .await
