@@ -7,11 +7,10 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use lacewing_config::ProxyConfig;
 use lacewing_tests::client;
+use lacewing_tests::generations::Generations;
 use lacewing_tests::process::{open_fds, rss_bytes};
-use lacewing_tests::wasm::{module, yaml_path};
-use lacewing_tests::{eventually_with, proxy, servers};
+use lacewing_tests::{eventually_with, proxy};
 
 const PUBLISHES: usize = 1_000;
 const WARM_UP: usize = 50;
@@ -23,38 +22,14 @@ const MAX_RSS_GROWTH: u64 = 32 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_publishes_keep_fds_and_memory_flat() {
-    let a = servers::http_echo_named("a").await;
-    let b = servers::http_echo_named("b").await;
-    let module = yaml_path(&module("conformance-filter"));
-    let config = |target: &str, tag: &str| -> ProxyConfig {
-        let yaml = proxy::fill(
-            "admin: { address: 127.0.0.1:0 }
-workers: 2
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    filters: [tagger]
-    routes:
-      - { name: default, cluster: {target} }
-clusters:
-  - { name: a, endpoints: ['{a}'] }
-  - { name: b, endpoints: ['{b}'] }
-plugins:
-  - { name: tagger, module: {module}, configuration: 'tag={tag} tick_ms=50' }
-",
-            &[
-                ("target", &target),
-                ("tag", &tag),
-                ("a", &a.addr),
-                ("b", &b.addr),
-                ("module", &module),
-            ],
-        );
-        lacewing_config::load::from_yaml_str(&yaml, proxy::TEST_CONFIG_NAME).expect("config")
-    };
-    let configs = [config("a", "A"), config("b", "B")];
-    let handle =
-        proxy::start(&proxy::simple_yaml(&[a.addr], "http1").replace("workers: 1", "workers: 2"));
+    let up = Generations::start().await;
+    let configs = [
+        up.config("a", "A tick_ms=50", 2),
+        up.config("b", "B tick_ms=50", 2),
+    ];
+    let handle = proxy::start(
+        &proxy::simple_yaml(&[up.a.addr], "http1").replace("workers: 1", "workers: 2"),
+    );
     let url = proxy::url(&handle, "main", "/");
     let publisher = handle.publisher();
 

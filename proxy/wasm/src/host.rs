@@ -105,12 +105,7 @@ impl WasmHost {
         cfg: &PluginConfig,
         upstreams: Arc<dyn Upstreams>,
     ) -> Result<Arc<WasmPlugin>, WasmError> {
-        let bytes = std::fs::read(&cfg.module).map_err(|source| WasmError::Read {
-            plugin: cfg.name.clone(),
-            path: cfg.module.clone(),
-            source,
-        })?;
-        self.load_plugin_bytes(cfg, &bytes, upstreams)
+        self.reload_plugin(cfg, upstreams, None)
     }
 
     /// [`WasmHost::load_plugin`] for the next generation: when `previous` was

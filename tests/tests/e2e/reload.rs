@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,88 +13,10 @@ use http::StatusCode;
 use lacewing_config::ProxyConfig;
 use lacewing_proxy::{ProxyHandle, PublishError};
 use lacewing_tests::client::{self, ReusingClient, metric_value};
-use lacewing_tests::servers::{self, TestServer};
-use lacewing_tests::wasm::{get_with, module, yaml_path};
+use lacewing_tests::generations::{Generations, generation_of, parse};
+use lacewing_tests::wasm::{get_with, yaml_path};
 use lacewing_tests::{eventually, proxy};
 use tokio::net::TcpStream;
-
-/// Two echo upstreams, `a` and `b`, and the conformance module.
-struct Upstreams {
-    a: TestServer,
-    b: TestServer,
-    module: std::path::PathBuf,
-}
-
-impl Upstreams {
-    async fn start() -> Self {
-        Self {
-            a: servers::http_echo_named("a").await,
-            b: servers::http_echo_named("b").await,
-            module: module("conformance-filter"),
-        }
-    }
-
-    /// A config whose route goes to cluster `target` and whose plugin tags
-    /// every response `x-response-chain: <tag>`, with `workers` workers.
-    fn yaml(&self, target: &str, tag: &str, workers: usize) -> String {
-        generation_yaml(self.a.addr, self.b.addr, &self.module, target, tag, workers)
-    }
-
-    fn config(&self, target: &str, tag: &str, workers: usize) -> ProxyConfig {
-        parse(&self.yaml(target, tag, workers))
-    }
-}
-
-fn generation_yaml(
-    a: SocketAddr,
-    b: SocketAddr,
-    module: &Path,
-    target: &str,
-    tag: &str,
-    workers: usize,
-) -> String {
-    proxy::fill(
-        "admin: { address: 127.0.0.1:0 }
-workers: {workers}
-drain_timeout: 1s
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    filters: [tagger]
-    routes:
-      - { name: default, cluster: {target} }
-clusters:
-  - { name: a, endpoints: ['{a}'] }
-  - { name: b, endpoints: ['{b}'] }
-plugins:
-  - { name: tagger, module: {module}, configuration: 'tag={tag}' }
-",
-        &[
-            ("workers", &workers),
-            ("target", &target),
-            ("a", &a),
-            ("b", &b),
-            ("module", &yaml_path(module)),
-            ("tag", &tag),
-        ],
-    )
-}
-
-fn parse(yaml: &str) -> ProxyConfig {
-    lacewing_config::load::from_yaml_str(yaml, proxy::TEST_CONFIG_NAME)
-        .unwrap_or_else(|e| panic!("test config does not load: {e}\n{yaml}"))
-}
-
-/// The generation a response came from: (upstream that answered, plugin tag).
-fn generation_of(response: &client::Response) -> (String, String) {
-    (
-        response.header("x-upstream").unwrap_or("-").to_string(),
-        response
-            .header("x-response-chain")
-            .unwrap_or("-")
-            .to_string(),
-    )
-}
 
 fn pair(upstream: &str, tag: &str) -> (String, String) {
     (upstream.to_string(), tag.to_string())
@@ -118,7 +39,7 @@ const RELOADS: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reloads_under_load_fail_no_request_and_mix_no_generations() {
-    let up = Upstreams::start().await;
+    let up = Generations::start().await;
     let configs = [up.config("a", "A", 2), up.config("b", "B", 2)];
     let handle = proxy::start(&up.yaml("a", "A", 2));
     let url = proxy::url(&handle, "main", "/");
@@ -228,7 +149,7 @@ async fn assert_still_serves_a(handle: &ProxyHandle) {
 
 #[tokio::test]
 async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays() {
-    let up = Upstreams::start().await;
+    let up = Generations::start().await;
     let handle = proxy::start(&up.yaml("a", "A", 1));
     let live = handle.generation().expect("a live generation").number;
 
@@ -304,7 +225,7 @@ async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays()
 
 #[tokio::test]
 async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting() {
-    let up = Upstreams::start().await;
+    let up = Generations::start().await;
     let handle = proxy::start(&up.yaml("a", "A", 2));
 
     let mut with_extra = up.config("a", "A", 2);
@@ -325,7 +246,9 @@ async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting()
     let main_before = proxy::listener_addr(&handle, "main");
     let mut moved = up.config("a", "A", 2);
     moved.listeners[0].address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    publish(&handle, moved).await.expect("publish a moved listener");
+    publish(&handle, moved)
+        .await
+        .expect("publish a moved listener");
     let main_after = proxy::listener_addr(&handle, "main");
     assert_ne!(main_after, main_before);
     let response = client::get(&format!("http://{main_after}/")).await;
@@ -350,7 +273,7 @@ async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting()
 /// through it: its VMs exist on every worker from the moment it is published.
 #[tokio::test]
 async fn plugins_tick_from_publish_with_no_traffic() {
-    let up = Upstreams::start().await;
+    let up = Generations::start().await;
     // `main` runs the ticking plugin and gets no request; `probe` reads the
     // tick count (process-wide shared data) through a plugin that does not tick.
     let yaml = |ticker: bool| {
@@ -425,7 +348,7 @@ plugins:
 /// line and field and the live generation stays.
 #[tokio::test]
 async fn sighup_reloads_the_file_and_a_bad_file_keeps_the_live_generation() {
-    let up = Upstreams::start().await;
+    let up = Generations::start().await;
     let dir = std::env::temp_dir().join(format!("lacewing-sighup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let port = free_port();

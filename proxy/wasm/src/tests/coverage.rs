@@ -244,6 +244,15 @@ fn network_filter_trap_closes_the_connection() {
     assert!(conn.borrow().close);
 }
 
+/// Runs `task` as a worker does: a current-thread runtime inside a `LocalSet`.
+fn on_worker_thread(task: impl std::future::Future<Output = ()>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, task);
+}
+
 #[test]
 fn dropped_plugin_stops_ticking() {
     let (host, _) = host();
@@ -259,11 +268,7 @@ fn dropped_plugin_stops_ticking() {
              (call $record (i32.const 100) (i32.const 5) (global.get $ticks)))"#,
     );
     let other = module("", "");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, async {
+    on_worker_thread(async {
         let plugin = load(
             &host,
             &config(serde_json::json!({ "name": "ticker" })),
@@ -319,11 +324,7 @@ fn a_plugin_started_on_a_worker_ends_its_root_context_when_retired() {
            (func (export "proxy_on_delete") (param i32)
              (call $record (i32.const 140) (i32.const 7) (local.get 0)))"#,
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, async {
+    on_worker_thread(async {
         let plugin = load(
             &host,
             &config(serde_json::json!({ "name": "eager" })),
