@@ -522,3 +522,15 @@ fn retire(workers: &[CommandSender]) {
         let _ = worker.send(Command::RetirePlugins);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publisher_goes_to_any_thread() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Publisher>();
+        shareable::<Generation>();
+    }
+}

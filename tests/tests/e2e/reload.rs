@@ -269,16 +269,17 @@ async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting()
     assert_still_serves_a(&handle).await;
 }
 
-/// A plugin that arms a tick timer in `on_configure` ticks with no request
-/// through it: its VMs exist on every worker from the moment it is published.
+/// A plugin that arms a tick timer in `on_configure` ticks, and receives
+/// queue items, with no request through it: its VMs exist on every worker
+/// from the moment it is published.
 #[tokio::test]
-async fn plugins_tick_from_publish_with_no_traffic() {
+async fn plugins_tick_and_take_queue_items_from_publish_with_no_traffic() {
     let up = Generations::start().await;
     // `main` runs the ticking plugin and gets no request; `probe` reads the
     // tick count (process-wide shared data) through a plugin that does not tick.
     let yaml = |ticker: bool| {
         let ticking = if ticker {
-            "\n  - { name: ticker, module: {module}, configuration: 'tick_ms=10' }"
+            "\n  - { name: ticker, module: {module}, vm_id: ticker-vm, configuration: 'tick_ms=10' }"
         } else {
             ""
         };
@@ -313,18 +314,29 @@ plugins:
     };
     let handle = lacewing_proxy::Proxy::start(yaml(false)).expect("start");
     let probe = proxy::url(&handle, "probe", "/conformance");
+    let probe_case = |headers: Vec<(&'static str, String)>| {
+        let probe = probe.clone();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let response = get_with(&probe, &headers).await;
+            assert_eq!(response.status, StatusCode::OK);
+            response
+        }
+    };
+    // A shared-data value, read through the probe's plugin.
+    let shared = |key: &'static str| async move {
+        probe_case(vec![
+            ("x-test", "shared-get".into()),
+            ("x-shared-key", key.into()),
+        ])
+        .await
+        .header("x-shared-value")
+        .map(str::to_string)
+    };
     let ticks = || async {
-        let response = get_with(
-            &probe,
-            &[
-                ("x-test", "shared-get"),
-                ("x-shared-key", "conformance-ticks"),
-            ],
-        )
-        .await;
-        assert_eq!(response.status, StatusCode::OK);
-        response
-            .header("x-shared-value")
+        shared("conformance-ticks")
+            .await
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
@@ -339,6 +351,20 @@ plugins:
         .expect("publish the ticker");
     eventually("the ticker ticks with no request through it", || async {
         ticks().await >= 4
+    })
+    .await;
+
+    // Its queue has a receiver too: an item enqueued from the probe reaches
+    // the ticker's on_queue_ready.
+    let enqueued = probe_case(vec![
+        ("x-test", "queue".into()),
+        ("x-queue-vm-id", "ticker-vm".into()),
+        ("x-queue-value", "from-probe".into()),
+    ])
+    .await;
+    assert_eq!(enqueued.header("x-queue-enqueue"), Some("Ok"));
+    eventually("the ticker dequeued the item", || async {
+        shared("conformance-queue-last").await.as_deref() == Some("from-probe")
     })
     .await;
     handle.shutdown();
