@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
@@ -357,6 +358,14 @@ impl Inner {
             .map_or_else(String::new, |s| s.factory.name().to_string())
     }
 
+    /// Drops a resume that came while the stream was not paused (as Envoy
+    /// ignores a continue on a stream that is not stopped), so it cannot end
+    /// the pause that starts now.
+    fn forget_resumes(&self) {
+        let resumed = self.stream.borrow().resumed();
+        let _ = resumed.notified().now_or_never();
+    }
+
     /// Waits for a resume until `deadline`; a timeout names the filter at `index`.
     async fn wait_resume(&self, index: usize, deadline: Instant) -> Result<(), Stop> {
         let resumed = self.stream.borrow().resumed();
@@ -395,6 +404,7 @@ impl Inner {
                 return Err(stop);
             }
             if !status.is_continue() {
+                self.forget_resumes();
                 let deadline = Instant::now() + self.limits.pause_limit;
                 self.wait_resume(index, deadline).await?;
             }
@@ -415,7 +425,16 @@ impl Inner {
         let count = self.count(direction);
         for step in from..count {
             let index = direction.index(step, count);
+            let arriving = data.len();
             data = holds.prepend(step, data);
+            if data.len() > arriving && data.len() > self.limits.max_buffered {
+                // New bytes join a buffering filter's buffer past the limit:
+                // over, whatever the filter would say (as Envoy adds them
+                // before calling it).
+                return Err(Stop::Error(ProxyError::BodyTooLarge {
+                    limit: self.limits.max_buffered,
+                }));
+            }
             let status = {
                 let mut slots = self.slots.borrow_mut();
                 let Some(slot) = slots.get_mut(index) else {
@@ -446,6 +465,9 @@ impl Inner {
                 return Err(Stop::Error(ProxyError::BodyTooLarge {
                     limit: self.limits.max_buffered,
                 }));
+            }
+            if !holds.holding() {
+                self.forget_resumes();
             }
             let kept = holds.stop(step, status, data, end);
             *body_of(&mut self.stream.borrow_mut(), direction) = kept;
@@ -493,6 +515,7 @@ impl Inner {
                 return Err(stop);
             }
             if !status.is_continue() {
+                self.forget_resumes();
                 self.wait_resume(index, deadline).await?;
             }
             // The bytes this filter held go on with its trailers.

@@ -316,6 +316,32 @@ fn a_request_body_over_the_buffer_limit_stops_with_413() {
 }
 
 #[test]
+fn bytes_joining_a_full_buffer_are_over_the_limit_even_if_the_filter_would_go_on() {
+    run(async {
+        let log = Log::default();
+        let (chain, _stream) = chain(&[scripted("until-end", &log, |call, _| match call {
+            Call::RequestBody { end: false } => FilterStatus::StopAndBuffer,
+            _ => FilterStatus::Continue,
+        })]);
+        let full: &'static str = Box::leak("a".repeat(LIMITS.max_buffered).into_boxed_str());
+        let read = upstream_reads(&chain, source(&[full, "b"], None)).await;
+        assert!(read.is_err(), "the upstream body fails");
+        assert!(matches!(
+            chain.take_request_stop(),
+            Some(Stop::Error(ProxyError::BodyTooLarge { .. }))
+        ));
+        assert_eq!(
+            entries(&log),
+            [format!(
+                "until-end:RequestBody {{ end: false }}:{}",
+                LIMITS.max_buffered
+            )],
+            "the filter is not called with the over-limit buffer"
+        );
+    });
+}
+
+#[test]
 fn stop_no_buffer_drops_the_chunk_and_later_chunks_still_reach_the_filter() {
     run(async {
         let log = Log::default();
