@@ -596,3 +596,48 @@ impl Drop for WasmNetworkFilter {
         self.vm.finish_context(&self.plugin, self.ctx);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Returns, action};
+    use lacewing_core::filter::FilterStatus as S;
+
+    #[test]
+    fn callback_results_map_to_statuses_as_envoy_maps_them() {
+        let table = [
+            (
+                Returns::Headers,
+                [S::Continue, S::StopIteration, S::Continue, S::StopIteration],
+            ),
+            (
+                Returns::Body,
+                [
+                    S::Continue,
+                    S::StopAndBuffer,
+                    S::StopAndBuffer,
+                    S::StopNoBuffer,
+                ],
+            ),
+            (
+                Returns::Other,
+                [
+                    S::Continue,
+                    S::StopIteration,
+                    S::StopIteration,
+                    S::StopIteration,
+                ],
+            ),
+        ];
+        for (returns, expected) in table {
+            for (value, want) in expected.into_iter().enumerate() {
+                assert_eq!(
+                    action(Some(value as i32), returns),
+                    want,
+                    "{returns:?} {value}"
+                );
+            }
+            assert_eq!(action(Some(77), returns), expected[3], "{returns:?} 77");
+            assert_eq!(action(None, returns), S::Continue, "{returns:?}: no export");
+        }
+    }
+}

