@@ -670,6 +670,9 @@ where
                             source_done = true;
                             if let Ok(trailers) = frame.into_trailers() {
                                 *trailers_of(&mut inner.stream.borrow_mut(), direction) = Some(trailers);
+                                if direction == Direction::Response {
+                                    deadline = Instant::now() + inner.limits.pause_limit;
+                                }
                                 inner.trailers_phase(direction, &mut holds, deadline, tx).await?;
                                 let trailers = trailers_of(&mut inner.stream.borrow_mut(), direction)
                                     .clone()

@@ -151,6 +151,7 @@ impl Plugin {
 /// Lacewing and (when found) Envoy, configured alike, with their upstreams.
 struct Pair {
     lacewing: ProxyHandle,
+    access_log: PathBuf,
     envoy: Option<(Envoy, Listeners)>,
     _echo: BodyEcho,
     _tcp_echo: TestServer,
@@ -171,6 +172,7 @@ impl Pair {
         let echo = BodyEcho::start().await;
         let tcp_echo = servers::tcp_echo().await;
         let setup = Setup {
+            access_log: access_log_path(),
             echo: echo.addr,
             tcp_echo: tcp_echo.addr,
             a: Plugin::conformance("tag=A"),
@@ -196,6 +198,7 @@ impl Pair {
         };
         Self {
             lacewing,
+            access_log: setup.access_log,
             envoy,
             _echo: echo,
             _tcp_echo: tcp_echo,
@@ -233,8 +236,19 @@ impl Pair {
     }
 }
 
+/// A fresh file path for one proxy's access log.
+fn access_log_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lacewing-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the test directory");
+    dir.join(format!("pausing-access-{n}.log"))
+}
+
 /// What both proxies are configured with.
 struct Setup {
+    /// Lacewing's access log file.
+    access_log: PathBuf,
     echo: SocketAddr,
     tcp_echo: SocketAddr,
     a: Plugin,
@@ -244,6 +258,7 @@ struct Setup {
 
 fn lacewing_yaml(setup: &Setup) -> String {
     let Setup {
+        access_log,
         echo,
         tcp_echo,
         a,
@@ -253,6 +268,7 @@ fn lacewing_yaml(setup: &Setup) -> String {
     proxy::fill(
         r#"
 admin: { address: 127.0.0.1:0 }
+access_log: { path: {access_log} }
 workers: 1
 drain_timeout: 1s
 listeners:
@@ -272,6 +288,7 @@ plugins:
   - { name: w, module: {w}, root_id: conformance-root, vm_id: conformance-tcp, configuration: "{w_config}" }
 "#,
         &[
+            ("access_log", &yaml_path(access_log)),
             ("limit", &BUFFER_LIMIT),
             ("echo", &echo),
             ("tcp_echo", &tcp_echo),
@@ -338,6 +355,7 @@ fn envoy_yaml(setup: &Setup) -> String {
         a,
         b,
         w,
+        ..
     } = setup;
     format!(
         r#"
@@ -675,6 +693,19 @@ async fn a_local_reply_runs_the_response_headers_of_the_replier_and_the_filters_
     .await;
 
     // Lacewing records the plugin's reply with its route and cluster.
+    eventually("the local reply in the access log", || async {
+        std::fs::read_to_string(&pair.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|entry| {
+                entry["status"] == 403
+                    && entry["flag"] == "LR"
+                    && entry["route"] == "all"
+                    && entry["cluster"] == "echo"
+            })
+    })
+    .await;
     let admin = proxy::admin_addr(&pair.lacewing);
     eventually("the local reply in the metrics", || async {
         let text = client::metrics(admin).await;
