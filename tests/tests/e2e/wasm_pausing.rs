@@ -173,6 +173,7 @@ impl Pair {
         let tcp_echo = servers::tcp_echo().await;
         let setup = Setup {
             access_log: access_log_path(),
+            route_timeout: "15s",
             echo: echo.addr,
             tcp_echo: tcp_echo.addr,
             a: Plugin::conformance("tag=A"),
@@ -249,6 +250,8 @@ fn access_log_path() -> PathBuf {
 struct Setup {
     /// Lacewing's access log file.
     access_log: PathBuf,
+    /// Lacewing's route timeout (also how long a filter may pause a request).
+    route_timeout: &'static str,
     echo: SocketAddr,
     tcp_echo: SocketAddr,
     a: Plugin,
@@ -259,6 +262,7 @@ struct Setup {
 fn lacewing_yaml(setup: &Setup) -> String {
     let Setup {
         access_log,
+        route_timeout,
         echo,
         tcp_echo,
         a,
@@ -276,7 +280,7 @@ listeners:
     address: 127.0.0.1:0
     limits: { max_buffered_body: {limit} }
     routes:
-      - { name: all, cluster: echo, filters: [a, b] }
+      - { name: all, cluster: echo, timeout: {route_timeout}, filters: [a, b] }
   - { name: raw, address: 127.0.0.1:0, protocol: tcp, cluster: tcp_echo, filters: [w] }
 clusters:
   - { name: echo, endpoints: ["{echo}"], protocol: h2 }
@@ -289,6 +293,7 @@ plugins:
 "#,
         &[
             ("access_log", &yaml_path(access_log)),
+            ("route_timeout", route_timeout),
             ("limit", &BUFFER_LIMIT),
             ("echo", &echo),
             ("tcp_echo", &tcp_echo),
@@ -694,16 +699,12 @@ async fn a_local_reply_runs_the_response_headers_of_the_replier_and_the_filters_
 
     // Lacewing records the plugin's reply with its route and cluster.
     eventually("the local reply in the access log", || async {
-        std::fs::read_to_string(&pair.access_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .any(|entry| {
-                entry["status"] == 403
-                    && entry["flag"] == "LR"
-                    && entry["route"] == "all"
-                    && entry["cluster"] == "echo"
-            })
+        access_log_entries(&pair.access_log).iter().any(|entry| {
+            entry["status"] == 403
+                && entry["flag"] == "LR"
+                && entry["route"] == "all"
+                && entry["cluster"] == "echo"
+        })
     })
     .await;
     let admin = proxy::admin_addr(&pair.lacewing);
@@ -774,5 +775,47 @@ async fn tcp_a_callout_reply_closes_a_paused_connection() {
         |l| async move { ping(l.tcp).await.map_err(|_| "closed") },
         |proxy, echoed| assert_eq!(*echoed, Err("closed"), "{proxy}"),
     )
+    .await;
+}
+
+/// Lines of a JSON access log, parsed.
+fn access_log_entries(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_filter_that_never_resumes_ends_with_its_own_flag_not_an_upstream_timeout() {
+    // Lacewing alone: Envoy would wait for its stream idle timeout (5 minutes).
+    let echo = BodyEcho::start().await;
+    let tcp_echo = servers::tcp_echo().await;
+    let setup = Setup {
+        access_log: access_log_path(),
+        route_timeout: "300ms",
+        echo: echo.addr,
+        tcp_echo: tcp_echo.addr,
+        a: Plugin::conformance("tag=A"),
+        b: Plugin::conformance("pause=forever"),
+        w: Plugin::conformance(""),
+    };
+    let lacewing = proxy::start(&lacewing_yaml(&setup));
+    let url = format!("http://{}/pause", proxy::listener_addr(&lacewing, "main"));
+    let response = client::get(&url).await;
+    assert_eq!(response.status, StatusCode::GATEWAY_TIMEOUT, "{response:?}");
+    assert!(
+        response.text().contains("filter `b` paused the stream"),
+        "{}",
+        response.text()
+    );
+    // The reply passed the response phase of the filter before it.
+    assert_eq!(response.header(CHAIN), Some("A"));
+    eventually("the pause timeout in the access log", || async {
+        access_log_entries(&setup.access_log)
+            .iter()
+            .any(|entry| entry["status"] == 504 && entry["flag"] == "FT" && entry["route"] == "all")
+    })
     .await;
 }

@@ -10,6 +10,7 @@
 //! | `trailers-callout` | pauses the request trailers on a callout; the reply adds trailer `x-pause-trailer` and resumes | upstream trailer `x-pause-trailer: callout` |
 //! | `local-reply` | answers 403 in the request headers phase, and adds `x-pause-replier: ran` in its own response headers phase | status 403 |
 //! | `trap` | traps in the request headers phase | the host's fail policy (503) |
+//! | `forever` | pauses the request headers and never resumes them | the host's pause limit |
 //! | `tcp-connect-callout` | (network) pauses the new connection on a callout, holding data until the reply resumes it | bytes echoed once resumed |
 //! | `tcp-close-callout` | (network) pauses the new connection on a callout whose reply closes the connection | the connection closes |
 //!
@@ -174,6 +175,7 @@ impl HttpContext for PauseHttp {
                 Action::Pause
             }
             "trap" => core::arch::wasm32::unreachable(),
+            "forever" => Action::Pause,
             "headers-callout" => match self.callout() {
                 Ok(_) => Action::Pause,
                 Err(status) => {
