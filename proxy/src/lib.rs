@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod chain;
 pub mod http;
 pub mod listener;
 pub mod publish;

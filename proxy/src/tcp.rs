@@ -1,5 +1,6 @@
 //! Raw TCP proxying: each accepted connection is spliced to an endpoint of
-//! the listener's cluster, through the listener's network filters if any.
+//! the listener's cluster, through the listener's network filters if any
+//! (see [`crate::chain::network`] for how they pause and resume).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,11 +8,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use lacewing_core::drain::DrainWatch;
-use lacewing_core::filter::{FilterStatus, NetworkFilter, PeerType};
+use lacewing_core::filter::PeerType;
 use lacewing_core::stream::{ConnectionStream, SharedConnection, StreamInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::chain::NetworkChain;
+use crate::chain::network::Flow;
 use crate::snapshot::TcpListenerState;
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -29,39 +32,28 @@ pub async fn serve(
     state.stats.connections_total.inc();
     state.stats.connections_active.inc();
     let _ = downstream.set_nodelay(true);
-    let info = StreamInfo::new(id, remote, local, state.stats.name.clone());
-    let conn = ConnectionStream::new(info).shared();
-    let mut filters: Vec<Box<dyn NetworkFilter>> = state
-        .filters
-        .iter()
-        .filter_map(|f| f.create(&conn))
-        .collect();
-
-    let result = async {
-        for f in filters.iter_mut() {
-            f.on_new_connection(&conn);
-        }
-        if conn.borrow().close {
-            return Ok((0, 0));
-        }
-        let (mut upstream, endpoint) = state
-            .cluster
-            .connect_tcp()
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let _ = upstream.set_nodelay(true);
-        conn.borrow_mut().info.upstream_address = Some(endpoint);
-        conn.borrow_mut().info.cluster_name = Some(state.cluster.name().into());
-        if filters.is_empty() {
+    let result = if state.filters.is_empty() {
+        async {
+            let mut upstream = connect(&state, None).await?;
             tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
                 _ = drain.signaled() => Ok((0, 0)),
             }
-        } else {
-            splice_filtered(&mut downstream, &mut upstream, &conn, &mut filters).await
         }
-    }
-    .await;
+        .await
+    } else {
+        let info = StreamInfo::new(id, remote, local, state.stats.name.clone());
+        let conn = ConnectionStream::new(info).shared();
+        let mut chain = NetworkChain::new(&state.filters, conn.clone());
+        // The filters log and end when the chain drops, after the splice.
+        Splice {
+            state: &state,
+            conn: &conn,
+            chain: &mut chain,
+        }
+        .run(&mut downstream, &mut drain)
+        .await
+    };
     match result {
         Ok((up, down)) => {
             state.stats.bytes_received.inc_by(up);
@@ -71,74 +63,156 @@ pub async fn serve(
             tracing::debug!(error = %e, %remote, listener = %state.stats.name, "tcp connection failed")
         }
     }
-    for f in filters.iter_mut() {
-        f.on_log(&conn);
-    }
-    drop(filters);
     state.stats.connections_active.dec();
 }
 
-/// Copies both directions, passing every chunk through the filters.
-async fn splice_filtered(
-    downstream: &mut TcpStream,
-    upstream: &mut TcpStream,
-    conn: &SharedConnection,
-    filters: &mut [Box<dyn NetworkFilter>],
-) -> std::io::Result<(u64, u64)> {
-    let mut down_buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut up_buf = BytesMut::with_capacity(READ_CHUNK);
-    let (mut down_open, mut up_open) = (true, true);
-    let (mut sent_up, mut sent_down) = (0u64, 0u64);
-    while down_open || up_open {
-        tokio::select! {
-            r = downstream.read_buf(&mut down_buf), if down_open => {
-                let n = r?;
-                let eos = n == 0;
-                conn.borrow_mut().downstream_data.extend_from_slice(&down_buf.split());
-                let forward = run(filters, conn, |f, c| f.on_downstream_data(c, eos));
-                if conn.borrow().close { break; }
-                if forward || eos {
-                    let data = conn.borrow_mut().downstream_data.split();
-                    sent_up += data.len() as u64;
-                    upstream.write_all(&data).await?;
-                }
-                if eos {
-                    down_open = false;
-                    for f in filters.iter_mut() { f.on_downstream_close(conn, PeerType::Remote); }
-                    let _ = upstream.shutdown().await;
-                }
-            }
-            r = upstream.read_buf(&mut up_buf), if up_open => {
-                let n = r?;
-                let eos = n == 0;
-                conn.borrow_mut().upstream_data.extend_from_slice(&up_buf.split());
-                let forward = run(filters, conn, |f, c| f.on_upstream_data(c, eos));
-                if conn.borrow().close { break; }
-                if forward || eos {
-                    let data = conn.borrow_mut().upstream_data.split();
-                    sent_down += data.len() as u64;
-                    downstream.write_all(&data).await?;
-                }
-                if eos {
-                    up_open = false;
-                    for f in filters.iter_mut() { f.on_upstream_close(conn, PeerType::Remote); }
-                    let _ = downstream.shutdown().await;
-                }
-            }
-        }
+/// Connects to an endpoint of the listener's cluster.
+async fn connect(
+    state: &TcpListenerState,
+    conn: Option<&SharedConnection>,
+) -> std::io::Result<TcpStream> {
+    let (upstream, endpoint) = state
+        .cluster
+        .connect_tcp()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let _ = upstream.set_nodelay(true);
+    if let Some(conn) = conn {
+        let mut c = conn.borrow_mut();
+        c.info.upstream_address = Some(endpoint);
+        c.info.cluster_name = Some(state.cluster.name().into());
     }
-    Ok((sent_up, sent_down))
+    Ok(upstream)
 }
 
-fn run(
-    filters: &mut [Box<dyn NetworkFilter>],
-    conn: &SharedConnection,
-    call: impl Fn(&mut dyn NetworkFilter, &SharedConnection) -> FilterStatus,
-) -> bool {
-    for f in filters.iter_mut() {
-        if call(f.as_mut(), conn) != FilterStatus::Continue {
-            return false;
+/// One filtered connection being spliced.
+struct Splice<'a> {
+    state: &'a TcpListenerState,
+    conn: &'a SharedConnection,
+    chain: &'a mut NetworkChain,
+}
+
+/// One direction's progress.
+#[derive(Default)]
+struct Side {
+    /// The source has ended (end of stream seen by the filters).
+    ended: bool,
+    /// The end has been passed on (the other side shut down for writing).
+    shut: bool,
+    /// Bytes passed on.
+    sent: u64,
+}
+
+impl Splice<'_> {
+    /// Copies both directions, every chunk through the filters, holding what
+    /// they hold, until both sides end, a filter closes the connection or the
+    /// proxy drains.
+    async fn run(
+        self,
+        downstream: &mut TcpStream,
+        drain: &mut DrainWatch,
+    ) -> std::io::Result<(u64, u64)> {
+        let Self { state, conn, chain } = self;
+        let resumed = conn.borrow().resumed();
+        let mut upstream = if chain.new_connection() && !chain.closing() {
+            Some(connect(state, Some(conn)).await?)
+        } else {
+            None
+        };
+        let mut down_buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut up_buf = BytesMut::with_capacity(READ_CHUNK);
+        let (mut down, mut up) = (Side::default(), Side::default());
+        loop {
+            if chain.closing() {
+                break;
+            }
+            if let Some(u) = upstream.as_mut() {
+                flush(conn, chain, Flow::Downstream, &mut down, u).await?;
+                flush(conn, chain, Flow::Upstream, &mut up, downstream).await?;
+            }
+            if down.shut && up.shut {
+                break;
+            }
+            let waiting = chain.holding() || chain.waiting_to_connect();
+            if upstream.is_none() && down.ended && !waiting {
+                // The client left before the connection went on.
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = drain.signaled() => break,
+                () = resumed.notified(), if waiting => {
+                    if chain.closing() {
+                        break;
+                    }
+                    let (connect_now, _, _) = chain.resume([down.ended, up.ended]);
+                    if connect_now && upstream.is_none() {
+                        upstream = Some(connect(state, Some(conn)).await?);
+                    }
+                }
+                r = downstream.read_buf(&mut down_buf), if !down.ended => {
+                    let eos = r? == 0;
+                    down.ended = eos;
+                    conn.borrow_mut().downstream_data.extend_from_slice(&down_buf.split());
+                    let forward = chain.data(Flow::Downstream, eos);
+                    if eos {
+                        chain.closed(Flow::Downstream, PeerType::Remote);
+                    }
+                    if forward && upstream.is_none() && !chain.closing() {
+                        upstream = Some(connect(state, Some(conn)).await?);
+                    }
+                }
+                r = read_upstream(upstream.as_mut(), &mut up_buf), if upstream.is_some() && !up.ended => {
+                    let eos = r? == 0;
+                    up.ended = eos;
+                    conn.borrow_mut().upstream_data.extend_from_slice(&up_buf.split());
+                    chain.data(Flow::Upstream, eos);
+                    if eos {
+                        chain.closed(Flow::Upstream, PeerType::Remote);
+                    }
+                }
+            }
         }
+        Ok((down.sent, up.sent))
     }
-    true
+}
+
+async fn read_upstream(
+    upstream: Option<&mut TcpStream>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    match upstream {
+        Some(u) => u.read_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the bytes of `flow` the filters let go of to `to`, and passes the
+/// end on once nothing of it is held.
+async fn flush(
+    conn: &SharedConnection,
+    chain: &NetworkChain,
+    flow: Flow,
+    side: &mut Side,
+    to: &mut TcpStream,
+) -> std::io::Result<()> {
+    if chain.holds(flow) {
+        return Ok(());
+    }
+    let data = {
+        let mut c = conn.borrow_mut();
+        match flow {
+            Flow::Downstream => c.downstream_data.split(),
+            Flow::Upstream => c.upstream_data.split(),
+        }
+    };
+    if !data.is_empty() {
+        side.sent += data.len() as u64;
+        to.write_all(&data).await?;
+    }
+    if side.ended && !side.shut {
+        side.shut = true;
+        let _ = to.shutdown().await;
+    }
+    Ok(())
 }

@@ -36,6 +36,10 @@ pub enum ResponseFlag {
     FilterFailure,
     /// PT: the request or its body exceeded a configured limit.
     PayloadTooLarge,
+    /// FT: a filter paused the stream and did not resume it in time.
+    FilterTimeout,
+    /// DPE: the request's framing is ambiguous or malformed.
+    DownstreamProtocolError,
 }
 
 impl ResponseFlag {
@@ -52,6 +56,8 @@ impl ResponseFlag {
             Self::LocalReply => "LR",
             Self::FilterFailure => "FF",
             Self::PayloadTooLarge => "PT",
+            Self::FilterTimeout => "FT",
+            Self::DownstreamProtocolError => "DPE",
         }
     }
 }
@@ -78,15 +84,23 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("filter `{plugin}` failed: {reason}")]
     Filter { plugin: String, reason: String },
+    #[error("filter `{filter}` paused the stream and did not resume it within {limit:?}")]
+    FilterTimeout { filter: String, limit: Duration },
+    #[error("malformed or truncated request body")]
+    DownstreamBody,
+    #[error("both Content-Length and Transfer-Encoding")]
+    AmbiguousFraming,
 }
 
 impl ProxyError {
     /// Where the failure started.
     pub fn origin(&self) -> ErrorOrigin {
         match self {
-            Self::NoRoute { .. } | Self::BodyTooLarge { .. } | Self::Filter { .. } => {
-                ErrorOrigin::Internal
-            }
+            Self::NoRoute { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::Filter { .. }
+            | Self::FilterTimeout { .. } => ErrorOrigin::Internal,
+            Self::DownstreamBody | Self::AmbiguousFraming => ErrorOrigin::Downstream,
             Self::Overflow { .. } => ErrorOrigin::Internal,
             Self::NoHealthyUpstream(_)
             | Self::Connect { .. }
@@ -109,8 +123,9 @@ impl ProxyError {
                 S::SERVICE_UNAVAILABLE
             }
             Self::Connect { .. } | Self::UpstreamReset(_) => S::BAD_GATEWAY,
-            Self::UpstreamTimeout(_) => S::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout(_) | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+            Self::DownstreamBody | Self::AmbiguousFraming => S::BAD_REQUEST,
         }
     }
 
@@ -125,6 +140,9 @@ impl ProxyError {
             Self::Overflow { .. } => ResponseFlag::UpstreamOverflow,
             Self::BodyTooLarge { .. } => ResponseFlag::PayloadTooLarge,
             Self::Filter { .. } => ResponseFlag::FilterFailure,
+            Self::FilterTimeout { .. } => ResponseFlag::FilterTimeout,
+            Self::DownstreamBody => ResponseFlag::DownstreamConnectionTermination,
+            Self::AmbiguousFraming => ResponseFlag::DownstreamProtocolError,
         }
     }
 }

@@ -6,10 +6,25 @@
 //! ```
 //!
 //! Callbacks are synchronous and run on the worker thread. A filter that needs
-//! to wait (for a callout) returns [`FilterStatus::StopIteration`] and later
-//! calls [`crate::stream::HttpStream::resume`]; a filter that answers locally
-//! sets [`crate::stream::HttpStream::local_reply`]. Every method has a default,
-//! so a filter implements only the phases it cares about.
+//! to wait (for a callout, a tick, a queue item) returns a stop status and
+//! later calls [`crate::stream::HttpStream::resume`] from whichever callback
+//! learns the answer; a filter that answers locally sets
+//! [`crate::stream::HttpStream::local_reply`]. Every method has a default, so
+//! a filter implements only the phases it cares about.
+//!
+//! What a stop holds, phase by phase (as Envoy's filter manager does):
+//! - headers: `StopIteration` holds the headers and the body behind them; the
+//!   filter sees no body callback until it resumes, and the request headers
+//!   stay writable until then.
+//! - body: `StopAndBuffer` keeps the chunk and calls the filter again with the
+//!   growing buffer on each new chunk (up to the listener's
+//!   `max_buffered_body`: 413 on requests, a reset on responses);
+//!   `StopNoBuffer` (and `StopIteration`) takes the chunk out of the stream,
+//!   so it is not forwarded. A resume passes what the filter holds on.
+//! - trailers: `StopIteration` holds the trailers (and the body held before them).
+//! - connection data: `StopIteration` holds the bytes; later bytes are added
+//!   and the filter is called again with all of them, until it continues or
+//!   resumes.
 
 use crate::stream::{SharedConnection, SharedStream};
 
@@ -18,11 +33,23 @@ use crate::stream::{SharedConnection, SharedStream};
 pub enum FilterStatus {
     /// Go on to the next filter (or upstream).
     Continue,
-    /// Stop here until the filter resumes the stream.
+    /// Stop here until the filter resumes the stream. In a body phase the
+    /// chunk is taken, as with [`FilterStatus::StopNoBuffer`].
     StopIteration,
-    /// Keep buffering the body, calling the filter with the growing buffer,
-    /// until it returns `Continue` or the buffer limit is hit (413).
+    /// Body phases: keep the chunk, calling the filter with the growing
+    /// buffer, until it returns `Continue`, resumes the stream, or the buffer
+    /// limit is hit (413 on requests).
     StopAndBuffer,
+    /// Body phases: stop, and neither forward nor keep the chunk (the filter
+    /// took it); later chunks still reach the filter.
+    StopNoBuffer,
+}
+
+impl FilterStatus {
+    /// Whether iteration goes on to the next filter.
+    pub fn is_continue(self) -> bool {
+        self == Self::Continue
+    }
 }
 
 /// Which peer closed a TCP connection (proxy-wasm `PeerType`).

@@ -1,8 +1,7 @@
-//! HTTP on the downstream side: serving connections, forwarding requests,
-//! filter chains, local replies.
+//! HTTP on the downstream side: serving connections, forwarding requests
+//! (through the route's filter chain), local replies.
 
 pub mod body;
-pub mod filtered;
 pub mod headers;
 pub mod io;
 pub mod local_reply;

@@ -1,6 +1,7 @@
-//! Forwarding one request: proxy header semantics, routing, the upstream
-//! exchange, metrics and the access log. Requests whose route has filters
-//! take the filtered path in [`super::filtered`].
+//! Forwarding one request, the one path for every route: proxy header
+//! semantics, routing, the route's filter chain (empty for most routes: then
+//! it costs nothing), the upstream exchange or a local reply, metrics and the
+//! access log.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -14,14 +15,16 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use lacewing_core::body::BoxBody;
+use lacewing_core::stream::{HttpStream, LocalReply, StreamInfo};
 use lacewing_core::{ProxyError, ResponseFlag};
 
 use super::body::{DownstreamBody, ProxyBody};
 use super::headers::{
     X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, strip_hop_by_hop,
 };
-use super::{filtered, local_reply};
+use super::local_reply::{self, Answer};
 use crate::access_log::{Entry, epoch_seconds};
+use crate::chain::{ChainLimits, HttpChain, Stop, http::ResponseBody};
 use crate::snapshot::{HttpListenerState, RouteState, Target};
 
 /// The downstream connection a request arrived on.
@@ -72,15 +75,9 @@ pub async fn handle(
     let start = Instant::now();
     let listener = conn.slot.load_full();
     let (mut parts, body) = req.into_parts();
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        // Ambiguous framing is how requests get smuggled: refuse it outright.
-        listener.stats.local_reply("DC");
-        return Ok(local_reply::bad_request(
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
+    // Ambiguous framing is how requests get smuggled: refuse it outright.
+    let ambiguous = parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH);
     let hop = strip_hop_by_hop(&mut parts.headers);
     let request_id = ensure_request_id(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, conn.remote.ip());
@@ -105,58 +102,242 @@ pub async fn handle(
         user_agent: parts.headers.get(header::USER_AGENT).cloned(),
         authority: parts.headers.get(header::HOST).cloned(),
     };
-
+    let unrouted = Exchange {
+        listener: &listener,
+        conn: &conn,
+        facts: &facts,
+        route: None,
+        target: None,
+    };
+    if ambiguous {
+        let reply = local_reply::from_error(&ProxyError::AmbiguousFraming);
+        return unrouted.reply(HttpChain::empty(), reply).await;
+    }
     let Some(route) = listener.routes.find(&parts).cloned() else {
-        listener.stats.no_route.inc();
         let err = ProxyError::NoRoute {
             authority: crate::router::request_host(&parts)
                 .unwrap_or_default()
                 .to_string(),
             path: parts.uri.path().to_string(),
         };
-        let resp = local_reply::from_error(&err);
-        record(
-            &listener,
-            &conn,
-            &facts,
-            &Outcome {
-                status: resp.status().as_u16(),
-                flag: Some(ResponseFlag::NoRouteFound),
-                route: None,
-                target: None,
-                upstream: None,
-                attempts: 0,
-            },
-        );
-        return Ok(resp);
+        return unrouted
+            .reply(HttpChain::empty(), local_reply::from_error(&err))
+            .await;
     };
     if let Some(upgrade) = &hop.upgrade {
         parts.headers.insert(header::CONNECTION, UPGRADE.clone());
         parts.headers.insert(header::UPGRADE, upgrade.clone());
     }
-    if !route.filters.is_empty() {
-        return filtered::handle(parts, body, route, conn, listener, facts).await;
-    }
     let target = route.pick();
-    let (body, body_failed) = downstream_body(body);
-    let mut req = Request::from_parts(parts, body);
-    let downstream_upgrade = hop.upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let result = target.cluster.send(req, &route.policy).await;
-    if result.is_err() && body_failed.is_some_and(|f| f.load(Ordering::Relaxed)) {
-        listener.stats.local_reply("DC");
-        return Ok(local_reply::bad_request(
-            "malformed or truncated request body",
-        ));
+    let exchange = Exchange {
+        route: Some(&route),
+        target: Some(target),
+        ..unrouted
+    };
+
+    // The filters see the request in a shared stream; without filters the
+    // head stays here and nothing is allocated for them.
+    let (chain, plain_head) = if route.filters.is_empty() {
+        (HttpChain::empty(), Some(parts))
+    } else {
+        let stream = new_stream(parts, &conn, &listener, &route, target, &facts);
+        let limits = ChainLimits {
+            max_buffered: listener.config.limits.max_buffered_body.as_usize(),
+            pause_limit: route.policy.timeout,
+        };
+        (HttpChain::new(&route.filters, stream, limits), None)
+    };
+    if let Err(stop) = chain.request_headers(body.is_end_stream()).await {
+        return exchange.stopped(chain, stop).await;
     }
-    Ok(respond(
-        result,
-        downstream_upgrade,
-        &listener,
-        &conn,
-        &route,
-        target,
-        &facts,
-    ))
+    let Some(head) = plain_head.or_else(|| chain.request_head()) else {
+        return Err(StreamReset);
+    };
+    let (body, body_failed) = match chain.request_body(body) {
+        Ok(body) => downstream_body(body),
+        Err(pumped) => (pumped.boxed_unsync(), None),
+    };
+    let mut req = Request::from_parts(head, body);
+    let downstream_upgrade = hop.upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let send = target.cluster.send(req, &route.policy);
+    let result = if chain.is_empty() {
+        send.await
+    } else {
+        tokio::select! {
+            result = send => result,
+            stop = chain.request_stopped() => return exchange.stopped(chain, stop).await,
+        }
+    };
+    // The request body pump may have answered (400, 413, a filter's reply)
+    // or a filter reset the stream while the request was on its way.
+    if let Some(stop) = chain.take_request_stop() {
+        return exchange.stopped(chain, stop).await;
+    }
+    let up = match result {
+        Ok(up) => up,
+        Err(_) if body_failed.is_some_and(|f| f.load(Ordering::Relaxed)) => {
+            let reply = local_reply::from_error(&ProxyError::DownstreamBody);
+            return exchange.reply(chain, reply).await;
+        }
+        Err(err) => return exchange.reply(chain, local_reply::from_error(&err)).await,
+    };
+    let mut resp = up.response;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(downstream) = downstream_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::task::spawn_local(tunnel(downstream, upstream));
+    } else {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+    let (head, body) = resp.into_parts();
+    let upstream = Upstream {
+        endpoint: up.endpoint,
+        attempts: up.attempts,
+    };
+    exchange
+        .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
+        .await
+}
+
+/// The stream the filters of a route act on.
+fn new_stream(
+    parts: http::request::Parts,
+    conn: &ConnContext,
+    listener: &HttpListenerState,
+    route: &RouteState,
+    target: &Target,
+    facts: &RequestFacts,
+) -> lacewing_core::stream::SharedStream {
+    let mut info = StreamInfo::new(
+        conn.id,
+        conn.remote,
+        conn.local,
+        listener.stats.name.clone(),
+    );
+    info.protocol = parts.version;
+    info.start_time = facts.start_time;
+    info.start_instant = facts.start;
+    info.route_name = Some(route.name.clone());
+    info.cluster_name = Some(target.cluster_name.clone());
+    HttpStream::new(info, parts).shared()
+}
+
+/// The upstream side of a completed exchange.
+#[derive(Debug, Clone, Copy)]
+struct Upstream {
+    endpoint: SocketAddr,
+    attempts: u32,
+}
+
+/// One request's place: where it came from and, once routed, where it goes.
+#[derive(Clone, Copy)]
+struct Exchange<'a> {
+    listener: &'a HttpListenerState,
+    conn: &'a ConnContext,
+    facts: &'a RequestFacts,
+    route: Option<&'a RouteState>,
+    target: Option<&'a Target>,
+}
+
+impl Exchange<'_> {
+    /// Ends the exchange the way a chain's stop says.
+    async fn stopped(
+        self,
+        chain: HttpChain,
+        stop: Stop,
+    ) -> Result<Response<ProxyBody>, StreamReset> {
+        match local_reply::from_stop(stop) {
+            Answer::Reply(reply) => self.reply(chain, reply).await,
+            Answer::Reset => Err(StreamReset),
+        }
+    }
+
+    /// Sends a local reply through the response phases of the filters that
+    /// saw the request.
+    async fn reply(
+        self,
+        chain: HttpChain,
+        reply: LocalReply,
+    ) -> Result<Response<ProxyBody>, StreamReset> {
+        let flag = reply.flag;
+        if let Some(stream) = chain.stream() {
+            stream.borrow_mut().info.response_code_details = Some(reply.details.clone());
+        }
+        let (head, body) = local_reply::into_response(reply, self.facts.version).into_parts();
+        self.respond(chain, head, body, Some(flag), None).await
+    }
+
+    /// Runs the response headers phase, records the exchange and hands the
+    /// response (its body through the filters) downstream.
+    async fn respond(
+        self,
+        chain: HttpChain,
+        mut head: http::response::Parts,
+        body: ProxyBody,
+        mut flag: Option<ResponseFlag>,
+        upstream: Option<Upstream>,
+    ) -> Result<Response<ProxyBody>, StreamReset> {
+        // Speak the client's HTTP version, whatever the upstream spoke.
+        head.version = self.facts.version;
+        let mut body = body;
+        if let Some(stream) = chain.stream() {
+            {
+                let mut s = stream.borrow_mut();
+                s.info.upstream_address = upstream.map(|u| u.endpoint);
+                s.info.attempt_count = upstream.map_or(0, |u| u.attempts);
+                s.info.response_code = Some(head.status.as_u16());
+                s.info.response_flag = flag;
+                s.response = Some(head);
+            }
+            let phase = chain.response_headers(body.is_end_stream()).await;
+            let mut s = stream.borrow_mut();
+            head = match phase {
+                Ok(()) => {
+                    let Some(r) = s.response.as_ref() else {
+                        return Err(StreamReset);
+                    };
+                    let mut head = Response::new(()).into_parts().0;
+                    head.status = r.status;
+                    head.version = self.facts.version;
+                    head.headers = r.headers.clone();
+                    head
+                }
+                Err(stop) => match local_reply::from_stop(stop) {
+                    // A reply made in the response phase replaces the response as it is.
+                    Answer::Reply(reply) => {
+                        flag = Some(reply.flag);
+                        s.info.response_code_details = Some(reply.details.clone());
+                        let (h, b) =
+                            local_reply::into_response(reply, self.facts.version).into_parts();
+                        body = b;
+                        h
+                    }
+                    Answer::Reset => return Err(StreamReset),
+                },
+            };
+            s.info.response_code = Some(head.status.as_u16());
+            s.info.response_flag = flag;
+        }
+        record(
+            self.listener,
+            self.conn,
+            self.facts,
+            &Outcome {
+                status: head.status.as_u16(),
+                flag,
+                route: self.route,
+                target: self.target,
+                upstream: upstream.map(|u| u.endpoint),
+                attempts: upstream.map_or(0, |u| u.attempts),
+            },
+        );
+        let body = match chain.response_body(body) {
+            ResponseBody::Plain(body) => body,
+            ResponseBody::Filtered(body) => ProxyBody::Local(Box::pin(body)),
+        };
+        Ok(Response::from_parts(head, body))
+    }
 }
 
 /// The request body for the upstream: empty bodies cost nothing, others
@@ -172,72 +353,8 @@ pub fn downstream_body(body: Incoming) -> (BoxBody, Option<Arc<AtomicBool>>) {
     )
 }
 
-/// Turns the upstream result into the downstream response, recording it.
-pub fn respond(
-    result: Result<lacewing_upstream::UpstreamResponse, ProxyError>,
-    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    listener: &HttpListenerState,
-    conn: &ConnContext,
-    route: &RouteState,
-    target: &Target,
-    facts: &RequestFacts,
-) -> Response<ProxyBody> {
-    match result {
-        Ok(up) => {
-            let mut resp = up.response;
-            // Speak the client's HTTP version, whatever the upstream spoke.
-            *resp.version_mut() = facts.version;
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                match downstream_upgrade {
-                    Some(downstream) => {
-                        let upstream = hyper::upgrade::on(&mut resp);
-                        tokio::task::spawn_local(tunnel(downstream, upstream));
-                    }
-                    None => {
-                        strip_hop_by_hop(resp.headers_mut());
-                    }
-                }
-            } else {
-                strip_hop_by_hop(resp.headers_mut());
-            }
-            let outcome = Outcome {
-                status: resp.status().as_u16(),
-                flag: None,
-                route: Some(route),
-                target: Some(target),
-                upstream: Some(up.endpoint),
-                attempts: up.attempts,
-            };
-            record(listener, conn, facts, &outcome);
-            resp.map(ProxyBody::Upstream)
-        }
-        Err(err) => {
-            let resp = local_reply::from_error(&err);
-            let flag = err.flag();
-            listener.stats.local_reply(flag.code());
-            record(
-                listener,
-                conn,
-                facts,
-                &Outcome {
-                    status: resp.status().as_u16(),
-                    flag: Some(flag),
-                    route: Some(route),
-                    target: Some(target),
-                    upstream: None,
-                    attempts: 0,
-                },
-            );
-            resp
-        }
-    }
-}
-
 /// Splices an upgraded downstream connection to an upgraded upstream one.
-pub(super) async fn tunnel(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-) {
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
         tracing::debug!("upgrade did not complete on both sides");
         return;
@@ -249,7 +366,8 @@ pub(super) async fn tunnel(
     }
 }
 
-/// Records metrics and the access log line of one exchange.
+/// Records metrics and the access log line of one exchange; a flagged
+/// exchange is one the proxy answered itself.
 pub fn record(
     listener: &HttpListenerState,
     conn: &ConnContext,
@@ -257,6 +375,9 @@ pub fn record(
     outcome: &Outcome<'_>,
 ) {
     let elapsed = facts.start.elapsed();
+    if let Some(flag) = outcome.flag {
+        listener.stats.local_reply(flag.code());
+    }
     if let Some(target) = outcome.target {
         target.stats.count(outcome.status);
         target.stats.duration.observe(elapsed.as_secs_f64());

@@ -1,10 +1,17 @@
 //! Filter adapters: a plugin as an HTTP filter and as a network filter.
 //!
-//! Each stream or connection gets a context in the worker's VM. `Pause` from a
-//! header callback maps to [`FilterStatus::StopIteration`], from a body callback
-//! to [`FilterStatus::StopAndBuffer`]. A failed callback fails the stream by the
-//! plugin's policy: `closed` answers 503 (flag FF) or closes the connection,
-//! `open` skips the plugin for the rest of the stream.
+//! Each stream or connection gets a context in the worker's VM. What a
+//! callback returns maps to a [`FilterStatus`] as Envoy maps it:
+//!
+//! | callback | 0 | 1 (`Pause`) | 2 | 3 and above |
+//! |---|---|---|---|---|
+//! | headers | Continue | StopIteration (holds headers and body) | Continue | StopIteration |
+//! | body | Continue | StopAndBuffer | StopAndBuffer | StopNoBuffer |
+//! | trailers, connection | Continue | StopIteration | StopIteration | StopIteration |
+//!
+//! A failed callback fails the stream by the plugin's policy: `closed`
+//! answers 503 (flag FF) or closes the connection, `open` skips the plugin for
+//! the rest of the stream.
 
 use std::sync::Arc;
 
@@ -97,10 +104,25 @@ fn call_on_log(vm: &Vm, plugin: &Arc<PluginShared>, ctx: u32) {
     );
 }
 
-fn action(result: Option<i32>, pause: FilterStatus) -> FilterStatus {
-    match result {
-        None | Some(0) => FilterStatus::Continue,
-        Some(_) => pause,
+/// Which callback's result is read, for [`action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Returns {
+    Headers,
+    Body,
+    /// Trailers and connection callbacks: continue or stop.
+    Other,
+}
+
+/// What a callback's return value asks for (a missing export continues).
+fn action(result: Option<i32>, returns: Returns) -> FilterStatus {
+    match (returns, result) {
+        (_, None | Some(0)) => FilterStatus::Continue,
+        // Envoy's ContinueAndDontEndStream.
+        (Returns::Headers, Some(2)) => FilterStatus::Continue,
+        // StopIterationAndBuffer, and StopIterationAndWatermark (buffered here too).
+        (Returns::Body, Some(1 | 2)) => FilterStatus::StopAndBuffer,
+        (Returns::Body, Some(_)) => FilterStatus::StopNoBuffer,
+        (_, Some(_)) => FilterStatus::StopIteration,
     }
 }
 
@@ -162,7 +184,7 @@ impl WasmHttpFilter {
         &mut self,
         stream: &SharedStream,
         phase: Phase,
-        pause: FilterStatus,
+        returns: Returns,
         call: impl FnOnce(&Vm, &Arc<PluginShared>, u32) -> Result<Option<i32>, Failure>,
     ) -> FilterStatus {
         if self.skip {
@@ -181,13 +203,13 @@ impl WasmHttpFilter {
                 if answered {
                     return FilterStatus::StopIteration;
                 }
-                action(result, pause)
+                action(result, returns)
             }
             Err(failure) => self.failed(stream, phase, &failure),
         }
     }
 
-    /// A header callback (`count` headers); `Pause` stops iteration.
+    /// A header callback (`count` headers).
     fn run_headers(
         &mut self,
         stream: &SharedStream,
@@ -197,7 +219,7 @@ impl WasmHttpFilter {
         count: usize,
         end_of_stream: bool,
     ) -> FilterStatus {
-        self.run(stream, phase, FilterStatus::StopIteration, |vm, p, ctx| {
+        self.run(stream, phase, Returns::Headers, |vm, p, ctx| {
             let (id, n) = (ctx as i32, count as i32);
             match export(&vm.exports) {
                 None => Ok(None),
@@ -216,7 +238,7 @@ impl WasmHttpFilter {
         })
     }
 
-    /// A body callback (`size` bytes buffered); `Pause` buffers.
+    /// A body callback (`size` bytes buffered).
     fn run_body(
         &mut self,
         stream: &SharedStream,
@@ -226,13 +248,13 @@ impl WasmHttpFilter {
         size: usize,
         end_of_stream: bool,
     ) -> FilterStatus {
-        self.run(stream, phase, FilterStatus::StopAndBuffer, |vm, p, ctx| {
+        self.run(stream, phase, Returns::Body, |vm, p, ctx| {
             let params = (ctx as i32, size as i32, i32::from(end_of_stream));
             vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
         })
     }
 
-    /// A trailer callback (`count` trailers); `Pause` stops iteration.
+    /// A trailer callback (`count` trailers).
     fn run_trailers(
         &mut self,
         stream: &SharedStream,
@@ -241,7 +263,7 @@ impl WasmHttpFilter {
         export: impl FnOnce(&Exports) -> Option<&TrailersFn>,
         count: usize,
     ) -> FilterStatus {
-        self.run(stream, phase, FilterStatus::StopIteration, |vm, p, ctx| {
+        self.run(stream, phase, Returns::Other, |vm, p, ctx| {
             let params = (ctx as i32, count as i32);
             vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
         })
@@ -457,7 +479,7 @@ impl WasmNetworkFilter {
                 if conn.try_borrow().is_ok_and(|c| c.close) {
                     return FilterStatus::StopIteration;
                 }
-                action(r, FilterStatus::StopIteration)
+                action(r, Returns::Other)
             }
             Err(_) if self.plugin.cfg.fail == FailPolicy::Open => {
                 self.skip = true;
@@ -572,5 +594,50 @@ impl NetworkFilter for WasmNetworkFilter {
 impl Drop for WasmNetworkFilter {
     fn drop(&mut self) {
         self.vm.finish_context(&self.plugin, self.ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Returns, action};
+    use lacewing_core::filter::FilterStatus as S;
+
+    #[test]
+    fn callback_results_map_to_statuses_as_envoy_maps_them() {
+        let table = [
+            (
+                Returns::Headers,
+                [S::Continue, S::StopIteration, S::Continue, S::StopIteration],
+            ),
+            (
+                Returns::Body,
+                [
+                    S::Continue,
+                    S::StopAndBuffer,
+                    S::StopAndBuffer,
+                    S::StopNoBuffer,
+                ],
+            ),
+            (
+                Returns::Other,
+                [
+                    S::Continue,
+                    S::StopIteration,
+                    S::StopIteration,
+                    S::StopIteration,
+                ],
+            ),
+        ];
+        for (returns, expected) in table {
+            for (value, want) in expected.into_iter().enumerate() {
+                assert_eq!(
+                    action(Some(value as i32), returns),
+                    want,
+                    "{returns:?} {value}"
+                );
+            }
+            assert_eq!(action(Some(77), returns), expected[3], "{returns:?} 77");
+            assert_eq!(action(None, returns), S::Continue, "{returns:?}: no export");
+        }
     }
 }

@@ -15,3 +15,4 @@ mod routing;
 mod tcp;
 mod wasm_conformance;
 mod wasm_hostile;
+mod wasm_pausing;

@@ -284,9 +284,10 @@ fn get_value(
 /// Whether the map may still change in this phase.
 fn writable(map: MapType, phase: Phase) -> bool {
     match map {
-        MapType::HttpRequestHeaders | MapType::HttpRequestTrailers => {
-            phase <= Phase::RequestTrailers
-        }
+        // As in Envoy: request headers go upstream once their phase
+        // continues; until then (paused) they stay writable.
+        MapType::HttpRequestHeaders => phase == Phase::RequestHeaders,
+        MapType::HttpRequestTrailers => phase <= Phase::RequestTrailers,
         MapType::HttpResponseHeaders => phase == Phase::ResponseHeaders,
         MapType::HttpResponseTrailers => {
             (Phase::ResponseHeaders..=Phase::ResponseTrailers).contains(&phase)

@@ -11,9 +11,11 @@
 //! Plugin configuration: whitespace-, comma- or semicolon-separated words:
 //! `tag=<name>` (records its place in the filter chain), `tick_ms=<n>` (arms the
 //! tick timer), `fail_configure` (on_configure returns false), `trap_configure`
-//! (on_configure traps).
+//! (on_configure traps), `pause=<mode>` (a pausing behaviour of [`pause`]
+//! instead of the `x-test` cases).
 
 mod http;
+mod pause;
 mod raw;
 mod root;
 

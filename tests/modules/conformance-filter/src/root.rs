@@ -4,7 +4,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{ContextType, MetricType};
 
 use crate::http::ConformanceHttp;
@@ -171,6 +171,7 @@ impl RootContext for ConformanceRoot {
     }
 
     fn on_tick(&mut self) {
+        crate::pause::on_tick();
         if let Err(status) = increment_shared_counter(TICKS_KEY) {
             log::warn!("conformance-filter: tick count failed: {status}");
         }
@@ -178,6 +179,9 @@ impl RootContext for ConformanceRoot {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         while let Ok(Some(item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            if crate::pause::on_queue_item(&item) {
+                continue;
+            }
             if let Some(request) = DeferredDone::parse(&item) {
                 request.finish();
                 continue;
@@ -188,13 +192,28 @@ impl RootContext for ConformanceRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Some(mode) = crate::pause::mode(&self.settings.plugin_configuration) {
+            return Some(Box::new(crate::pause::PauseHttp::new(
+                context_id,
+                mode,
+                self.settings.queue_id,
+            )));
+        }
         Some(Box::new(ConformanceHttp::new(
             context_id,
             self.settings.clone(),
         )))
     }
 
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        crate::pause::mode(&self.settings.plugin_configuration)
+            .map(|mode| Box::new(crate::pause::PauseTcp::new(mode)) as Box<dyn StreamContext>)
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        match crate::pause::mode(&self.settings.plugin_configuration) {
+            Some(mode) if crate::pause::is_network(&mode) => Some(ContextType::StreamContext),
+            _ => Some(ContextType::HttpContext),
+        }
     }
 }
