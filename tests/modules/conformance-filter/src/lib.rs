@@ -14,6 +14,9 @@
 //! (on_configure traps).
 
 mod http;
+// Calling a wasm import directly is an FFI call, so `unsafe` is unavoidable
+// here; each block in the module states what makes it sound.
+#[allow(unsafe_code)]
 mod raw;
 mod root;
 
