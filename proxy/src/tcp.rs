@@ -12,6 +12,7 @@ use lacewing_core::stream::{ConnectionStream, SharedConnection, StreamInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::access_log::TcpEntry;
 use crate::snapshot::TcpListenerState;
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -62,6 +63,7 @@ pub async fn serve(
         }
     }
     .await;
+    let bytes = result.as_ref().ok().copied();
     match result {
         Ok((up, down)) => {
             state.stats.bytes_received.inc_by(up);
@@ -73,6 +75,9 @@ pub async fn serve(
     }
     for f in filters.iter_mut() {
         f.on_log(&conn);
+    }
+    if let Some(log) = &state.access_log {
+        log.write(&TcpEntry::new(&conn.borrow().info, bytes));
     }
     drop(filters);
     state.stats.connections_active.dec();
