@@ -60,7 +60,14 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout.0)
-        .max_buf_size(limits.max_request_headers.as_usize().max(8192))
+        // Validation keeps the limit at or above hyper's smallest read buffer;
+        // the `max` only keeps a configuration built in code from panicking.
+        .max_buf_size(
+            limits
+                .max_request_headers
+                .as_usize()
+                .max(lacewing_config::MIN_REQUEST_HEADERS as usize),
+        )
         .max_headers(limits.max_header_count)
         .keep_alive(true);
     builder
