@@ -203,19 +203,37 @@ mod tests {
 
     use super::*;
 
-    fn temp_dir(label: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "lacewing-artifacts-{label}-{}-{}",
-            std::process::id(),
-            crate::host::next_uid()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        dir
+    /// A fresh path under the temp directory, removed with everything below it on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(label: &str) -> Self {
+            Self(std::env::temp_dir().join(format!(
+                "lacewing-artifacts-{label}-{}-{}",
+                std::process::id(),
+                crate::host::next_uid()
+            )))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Why `cache` will not use artifact `m`; panics if it would.
+    fn refusal(cache: &ArtifactCache) -> String {
+        match cache.load("m") {
+            Err(Refusal::Untrusted(why)) => why,
+            other => panic!("artifact `m` not refused as untrusted: {other:?}"),
+        }
     }
 
     #[test]
     fn directory_is_created_private_and_round_trips() {
-        let root = temp_dir("create");
+        let tmp = TempDir::new("create");
+        let root = tmp.0.clone();
         let cache = ArtifactCache::new(root.join("a").join("cache"));
         assert_eq!(cache.load("m"), Err(Refusal::Absent));
         let dir = cache.trusted_dir().unwrap().to_path_buf();
@@ -226,28 +244,28 @@ mod tests {
         let digest = fs::metadata(dir.join("m.sha256")).unwrap();
         assert_eq!(digest.mode() & 0o777, FILE_MODE);
         assert_eq!(cache.load("m").unwrap(), b"native code");
-        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
     fn group_or_world_accessible_directory_is_not_trusted() {
-        let root = temp_dir("mode");
+        let tmp = TempDir::new("mode");
+        let root = tmp.0.clone();
         fs::create_dir_all(&root).unwrap();
         for mode in [0o777, 0o750, 0o705] {
             fs::set_permissions(&root, fs::Permissions::from_mode(mode)).unwrap();
             let cache = ArtifactCache::new(root.clone());
             let err = cache.trusted_dir().unwrap_err();
             assert!(err.contains(&format!("{mode:04o}")), "{err}");
-            assert!(matches!(cache.load("m"), Err(Refusal::Untrusted(_))));
+            refusal(&cache);
             assert!(cache.store("m", b"x").is_err());
         }
         assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "nothing written");
-        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
     fn directory_of_another_user_is_not_trusted() {
-        let root = temp_dir("owner");
+        let tmp = TempDir::new("owner");
+        let root = tmp.0.clone();
         let dir = if rustix::process::geteuid().is_root() {
             fs::create_dir_all(&root).unwrap();
             fs::set_permissions(&root, fs::Permissions::from_mode(DIR_MODE)).unwrap();
@@ -259,58 +277,50 @@ mod tests {
         };
         let err = ArtifactCache::new(dir).trusted_dir().unwrap_err();
         assert!(err.contains("is owned by uid"), "{err}");
-        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
     fn artifact_with_another_mode_or_a_second_name_is_not_trusted() {
-        let root = temp_dir("file");
+        let tmp = TempDir::new("file");
+        let root = tmp.0.clone();
         let cache = ArtifactCache::new(root.clone());
         cache.store("m", b"native code").unwrap();
         fs::set_permissions(root.join("m"), fs::Permissions::from_mode(0o644)).unwrap();
-        let Err(Refusal::Untrusted(why)) = cache.load("m") else {
-            panic!("a 0644 artifact was used");
-        };
+        let why = refusal(&cache);
         assert!(why.contains("mode 0644"), "{why}");
 
         cache.store("m", b"native code").unwrap();
         assert!(cache.load("m").is_ok());
         fs::hard_link(root.join("m"), root.join("other")).unwrap();
-        let Err(Refusal::Untrusted(why)) = cache.load("m") else {
-            panic!("a hard-linked artifact was used");
-        };
+        let why = refusal(&cache);
         assert!(why.contains("hard links"), "{why}");
-        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
     fn tampered_or_unrecorded_artifact_is_not_trusted() {
-        let root = temp_dir("digest");
+        let tmp = TempDir::new("digest");
+        let root = tmp.0.clone();
         let cache = ArtifactCache::new(root.clone());
         cache.store("m", b"native code").unwrap();
         // Rewritten in place, keeping its owner, mode and single name.
         fs::write(root.join("m"), b"other code!").unwrap();
-        let Err(Refusal::Untrusted(why)) = cache.load("m") else {
-            panic!("a tampered artifact was used");
-        };
+        let why = refusal(&cache);
         assert!(why.contains("differs from the digest"), "{why}");
 
         fs::remove_file(root.join("m.sha256")).unwrap();
-        let Err(Refusal::Untrusted(why)) = cache.load("m") else {
-            panic!("an artifact without a recorded digest was used");
-        };
+        let why = refusal(&cache);
         assert!(why.contains("no recorded digest"), "{why}");
-        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
     fn symlinked_artifact_is_not_followed() {
-        let root = temp_dir("link");
+        let tmp = TempDir::new("link");
+        let root = tmp.0.clone();
         let cache = ArtifactCache::new(root.clone());
         cache.store("real", b"native code").unwrap();
         std::os::unix::fs::symlink(root.join("real"), root.join("m")).unwrap();
         fs::copy(root.join("real.sha256"), root.join("m.sha256")).unwrap();
-        assert!(matches!(cache.load("m"), Err(Refusal::Untrusted(_))));
-        let _ = fs::remove_dir_all(&root);
+        let why = refusal(&cache);
+        assert!(why.contains("cannot open"), "{why}");
     }
 }
