@@ -168,6 +168,7 @@ pub struct TcpListenerState {
     pub cluster: Arc<Cluster>,
     pub filters: Vec<Arc<dyn NetworkFilterFactory>>,
     pub stats: ListenerStats,
+    pub access_log: Option<AccessLog>,
 }
 
 impl std::fmt::Debug for TcpListenerState {
@@ -241,7 +242,7 @@ impl Snapshot {
         let access_log = config
             .access_log
             .as_ref()
-            .map(AccessLog::open)
+            .map(|c| AccessLog::open(c, metrics))
             .transpose()
             .map_err(|e| BuildError::AccessLog(e.to_string()))?;
         let mut http = HashMap::new();
@@ -285,6 +286,7 @@ impl Snapshot {
                             cluster,
                             filters,
                             stats,
+                            access_log: access_log.clone(),
                         }),
                     );
                 }

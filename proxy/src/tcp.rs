@@ -13,6 +13,7 @@ use lacewing_core::stream::{ConnectionStream, SharedConnection, StreamInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::access_log::TcpEntry;
 use crate::chain::NetworkChain;
 use crate::chain::network::Flow;
 use crate::snapshot::TcpListenerState;
@@ -32,28 +33,35 @@ pub async fn serve(
     state.stats.connections_total.inc();
     state.stats.connections_active.inc();
     let _ = downstream.set_nodelay(true);
-    let result = if state.filters.is_empty() {
-        async {
-            let mut upstream = connect(&state, None).await?;
-            tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
-                _ = drain.signaled() => Ok((0, 0)),
-            }
-        }
-        .await
-    } else {
+    // The connection's facts exist only when filters or the access log read them.
+    let conn = (!state.filters.is_empty() || state.access_log.is_some()).then(|| {
         let info = StreamInfo::new(id, remote, local, state.stats.name.clone());
-        let conn = ConnectionStream::new(info).shared();
-        let mut chain = NetworkChain::new(&state.filters, conn.clone());
-        // The filters log and end when the chain drops, after the splice.
-        Splice {
-            state: &state,
-            conn: &conn,
-            chain: &mut chain,
+        ConnectionStream::new(info).shared()
+    });
+    let result = match conn.as_ref() {
+        Some(conn) if !state.filters.is_empty() => {
+            let mut chain = NetworkChain::new(&state.filters, conn.clone());
+            // The filters log and end when the chain drops, after the splice.
+            Splice {
+                state: &state,
+                conn,
+                chain: &mut chain,
+            }
+            .run(&mut downstream, &mut drain)
+            .await
         }
-        .run(&mut downstream, &mut drain)
-        .await
+        _ => {
+            async {
+                let mut upstream = connect(&state, conn.as_ref()).await?;
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
+                    _ = drain.signaled() => Ok((0, 0)),
+                }
+            }
+            .await
+        }
     };
+    let bytes = result.as_ref().ok().copied();
     match result {
         Ok((up, down)) => {
             state.stats.bytes_received.inc_by(up);
@@ -62,6 +70,9 @@ pub async fn serve(
         Err(e) => {
             tracing::debug!(error = %e, %remote, listener = %state.stats.name, "tcp connection failed")
         }
+    }
+    if let (Some(log), Some(conn)) = (&state.access_log, &conn) {
+        log.write(&TcpEntry::new(&conn.borrow().info, bytes));
     }
     state.stats.connections_active.dec();
 }

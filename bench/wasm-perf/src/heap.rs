@@ -16,6 +16,8 @@ static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: every method forwards to mimalloc with the caller's arguments
 // unchanged, so mimalloc's guarantees hold; the counter has no effect on them.
+// A global allocator cannot be written without `unsafe`: the trait is unsafe.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we pass on.

@@ -1,14 +1,14 @@
 //! Where each field of a YAML document is written: a field path → line/column index.
 //!
 //! Validation runs on the typed model, which has forgotten positions; this index
-//! lets its errors name the line. It is a small structural scanner (not a YAML
-//! parser): it follows block mappings and sequences by indentation, flow
-//! collections by brackets, and skips scalar contents, comments, anchors and tags.
-//! It only ever reads documents the YAML parser already accepted, and never fails:
-//! a construct it does not follow simply leaves its fields out of the index, and
-//! [`LineIndex::locate`] then answers with the closest enclosing field.
+//! lets its errors name the line. It walks the event stream of a YAML 1.2
+//! parser (`saphyr-parser`), which reports where every node starts, and never
+//! fails: on a document the parser cannot read, the fields seen so far stay
+//! indexed, and [`LineIndex::locate`] answers with the closest enclosing field.
 
 use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser, Span};
 
 /// A 1-based line and column (in characters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,19 +27,22 @@ impl LineIndex {
     /// Indexes `text`, a single YAML document.
     pub fn build(text: &str) -> Self {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let mut scanner = Scanner {
-            chars: text.chars().collect(),
-            at: 0,
-            line: 1,
-            column: 1,
-            depth: 0,
+        let chars: Vec<char> = text.chars().collect();
+        let mut walk = Walk {
+            chars: &chars,
+            stack: Vec::new(),
             positions: HashMap::new(),
         };
-        scanner.skip_blank();
-        let column = scanner.column;
-        scanner.block_node("", column);
+        for event in Parser::new_from_str(text) {
+            let Ok((event, span)) = event else {
+                break;
+            };
+            if !walk.event(&event, span) {
+                break;
+            }
+        }
         Self {
-            positions: scanner.positions,
+            positions: walk.positions,
         }
     }
 
@@ -79,476 +82,124 @@ fn child_key(parent: &str, key: &str) -> String {
     }
 }
 
-fn child_index(parent: &str, index: usize) -> String {
-    format!("{parent}[{index}]")
+/// An open collection; `path` is `None` inside a part of the document that
+/// has no field path (a mapping used as a key).
+enum Frame {
+    Mapping {
+        path: Option<String>,
+        /// The path of the value to come, once its key has been read.
+        value: Option<Option<String>>,
+    },
+    Sequence {
+        path: Option<String>,
+        next: usize,
+    },
 }
 
-/// Deeper nesting than this is left unindexed (the YAML parser's own limit is lower).
-const MAX_DEPTH: usize = 256;
-
-struct Scanner {
-    chars: Vec<char>,
-    at: usize,
-    line: usize,
-    column: usize,
-    depth: usize,
+struct Walk<'a> {
+    chars: &'a [char],
+    stack: Vec<Frame>,
     positions: HashMap<String, Position>,
 }
 
-impl Scanner {
-    fn peek(&self) -> Option<char> {
-        self.chars.get(self.at).copied()
-    }
-
-    fn peek_at(&self, ahead: usize) -> Option<char> {
-        self.chars.get(self.at + ahead).copied()
-    }
-
-    fn position(&self) -> Position {
-        Position {
-            line: self.line,
-            column: self.column,
-        }
-    }
-
-    fn bump(&mut self) {
-        if let Some(c) = self.peek() {
-            self.at += 1;
-            if c == '\n' {
-                self.line += 1;
-                self.column = 1;
-            } else {
-                self.column += 1;
-            }
-        }
-    }
-
-    fn record(&mut self, path: String, position: Position) {
-        self.positions.entry(path).or_insert(position);
-    }
-
-    fn is_space(c: Option<char>) -> bool {
-        matches!(c, Some(' ' | '\t'))
-    }
-
-    /// True for whitespace, line ends and the end of input.
-    fn is_break_or_space(c: Option<char>) -> bool {
-        matches!(c, None | Some(' ' | '\t' | '\n' | '\r'))
-    }
-
-    fn skip_inline_space(&mut self) {
-        while Self::is_space(self.peek()) {
-            self.bump();
-        }
-    }
-
-    fn skip_to_line_end(&mut self) {
-        while !matches!(self.peek(), None | Some('\n')) {
-            self.bump();
-        }
-    }
-
-    /// After inline spaces: nothing more on this line but perhaps a comment.
-    fn at_line_end(&mut self) -> bool {
-        self.skip_inline_space();
-        matches!(self.peek(), None | Some('\n' | '\r' | '#'))
-    }
-
-    /// Skips whitespace, line ends, comments, document markers and directives.
-    fn skip_blank(&mut self) {
-        loop {
-            match self.peek() {
-                Some(' ' | '\t' | '\n' | '\r') => self.bump(),
-                Some('#') => self.skip_to_line_end(),
-                Some('%') if self.column == 1 => self.skip_to_line_end(),
-                Some('-' | '.')
-                    if self.column == 1
-                        && self.peek_at(1) == self.peek()
-                        && self.peek_at(2) == self.peek()
-                        && Self::is_break_or_space(self.peek_at(3)) =>
+impl Walk<'_> {
+    /// Follows one event; false once the document is over.
+    fn event(&mut self, event: &Event<'_>, span: Span) -> bool {
+        match event {
+            Event::StreamStart | Event::DocumentStart(_) | Event::Nothing => {}
+            Event::StreamEnd | Event::DocumentEnd => return false,
+            Event::Scalar(value, ..) => {
+                if let Some(Frame::Mapping { path, value: next }) = self.stack.last_mut()
+                    && next.is_none()
                 {
-                    for _ in 0..3 {
-                        self.bump();
+                    // A key: its entry is written where the key is.
+                    let child = path.as_deref().map(|p| child_key(p, value));
+                    if let Some(child) = &child {
+                        let position = position(self.chars, span, false);
+                        self.positions.entry(child.clone()).or_insert(position);
                     }
+                    *next = Some(child);
+                } else {
+                    self.node(span);
                 }
-                _ => return,
+            }
+            Event::Alias(_) => {
+                self.node(span);
+            }
+            Event::SequenceStart(..) => {
+                let path = self.node(span);
+                self.stack.push(Frame::Sequence { path, next: 0 });
+            }
+            Event::MappingStart(..) => {
+                let path = self.node(span);
+                self.stack.push(Frame::Mapping { path, value: None });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                self.stack.pop();
             }
         }
+        true
     }
 
-    /// Skips whitespace, line ends and comments inside a flow collection.
-    fn skip_flow_blank(&mut self) {
-        loop {
-            match self.peek() {
-                Some(' ' | '\t' | '\n' | '\r') => self.bump(),
-                Some('#') => self.skip_to_line_end(),
-                _ => return,
-            }
-        }
-    }
-
-    fn at_sequence_dash(&self) -> bool {
-        self.peek() == Some('-') && Self::is_break_or_space(self.peek_at(1))
-    }
-
-    /// Skips `&anchor` and `!tag` properties before a node.
-    fn skip_properties(&mut self) {
-        while matches!(self.peek(), Some('&' | '!')) {
-            while !Self::is_break_or_space(self.peek()) {
-                self.bump();
-            }
-            self.skip_inline_space();
-        }
-    }
-
-    /// The indentation of the next non-blank line after the current one, if any.
-    fn next_content_column(&self) -> Option<usize> {
-        let mut at = self.at;
-        while at < self.chars.len() && self.chars[at] != '\n' {
-            at += 1;
-        }
-        loop {
-            at += 1;
-            let start = at;
-            while at < self.chars.len() && matches!(self.chars[at], ' ' | '\t') {
-                at += 1;
-            }
-            match self.chars.get(at) {
-                None => return None,
-                Some('\n' | '\r') => {}
-                Some('#') => {
-                    while at < self.chars.len() && self.chars[at] != '\n' {
-                        at += 1;
-                    }
-                }
-                Some(_) => return Some(at - start + 1),
-            }
-            while at < self.chars.len() && self.chars[at] != '\n' {
-                at += 1;
-            }
-        }
-    }
-
-    /// Skips the rest of this line and every following line indented at least
-    /// `min_column` (continuations of a multi-line scalar, block scalar bodies).
-    fn skip_indented_lines(&mut self, min_column: usize) {
-        self.skip_to_line_end();
-        while self.next_content_column().is_some_and(|c| c >= min_column) {
-            self.bump();
-            self.skip_to_line_end();
-        }
-    }
-
-    /// Whether a block mapping key (`key:` followed by a space or the line end) starts here.
-    fn at_mapping_key(&self) -> bool {
-        let mut at = self.at;
-        let char_at = |i: usize| self.chars.get(i).copied();
-        match char_at(at) {
-            Some(quote @ ('"' | '\'')) => {
-                at += 1;
-                loop {
-                    match char_at(at) {
-                        None | Some('\n') => return false,
-                        Some('\\') if quote == '"' => at += 2,
-                        Some(c) if c == quote => {
-                            if quote == '\'' && char_at(at + 1) == Some('\'') {
-                                at += 2;
-                            } else {
-                                at += 1;
-                                break;
-                            }
-                        }
-                        Some(_) => at += 1,
-                    }
-                }
-                while Self::is_space(char_at(at)) {
-                    at += 1;
-                }
-                char_at(at) == Some(':') && Self::is_break_or_space(char_at(at + 1))
-            }
-            None | Some('[' | '{' | '|' | '>' | '*' | '?' | '#' | '\n' | '\r') => false,
-            Some('-') if Self::is_break_or_space(char_at(at + 1)) => false,
-            Some(_) => loop {
-                match char_at(at) {
-                    None | Some('\n') => return false,
-                    Some(':') if Self::is_break_or_space(char_at(at + 1)) => return true,
-                    Some('#') if at > 0 && Self::is_space(char_at(at - 1)) => return false,
-                    Some(_) => at += 1,
+    /// A node (not a mapping key) starts at `span`: records it if it is a
+    /// sequence item and returns its path.
+    fn node(&mut self, span: Span) -> Option<String> {
+        match self.stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Mapping { value, .. }) => match value.take() {
+                Some(child) => child,
+                // A collection used as a key: nothing under it has a field path,
+                // nor has the value that follows it.
+                None => {
+                    *value = Some(None);
+                    None
                 }
             },
-        }
-    }
-
-    /// Reads a quoted scalar starting at its quote; returns its (roughly unescaped) text.
-    fn quoted(&mut self) -> String {
-        let Some(quote) = self.peek() else {
-            return String::new();
-        };
-        self.bump();
-        let mut text = String::new();
-        while let Some(c) = self.peek() {
-            self.bump();
-            if quote == '"' && c == '\\' {
-                if let Some(escaped) = self.peek() {
-                    text.push(escaped);
-                    self.bump();
+            Some(Frame::Sequence { path, next }) => {
+                let item = path.as_deref().map(|p| format!("{p}[{next}]"));
+                *next += 1;
+                if let Some(item) = &item {
+                    let position = position(self.chars, span, true);
+                    self.positions.entry(item.clone()).or_insert(position);
                 }
-            } else if c == quote {
-                if quote == '\'' && self.peek() == Some('\'') {
-                    text.push('\'');
-                    self.bump();
-                } else {
-                    break;
-                }
-            } else {
-                text.push(c);
-            }
-        }
-        text
-    }
-
-    /// Reads a block mapping key (the caller checked [`Self::at_mapping_key`]) and its `:`.
-    fn block_key(&mut self) -> String {
-        let key = if matches!(self.peek(), Some('"' | '\'')) {
-            let key = self.quoted();
-            self.skip_inline_space();
-            key
-        } else {
-            let mut key = String::new();
-            while let Some(c) = self.peek() {
-                if c == '\n' || (c == ':' && Self::is_break_or_space(self.peek_at(1))) {
-                    break;
-                }
-                key.push(c);
-                self.bump();
-            }
-            key.trim_end().to_string()
-        };
-        if self.peek() == Some(':') {
-            self.bump();
-        }
-        key
-    }
-
-    /// A node starting at the current character; a block collection found here
-    /// is indented at the current column. Scalars and their continuation lines
-    /// (indented at least `min_column`) are skipped.
-    fn block_node(&mut self, path: &str, min_column: usize) {
-        if self.depth >= MAX_DEPTH {
-            return;
-        }
-        self.depth += 1;
-        self.skip_properties();
-        if self.at_line_end() {
-            // Properties alone on their line: the node follows on the next ones.
-            self.skip_blank();
-            if self.peek().is_some() && self.column >= min_column {
-                self.block_node_content(path, min_column);
-            }
-        } else {
-            self.block_node_content(path, min_column);
-        }
-        self.depth -= 1;
-    }
-
-    fn block_node_content(&mut self, path: &str, min_column: usize) {
-        match self.peek() {
-            None => {}
-            Some('-') if self.at_sequence_dash() => {
-                let column = self.column;
-                self.block_sequence(path, column);
-            }
-            Some('[' | '{') => {
-                self.flow_node(path);
-                self.skip_indented_lines(min_column);
-            }
-            Some('|' | '>') => self.skip_indented_lines(min_column),
-            Some(_) if self.at_mapping_key() => {
-                let column = self.column;
-                self.block_mapping(path, column);
-            }
-            Some('"' | '\'') => {
-                self.quoted();
-                self.skip_indented_lines(min_column);
-            }
-            Some(_) => self.skip_indented_lines(min_column),
-        }
-    }
-
-    fn block_mapping(&mut self, path: &str, indent: usize) {
-        loop {
-            let key_position = self.position();
-            let key = self.block_key();
-            let child = child_key(path, &key);
-            self.record(child.clone(), key_position);
-            if self.at_line_end() {
-                self.skip_blank();
-                if self.peek().is_some() {
-                    if self.column > indent {
-                        self.block_node(&child, indent + 1);
-                    } else if self.column == indent && self.at_sequence_dash() {
-                        self.block_sequence(&child, indent);
-                    }
-                }
-            } else {
-                self.block_node(&child, indent + 1);
-            }
-            self.skip_blank();
-            if self.peek().is_none() || self.column != indent || !self.at_mapping_key() {
-                return;
+                item
             }
         }
     }
+}
 
-    fn block_sequence(&mut self, path: &str, indent: usize) {
-        let mut index = 0;
-        loop {
-            let item = child_index(path, index);
-            self.record(item.clone(), self.position());
-            self.bump(); // the `-`
-            if self.at_line_end() {
-                self.skip_blank();
-                if self.peek().is_some() && self.column > indent {
-                    self.block_node(&item, indent + 1);
-                }
-            } else {
-                self.block_node(&item, indent + 1);
-            }
-            index += 1;
-            self.skip_blank();
-            if self.peek().is_none() || self.column != indent || !self.at_sequence_dash() {
-                return;
-            }
-        }
+/// The position of a node starting at `span` in `chars`; for a block
+/// sequence item, that of its `-` (which the parser does not report).
+fn position(chars: &[char], span: Span, item: bool) -> Position {
+    let start = span.start;
+    let at_node = Position {
+        line: start.line(),
+        column: start.col() + 1,
+    };
+    if !item {
+        return at_node;
     }
-
-    /// A `[...]` or `{...}` collection starting at its bracket.
-    fn flow_node(&mut self, path: &str) {
-        if self.depth >= MAX_DEPTH {
-            return;
+    let mut at = start.index().min(chars.len());
+    let mut lines_up = 0;
+    while at > 0 && matches!(chars[at - 1], ' ' | '\t' | '\r' | '\n') {
+        if chars[at - 1] == '\n' {
+            lines_up += 1;
         }
-        self.depth += 1;
-        match self.peek() {
-            Some('{') => self.flow_mapping(path),
-            Some('[') => self.flow_sequence(path),
-            _ => {}
-        }
-        self.depth -= 1;
+        at -= 1;
     }
-
-    fn flow_mapping(&mut self, path: &str) {
-        self.bump(); // `{`
-        loop {
-            self.skip_flow_blank();
-            match self.peek() {
-                None => return,
-                Some('}') => {
-                    self.bump();
-                    return;
-                }
-                _ => {}
-            }
-            let key_position = self.position();
-            self.skip_properties();
-            let key = if matches!(self.peek(), Some('"' | '\'')) {
-                self.quoted()
-            } else {
-                let mut key = String::new();
-                while let Some(c) = self.peek() {
-                    let ends_key = c == ':'
-                        && matches!(
-                            self.peek_at(1),
-                            None | Some(' ' | '\t' | '\n' | '\r' | ',' | '}' | ']')
-                        );
-                    if ends_key || matches!(c, ',' | '}' | '\n' | '\r') {
-                        break;
-                    }
-                    key.push(c);
-                    self.bump();
-                }
-                key.trim_end().to_string()
-            };
-            let child = child_key(path, &key);
-            self.record(child.clone(), key_position);
-            self.skip_flow_blank();
-            if self.peek() == Some(':') {
-                self.bump();
-                self.skip_flow_blank();
-                if !matches!(self.peek(), Some(',' | '}')) {
-                    self.flow_value(&child);
-                }
-                self.skip_flow_blank();
-            }
-            match self.peek() {
-                Some(',') => self.bump(),
-                Some('}') => {
-                    self.bump();
-                    return;
-                }
-                _ => return,
-            }
-        }
-    }
-
-    fn flow_sequence(&mut self, path: &str) {
-        self.bump(); // `[`
-        let mut index = 0;
-        loop {
-            self.skip_flow_blank();
-            match self.peek() {
-                None => return,
-                Some(']') => {
-                    self.bump();
-                    return;
-                }
-                _ => {}
-            }
-            let item = child_index(path, index);
-            self.record(item.clone(), self.position());
-            self.flow_value(&item);
-            self.skip_flow_blank();
-            if self.peek() == Some(':') {
-                // A single-pair mapping inside a sequence (`[a: 1]`): skip its value.
-                self.bump();
-                self.skip_flow_blank();
-                if !matches!(self.peek(), Some(',' | ']')) {
-                    self.flow_value(&item);
-                }
-                self.skip_flow_blank();
-            }
-            index += 1;
-            match self.peek() {
-                Some(',') => self.bump(),
-                Some(']') => {
-                    self.bump();
-                    return;
-                }
-                _ => return,
-            }
-        }
-    }
-
-    fn flow_value(&mut self, path: &str) {
-        self.skip_properties();
-        match self.peek() {
-            Some('[' | '{') => self.flow_node(path),
-            Some('"' | '\'') => {
-                self.quoted();
-            }
-            _ => {
-                while let Some(c) = self.peek() {
-                    let ends_value = matches!(c, ',' | ']' | '}')
-                        || (c == ':' && Self::is_break_or_space(self.peek_at(1)))
-                        || (c == '#'
-                            && self.at > 0
-                            && Self::is_space(self.chars.get(self.at - 1).copied()));
-                    if ends_value {
-                        break;
-                    }
-                    self.bump();
-                }
-            }
-        }
+    let dash = at
+        .checked_sub(1)
+        .filter(|&d| chars[d] == '-' && (d == 0 || matches!(chars[d - 1], ' ' | '\t' | '\n')));
+    let Some(dash) = dash.filter(|&d| d + 1 < start.index()) else {
+        return at_node;
+    };
+    let line_start = chars[..dash]
+        .iter()
+        .rposition(|&c| c == '\n')
+        .map_or(0, |newline| newline + 1);
+    Position {
+        line: start.line() - lines_up,
+        column: dash - line_start + 1,
     }
 }
 
@@ -691,6 +342,23 @@ plugins:
             .map(|i| format!("{}- a:\n", " ".repeat(i)))
             .collect();
         let _ = LineIndex::build(&deep_block);
+    }
+
+    #[test]
+    fn keys_are_read_as_yaml_reads_them() {
+        let text = "\
+\"clus\\x74ers\":
+  - ? name
+    : c
+    'end''points': [a:1]
+  - {? name : d}
+";
+        let index = LineIndex::build(text);
+        assert_eq!(at(&index, "clusters"), (1, 1));
+        assert_eq!(at(&index, "clusters[0]"), (2, 3));
+        assert_eq!(at(&index, "clusters[0].name"), (2, 7));
+        assert_eq!(at(&index, "clusters[0].end'points[0]"), (4, 21));
+        assert_eq!(at(&index, "clusters[1].name"), (5, 8));
     }
 
     #[test]

@@ -93,20 +93,25 @@ pub enum ListenerProtocol {
     Tcp,
 }
 
+/// The smallest `limits.max_request_headers` the proxy can honour: HTTP/1.1
+/// heads are bounded by the connection's read buffer, which cannot be smaller.
+pub const MIN_REQUEST_HEADERS: u64 = 8 * 1024;
+
 /// Per-listener protections.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerLimits {
     /// Largest request head (request line plus headers); larger gets 431.
+    /// At least [`MIN_REQUEST_HEADERS`].
     #[serde(default = "defaults::max_request_headers")]
     pub max_request_headers: Size,
-    /// Most header fields in a request.
+    /// Most header fields in an HTTP/1.1 request.
     #[serde(default = "defaults::max_header_count")]
     pub max_header_count: usize,
-    /// Time allowed to read a request head (slowloris guard).
+    /// Time allowed to read an HTTP/1.1 request head (slowloris guard).
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: Dur,
-    /// Idle keep-alive connections are closed after this.
+    /// Connections that move no byte for between one and two of these are closed.
     #[serde(default = "defaults::downstream_idle_timeout")]
     pub idle_timeout: Dur,
     /// Most bytes a filter may make the proxy buffer per body; beyond, 413.

@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use crate::error::ConfigIssue;
 use crate::model::{
-    ClusterConfig, HeaderMatch, ListenerConfig, ListenerProtocol, PathMatch, PluginConfig,
-    ProxyConfig, RouteConfig,
+    ClusterConfig, HeaderMatch, ListenerConfig, ListenerProtocol, MIN_REQUEST_HEADERS, PathMatch,
+    PluginConfig, ProxyConfig, RouteConfig,
 };
 use crate::units::Dur;
 
-/// Smallest accepted `limits.max_request_headers`.
-const MIN_REQUEST_HEADERS: u64 = 1024;
 /// One wasm page: the smallest linear memory a module can have.
 const WASM_PAGE: u64 = 64 * 1024;
 
@@ -273,7 +271,11 @@ impl Checker<'_> {
         if limits.max_request_headers.0 < MIN_REQUEST_HEADERS {
             self.report(
                 format!("{path}.limits.max_request_headers"),
-                format!("{} is too small: at least 1KiB", limits.max_request_headers),
+                format!(
+                    "{} is too small: at least {} (the smallest request head limit HTTP/1.1 can enforce)",
+                    limits.max_request_headers,
+                    crate::units::Size(MIN_REQUEST_HEADERS)
+                ),
             );
         }
         if limits.max_header_count == 0 {

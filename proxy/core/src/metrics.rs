@@ -43,6 +43,8 @@ pub struct Metrics {
     pub upstream_ejections: IntCounterVec,
     /// Requests refused by a circuit-breaker limit, by cluster and limit.
     pub upstream_overflows: IntCounterVec,
+    /// Access log lines not written, by reason (`queue_full`, `write_error`).
+    pub access_log_dropped: IntCounterVec,
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -156,6 +158,12 @@ impl Metrics {
                 "upstream_overflows_total",
                 "Requests refused by a circuit-breaker limit.",
                 &["cluster", "limit"],
+            ),
+            access_log_dropped: counter(
+                &r,
+                "access_log_dropped_total",
+                "Access log lines not written: the writer's queue was full, or the sink failed.",
+                &["reason"],
             ),
             registry: r,
         }

@@ -1,5 +1,6 @@
 //! Serving one downstream HTTP connection: HTTP/1.1 or h2c (prior knowledge),
-//! with limits, timeouts and graceful drain.
+//! with limits, timeouts and graceful drain. The connection may be any byte
+//! stream ([`serve_io`]), so a TLS stream is served the same way as a socket.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -11,6 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use lacewing_core::drain::DrainWatch;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::io::{CountingIo, IoStats};
@@ -30,16 +32,32 @@ where
     }
 }
 
-/// Serves one accepted connection until it closes, idles out or drains.
+/// Serves one accepted TCP connection until it closes, idles out or drains.
 pub async fn serve(
     stream: TcpStream,
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
     slot: Arc<ArcSwap<HttpListenerState>>,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
 ) {
     let _ = stream.set_nodelay(true);
+    serve_io(stream, remote, local, id, slot, drain).await;
+}
+
+/// Serves one connection over any byte stream (a socket, a TLS stream, an
+/// in-memory pipe) until it closes, idles out or drains. `Send` because an
+/// upgraded connection (`CONNECT`, WebSocket) may be handed to another task.
+pub async fn serve_io<I>(
+    stream: I,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    slot: Arc<ArcSwap<HttpListenerState>>,
+    mut drain: DrainWatch,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let state = slot.load_full();
     let limits = &state.config.limits;
     let stats = &state.stats;
@@ -60,7 +78,14 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout.0)
-        .max_buf_size(limits.max_request_headers.as_usize().max(8192))
+        // Validation keeps the limit at or above hyper's smallest read buffer;
+        // the `max` only keeps a configuration built in code from panicking.
+        .max_buf_size(
+            limits
+                .max_request_headers
+                .as_usize()
+                .max(lacewing_config::MIN_REQUEST_HEADERS as usize),
+        )
         .max_headers(limits.max_header_count)
         .keep_alive(true);
     builder
@@ -101,4 +126,94 @@ pub async fn serve(
     stats.connections_active.dec();
     stats.bytes_received.inc_by(io_stats.received());
     stats.bytes_sent.inc_by(io_stats.sent());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+    use lacewing_core::metrics::Metrics;
+    use lacewing_wasm::{HostOptions, LogLevel, WasmHost};
+
+    use super::*;
+    use crate::snapshot::Snapshot;
+
+    /// An upstream on 127.0.0.1:0 answering every request with its path.
+    async fn upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::task::spawn_local(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = format!("upstream saw {}", req.uri().path());
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                });
+                tokio::task::spawn_local(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    /// The state of listener `main` routing everything to `upstream`.
+    fn listener_state(upstream: SocketAddr) -> Arc<HttpListenerState> {
+        let yaml = format!(
+            "admin: {{ address: null }}
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes: [{{ name: all, cluster: backend }}]
+clusters:
+  - {{ name: backend, endpoints: ['{upstream}'] }}
+"
+        );
+        let config = lacewing_config::from_yaml_str(&yaml, "test.yaml").unwrap();
+        let metrics = Metrics::new();
+        let wasm = WasmHost::new(HostOptions {
+            cache_dir: None,
+            metrics: metrics.clone(),
+            log_level: LogLevel::Info,
+        })
+        .unwrap();
+        let snapshot = Snapshot::build(Arc::new(config), &metrics, &wasm).unwrap();
+        snapshot.http["main"].clone()
+    }
+
+    #[test]
+    fn serves_a_connection_that_is_not_a_socket() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, async {
+            let state = listener_state(upstream().await);
+            let slot = Arc::new(ArcSwap::new(state));
+            // An in-memory pipe stands where a TLS stream would.
+            let (client_end, proxy_end) = tokio::io::duplex(64 * 1024);
+            let (_trigger, drain) = lacewing_core::drain::channel();
+            let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+            let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+            tokio::task::spawn_local(serve_io(proxy_end, peer, local, 1, slot, drain));
+
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(client_end))
+                    .await
+                    .unwrap();
+            tokio::task::spawn_local(connection);
+            for path in ["/first", "/second"] {
+                let request = hyper::Request::get(path)
+                    .header("host", "example")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, format!("upstream saw {path}"));
+            }
+        });
+    }
 }

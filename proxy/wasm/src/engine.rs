@@ -1,15 +1,20 @@
 //! One wasmtime `Engine` per process: epoch interruption with one engine-wide
 //! ticker thread, and compiled modules cached by sha256 in memory and, as
-//! precompiled artifacts, on disk.
+//! precompiled artifacts, on disk (see [`artifacts`] for when one is trusted).
+
+mod artifacts;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, Module};
+
+use self::artifacts::ArtifactCache;
+pub(crate) use self::artifacts::Refusal;
 
 /// How often the ticker advances the epoch; callback deadlines are counted in these ticks.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -18,7 +23,7 @@ pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub(crate) struct WasmEngine {
     pub engine: Engine,
     cache: Mutex<HashMap<[u8; 32], Module>>,
-    cache_dir: Option<PathBuf>,
+    artifacts: Option<ArtifactCache>,
     artifact_tag: String,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -47,7 +52,7 @@ impl WasmEngine {
         Ok(Self {
             engine,
             cache: Mutex::new(HashMap::new()),
-            cache_dir,
+            artifacts: cache_dir.map(ArtifactCache::new),
             artifact_tag,
             stop_ticker,
         })
@@ -56,69 +61,93 @@ impl WasmEngine {
     /// The compiled module for `bytes` (whose digest is `sha256`), from memory,
     /// from the on-disk artifact, or freshly compiled (then saved).
     pub fn module(&self, sha256: &[u8; 32], bytes: &[u8]) -> Result<Module, String> {
+        self.module_from(sha256, bytes).map(|(module, _)| module)
+    }
+
+    /// [`WasmEngine::module`], also saying where the module came from.
+    pub(crate) fn module_from(
+        &self,
+        sha256: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<(Module, ModuleSource), String> {
         if let Some(m) = self
             .cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(sha256)
         {
-            return Ok(m.clone());
+            return Ok((m.clone(), ModuleSource::Memory));
         }
-        let artifact = self
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{}-{}.cwasm", hex(sha256), self.artifact_tag)));
-        let module = match artifact.as_deref().and_then(|p| self.load_artifact(p)) {
-            Some(m) => m,
-            None => {
+        let name = format!("{}-{}.cwasm", hex(sha256), self.artifact_tag);
+        let (module, source) = match self.load_artifact(&name) {
+            Ok(m) => (m, ModuleSource::Disk),
+            Err(refusal) => {
                 let m = Module::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
-                if let Some(path) = artifact.as_deref() {
-                    save_artifact(&m, path);
-                }
-                m
+                self.save_artifact(&m, &name);
+                (m, ModuleSource::Compiled(refusal))
             }
         };
         self.cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(*sha256, module.clone());
-        Ok(module)
+        Ok((module, source))
     }
 
-    fn load_artifact(&self, path: &Path) -> Option<Module> {
-        if !path.is_file() {
-            return None;
-        }
-        // SAFETY: the file is an artifact this host wrote with `Module::serialize`
-        // into its own cache directory, named by the module digest and by the
-        // engine's compatibility hash; wasmtime also checks the header and
-        // rejects artifacts of another version or configuration.
-        match unsafe { Module::deserialize_file(&self.engine, path) } {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "ignoring unusable module artifact: {e}");
-                None
-            }
+    /// The module of a trusted artifact; otherwise why none was used (logged
+    /// unless the cache is off or simply has no artifact yet).
+    fn load_artifact(&self, name: &str) -> Result<Module, Refusal> {
+        let Some(cache) = &self.artifacts else {
+            return Err(Refusal::Absent);
+        };
+        let refused = |reason: String| {
+            tracing::warn!(
+                artifact = name,
+                "compiling the module instead of using its cached artifact: {reason}"
+            );
+            Refusal::Untrusted(reason)
+        };
+        let bytes = match cache.load(name) {
+            Ok(bytes) => bytes,
+            Err(Refusal::Untrusted(reason)) => return Err(refused(reason)),
+            Err(Refusal::Absent) => return Err(Refusal::Absent),
+        };
+        // SAFETY: `Module::deserialize` maps `bytes` as native code. `cache.load`
+        // returned them only after checking that the file is a regular 0600 file
+        // of the proxy's user, alone in a directory that only this user can
+        // access, and that the bytes read (the same ones passed here, not a
+        // second read of the file) have the sha256 the proxy recorded when it
+        // wrote the artifact with `Module::serialize` from this engine's
+        // configuration. wasmtime also checks the header and refuses artifacts
+        // of another version or configuration.
+        #[allow(unsafe_code)]
+        let module = unsafe { Module::deserialize(&self.engine, &bytes) };
+        module.map_err(|e| refused(format!("wasmtime refused it: {e:#}")))
+    }
+
+    fn save_artifact(&self, module: &Module, name: &str) {
+        let Some(cache) = &self.artifacts else {
+            return;
+        };
+        let result = module
+            .serialize()
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|bytes| cache.store(name, &bytes));
+        if let Err(e) = result {
+            tracing::warn!(artifact = name, "cannot save module artifact: {e}");
         }
     }
 }
 
-fn save_artifact(module: &Module, path: &Path) {
-    let result = module
-        .serialize()
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-            }
-            // Write then rename, so a concurrent reader never sees a partial file.
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, path).map_err(|e| e.to_string())
-        });
-    if let Err(e) = result {
-        tracing::warn!(path = %path.display(), "cannot save module artifact: {e}");
-    }
+/// Where [`WasmEngine::module_from`] found a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ModuleSource {
+    /// Compiled earlier by this engine.
+    Memory,
+    /// Deserialized from a trusted on-disk artifact.
+    Disk,
+    /// Compiled now, because no artifact was usable.
+    Compiled(Refusal),
 }
 
 impl Drop for WasmEngine {

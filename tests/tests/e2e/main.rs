@@ -3,6 +3,7 @@
 //!
 //! One test binary keeps link time down; each concern lives in its own module.
 
+mod access_log;
 mod admin;
 mod bad_input;
 mod config_errors;

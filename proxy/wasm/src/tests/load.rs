@@ -202,32 +202,150 @@ fn missing_file_is_a_read_error() {
     assert!(err.contains("/nonexistent/x.wasm"), "{err}");
 }
 
-#[test]
-fn precompiled_artifact_is_written_and_reused() {
-    let dir = std::env::temp_dir().join(format!(
-        "lacewing-wasm-cache-{}-{}",
-        std::process::id(),
-        crate::host::next_uid()
-    ));
-    let bytes = module("", CONFIGURE_OK);
-    let path = dir.join("m.wasm");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(&path, &bytes).unwrap();
-    let cfg = config(serde_json::json!({ "module": path.to_str().unwrap() }));
-    for _ in 0..2 {
-        // A fresh host each time: the second one finds the artifact on disk.
+/// A module file in a fresh directory, and the cache directory beside it (not yet created).
+struct CacheFixture {
+    dir: std::path::PathBuf,
+    bytes: Vec<u8>,
+    cfg: PluginConfig,
+}
+
+impl CacheFixture {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "lacewing-wasm-cache-{}-{}",
+            std::process::id(),
+            crate::host::next_uid()
+        ));
+        let bytes = module("", CONFIGURE_OK);
+        let path = dir.join("m.wasm");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        let cfg = config(serde_json::json!({ "module": path.to_str().unwrap() }));
+        Self { dir, bytes, cfg }
+    }
+
+    fn cache(&self) -> std::path::PathBuf {
+        self.dir.join("cache")
+    }
+
+    /// A fresh host on the cache directory (so nothing is in its memory yet).
+    fn host(&self) -> (Arc<WasmHost>, Metrics) {
         let metrics = Metrics::new();
         let host = WasmHost::new(HostOptions {
-            cache_dir: Some(dir.join("cache")),
+            cache_dir: Some(self.cache()),
             metrics: metrics.clone(),
             log_level: LogLevel::Info,
         })
         .unwrap();
-        host.load_plugin(&cfg, upstreams(&[], &metrics)).unwrap();
-        let artifacts: Vec<_> = std::fs::read_dir(dir.join("cache")).unwrap().collect();
-        assert_eq!(artifacts.len(), 1);
+        (host, metrics)
     }
-    let _ = std::fs::remove_dir_all(&dir);
+
+    /// Where a fresh host finds the module; then checks that the plugin loads
+    /// and configures (so a recompiled module works).
+    fn load_fresh(&self) -> crate::engine::ModuleSource {
+        use sha2::Digest;
+        let (host, metrics) = self.host();
+        let sha: [u8; 32] = sha2::Sha256::digest(&self.bytes).into();
+        let (_, source) = host.engine.module_from(&sha, &self.bytes).unwrap();
+        host.load_plugin(&self.cfg, upstreams(&[], &metrics))
+            .unwrap();
+        source
+    }
+
+    /// The one artifact in the cache directory.
+    fn artifact(&self) -> std::path::PathBuf {
+        let artifacts: Vec<_> = std::fs::read_dir(self.cache())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect();
+        assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+        artifacts[0].clone()
+    }
+
+    fn untrusted_reason(source: crate::engine::ModuleSource) -> String {
+        match source {
+            crate::engine::ModuleSource::Compiled(crate::engine::Refusal::Untrusted(why)) => why,
+            other => panic!("expected a refused artifact, got {other:?}"),
+        }
+    }
+}
+
+impl Drop for CacheFixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn precompiled_artifact_is_written_private_and_reused() {
+    use crate::engine::{ModuleSource, Refusal};
+    use std::os::unix::fs::MetadataExt;
+    let fixture = CacheFixture::new();
+    assert_eq!(
+        fixture.load_fresh(),
+        ModuleSource::Compiled(Refusal::Absent)
+    );
+    let dir_mode = std::fs::metadata(fixture.cache()).unwrap().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700, "cache directory mode {dir_mode:o}");
+    for entry in std::fs::read_dir(fixture.cache()).unwrap() {
+        let meta = entry.unwrap().metadata().unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+    }
+    let artifact = fixture.artifact();
+    // A fresh host maps the artifact instead of compiling.
+    assert_eq!(fixture.load_fresh(), ModuleSource::Disk);
+    assert_eq!(fixture.artifact(), artifact);
+}
+
+#[test]
+fn tampered_artifact_is_recompiled_and_still_works() {
+    use crate::engine::ModuleSource;
+    let fixture = CacheFixture::new();
+    fixture.load_fresh();
+    let artifact = fixture.artifact();
+    // Same owner, mode and name; different bytes.
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&artifact, &bytes).unwrap();
+
+    let why = CacheFixture::untrusted_reason(fixture.load_fresh());
+    assert!(why.contains("differs from the digest"), "{why}");
+    // The recompiled module replaced the tampered artifact.
+    assert_ne!(std::fs::read(&artifact).unwrap(), bytes);
+    assert_eq!(fixture.load_fresh(), ModuleSource::Disk);
+}
+
+#[test]
+fn artifact_not_0600_is_recompiled() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = CacheFixture::new();
+    fixture.load_fresh();
+    let artifact = fixture.artifact();
+    std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let why = CacheFixture::untrusted_reason(fixture.load_fresh());
+    assert!(why.contains("mode 0644"), "{why}");
+}
+
+#[test]
+fn world_writable_cache_directory_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = CacheFixture::new();
+    fixture.load_fresh();
+    std::fs::set_permissions(fixture.cache(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let before: Vec<_> = std::fs::read_dir(fixture.cache()).unwrap().collect();
+
+    // The artifact inside is intact, but the directory lets anyone replace it.
+    let why = CacheFixture::untrusted_reason(fixture.load_fresh());
+    assert!(why.contains("mode 0777"), "{why}");
+    let after: Vec<_> = std::fs::read_dir(fixture.cache()).unwrap().collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "nothing written to an untrusted directory"
+    );
 }
 
 #[test]

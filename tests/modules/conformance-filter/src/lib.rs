@@ -15,7 +15,13 @@
 //! instead of the `x-test` cases).
 
 mod http;
+// One import is called directly, to see the host's status without the SDK
+// aborting on it; the block states what makes it sound.
+#[allow(unsafe_code)]
 mod pause;
+// Calling a wasm import directly is an FFI call, so `unsafe` is unavoidable
+// here; each block in the module states what makes it sound.
+#[allow(unsafe_code)]
 mod raw;
 mod root;
 

@@ -1,0 +1,326 @@
+//! The on-disk cache of precompiled modules. Loading an artifact maps native
+//! code into the proxy, so one is handed to wasmtime only when it is provably
+//! the proxy's own: it sits in a directory owned by the proxy's user with no
+//! access for anyone else, it is a regular 0600 file of that user, and its
+//! content digest equals the one the proxy recorded (in a 0600 sidecar file)
+//! when it wrote it. The bytes checked are the bytes deserialized: the file is
+//! read into memory once, never mapped from disk after the check.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::hex;
+
+/// Permission bits of the cache directory: only its owner may list, read or write it.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Permission bits of artifacts and their digest files.
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Suffix of the sidecar file holding an artifact's sha256 (64 hex digits).
+const DIGEST_SUFFIX: &str = ".sha256";
+
+/// Why no artifact was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Nothing cached under this name yet (the normal first run).
+    Absent,
+    /// Something is there but is not provably the proxy's own; the reason is logged.
+    Untrusted(String),
+}
+
+/// The artifact directory of one engine.
+#[derive(Debug)]
+pub(crate) struct ArtifactCache {
+    dir: PathBuf,
+    euid: u32,
+}
+
+impl ArtifactCache {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            euid: rustix::process::geteuid().as_raw(),
+        }
+    }
+
+    /// The cache directory, created 0700 when missing; an error says why it
+    /// cannot be trusted (then nothing is read from or written to it).
+    pub fn trusted_dir(&self) -> Result<&Path, String> {
+        let dir = &self.dir;
+        match fs::metadata(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?,
+            Err(e) => return Err(format!("cache directory {}: {e}", dir.display())),
+            Ok(_) => {}
+        }
+        let meta =
+            fs::metadata(dir).map_err(|e| format!("cache directory {}: {e}", dir.display()))?;
+        if !meta.is_dir() {
+            return Err(format!(
+                "cache directory {} is not a directory",
+                dir.display()
+            ));
+        }
+        if meta.uid() != self.euid {
+            return Err(format!(
+                "cache directory {} is owned by uid {}, not by the proxy's uid {}",
+                dir.display(),
+                meta.uid(),
+                self.euid
+            ));
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "cache directory {} has mode {mode:04o}; it must give no access to group or others (0700)",
+                dir.display()
+            ));
+        }
+        Ok(dir)
+    }
+
+    /// The bytes of artifact `name`, if the proxy provably wrote them.
+    pub fn load(&self, name: &str) -> Result<Vec<u8>, Refusal> {
+        let dir = self.trusted_dir().map_err(Refusal::Untrusted)?;
+        let path = dir.join(name);
+        let Some(mut file) = self.open_own(&path)? else {
+            return Err(Refusal::Absent);
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Refusal::Untrusted(format!("{}: {e}", path.display())))?;
+        let digest_path = dir.join(format!("{name}{DIGEST_SUFFIX}"));
+        let Some(digest_file) = self.open_own(&digest_path)? else {
+            return Err(Refusal::Untrusted(format!(
+                "{}: no recorded digest",
+                path.display()
+            )));
+        };
+        let mut recorded = String::new();
+        digest_file
+            .take(DIGEST_HEX_LEN as u64 + 2)
+            .read_to_string(&mut recorded)
+            .map_err(|e| Refusal::Untrusted(format!("{}: {e}", digest_path.display())))?;
+        if recorded.trim_end() != hex(&Sha256::digest(&bytes)) {
+            return Err(Refusal::Untrusted(format!(
+                "{}: content differs from the digest recorded when it was written",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Opens `path` for reading if it is a regular file of the proxy's user,
+    /// mode 0600, with no other name; `None` when it does not exist. The checks
+    /// are made on the opened file, so they hold for the bytes read from it.
+    fn open_own(&self, path: &Path) -> Result<Option<File>, Refusal> {
+        let untrusted = |why: String| Refusal::Untrusted(format!("{}: {why}", path.display()));
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(no_follow())
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(untrusted(format!("cannot open: {e}"))),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| untrusted(format!("cannot stat: {e}")))?;
+        if !meta.is_file() {
+            return Err(untrusted("not a regular file".into()));
+        }
+        if meta.uid() != self.euid {
+            return Err(untrusted(format!(
+                "owned by uid {}, not by the proxy's uid {}",
+                meta.uid(),
+                self.euid
+            )));
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode != FILE_MODE {
+            return Err(untrusted(format!("mode {mode:04o}, not 0600")));
+        }
+        if meta.nlink() != 1 {
+            return Err(untrusted(format!(
+                "has {} names (hard links)",
+                meta.nlink()
+            )));
+        }
+        Ok(Some(file))
+    }
+
+    /// Writes artifact `name` and then its digest file, each through a fresh
+    /// 0600 temporary file renamed into place, so a reader sees either the old
+    /// or the new file whole (and a mismatched pair is refused, not used).
+    pub fn store(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let dir = self.trusted_dir()?;
+        write_atomically(dir, name, bytes)?;
+        let digest = hex(&Sha256::digest(bytes));
+        write_atomically(dir, &format!("{name}{DIGEST_SUFFIX}"), digest.as_bytes())
+    }
+}
+
+/// Length of a sha256 digest in hex.
+const DIGEST_HEX_LEN: usize = 64;
+
+fn no_follow() -> i32 {
+    // The flag is a small positive constant on every Unix.
+    i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0)
+}
+
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        NEXT_TMP.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(no_follow())
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(bytes))
+        .and_then(|()| fs::rename(&tmp, dir.join(name)));
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", dir.join(name).display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A fresh path under the temp directory, removed with everything below it on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(label: &str) -> Self {
+            Self(std::env::temp_dir().join(format!(
+                "lacewing-artifacts-{label}-{}-{}",
+                std::process::id(),
+                crate::host::next_uid()
+            )))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Why `cache` will not use artifact `m`; panics if it would.
+    fn refusal(cache: &ArtifactCache) -> String {
+        match cache.load("m") {
+            Err(Refusal::Untrusted(why)) => why,
+            other => panic!("artifact `m` not refused as untrusted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn directory_is_created_private_and_round_trips() {
+        let tmp = TempDir::new("create");
+        let root = tmp.0.clone();
+        let cache = ArtifactCache::new(root.join("a").join("cache"));
+        assert_eq!(cache.load("m"), Err(Refusal::Absent));
+        let dir = cache.trusted_dir().unwrap().to_path_buf();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, DIR_MODE);
+        cache.store("m", b"native code").unwrap();
+        let meta = fs::metadata(dir.join("m")).unwrap();
+        assert_eq!(meta.mode() & 0o777, FILE_MODE);
+        let digest = fs::metadata(dir.join("m.sha256")).unwrap();
+        assert_eq!(digest.mode() & 0o777, FILE_MODE);
+        assert_eq!(cache.load("m").unwrap(), b"native code");
+    }
+
+    #[test]
+    fn group_or_world_accessible_directory_is_not_trusted() {
+        let tmp = TempDir::new("mode");
+        let root = tmp.0.clone();
+        fs::create_dir_all(&root).unwrap();
+        for mode in [0o777, 0o750, 0o705] {
+            fs::set_permissions(&root, fs::Permissions::from_mode(mode)).unwrap();
+            let cache = ArtifactCache::new(root.clone());
+            let err = cache.trusted_dir().unwrap_err();
+            assert!(err.contains(&format!("{mode:04o}")), "{err}");
+            refusal(&cache);
+            assert!(cache.store("m", b"x").is_err());
+        }
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "nothing written");
+    }
+
+    #[test]
+    fn directory_of_another_user_is_not_trusted() {
+        let tmp = TempDir::new("owner");
+        let root = tmp.0.clone();
+        let dir = if rustix::process::geteuid().is_root() {
+            fs::create_dir_all(&root).unwrap();
+            fs::set_permissions(&root, fs::Permissions::from_mode(DIR_MODE)).unwrap();
+            std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+            root.clone()
+        } else {
+            // Owned by root; the owner is checked before the mode.
+            PathBuf::from("/")
+        };
+        let err = ArtifactCache::new(dir).trusted_dir().unwrap_err();
+        assert!(err.contains("is owned by uid"), "{err}");
+    }
+
+    #[test]
+    fn artifact_with_another_mode_or_a_second_name_is_not_trusted() {
+        let tmp = TempDir::new("file");
+        let root = tmp.0.clone();
+        let cache = ArtifactCache::new(root.clone());
+        cache.store("m", b"native code").unwrap();
+        fs::set_permissions(root.join("m"), fs::Permissions::from_mode(0o644)).unwrap();
+        let why = refusal(&cache);
+        assert!(why.contains("mode 0644"), "{why}");
+
+        cache.store("m", b"native code").unwrap();
+        assert!(cache.load("m").is_ok());
+        fs::hard_link(root.join("m"), root.join("other")).unwrap();
+        let why = refusal(&cache);
+        assert!(why.contains("hard links"), "{why}");
+    }
+
+    #[test]
+    fn tampered_or_unrecorded_artifact_is_not_trusted() {
+        let tmp = TempDir::new("digest");
+        let root = tmp.0.clone();
+        let cache = ArtifactCache::new(root.clone());
+        cache.store("m", b"native code").unwrap();
+        // Rewritten in place, keeping its owner, mode and single name.
+        fs::write(root.join("m"), b"other code!").unwrap();
+        let why = refusal(&cache);
+        assert!(why.contains("differs from the digest"), "{why}");
+
+        fs::remove_file(root.join("m.sha256")).unwrap();
+        let why = refusal(&cache);
+        assert!(why.contains("no recorded digest"), "{why}");
+    }
+
+    #[test]
+    fn symlinked_artifact_is_not_followed() {
+        let tmp = TempDir::new("link");
+        let root = tmp.0.clone();
+        let cache = ArtifactCache::new(root.clone());
+        cache.store("real", b"native code").unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("m")).unwrap();
+        fs::copy(root.join("real.sha256"), root.join("m.sha256")).unwrap();
+        let why = refusal(&cache);
+        assert!(why.contains("cannot open"), "{why}");
+    }
+}
