@@ -179,7 +179,10 @@ clusters:
             log_level: LogLevel::Info,
         })
         .unwrap();
-        let snapshot = Snapshot::build(Arc::new(config), &metrics, &wasm).unwrap();
+        let callouts =
+            lacewing_upstream::Upstreams::build(&config.clusters, &metrics, None, None).unwrap();
+        let snapshot =
+            Snapshot::build(Arc::new(config), &metrics, &wasm, None, callouts, None).unwrap();
         snapshot.http["main"].clone()
     }
 
