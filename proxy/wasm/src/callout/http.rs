@@ -33,9 +33,10 @@ pub struct HttpCallResponse {
 
 /// Sends one HTTP request to `cluster` and collects its response.
 ///
-/// `headers` must hold `:method`, `:path` and `:authority`; `:scheme` is
-/// optional and other pseudo-headers are ignored. The request goes out with
-/// an origin-form URI and `:authority` as its `host` header; framing headers
+/// `headers` must hold `:method`, `:path` and `:authority` (or a `host`
+/// header in its place); `:scheme` is optional and other pseudo-headers are
+/// ignored. The request goes out with an origin-form URI and `:authority` as
+/// its `host` header; framing headers
 /// (`content-length`, `transfer-encoding`) are recomputed from the body.
 /// `timeout` bounds the whole exchange, body included.
 pub async fn http_call(
@@ -121,12 +122,19 @@ fn http_request(
     }
     let uri = http::Uri::try_from(&path[..])
         .map_err(|_| CalloutError::BadRequest("invalid :path".into()))?;
-    let authority = authority.ok_or_else(|| missing(":authority"))?;
-    if authority.is_empty() {
-        return Err(missing(":authority"));
-    }
-    if !map.contains_key(HOST) {
-        map.insert(HOST, header_value(":authority", &authority)?);
+    // A `host` header stands for a missing `:authority` (Envoy's header map
+    // holds both under one name).
+    match authority {
+        Some(authority) if !authority.is_empty() => {
+            if !map.contains_key(HOST) {
+                map.insert(HOST, header_value(":authority", &authority)?);
+            }
+        }
+        _ => {
+            if map.get(HOST).is_none_or(|host| host.is_empty()) {
+                return Err(missing(":authority"));
+            }
+        }
     }
 
     let body = if trailers.is_empty() {
@@ -359,6 +367,34 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(error, CalloutError::UnknownCluster("other".into()));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn http_call_takes_host_as_the_authority_when_there_is_none() {
+        in_local_set(async {
+            let upstreams = serve_cluster("echo", Protocol::Http1, echo).await;
+            let headers = vec![
+                pair(":method", "GET"),
+                pair(":path", "/"),
+                pair("host", "by-host.test"),
+            ];
+            let response = call_without_body(Arc::clone(&upstreams), "echo", headers)
+                .await
+                .unwrap();
+            assert_eq!(
+                value(&response.headers, "x-host"),
+                Some(&b"by-host.test"[..])
+            );
+            let empty = vec![pair(":method", "GET"), pair(":path", "/"), pair("host", "")];
+            let error = call_without_body(upstreams, "echo", empty)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, CalloutError::BadRequest(m) if m.contains(":authority")),
+                "{error}"
+            );
         })
         .await;
     }
