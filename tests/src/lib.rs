@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod client;
+pub mod envoy;
 pub mod grpc;
 pub mod process;
 pub mod proxy;

@@ -1,6 +1,7 @@
 //! Wasm modules for tests: crates under `tests/modules/` and `filters/` built
-//! once per test process for `wasm32-wasip1`, WAT text compiled to files, and
-//! proxies in front of an echo upstream that run them.
+//! once per test process for `wasm32-wasip1`, AssemblyScript projects under
+//! `tests/modules/` built by `cargo xtask build-filters`, WAT text compiled to
+//! files, and proxies in front of an echo upstream that run them.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -86,6 +87,40 @@ fn build(crate_name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Where `cargo xtask build-filters` writes the module of the AssemblyScript
+/// project `tests/modules/<name>`.
+fn assemblyscript_output(name: &str) -> PathBuf {
+    target_dir()
+        .join("assemblyscript")
+        .join(format!("{name}.wasm"))
+}
+
+/// The module of the AssemblyScript project `tests/modules/<name>`, built (once
+/// per test process) with `cargo xtask build-filters <name>`: the project's
+/// npm packages are installed from its lock file and `asc` compiles it.
+/// Panics with the build's output when it fails.
+pub fn assemblyscript_module(name: &str) -> PathBuf {
+    let slot = build_slot(&format!("assemblyscript:{name}"));
+    slot.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(&cargo)
+            .args(["run", "--quiet", "-p", "xtask", "--", "build-filters", name])
+            .current_dir(workspace_root())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{name}`: {e}"));
+        assert!(
+            output.status.success(),
+            "building AssemblyScript module `{name}` failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let path = assemblyscript_output(name);
+        assert!(path.is_file(), "{} was not built", path.display());
+        path
+    })
+    .clone()
 }
 
 /// A directory for this test process's generated modules.

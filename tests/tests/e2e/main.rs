@@ -14,3 +14,4 @@ mod routing;
 mod tcp;
 mod wasm_conformance;
 mod wasm_hostile;
+mod wasm_sdks;

@@ -1,0 +1,283 @@
+//! Modules built with proxy-wasm SDKs other than the official Rust crate, run
+//! unmodified in Envoy 1.40 (the reference host) and in Lacewing in the same
+//! test, with the same requests: what the client sees must match.
+//!
+//! - `assemblyscript-filter`: the AssemblyScript SDK (`@solo-io/proxy-runtime`,
+//!   ABI 0.2.0, imports `wasi_unstable.proc_exit`), built by
+//!   `cargo xtask build-filters` with npm and `asc`.
+//! - `experimental-sdk-filter`: the `proxy-wasm-experimental` crate (ABI 0.1.0),
+//!   an SDK maintained apart from the official one.
+//!
+//! Both modules implement the same cases, picked by the `x-case` request
+//! header (see `tests/modules/assemblyscript-filter/assembly/index.ts`).
+//! Without Envoy these tests are skipped with a note, except under `CI=true`,
+//! where they fail.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use http::StatusCode;
+use lacewing_proxy::ProxyHandle;
+use lacewing_tests::client::Response;
+use lacewing_tests::envoy::{self, Envoy, WasmFilter};
+use lacewing_tests::servers::{self, TestServer};
+use lacewing_tests::wasm::{self, PluginRoutes, get_with, yaml_path};
+use lacewing_tests::{eventually, proxy};
+
+/// The root id both modules answer to.
+const ROOT_ID: &str = "sdk_cases";
+
+/// A module from another SDK.
+struct Sdk {
+    name: &'static str,
+    module: fn() -> PathBuf,
+}
+
+const SDKS: [Sdk; 2] = [
+    Sdk {
+        name: "AssemblyScript",
+        module: || wasm::assemblyscript_module("assemblyscript-filter"),
+    },
+    Sdk {
+        name: "proxy-wasm-experimental",
+        module: || wasm::module("experimental-sdk-filter"),
+    },
+];
+
+/// Envoy and Lacewing, each running one module as the only filter in front
+/// of the same echo upstream, which is also the callout cluster `echo`.
+struct SideBySide {
+    envoy: Envoy,
+    lacewing: ProxyHandle,
+    _echo: TestServer,
+}
+
+impl SideBySide {
+    /// Both proxies with `module`; `None` when there is no Envoy to compare with.
+    async fn start(module: &Path) -> Option<Self> {
+        let binary = envoy::binary()?;
+        let echo = servers::http_echo().await;
+        let filter = WasmFilter {
+            name: "sdk",
+            root_id: ROOT_ID,
+            vm_id: "sdk",
+            configuration: "",
+            vm_configuration: "",
+            module,
+        };
+        let envoy = Envoy::start(
+            &binary,
+            &envoy::http_wasm_config(&[filter], "echo", &[("echo", echo.addr)]),
+        )
+        .await;
+        let lacewing = proxy::start(&wasm::echo_proxy_yaml(
+            echo.addr,
+            PluginRoutes {
+                listener_fields: "",
+                routes: &[
+                    "{ name: all, match: { path: { prefix: / } }, cluster: echo, filters: [sdk] }",
+                ],
+                clusters: &[],
+                plugins: &["{ name: sdk, module: {module}, root_id: {root_id}, vm_id: sdk }"],
+            },
+            &[("module", &yaml_path(module)), ("root_id", &ROOT_ID)],
+        ));
+        Some(Self {
+            envoy,
+            lacewing,
+            _echo: echo,
+        })
+    }
+
+    fn lacewing_addr(&self) -> SocketAddr {
+        proxy::listener_addr(&self.lacewing, "main")
+    }
+
+    /// The same GET of `/` with `x-case: case` and `headers`, sent to Envoy
+    /// and to Lacewing: `(from_envoy, from_lacewing)`.
+    async fn get(&self, case: &str, headers: &[(&str, &str)]) -> (Response, Response) {
+        let mut all = vec![("x-case", case)];
+        all.extend_from_slice(headers);
+        let from_envoy = get_with(&format!("http://{}/", self.envoy.listener()), &all).await;
+        let from_lacewing = get_with(&format!("http://{}/", self.lacewing_addr()), &all).await;
+        (from_envoy, from_lacewing)
+    }
+}
+
+/// Runs `check` for each SDK's module with both proxies started, or returns
+/// early when there is no Envoy.
+macro_rules! for_each_sdk {
+    (|$sdk:ident, $both:ident| $check:block) => {
+        for $sdk in &SDKS {
+            let module = ($sdk.module)();
+            let Some($both) = SideBySide::start(&module).await else {
+                return;
+            };
+            $check
+        }
+    };
+}
+
+#[tokio::test]
+async fn sdk_modules_load_and_edit_headers_as_in_envoy() {
+    for_each_sdk!(|sdk, both| {
+        let headers = [("x-in", "hello"), ("x-drop", "bye")];
+        let (from_envoy, from_lacewing) = both.get("headers", &headers).await;
+        assert_eq!(
+            from_envoy.status,
+            StatusCode::OK,
+            "{}: Envoy: {from_envoy:?}\n{}",
+            sdk.name,
+            both.envoy.log()
+        );
+        assert_eq!(from_lacewing.status, from_envoy.status, "{}", sdk.name);
+        for name in ["x-sdk-request", "x-drop", "x-in"] {
+            assert_eq!(
+                from_lacewing.echoed_header(name),
+                from_envoy.echoed_header(name),
+                "{}: upstream's `{name}`: Lacewing vs Envoy",
+                sdk.name
+            );
+        }
+        assert_eq!(
+            from_envoy.echoed_header("x-sdk-request").as_deref(),
+            Some("seen hello"),
+            "{}",
+            sdk.name
+        );
+        assert_eq!(
+            from_lacewing.header("x-sdk-response"),
+            Some("yes"),
+            "{}",
+            sdk.name
+        );
+        assert_eq!(
+            from_lacewing.header("x-sdk-response"),
+            from_envoy.header("x-sdk-response"),
+            "{}",
+            sdk.name
+        );
+    });
+}
+
+#[tokio::test]
+async fn local_reply_with_a_module_content_length_of_zero_sends_the_body_as_envoy_does() {
+    for_each_sdk!(|sdk, both| {
+        let (from_envoy, from_lacewing) = both.get("local-reply-empty-length", &[]).await;
+        assert_eq!(
+            from_envoy.status,
+            StatusCode::FORBIDDEN,
+            "{}: Envoy",
+            sdk.name
+        );
+        assert_eq!(from_lacewing.status, from_envoy.status, "{}", sdk.name);
+        assert!(
+            from_envoy.text().starts_with("denied by the"),
+            "{}: {:?}",
+            sdk.name,
+            from_envoy.text()
+        );
+        assert_eq!(
+            from_lacewing.text(),
+            from_envoy.text(),
+            "{}: body",
+            sdk.name
+        );
+        for name in ["content-length", "content-type", "x-local"] {
+            assert_eq!(
+                from_lacewing.header(name),
+                from_envoy.header(name),
+                "{}: `{name}`: Lacewing vs Envoy",
+                sdk.name
+            );
+        }
+    });
+}
+
+#[tokio::test]
+async fn http_callout_with_host_and_no_authority_goes_out_as_in_envoy() {
+    for_each_sdk!(|sdk, both| {
+        let (from_envoy, from_lacewing) = both.get("callout-host", &[]).await;
+        assert_eq!(
+            from_envoy.status,
+            StatusCode::OK,
+            "{}: Envoy: {from_envoy:?}",
+            sdk.name
+        );
+        assert_eq!(
+            from_lacewing.status, from_envoy.status,
+            "{}: {from_lacewing:?}",
+            sdk.name
+        );
+        // The callout's response (what the echo upstream saw) is the reply's body.
+        let (envoy_saw, lacewing_saw) = (from_envoy.json(), from_lacewing.json());
+        assert_eq!(envoy_saw["authority"], "callout.sdk.test", "{}", sdk.name);
+        for field in ["authority", "path", "method"] {
+            assert_eq!(
+                lacewing_saw[field], envoy_saw[field],
+                "{}: callout `{field}`",
+                sdk.name
+            );
+        }
+    });
+}
+
+#[tokio::test]
+async fn negative_http_callout_timeout_is_bad_argument_as_in_envoy() {
+    for_each_sdk!(|sdk, both| {
+        let (from_envoy, from_lacewing) = both.get("callout-timeout", &[]).await;
+        assert_eq!(
+            from_envoy.echoed_header("x-callout-result").as_deref(),
+            Some("BadArgument"),
+            "{}: Envoy",
+            sdk.name
+        );
+        assert_eq!(
+            from_lacewing.echoed_header("x-callout-result"),
+            from_envoy.echoed_header("x-callout-result"),
+            "{}",
+            sdk.name
+        );
+    });
+}
+
+#[tokio::test]
+async fn request_duration_is_not_found_before_the_request_completes_as_in_envoy() {
+    for_each_sdk!(|sdk, both| {
+        let (from_envoy, from_lacewing) = both.get("duration", &[]).await;
+        assert_eq!(
+            from_envoy.header("x-duration-request"),
+            Some("not found"),
+            "{}: Envoy",
+            sdk.name
+        );
+        for name in ["x-duration-request", "x-duration-response"] {
+            assert_eq!(
+                from_lacewing.header(name),
+                from_envoy.header(name),
+                "{}: `{name}`: Lacewing vs Envoy",
+                sdk.name
+            );
+        }
+    });
+}
+
+#[tokio::test]
+async fn root_context_tick_runs_as_in_envoy() {
+    for_each_sdk!(|sdk, both| {
+        let ticks = |response: &Response| {
+            response
+                .header("x-ticks")
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        eventually(
+            &format!("{}: both proxies report ticks", sdk.name),
+            || async {
+                let (from_envoy, from_lacewing) = both.get("ticks", &[]).await;
+                ticks(&from_envoy) > 0 && ticks(&from_lacewing) > 0
+            },
+        )
+        .await;
+    });
+}
