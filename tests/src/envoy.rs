@@ -220,13 +220,22 @@ pub struct WasmFilter<'a> {
     pub module: &'a Path,
 }
 
+/// A static cluster of one endpoint in an Envoy config.
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster<'a> {
+    pub name: &'a str,
+    pub addr: SocketAddr,
+    /// HTTP/2 (h2c) to the endpoint, as gRPC needs; HTTP/1.1 otherwise.
+    pub http2: bool,
+}
+
 /// A bootstrap: admin and listener `main` on `127.0.0.1:0`, `filters` (run
-/// on V8) then the router on every request, all routed to cluster `route_to`,
-/// and one static HTTP/1.1 cluster per `(name, address)` of `clusters`.
+/// on V8) then the router on every request, all routed to cluster
+/// `route_to`, and `clusters`.
 pub fn http_wasm_config(
     filters: &[WasmFilter<'_>],
     route_to: &str,
-    clusters: &[(&str, SocketAddr)],
+    clusters: &[Cluster<'_>],
 ) -> String {
     let string_value = |value: &str| {
         format!(
@@ -262,19 +271,29 @@ pub fn http_wasm_config(
         .collect();
     let clusters: String = clusters
         .iter()
-        .map(|(name, addr)| {
+        .map(|cluster| {
+            let protocol = if cluster.http2 {
+                "    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+"
+            } else {
+                ""
+            };
             format!(
                 "  - name: {name}
     connect_timeout: 1s
     type: STATIC
-    load_assignment:
+{protocol}    load_assignment:
       cluster_name: {name}
       endpoints:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
 ",
-                ip = addr.ip(),
-                port = addr.port(),
+                name = cluster.name,
+                ip = cluster.addr.ip(),
+                port = cluster.addr.port(),
             )
         })
         .collect();

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use http::StatusCode;
 use lacewing_proxy::ProxyHandle;
 use lacewing_tests::client::Response;
-use lacewing_tests::envoy::{self, Envoy, WasmFilter};
+use lacewing_tests::envoy::{self, Cluster, Envoy, WasmFilter};
 use lacewing_tests::servers::{self, TestServer};
 use lacewing_tests::wasm::{self, PluginRoutes, get_with, yaml_path};
 use lacewing_tests::{eventually, proxy};
@@ -45,11 +45,12 @@ const SDKS: [Sdk; 2] = [
 ];
 
 /// Envoy and Lacewing, each running one module as the only filter in front
-/// of the same echo upstream, which is also the callout cluster `echo`.
+/// of the same echo upstream, which is also the callout cluster `echo`; a
+/// gRPC echo upstream is cluster `grpc`.
 struct SideBySide {
     envoy: Envoy,
     lacewing: ProxyHandle,
-    _echo: TestServer,
+    _upstreams: [TestServer; 2],
 }
 
 impl SideBySide {
@@ -57,6 +58,7 @@ impl SideBySide {
     async fn start(module: &Path) -> Option<Self> {
         let binary = envoy::binary()?;
         let echo = servers::http_echo().await;
+        let grpc = servers::grpc_echo().await;
         let filter = WasmFilter {
             name: "sdk",
             root_id: ROOT_ID,
@@ -65,9 +67,21 @@ impl SideBySide {
             vm_configuration: "",
             module,
         };
+        let clusters = [
+            Cluster {
+                name: "echo",
+                addr: echo.addr,
+                http2: false,
+            },
+            Cluster {
+                name: "grpc",
+                addr: grpc.addr,
+                http2: true,
+            },
+        ];
         let envoy = Envoy::start(
             &binary,
-            &envoy::http_wasm_config(&[filter], "echo", &[("echo", echo.addr)]),
+            &envoy::http_wasm_config(&[filter], "echo", &clusters),
         )
         .await;
         let lacewing = proxy::start(&wasm::echo_proxy_yaml(
@@ -77,15 +91,19 @@ impl SideBySide {
                 routes: &[
                     "{ name: all, match: { path: { prefix: / } }, cluster: echo, filters: [sdk] }",
                 ],
-                clusters: &[],
+                clusters: &["{ name: grpc, endpoints: [\"{grpc}\"], protocol: h2 }"],
                 plugins: &["{ name: sdk, module: {module}, root_id: {root_id}, vm_id: sdk }"],
             },
-            &[("module", &yaml_path(module)), ("root_id", &ROOT_ID)],
+            &[
+                ("module", &yaml_path(module)),
+                ("root_id", &ROOT_ID),
+                ("grpc", &grpc.addr),
+            ],
         ));
         Some(Self {
             envoy,
             lacewing,
-            _echo: echo,
+            _upstreams: [echo, grpc],
         })
     }
 
@@ -280,4 +298,54 @@ async fn root_context_tick_runs_as_in_envoy() {
         )
         .await;
     });
+}
+
+/// A module without an SDK: `proxy_grpc_call` to cluster `grpc` with a
+/// timeout of -1 and of `i32::MAX` ms, each status reported as one digit in
+/// the request headers `x-grpc-negative` and `x-grpc-huge`.
+fn grpc_timeout_module() -> PathBuf {
+    let imports = r#"
+  (import "env" "proxy_grpc_call" (func $grpc_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))"#;
+    let body = r#"
+  (data (i32.const 100) "grpc") (data (i32.const 110) "svc.Echo") (data (i32.const 120) "Say")
+  (data (i32.const 130) "ping") (data (i32.const 140) "x-grpc-negative") (data (i32.const 160) "x-grpc-huge")
+  (func $call_and_report (param $timeout i32) (param $name i32) (param $name_len i32)
+    (i32.store8 (i32.const 180)
+      (i32.add (i32.const 48)
+        (call $grpc_call (i32.const 100) (i32.const 4) (i32.const 110) (i32.const 8) (i32.const 120) (i32.const 3)
+          (i32.const 0) (i32.const 0) (i32.const 130) (i32.const 4) (local.get $timeout) (i32.const 200))))
+    (drop (call $add (i32.const 0) (local.get $name) (local.get $name_len) (i32.const 180) (i32.const 1))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $call_and_report (i32.const -1) (i32.const 140) (i32.const 15))
+    (call $call_and_report (i32.const 2147483647) (i32.const 160) (i32.const 11))
+    (i32.const 0))"#;
+    wasm::wat_file(
+        "grpc-timeout",
+        &wasm::proxy_wat(imports, wasm::WatShape::V0_2_1, body),
+    )
+}
+
+#[tokio::test]
+async fn grpc_callout_timeout_is_read_as_envoy_reads_it() {
+    let module = grpc_timeout_module();
+    let Some(both) = SideBySide::start(&module).await else {
+        return;
+    };
+    let (from_envoy, from_lacewing) = both.get("grpc-timeout", &[]).await;
+    assert_eq!(from_envoy.status, StatusCode::OK, "Envoy: {from_envoy:?}");
+    // Envoy reads a gRPC call's timeout as unsigned milliseconds: -1 is a
+    // deadline of about 49.7 days, not BAD_ARGUMENT (that check is HTTP's).
+    for name in ["x-grpc-negative", "x-grpc-huge"] {
+        assert_eq!(
+            from_envoy.echoed_header(name).as_deref(),
+            Some("0"),
+            "Envoy's status for `{name}`"
+        );
+        assert_eq!(
+            from_lacewing.echoed_header(name),
+            from_envoy.echoed_header(name),
+            "`{name}` (the call's status): Lacewing vs Envoy"
+        );
+    }
 }
