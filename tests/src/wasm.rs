@@ -56,10 +56,27 @@ pub fn module(crate_name: &str) -> PathBuf {
     slot.get_or_init(|| build(crate_name)).clone()
 }
 
-fn build(crate_name: &str) -> PathBuf {
+/// Runs cargo with `args` in the workspace to build module `name`; panics
+/// with cargo's output when that fails.
+fn cargo_build(name: &str, args: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(&cargo)
-        .args([
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{name}`: {e}"));
+    assert!(
+        output.status.success(),
+        "building wasm module `{name}` failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn build(crate_name: &str) -> PathBuf {
+    cargo_build(
+        crate_name,
+        &[
             "build",
             "--target",
             WASM_TARGET,
@@ -67,15 +84,7 @@ fn build(crate_name: &str) -> PathBuf {
             WASM_PROFILE,
             "-p",
             crate_name,
-        ])
-        .current_dir(workspace_root())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{crate_name}`: {e}"));
-    assert!(
-        output.status.success(),
-        "building wasm module `{crate_name}` failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        ],
     );
     let path = target_dir()
         .join(WASM_TARGET)
@@ -104,17 +113,9 @@ fn assemblyscript_output(name: &str) -> PathBuf {
 pub fn assemblyscript_module(name: &str) -> PathBuf {
     let slot = build_slot(&format!("assemblyscript:{name}"));
     slot.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(&cargo)
-            .args(["run", "--quiet", "-p", "xtask", "--", "build-filters", name])
-            .current_dir(workspace_root())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{name}`: {e}"));
-        assert!(
-            output.status.success(),
-            "building AssemblyScript module `{name}` failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
+        cargo_build(
+            name,
+            &["run", "--quiet", "-p", "xtask", "--", "build-filters", name],
         );
         let path = assemblyscript_output(name);
         assert!(path.is_file(), "{} was not built", path.display());

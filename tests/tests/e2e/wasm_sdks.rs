@@ -136,44 +136,79 @@ macro_rules! for_each_sdk {
     };
 }
 
+/// Asserts that Envoy answered `expected` and Lacewing the same.
+#[track_caller]
+fn assert_status(sdk: &str, from_envoy: &Response, from_lacewing: &Response, expected: StatusCode) {
+    assert_eq!(from_envoy.status, expected, "{sdk}: Envoy: {from_envoy:?}");
+    assert_eq!(
+        from_lacewing.status, expected,
+        "{sdk}: Lacewing: {from_lacewing:?}"
+    );
+}
+
+/// Where a compared value is read from.
+#[derive(Clone, Copy)]
+enum Seen {
+    /// A response header.
+    Response,
+    /// A request header as the echo upstream saw it.
+    Upstream,
+}
+
+/// Asserts that each header of `names`, read as `seen` says, is the same
+/// from both proxies.
+#[track_caller]
+fn assert_same(
+    sdk: &str,
+    seen: Seen,
+    from_envoy: &Response,
+    from_lacewing: &Response,
+    names: &[&str],
+) {
+    let read = |response: &Response, name: &str| match seen {
+        Seen::Response => response.header(name).map(str::to_owned),
+        Seen::Upstream => response.echoed_header(name),
+    };
+    let place = match seen {
+        Seen::Response => "response header",
+        Seen::Upstream => "as the upstream saw it",
+    };
+    for name in names {
+        assert_eq!(
+            read(from_lacewing, name),
+            read(from_envoy, name),
+            "{sdk}: `{name}` ({place}): Lacewing vs Envoy"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sdk_modules_load_and_edit_headers_as_in_envoy() {
     for_each_sdk!(|sdk, both| {
         let headers = [("x-in", "hello"), ("x-drop", "bye")];
         let (from_envoy, from_lacewing) = both.get("headers", &headers).await;
-        assert_eq!(
-            from_envoy.status,
-            StatusCode::OK,
-            "{}: Envoy: {from_envoy:?}\n{}",
+        assert_status(sdk.name, &from_envoy, &from_lacewing, StatusCode::OK);
+        let seen = from_envoy.echoed_header("x-sdk-request");
+        assert_eq!(seen.as_deref(), Some("seen hello"), "{}: Envoy", sdk.name);
+        assert_same(
             sdk.name,
-            both.envoy.log()
-        );
-        assert_eq!(from_lacewing.status, from_envoy.status, "{}", sdk.name);
-        for name in ["x-sdk-request", "x-drop", "x-in"] {
-            assert_eq!(
-                from_lacewing.echoed_header(name),
-                from_envoy.echoed_header(name),
-                "{}: upstream's `{name}`: Lacewing vs Envoy",
-                sdk.name
-            );
-        }
-        assert_eq!(
-            from_envoy.echoed_header("x-sdk-request").as_deref(),
-            Some("seen hello"),
-            "{}",
-            sdk.name
+            Seen::Upstream,
+            &from_envoy,
+            &from_lacewing,
+            &["x-sdk-request", "x-drop", "x-in"],
         );
         assert_eq!(
-            from_lacewing.header("x-sdk-response"),
-            Some("yes"),
-            "{}",
-            sdk.name
-        );
-        assert_eq!(
-            from_lacewing.header("x-sdk-response"),
             from_envoy.header("x-sdk-response"),
-            "{}",
+            Some("yes"),
+            "{}: Envoy",
             sdk.name
+        );
+        assert_same(
+            sdk.name,
+            Seen::Response,
+            &from_envoy,
+            &from_lacewing,
+            &["x-sdk-response"],
         );
     });
 }
@@ -182,33 +217,21 @@ async fn sdk_modules_load_and_edit_headers_as_in_envoy() {
 async fn local_reply_with_a_module_content_length_of_zero_sends_the_body_as_envoy_does() {
     for_each_sdk!(|sdk, both| {
         let (from_envoy, from_lacewing) = both.get("local-reply-empty-length", &[]).await;
-        assert_eq!(
-            from_envoy.status,
-            StatusCode::FORBIDDEN,
-            "{}: Envoy",
-            sdk.name
-        );
-        assert_eq!(from_lacewing.status, from_envoy.status, "{}", sdk.name);
+        assert_status(sdk.name, &from_envoy, &from_lacewing, StatusCode::FORBIDDEN);
+        let body = from_envoy.text();
         assert!(
-            from_envoy.text().starts_with("denied by the"),
-            "{}: {:?}",
-            sdk.name,
-            from_envoy.text()
-        );
-        assert_eq!(
-            from_lacewing.text(),
-            from_envoy.text(),
-            "{}: body",
+            body.starts_with("denied by the"),
+            "{}: Envoy: {body:?}",
             sdk.name
         );
-        for name in ["content-length", "content-type", "x-local"] {
-            assert_eq!(
-                from_lacewing.header(name),
-                from_envoy.header(name),
-                "{}: `{name}`: Lacewing vs Envoy",
-                sdk.name
-            );
-        }
+        assert_eq!(from_lacewing.text(), body, "{}: body", sdk.name);
+        assert_same(
+            sdk.name,
+            Seen::Response,
+            &from_envoy,
+            &from_lacewing,
+            &["content-length", "content-type", "x-local"],
+        );
     });
 }
 
@@ -216,17 +239,7 @@ async fn local_reply_with_a_module_content_length_of_zero_sends_the_body_as_envo
 async fn http_callout_with_host_and_no_authority_goes_out_as_in_envoy() {
     for_each_sdk!(|sdk, both| {
         let (from_envoy, from_lacewing) = both.get("callout-host", &[]).await;
-        assert_eq!(
-            from_envoy.status,
-            StatusCode::OK,
-            "{}: Envoy: {from_envoy:?}",
-            sdk.name
-        );
-        assert_eq!(
-            from_lacewing.status, from_envoy.status,
-            "{}: {from_lacewing:?}",
-            sdk.name
-        );
+        assert_status(sdk.name, &from_envoy, &from_lacewing, StatusCode::OK);
         // The callout's response (what the echo upstream saw) is the reply's body.
         let (envoy_saw, lacewing_saw) = (from_envoy.json(), from_lacewing.json());
         assert_eq!(envoy_saw["authority"], "callout.sdk.test", "{}", sdk.name);
@@ -244,17 +257,19 @@ async fn http_callout_with_host_and_no_authority_goes_out_as_in_envoy() {
 async fn negative_http_callout_timeout_is_bad_argument_as_in_envoy() {
     for_each_sdk!(|sdk, both| {
         let (from_envoy, from_lacewing) = both.get("callout-timeout", &[]).await;
+        let result = from_envoy.echoed_header("x-callout-result");
         assert_eq!(
-            from_envoy.echoed_header("x-callout-result").as_deref(),
+            result.as_deref(),
             Some("BadArgument"),
             "{}: Envoy",
             sdk.name
         );
-        assert_eq!(
-            from_lacewing.echoed_header("x-callout-result"),
-            from_envoy.echoed_header("x-callout-result"),
-            "{}",
-            sdk.name
+        assert_same(
+            sdk.name,
+            Seen::Upstream,
+            &from_envoy,
+            &from_lacewing,
+            &["x-callout-result"],
         );
     });
 }
@@ -263,20 +278,15 @@ async fn negative_http_callout_timeout_is_bad_argument_as_in_envoy() {
 async fn request_duration_is_not_found_before_the_request_completes_as_in_envoy() {
     for_each_sdk!(|sdk, both| {
         let (from_envoy, from_lacewing) = both.get("duration", &[]).await;
-        assert_eq!(
-            from_envoy.header("x-duration-request"),
-            Some("not found"),
-            "{}: Envoy",
-            sdk.name
+        let at_request = from_envoy.header("x-duration-request");
+        assert_eq!(at_request, Some("not found"), "{}: Envoy", sdk.name);
+        assert_same(
+            sdk.name,
+            Seen::Response,
+            &from_envoy,
+            &from_lacewing,
+            &["x-duration-request", "x-duration-response"],
         );
-        for name in ["x-duration-request", "x-duration-response"] {
-            assert_eq!(
-                from_lacewing.header(name),
-                from_envoy.header(name),
-                "{}: `{name}`: Lacewing vs Envoy",
-                sdk.name
-            );
-        }
     });
 }
 
@@ -333,19 +343,18 @@ async fn grpc_callout_timeout_is_read_as_envoy_reads_it() {
         return;
     };
     let (from_envoy, from_lacewing) = both.get("grpc-timeout", &[]).await;
-    assert_eq!(from_envoy.status, StatusCode::OK, "Envoy: {from_envoy:?}");
+    assert_status("WAT", &from_envoy, &from_lacewing, StatusCode::OK);
     // Envoy reads a gRPC call's timeout as unsigned milliseconds: -1 is a
     // deadline of about 49.7 days, not BAD_ARGUMENT (that check is HTTP's).
     for name in ["x-grpc-negative", "x-grpc-huge"] {
-        assert_eq!(
-            from_envoy.echoed_header(name).as_deref(),
-            Some("0"),
-            "Envoy's status for `{name}`"
-        );
-        assert_eq!(
-            from_lacewing.echoed_header(name),
-            from_envoy.echoed_header(name),
-            "`{name}` (the call's status): Lacewing vs Envoy"
-        );
+        let status = from_envoy.echoed_header(name);
+        assert_eq!(status.as_deref(), Some("0"), "Envoy's status for `{name}`");
     }
+    assert_same(
+        "WAT",
+        Seen::Upstream,
+        &from_envoy,
+        &from_lacewing,
+        &["x-grpc-negative", "x-grpc-huge"],
+    );
 }

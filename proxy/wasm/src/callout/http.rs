@@ -252,6 +252,15 @@ mod tests {
         response
     }
 
+    /// `GET /` with the header `name: value` (`:authority` or `host`).
+    fn get_root(name: &str, value: &str) -> Vec<(String, Bytes)> {
+        vec![
+            pair(":method", "GET"),
+            pair(":path", "/"),
+            pair(name, value),
+        ]
+    }
+
     /// An HTTP call with no body or trailers and a 10 s timeout.
     async fn call_without_body(
         upstreams: Arc<dyn Upstreams>,
@@ -303,12 +312,9 @@ mod tests {
     async fn http_call_without_body_or_trailers() {
         in_local_set(async {
             let upstreams = serve_cluster("echo", Protocol::Http1, echo).await;
-            let headers = vec![
-                pair(":method", "GET"),
-                pair(":path", "/"),
-                pair(":authority", "a"),
-            ];
-            let response = call_without_body(upstreams, "echo", headers).await.unwrap();
+            let response = call_without_body(upstreams, "echo", get_root(":authority", "a"))
+                .await
+                .unwrap();
             assert_eq!(value(&response.headers, "x-method"), Some(&b"GET"[..]));
             assert_eq!(value(&response.headers, "x-trailer"), Some(&b"none"[..]));
             assert!(response.body.is_empty());
@@ -375,11 +381,7 @@ mod tests {
     async fn http_call_takes_host_as_the_authority_when_there_is_none() {
         in_local_set(async {
             let upstreams = serve_cluster("echo", Protocol::Http1, echo).await;
-            let headers = vec![
-                pair(":method", "GET"),
-                pair(":path", "/"),
-                pair("host", "by-host.test"),
-            ];
+            let headers = get_root("host", "by-host.test");
             let response = call_without_body(Arc::clone(&upstreams), "echo", headers)
                 .await
                 .unwrap();
@@ -387,8 +389,7 @@ mod tests {
                 value(&response.headers, "x-host"),
                 Some(&b"by-host.test"[..])
             );
-            let empty = vec![pair(":method", "GET"), pair(":path", "/"), pair("host", "")];
-            let error = call_without_body(upstreams, "echo", empty)
+            let error = call_without_body(upstreams, "echo", get_root("host", ""))
                 .await
                 .unwrap_err();
             assert!(
