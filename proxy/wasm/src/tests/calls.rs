@@ -124,6 +124,11 @@ fn cluster(name: &str, addr: SocketAddr) -> ClusterConfig {
 }
 
 fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
+    call_module_with_timeout(call_headers, 5000)
+}
+
+/// [`call_module`] whose calls have a timeout of `timeout_ms`.
+fn call_module_with_timeout(call_headers: &[(&str, &str)], timeout_ms: i32) -> Vec<u8> {
     let headers = pairs::encode(call_headers.iter().map(|(k, v)| (*k, *v)));
     module(
         "",
@@ -131,17 +136,17 @@ fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
             r#"(data (i32.const 100) "backend") (data (i32.const 120) "call") (data (i32.const 130) "nh") (data (i32.const 140) "body")
                (data (i32.const 150) "x-auth") (data (i32.const 160) "ok") (data (i32.const 170) "bs") (data (i32.const 180) "status")
                (data (i32.const 190) "denied")
-               (data (i32.const 300) "{}")
+               (data (i32.const 300) "{data}")
                (data (i32.const 200) "to_root")
                (global $caller (mut i32) (i32.const 0))
                (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
                  (global.set $caller (local.get 0))
                  (call $record (i32.const 120) (i32.const 4)
-                   (call $http_call (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {}) (i32.const 0) (i32.const 0)
-                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 2100)))
+                   (call $http_call (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {len}) (i32.const 0) (i32.const 0)
+                     (i32.const 0) (i32.const 0) (i32.const {timeout_ms}) (i32.const 2100)))
                  (call $record (i32.const 190) (i32.const 6)
-                   (call $http_call (i32.const 190) (i32.const 6) (i32.const 300) (i32.const {}) (i32.const 0) (i32.const 0)
-                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 2100)))
+                   (call $http_call (i32.const 190) (i32.const 6) (i32.const 300) (i32.const {len}) (i32.const 0) (i32.const 0)
+                     (i32.const 0) (i32.const 0) (i32.const {timeout_ms}) (i32.const 2100)))
                  i32.const 1)
                (func (export "proxy_on_http_call_response") (param $ctx i32) (param $token i32) (param $nh i32) (param $bs i32) (param $nt i32)
                  (call $record (i32.const 130) (i32.const 2) (local.get $nh))
@@ -154,9 +159,8 @@ fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
                  (drop (call $set_effective (global.get $caller)))
                  (drop (call $add_value (i32.const 0) (i32.const 150) (i32.const 6) (i32.const 160) (i32.const 2)))
                  (drop (call $continue_stream (i32.const 0))))"#,
-            wat_bytes(&headers),
-            headers.len(),
-            headers.len(),
+            data = wat_bytes(&headers),
+            len = headers.len(),
         ),
     )
 }
@@ -244,11 +248,27 @@ fn http_call_arguments_are_checked() {
         // A cluster outside the plugin's allow-list.
         let cfg = config(serde_json::json!({ "name": "limited", "allowed_clusters": ["other"] }));
         let plugin = host
-            .load_plugin_bytes(&cfg, &call_module(GOOD_CALL), ups)
+            .load_plugin_bytes(&cfg, &call_module(GOOD_CALL), ups.clone())
             .unwrap();
         let s = stream("/");
         filter(&plugin, &s).on_request_headers(&s, true);
         assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
+        // A negative timeout (read as a signed 32-bit number, as in Envoy).
+        let negative = call_module_with_timeout(GOOD_CALL, -1);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &negative, ups.clone())
+            .unwrap();
+        let s = stream("/");
+        filter(&plugin, &s).on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
+        // `host` stands for a missing `:authority`.
+        let by_host = call_module(&[(":method", "GET"), (":path", "/check"), ("host", "auth")]);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &by_host, ups)
+            .unwrap();
+        let s = stream("/");
+        filter(&plugin, &s).on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "call"), Some(Status::Ok.code()));
     });
 }
 
