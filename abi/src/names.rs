@@ -7,6 +7,11 @@
 pub const ENV_MODULE: &str = "env";
 /// Module name of WASI preview 1 imports.
 pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
+/// The legacy module name of the same WASI functions (modules built with the
+/// AssemblyScript SDK import `wasi_unstable.proc_exit`); linked alike.
+pub const LEGACY_WASI_MODULE: &str = "wasi_unstable";
+/// Every module name [`WASI_IMPORTS`] are linked under.
+pub const WASI_MODULES: &[&str] = &[WASI_MODULE, LEGACY_WASI_MODULE];
 
 /// Bit set of ABI versions a host import belongs to.
 type Versions = u8;

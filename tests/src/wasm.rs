@@ -1,6 +1,7 @@
 //! Wasm modules for tests: crates under `tests/modules/` and `filters/` built
-//! once per test process for `wasm32-wasip1`, WAT text compiled to files, and
-//! proxies in front of an echo upstream that run them.
+//! once per test process for `wasm32-wasip1`, AssemblyScript projects under
+//! `tests/modules/` built by `cargo xtask build-filters`, WAT text compiled to
+//! files, and proxies in front of an echo upstream that run them.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -55,10 +56,27 @@ pub fn module(crate_name: &str) -> PathBuf {
     slot.get_or_init(|| build(crate_name)).clone()
 }
 
-fn build(crate_name: &str) -> PathBuf {
+/// Runs cargo with `args` in the workspace to build module `name`; panics
+/// with cargo's output when that fails.
+fn cargo_build(name: &str, args: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(&cargo)
-        .args([
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{name}`: {e}"));
+    assert!(
+        output.status.success(),
+        "building wasm module `{name}` failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn build(crate_name: &str) -> PathBuf {
+    cargo_build(
+        crate_name,
+        &[
             "build",
             "--target",
             WASM_TARGET,
@@ -66,15 +84,7 @@ fn build(crate_name: &str) -> PathBuf {
             WASM_PROFILE,
             "-p",
             crate_name,
-        ])
-        .current_dir(workspace_root())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build `{crate_name}`: {e}"));
-    assert!(
-        output.status.success(),
-        "building wasm module `{crate_name}` failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        ],
     );
     let path = target_dir()
         .join(WASM_TARGET)
@@ -86,6 +96,32 @@ fn build(crate_name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Where `cargo xtask build-filters` writes the module of the AssemblyScript
+/// project `tests/modules/<name>`.
+fn assemblyscript_output(name: &str) -> PathBuf {
+    target_dir()
+        .join("assemblyscript")
+        .join(format!("{name}.wasm"))
+}
+
+/// The module of the AssemblyScript project `tests/modules/<name>`, built (once
+/// per test process) with `cargo xtask build-filters <name>`: the project's
+/// npm packages are installed from its lock file and `asc` compiles it.
+/// Panics with the build's output when it fails.
+pub fn assemblyscript_module(name: &str) -> PathBuf {
+    let slot = build_slot(&format!("assemblyscript:{name}"));
+    slot.get_or_init(|| {
+        cargo_build(
+            name,
+            &["run", "--quiet", "-p", "xtask", "--", "build-filters", name],
+        );
+        let path = assemblyscript_output(name);
+        assert!(path.is_file(), "{} was not built", path.display());
+        path
+    })
+    .clone()
 }
 
 /// A directory for this test process's generated modules.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use lacewing_abi::AbiVersion;
-use lacewing_abi::names::{ALL_IMPORTS, ENV_MODULE, WASI_IMPORTS, WASI_MODULE};
+use lacewing_abi::names::{ALL_IMPORTS, ENV_MODULE, WASI_IMPORTS, WASI_MODULES};
 use lacewing_config::PluginConfig;
 use lacewing_core::callout::Upstreams;
 use sha2::{Digest, Sha256};
@@ -226,7 +226,7 @@ fn check_imports(module: &Module) -> Result<(), String> {
         match import.ty() {
             ExternType::Func(_) => {
                 let known = (m == ENV_MODULE && ALL_IMPORTS.contains(&name))
-                    || (m == WASI_MODULE && WASI_IMPORTS.contains(&name));
+                    || (WASI_MODULES.contains(&m) && WASI_IMPORTS.contains(&name));
                 if !known {
                     return Err(format!("module imports unknown function {m}.{name}"));
                 }

@@ -255,6 +255,17 @@ impl Vm {
     }
 
     /// The plugin that owns a context.
+    /// The root context of context `id` (`id` itself when it is unknown).
+    ///
+    /// Callout events go to the root context of the context that started the
+    /// callout, as in Envoy, which makes every callout on the root context;
+    /// SDKs find the calling context by token and make it effective.
+    fn root_context_of(&self, id: u32) -> u32 {
+        self.with_state(|s| s.contexts.get(&id).map(|c| c.root))
+            .flatten()
+            .unwrap_or(id)
+    }
+
     pub fn plugin_of(&self, id: u32) -> Option<Arc<PluginShared>> {
         self.with_state(|s| s.contexts.get(&id).map(|c| c.plugin.clone()))
             .flatten()
@@ -394,6 +405,7 @@ impl Vm {
         let Some(plugin) = self.plugin_of(context) else {
             return;
         };
+        let root = self.root_context_of(context);
         let data = match response {
             Ok(r) => {
                 let mut headers = Vec::with_capacity(r.headers.len() + 1);
@@ -423,9 +435,9 @@ impl Vm {
         let result = self.call(
             &plugin,
             Callback::HttpCallResponse,
-            context,
+            root,
             self.exports.on_http_call_response.as_ref(),
-            (context as i32, token as i32, nh, nb, nt),
+            (root as i32, token as i32, nh, nb, nt),
             |s| s.current.callout = Some(data),
         );
         if let Err(f) = result {
@@ -444,6 +456,7 @@ impl Vm {
         let Some(plugin) = self.plugin_of(context) else {
             return;
         };
+        let root = self.root_context_of(context);
         let (cb, func, arg, data) = match event {
             GrpcEvent::InitialMetadata(md) => (
                 Callback::GrpcInitialMetadata,
@@ -489,9 +502,9 @@ impl Vm {
         let result = self.call(
             &plugin,
             cb,
-            context,
+            root,
             func,
-            (context as i32, token as i32, arg),
+            (root as i32, token as i32, arg),
             |s| s.current.callout = Some(data),
         );
         if let Err(f) = result {

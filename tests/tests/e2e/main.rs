@@ -17,3 +17,4 @@ mod tcp;
 mod wasm_conformance;
 mod wasm_hostile;
 mod wasm_pausing;
+mod wasm_sdks;

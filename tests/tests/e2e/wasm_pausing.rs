@@ -187,8 +187,8 @@ impl Pair {
                 let mut envoy = Envoy::start(&binary, &config).await;
                 let listeners = Listeners {
                     name: "Envoy",
-                    http: envoy.listener("main").await,
-                    tcp: envoy.listener("raw").await,
+                    http: envoy.listener_named("main").await,
+                    tcp: envoy.listener_named("raw").await,
                 };
                 Some((envoy, listeners))
             }

@@ -29,13 +29,17 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          trailers_len: i32,
          timeout_ms: i32,
          ret_token: i32| {
+            // Envoy reads the timeout as a signed 32-bit number of milliseconds.
+            let Ok(timeout_ms) = u32::try_from(timeout_ms) else {
+                return Ok(Status::BadArgument.code());
+            };
             status(http_call(
                 &mut c,
                 (upstream_ptr, upstream_len),
                 (headers_ptr, headers_len),
                 (body_ptr, body_len),
                 (trailers_ptr, trailers_len),
-                timeout_ms as u32,
+                timeout_ms,
                 ret_token,
             ))
         },
@@ -99,10 +103,10 @@ fn http_call(
         let trailers = owned_pairs(memory::slice(data, trailers.0, trailers.1)?)?;
         (cluster, headers, body, trailers)
     };
-    for required in [":method", ":path", ":authority"] {
-        if !headers.iter().any(|(k, v)| k == required && !v.is_empty()) {
-            return Err(Status::BadArgument.into());
-        }
+    // As in Envoy, `host` stands for a missing `:authority`.
+    let present = |name: &str| headers.iter().any(|(k, v)| k == name && !v.is_empty());
+    if !present(":method") || !present(":path") || !(present(":authority") || present("host")) {
+        return Err(Status::BadArgument.into());
     }
     let (token, context) = begin_callout(caller, &cluster, ret_token)?;
     let state = caller.data_mut();

@@ -83,10 +83,13 @@ mod tests {
         let mut linker = Linker::<HostState>::new(&engine);
         add_to_linker(&mut linker).unwrap();
         // Defining a name again fails exactly when it is already linked.
-        let wasi = lacewing_abi::names::WASI_MODULE;
-        let all = lacewing_abi::names::ALL_IMPORTS.iter().map(|n| (ENV, n));
-        for (module, name) in all.chain(lacewing_abi::names::WASI_IMPORTS.iter().map(|n| (wasi, n)))
-        {
+        let env = lacewing_abi::names::ALL_IMPORTS.iter().map(|n| (ENV, *n));
+        let wasi = lacewing_abi::names::WASI_MODULES.iter().flat_map(|module| {
+            lacewing_abi::names::WASI_IMPORTS
+                .iter()
+                .map(move |name| (*module, *name))
+        });
+        for (module, name) in env.chain(wasi) {
             assert!(
                 linker.func_wrap(module, name, || {}).is_err(),
                 "{module}.{name} is not linked"

@@ -15,7 +15,7 @@ use wasmtime::{Caller, Linker};
 
 use super::ENV;
 use crate::memory::{self, HostResult, status};
-use crate::vm::{CtxKind, HostState};
+use crate::vm::{CtxKind, HostState, Phase};
 
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -196,7 +196,7 @@ fn lookup(state: &HostState, segments: &[&[u8]]) -> Result<Vec<u8>, Status> {
             if let Some(v) = info_property(&s.info, segments)? {
                 return Ok(v);
             }
-            http_property(&s, segments)
+            http_property(&s, segments, ctx.phase == Phase::Log)
         }
         CtxKind::Net(conn) => {
             let c = conn.try_borrow().map_err(|_| Status::InternalFailure)?;
@@ -235,7 +235,9 @@ fn info_property(info: &StreamInfo, segments: &[&[u8]]) -> Result<Option<Vec<u8>
     Ok(Some(v))
 }
 
-fn http_property(s: &HttpStream, segments: &[&[u8]]) -> Result<Vec<u8>, Status> {
+/// A request property; `complete` says whether the stream has ended (the
+/// `on_done`/`on_log` phase), before which `request.duration` is not found.
+fn http_property(s: &HttpStream, segments: &[&[u8]], complete: bool) -> Result<Vec<u8>, Status> {
     let req = &s.request;
     let header = |name: http::header::HeaderName| {
         req.headers
@@ -264,7 +266,10 @@ fn http_property(s: &HttpStream, segments: &[&[u8]]) -> Result<Vec<u8>, Status> 
         [b"request", b"id"] => header(http::header::HeaderName::from_static("x-request-id"))?,
         [b"request", b"protocol"] => text(lacewing_core::stream::protocol_name(s.info.protocol)),
         [b"request", b"time"] => int(nanos(s.info.start_time)),
-        [b"request", b"duration"] => int(s.info.start_instant.elapsed().as_nanos() as i64),
+        // As in Envoy, the duration exists once the request is complete.
+        [b"request", b"duration"] if complete => {
+            int(s.info.start_instant.elapsed().as_nanos() as i64)
+        }
         [b"request", b"size"] => int(s.info.request_body_bytes as i64),
         [b"request", b"total_size"] => {
             let headers: usize = req

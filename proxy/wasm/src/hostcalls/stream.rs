@@ -2,7 +2,7 @@
 //! context, `proxy_done`, and `proxy_get_status` for callout callbacks.
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode};
 use lacewing_abi::{Status, StreamType, pairs};
 use lacewing_core::ResponseFlag;
@@ -163,12 +163,13 @@ fn send_local_response(
         .ok()
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(Status::BadArgument)?;
-    let mut header_map = HeaderMap::with_capacity(list.len() + 1);
+    let mut header_map = HeaderMap::with_capacity(list.len() + 2);
     for (k, v) in list {
         let name = HeaderName::from_bytes(k).map_err(|_| Status::BadArgument)?;
         let value = HeaderValue::from_bytes(v).map_err(|_| Status::BadArgument)?;
         header_map.append(name, value);
     }
+    frame_local_reply(&mut header_map, &body);
     if grpc_status >= 0 {
         header_map.insert(
             HeaderName::from_static("grpc-status"),
@@ -200,6 +201,20 @@ fn send_local_response(
     Ok(())
 }
 
+/// Makes a local reply's head describe its body, as Envoy does: the length is
+/// the body's own (a module-supplied `content-length` or `transfer-encoding`
+/// is dropped, the server frames the body); a body without a `content-type`
+/// is `text/plain`, and a reply without a body has no `content-type`.
+fn frame_local_reply(headers: &mut HeaderMap, body: &[u8]) {
+    headers.remove(CONTENT_LENGTH);
+    headers.remove(TRANSFER_ENCODING);
+    if body.is_empty() {
+        headers.remove(CONTENT_TYPE);
+    } else if !headers.contains_key(CONTENT_TYPE) {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+}
+
 fn get_status(
     caller: &mut Caller<'_, HostState>,
     ret_code: i32,
@@ -212,4 +227,52 @@ fn get_status(
     };
     memory::write_u32(caller, ret_code, code)?;
     memory::give(caller, message.as_bytes(), ret_msg_ptr, ret_msg_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(headers: &[(&str, &str)], body: &[u8]) -> Vec<(String, String)> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        frame_local_reply(&mut map, body);
+        map.iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn local_reply_length_is_the_body_length_and_text_is_the_default_type() {
+        assert_eq!(
+            framed(&[("content-length", "0"), ("x-a", "1")], b"denied"),
+            owned(&[("x-a", "1"), ("content-type", "text/plain")])
+        );
+        assert_eq!(
+            framed(&[("content-type", "application/json")], b"{}"),
+            owned(&[("content-type", "application/json")])
+        );
+        assert_eq!(
+            framed(
+                &[
+                    ("content-type", "text/html"),
+                    ("transfer-encoding", "chunked")
+                ],
+                b""
+            ),
+            owned(&[])
+        );
+    }
 }

@@ -1,11 +1,13 @@
 //! The WASI preview 1 subset proxy-wasm modules import: stdout/stderr go to the
 //! log with the plugin name, clocks, randomness, the configured environment,
 //! no arguments, no files. `proc_exit` stops the module (a plugin failure).
+//! The same functions are linked under the legacy name `wasi_unstable`: none
+//! of them differs between the two snapshots in what this host does.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lacewing_abi::LogLevel;
-use lacewing_abi::names::WASI_MODULE;
+use lacewing_abi::names::{LEGACY_WASI_MODULE, WASI_MODULE};
 use rand::RngCore;
 use wasmtime::{Caller, Linker};
 
@@ -209,6 +211,7 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "poll_oneoff",
         |_: Caller<'_, HostState>, _in: i32, _out: i32, _n: i32, _ret: i32| NOTSUP,
     )?;
+    linker.alias_module(WASI_MODULE, LEGACY_WASI_MODULE)?;
     Ok(())
 }
 

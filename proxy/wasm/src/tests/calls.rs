@@ -124,6 +124,11 @@ fn cluster(name: &str, addr: SocketAddr) -> ClusterConfig {
 }
 
 fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
+    call_module_with_timeout(call_headers, 5000)
+}
+
+/// [`call_module`] whose calls have a timeout of `timeout_ms`.
+fn call_module_with_timeout(call_headers: &[(&str, &str)], timeout_ms: i32) -> Vec<u8> {
     let headers = pairs::encode(call_headers.iter().map(|(k, v)| (*k, *v)));
     module(
         "",
@@ -131,14 +136,17 @@ fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
             r#"(data (i32.const 100) "backend") (data (i32.const 120) "call") (data (i32.const 130) "nh") (data (i32.const 140) "body")
                (data (i32.const 150) "x-auth") (data (i32.const 160) "ok") (data (i32.const 170) "bs") (data (i32.const 180) "status")
                (data (i32.const 190) "denied")
-               (data (i32.const 300) "{}")
+               (data (i32.const 300) "{data}")
+               (data (i32.const 200) "to_root")
+               (global $caller (mut i32) (i32.const 0))
                (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                 (global.set $caller (local.get 0))
                  (call $record (i32.const 120) (i32.const 4)
-                   (call $http_call (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {}) (i32.const 0) (i32.const 0)
-                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 2100)))
+                   (call $http_call (i32.const 100) (i32.const 7) (i32.const 300) (i32.const {len}) (i32.const 0) (i32.const 0)
+                     (i32.const 0) (i32.const 0) (i32.const {timeout_ms}) (i32.const 2100)))
                  (call $record (i32.const 190) (i32.const 6)
-                   (call $http_call (i32.const 190) (i32.const 6) (i32.const 300) (i32.const {}) (i32.const 0) (i32.const 0)
-                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 2100)))
+                   (call $http_call (i32.const 190) (i32.const 6) (i32.const 300) (i32.const {len}) (i32.const 0) (i32.const 0)
+                     (i32.const 0) (i32.const 0) (i32.const {timeout_ms}) (i32.const 2100)))
                  i32.const 1)
                (func (export "proxy_on_http_call_response") (param $ctx i32) (param $token i32) (param $nh i32) (param $bs i32) (param $nt i32)
                  (call $record (i32.const 130) (i32.const 2) (local.get $nh))
@@ -147,12 +155,12 @@ fn call_module(call_headers: &[(&str, &str)]) -> Vec<u8> {
                  (drop (call $set_shared (i32.const 140) (i32.const 4) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0)))
                  (drop (call $get_status (i32.const 2200) (i32.const 2204) (i32.const 2208)))
                  (call $record (i32.const 180) (i32.const 6) (i32.load (i32.const 2200)))
-                 (drop (call $set_effective (local.get $ctx)))
+                 (call $record (i32.const 200) (i32.const 7) (i32.ne (local.get $ctx) (global.get $caller)))
+                 (drop (call $set_effective (global.get $caller)))
                  (drop (call $add_value (i32.const 0) (i32.const 150) (i32.const 6) (i32.const 160) (i32.const 2)))
                  (drop (call $continue_stream (i32.const 0))))"#,
-            wat_bytes(&headers),
-            headers.len(),
-            headers.len(),
+            data = wat_bytes(&headers),
+            len = headers.len(),
         ),
     )
 }
@@ -193,6 +201,11 @@ fn http_call_response_resumes_the_paused_stream() {
             ":status and x-path at least"
         );
         assert_eq!(recorded(&host, "status"), Some(0));
+        assert_eq!(
+            recorded(&host, "to_root"),
+            Some(1),
+            "answered on the root context"
+        );
     });
 }
 
@@ -235,11 +248,27 @@ fn http_call_arguments_are_checked() {
         // A cluster outside the plugin's allow-list.
         let cfg = config(serde_json::json!({ "name": "limited", "allowed_clusters": ["other"] }));
         let plugin = host
-            .load_plugin_bytes(&cfg, &call_module(GOOD_CALL), ups)
+            .load_plugin_bytes(&cfg, &call_module(GOOD_CALL), ups.clone())
             .unwrap();
         let s = stream("/");
         filter(&plugin, &s).on_request_headers(&s, true);
         assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
+        // A negative timeout (read as a signed 32-bit number, as in Envoy).
+        let negative = call_module_with_timeout(GOOD_CALL, -1);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &negative, ups.clone())
+            .unwrap();
+        let s = stream("/");
+        filter(&plugin, &s).on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "call"), Some(Status::BadArgument.code()));
+        // `host` stands for a missing `:authority`.
+        let by_host = call_module(&[(":method", "GET"), (":path", "/check"), ("host", "auth")]);
+        let plugin = host
+            .load_plugin_bytes(&config(serde_json::json!({})), &by_host, ups)
+            .unwrap();
+        let s = stream("/");
+        filter(&plugin, &s).on_request_headers(&s, true);
+        assert_eq!(recorded(&host, "call"), Some(Status::Ok.code()));
     });
 }
 
@@ -324,7 +353,10 @@ fn grpc_call_delivers_metadata_message_and_close() {
             r#"(data (i32.const 100) "grpc") (data (i32.const 110) "svc.Echo") (data (i32.const 120) "Say") (data (i32.const 130) "ping")
                (data (i32.const 140) "call") (data (i32.const 150) "imd") (data (i32.const 160) "msg") (data (i32.const 170) "tmd")
                (data (i32.const 180) "close") (data (i32.const 190) "cancel") (data (i32.const 200) "x-md") (data (i32.const 210) "md")
+               (data (i32.const 230) "to_root")
+               (global $caller (mut i32) (i32.const 0))
                (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                 (global.set $caller (local.get 0))
                  (call $record (i32.const 140) (i32.const 4)
                    (call $grpc_call (i32.const 100) (i32.const 4) (i32.const 110) (i32.const 8) (i32.const 120) (i32.const 3)
                      (i32.const 0) (i32.const 0) (i32.const 130) (i32.const 4) (i32.const 5000) (i32.const 2100)))
@@ -341,7 +373,8 @@ fn grpc_call_delivers_metadata_message_and_close() {
                  (call $record (i32.const 170) (i32.const 3) (local.get 2)))
                (func (export "proxy_on_grpc_close") (param $ctx i32) (param $token i32) (param $status i32)
                  (call $record (i32.const 180) (i32.const 5) (local.get $status))
-                 (drop (call $set_effective (local.get $ctx)))
+                 (call $record (i32.const 230) (i32.const 7) (i32.ne (local.get $ctx) (global.get $caller)))
+                 (drop (call $set_effective (global.get $caller)))
                  (drop (call $continue_stream (i32.const 0))))"#,
         );
         let plugin = host.load_plugin_bytes(&config(serde_json::json!({})), &bytes, ups).unwrap();
@@ -353,6 +386,7 @@ fn grpc_call_delivers_metadata_message_and_close() {
         let resumed = s.borrow().resumed();
         tokio::time::timeout(Duration::from_secs(10), resumed.notified()).await.expect("resumed on close");
         assert_eq!(recorded(&host, "close"), Some(0));
+        assert_eq!(recorded(&host, "to_root"), Some(1), "closed on the root context");
         assert_eq!(&host.shared_data().get(b"msg").unwrap().0[..], b"ping");
         assert!(recorded(&host, "imd").unwrap() >= 1);
         assert_eq!(recorded(&host, "md"), Some(i32::from(b'1')));
@@ -375,7 +409,10 @@ fn grpc_stream_send_and_close() {
             r#"(data (i32.const 100) "grpc") (data (i32.const 110) "svc.Echo") (data (i32.const 120) "Say") (data (i32.const 130) "pong")
                (data (i32.const 140) "open") (data (i32.const 150) "send") (data (i32.const 160) "msg") (data (i32.const 170) "halfclose")
                (data (i32.const 180) "close")
+               (data (i32.const 230) "to_root")
+               (global $caller (mut i32) (i32.const 0))
                (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                 (global.set $caller (local.get 0))
                  (call $record (i32.const 140) (i32.const 4)
                    (call $grpc_stream (i32.const 100) (i32.const 4) (i32.const 110) (i32.const 8) (i32.const 120) (i32.const 3)
                      (i32.const 0) (i32.const 0) (i32.const 2100)))
@@ -388,7 +425,8 @@ fn grpc_stream_send_and_close() {
                  (drop (call $set_shared (i32.const 160) (i32.const 3) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0))))
                (func (export "proxy_on_grpc_close") (param $ctx i32) (param $token i32) (param $status i32)
                  (call $record (i32.const 180) (i32.const 5) (local.get $status))
-                 (drop (call $set_effective (local.get $ctx)))
+                 (call $record (i32.const 230) (i32.const 7) (i32.ne (local.get $ctx) (global.get $caller)))
+                 (drop (call $set_effective (global.get $caller)))
                  (drop (call $continue_stream (i32.const 0))))"#,
         );
         let plugin = host.load_plugin_bytes(&config(serde_json::json!({})), &bytes, ups).unwrap();
@@ -401,6 +439,7 @@ fn grpc_stream_send_and_close() {
         let resumed = s.borrow().resumed();
         tokio::time::timeout(Duration::from_secs(10), resumed.notified()).await.expect("resumed on close");
         assert_eq!(recorded(&host, "close"), Some(0));
+        assert_eq!(recorded(&host, "to_root"), Some(1), "closed on the root context");
         assert_eq!(&host.shared_data().get(b"msg").unwrap().0[..], b"pong");
     });
 }

@@ -81,6 +81,29 @@ fn unknown_import_is_named_in_the_error() {
 }
 
 #[test]
+fn legacy_wasi_unstable_imports_are_linked() {
+    let (host, _) = host();
+    // What an AssemblyScript module imports: proc_exit for `abort`, plus a clock.
+    let bytes = module(
+        r#"(import "wasi_unstable" "proc_exit" (func $exit (param i32)))
+           (import "wasi_unstable" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))"#,
+        r#"(data (i32.const 100) "clock")
+           (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+             i32.const 100 i32.const 5
+             (call $clock (i32.const 0) (i64.const 1) (i32.const 200))
+             call $record
+             i32.const 1)"#,
+    );
+    load(&host, &config(serde_json::json!({})), &bytes).unwrap();
+    assert_eq!(recorded(&host, "clock"), Some(0), "clock_time_get errno");
+    let unknown = module(r#"(import "wasi_unstable" "path_open" (func $open))"#, "");
+    let err = load(&host, &config(serde_json::json!({})), &unknown)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("wasi_unstable.path_open"), "{err}");
+}
+
+#[test]
 fn import_with_wrong_signature_is_rejected() {
     let (host, _) = host();
     let bytes = module(
