@@ -5,6 +5,7 @@
 //! One listener serves the `Operator` and `Discovery` gRPC services and
 //! `/metrics` (HTTP/1.1).
 
+pub mod client;
 pub mod discovery;
 pub mod metrics;
 pub mod operator;
