@@ -249,7 +249,10 @@ fn into_applied(
             .issues
             .into_iter()
             .map(|i| {
-                match docs.iter().find(|d| !i.key.is_empty() && d.document.key() == i.key) {
+                match docs
+                    .iter()
+                    .find(|d| !i.key.is_empty() && d.document.key() == i.key)
+                {
                     Some(doc) => doc.issue(&i.field, &i.reason),
                     None => MeshIssue::new(i.key, i.field, i.reason),
                 }

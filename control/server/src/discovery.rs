@@ -155,6 +155,7 @@ async fn serve_sidecar(
     tx: mpsc::Sender<Result<api::Snapshot, Status>>,
 ) {
     let mut changes = shared.changes.subscribe();
+    let mut closing = shared.closing.subscribe();
     let mut last_sent: Option<api::Snapshot> = None;
     let mut revision = 0;
     loop {
@@ -183,6 +184,10 @@ async fn serve_sidecar(
             last_sent = Some(snapshot);
         }
         tokio::select! {
+            _ = async { let _ = closing.wait_for(|closed| *closed).await; } => {
+                let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                return;
+            }
             changed = changes.changed() => if changed.is_err() { return },
             message = incoming.next() => match message {
                 Some(Ok(api::SidecarMessage { message: Some(api::sidecar_message::Message::Answer(answer)) })) => {

@@ -126,6 +126,12 @@ impl ControlPlane {
             RequireToken::new(&self.bootstrap_token, "bootstrap"),
         );
         let metrics = self.shared.metrics.clone();
+        let shared = self.shared.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Open sidecar streams would hold the graceful shutdown forever.
+            shared.closing.send_replace(true);
+        };
         let routes = tonic::service::Routes::new(operator)
             .add_service(discovery)
             .into_axum_router()

@@ -331,6 +331,7 @@ impl api::operator_server::Operator for Operator {
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             let mut answers = shared.answers.subscribe();
+            let mut closing = shared.closing.subscribe();
             let mut last = None;
             loop {
                 let progress = progress(&shared, &waiting, version);
@@ -353,6 +354,7 @@ impl api::operator_server::Operator for Operator {
                     }
                 }
                 tokio::select! {
+                    _ = async { let _ = closing.wait_for(|closed| *closed).await; } => return,
                     _ = answers.changed() => {}
                     _ = tokio::time::sleep_until(deadline) => {}
                 }

@@ -92,6 +92,8 @@ pub struct Shared {
     pub changes: watch::Sender<u64>,
     /// Bumped when a sidecar answers.
     pub answers: watch::Sender<u64>,
+    /// Set when the control plane shuts down: every stream ends.
+    pub closing: watch::Sender<bool>,
     pub metrics: ControlMetrics,
     /// Applies run one at a time.
     pub apply_lock: tokio::sync::Mutex<()>,
@@ -114,6 +116,7 @@ impl Shared {
             sidecars: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
             answers: watch::channel(0).0,
+            closing: watch::channel(false).0,
             metrics,
             apply_lock: tokio::sync::Mutex::new(()),
             sessions: std::sync::atomic::AtomicU64::new(1),
