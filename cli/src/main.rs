@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use lacewing_config::quickstart::{QuickStart, WasmFlag, parse_cluster_flag};
 use lacewing_config::{ProxyConfig, UpstreamProtocol, units::Dur};
-use lacewing_proxy::{Proxy, StartOptions};
+use lacewing_proxy::{Proxy, Publisher, StartOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,7 +57,7 @@ enum Command {
     Status(mesh::StatusArgs),
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct ProxyArgs {
     /// YAML config file (see docs/config.md).
     #[arg(long, short = 'c', conflicts_with_all = ["listen", "upstream"])]
@@ -238,10 +238,15 @@ fn proxy_config(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Resul
 fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     let config = proxy_config(args, matches)?;
     let workers = config.worker_count();
+    let source = match &args.config {
+        Some(file) => format!("file:{}", file.display()),
+        None => "flags".to_string(),
+    };
     let handle = Proxy::start_with(
         config,
         StartOptions {
             wasm_cache_dir: args.wasm_cache_dir.clone(),
+            source: Some(source.clone()),
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -249,15 +254,40 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
         tracing::info!(%admin, "admin listening");
     }
     tracing::info!(workers, "lacewing started");
-    wait_for_signal()?;
+    let publisher = handle.publisher();
+    let args = args.clone();
+    let matches = matches.cloned();
+    wait_for_signal(move || reload(&publisher, &args, matches.as_ref(), &source))?;
     tracing::info!("draining");
     handle.shutdown();
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Blocks until SIGTERM or SIGINT. A second signal while draining exits at once.
-fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGHUP: reads the configuration file again and publishes it. A file that
+/// does not load, or a generation that does not build, is logged with its
+/// reason and the live generation stays.
+fn reload(publisher: &Publisher, args: &ProxyArgs, matches: Option<&ArgMatches>, source: &str) {
+    if args.config.is_none() {
+        tracing::warn!("SIGHUP: started from flags, there is no file to reload");
+        return;
+    }
+    match proxy_config(args, matches) {
+        Ok(config) => {
+            // A rejected generation is logged, with its reason, by the publisher.
+            if let Ok(generation) = publisher.publish(config, source) {
+                tracing::info!(generation = generation.number, %source, "SIGHUP: configuration reloaded");
+            }
+        }
+        Err(e) => publisher.reload_failed(source, &format_args!("{e:#}")),
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT; each SIGHUP runs `reload` (one at a
+/// time, off the signal loop). A second SIGTERM or SIGINT while draining
+/// exits at once.
+fn wait_for_signal(reload: impl Fn() + Send + Sync + 'static) -> anyhow::Result<()> {
+    let reload = std::sync::Arc::new(reload);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("lacewing-signals".into())
@@ -274,19 +304,29 @@ fn wait_for_signal() -> anyhow::Result<()> {
             };
             rt.block_on(async move {
                 use tokio::signal::unix::{SignalKind, signal};
-                let (mut term, mut int) = match (
+                let (mut term, mut int, mut hup) = match (
                     signal(SignalKind::terminate()),
                     signal(SignalKind::interrupt()),
+                    signal(SignalKind::hangup()),
                 ) {
-                    (Ok(t), Ok(i)) => (t, i),
-                    (Err(e), _) | (_, Err(e)) => {
+                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                         let _ = tx.send(Err(e.into()));
                         return;
                     }
                 };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => break,
+                        _ = int.recv() => break,
+                        _ = hup.recv() => {
+                            let reload = reload.clone();
+                            // Publishing blocks until every worker answered.
+                            if let Err(e) = tokio::task::spawn_blocking(move || reload()).await {
+                                tracing::error!(error = %e, "SIGHUP: reload failed");
+                            }
+                        }
+                    }
                 }
                 let _ = tx.send(Ok(()));
                 tokio::select! {

@@ -4,27 +4,28 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use arc_swap::ArcSwap;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lacewing_config::ProxyConfig;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
 use tokio::net::TcpListener;
+
+use crate::publish::Publisher;
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub metrics: Metrics,
-    pub config: Arc<ArcSwap<ProxyConfig>>,
+    /// The live generation and its configuration.
+    pub publisher: Publisher,
     /// True once every worker accepts; false again when draining.
     pub ready: Arc<AtomicBool>,
 }
 
-const INDEX: &str = "lacewing admin\n\n/metrics      Prometheus metrics\n/ready        200 when serving, 503 when starting or draining\n/config_dump  the live configuration as JSON\n";
+const INDEX: &str = "lacewing admin\n\n/metrics      Prometheus metrics\n/ready        200 when serving, 503 when starting or draining\n/config_dump  the live configuration as JSON, with its generation number and source\n";
 
 fn reply(
     status: StatusCode,
@@ -59,7 +60,7 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/config_dump" => match serde_json::to_vec_pretty(&**state.config.load()) {
+        "/config_dump" => match config_dump(&state.publisher) {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,6 +70,19 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
         },
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; see /\n"),
     }
+}
+
+/// The live configuration as JSON, with a `generation` member: its number
+/// and where it came from.
+fn config_dump(publisher: &Publisher) -> Result<Vec<u8>, serde_json::Error> {
+    let Some(live) = publisher.live() else {
+        return Ok(b"{}".to_vec());
+    };
+    let mut json = serde_json::to_value(&*live.config)?;
+    if let Some(object) = json.as_object_mut() {
+        object.insert("generation".into(), serde_json::to_value(&live.generation)?);
+    }
+    serde_json::to_vec_pretty(&json)
 }
 
 /// Serves the admin endpoints until `stop` fires. While the proxy drains it

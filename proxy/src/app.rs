@@ -1,33 +1,30 @@
-//! Wiring: builds the live configuration, binds listeners, starts the admin
-//! endpoint and the workers, and hands back a handle to drain and join them.
+//! Wiring: starts the workers, publishes the first generation to them, starts
+//! the admin endpoint, and hands back a handle to publish, drain and join.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use arc_swap::ArcSwap;
-use lacewing_config::{ListenerProtocol, ProxyConfig};
+use lacewing_config::ProxyConfig;
 use lacewing_core::drain::{self, DrainTrigger};
 use lacewing_core::metrics::Metrics;
 use lacewing_wasm::{HostOptions, WasmHost};
 
 use crate::admin::{self, AdminState};
-use crate::listener::{BindError, bind_shared};
-use crate::snapshot::{BuildError, ListenerSlot, Snapshot};
-use crate::worker::{self, WorkerListener};
+use crate::publish::{Generation, PublishError, Publisher};
+use crate::snapshot::BuildError;
+use crate::worker;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("invalid configuration:\n{0}")]
-    Config(#[from] lacewing_config::load::ConfigError),
+    /// The first generation was rejected.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     #[error(transparent)]
     Build(#[from] BuildError),
-    #[error(transparent)]
-    Bind(#[from] BindError),
     #[error("wasm host: {0}")]
     Wasm(String),
     #[error("admin listener on {address}: {source}")]
@@ -44,6 +41,9 @@ pub enum StartError {
 pub struct StartOptions {
     /// Where compiled wasm modules are cached; the default cache directory when `None`.
     pub wasm_cache_dir: Option<PathBuf>,
+    /// Where the first generation's configuration came from (shown by
+    /// `/config_dump`); `start` when `None`.
+    pub source: Option<String>,
 }
 
 /// The Lacewing proxy.
@@ -53,7 +53,7 @@ pub struct Proxy;
 /// A running proxy.
 #[derive(Debug)]
 pub struct ProxyHandle {
-    listeners: HashMap<String, SocketAddr>,
+    publisher: Publisher,
     admin: Option<SocketAddr>,
     drain: DrainTrigger,
     /// Ends the admin endpoint once the workers are gone.
@@ -83,12 +83,14 @@ impl Proxy {
     }
 
     /// [`Proxy::start`] with extra options.
+    ///
+    /// Starts the workers with no listener, then publishes `config` as
+    /// generation 1 through the same path as every later generation.
     pub fn start_with(
         config: ProxyConfig,
         options: StartOptions,
     ) -> Result<ProxyHandle, StartError> {
-        lacewing_config::load::validate(&config)?;
-        let config = Arc::new(config);
+        lacewing_config::load::validate(&config).map_err(PublishError::from)?;
         let metrics = Metrics::new();
         let wasm = WasmHost::new(HostOptions {
             cache_dir: options.wasm_cache_dir.or_else(default_cache_dir),
@@ -96,53 +98,69 @@ impl Proxy {
             log_level: lacewing_abi::LogLevel::Info,
         })
         .map_err(|e| StartError::Wasm(e.to_string()))?;
-        let snapshot = Snapshot::build(config.clone(), &metrics, &wasm)?;
-        let workers = config.worker_count();
-
-        let mut per_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
-        let mut addresses = HashMap::new();
-        for l in &config.listeners {
-            let (bound, sockets) = bind_shared(&l.name, l.address, workers)?;
-            addresses.insert(l.name.clone(), bound);
-            let slot = match l.protocol {
-                ListenerProtocol::Http => {
-                    ListenerSlot::Http(Arc::new(ArcSwap::new(snapshot.http[&l.name].clone())))
-                }
-                ListenerProtocol::Tcp => {
-                    ListenerSlot::Tcp(Arc::new(ArcSwap::new(snapshot.tcp[&l.name].clone())))
-                }
-            };
-            for (i, socket) in sockets.into_iter().enumerate() {
-                per_worker[i].push(WorkerListener {
-                    socket,
-                    local: bound,
-                    slot: slot.clone(),
-                    max_connections: l.limits.max_connections,
-                });
-            }
-        }
+        let admin_address = config.admin.address;
 
         let (trigger, _) = drain::channel();
+        let ids = Arc::new(AtomicU64::new(1));
+        let mut threads = Vec::new();
+        let mut commands = Vec::new();
+        let stop = |threads: Vec<JoinHandle<()>>, trigger: &DrainTrigger| {
+            trigger.drain();
+            for t in threads {
+                let _ = t.join();
+            }
+        };
+        for i in 0..config.worker_count() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let watch = trigger.watch();
+            let ids = ids.clone();
+            let wasm = wasm.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("lacewing-worker-{i}"))
+                .spawn(move || {
+                    if let Err(e) = worker::run(i, rx, watch, ids, wasm) {
+                        tracing::error!(worker = i, error = %e, "worker failed to start");
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop(threads, &trigger);
+                    return Err(StartError::Thread(e));
+                }
+            }
+            commands.push(tx);
+        }
+        let publisher = Publisher::new(metrics.clone(), wasm, commands)?;
+        let source = options.source.unwrap_or_else(|| "start".into());
+        if let Err(e) = publisher.publish(config, source) {
+            stop(threads, &trigger);
+            return Err(e.into());
+        }
+
         let (stop_admin, _) = drain::channel();
         let ready = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
         let mut admin_thread = None;
-        let admin = match config.admin.address {
+        let admin = match admin_address {
             None => None,
             Some(address) => {
-                let socket = std::net::TcpListener::bind(address)
+                let bound = std::net::TcpListener::bind(address)
                     .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .map_err(|source| StartError::Admin { address, source })?;
-                let bound = socket
-                    .local_addr()
-                    .map_err(|source| StartError::Admin { address, source })?;
+                    .and_then(|s| s.local_addr().map(|a| (s, a)));
+                let (socket, bound) = match bound {
+                    Ok(b) => b,
+                    Err(source) => {
+                        stop(threads, &trigger);
+                        return Err(StartError::Admin { address, source });
+                    }
+                };
                 let state = AdminState {
                     metrics: metrics.clone(),
-                    config: Arc::new(ArcSwap::new(config.clone())),
+                    publisher: publisher.clone(),
                     ready: ready.clone(),
                 };
                 let watch = trigger.watch();
-                let stop = stop_admin.watch();
+                let stop_watch = stop_admin.watch();
                 let thread = std::thread::Builder::new()
                     .name("lacewing-admin".into())
                     .spawn(move || {
@@ -158,38 +176,24 @@ impl Proxy {
                         };
                         rt.block_on(async move {
                             match tokio::net::TcpListener::from_std(socket) {
-                                Ok(l) => admin::serve(l, state, watch, stop).await,
+                                Ok(l) => admin::serve(l, state, watch, stop_watch).await,
                                 Err(e) => tracing::error!(error = %e, "admin listener failed"),
                             }
                         });
-                    })
-                    .map_err(StartError::Thread)?;
-                admin_thread = Some(thread);
+                    });
+                match thread {
+                    Ok(t) => admin_thread = Some(t),
+                    Err(e) => {
+                        stop(threads, &trigger);
+                        return Err(StartError::Thread(e));
+                    }
+                }
                 Some(bound)
             }
         };
-
-        let ids = Arc::new(AtomicU64::new(1));
-        for (i, listeners) in per_worker.into_iter().enumerate() {
-            let watch = trigger.watch();
-            let ids = ids.clone();
-            let drain_timeout = config.drain_timeout.0;
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("lacewing-worker-{i}"))
-                    .spawn(move || {
-                        if let Err(e) = worker::run(i, listeners, watch, drain_timeout, ids) {
-                            tracing::error!(worker = i, error = %e, "worker failed to start");
-                        }
-                    })
-                    .map_err(StartError::Thread)?,
-            );
-        }
         ready.store(true, Ordering::Release);
-        // Keep the snapshot's plugins and upstreams alive as long as the listeners use them.
-        drop(snapshot);
         Ok(ProxyHandle {
-            listeners: addresses,
+            publisher,
             admin,
             drain: trigger,
             stop_admin,
@@ -202,9 +206,28 @@ impl Proxy {
 }
 
 impl ProxyHandle {
-    /// The bound address of a listener (the real port when the config said 0).
+    /// The bound address of a live listener (the real port when the config said 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.get(name).copied()
+        self.publisher.listener_addr(name)
+    }
+
+    /// Publishes a new generation; see [`Publisher::publish`].
+    pub fn publish(
+        &self,
+        config: ProxyConfig,
+        source: impl Into<String>,
+    ) -> Result<Generation, PublishError> {
+        self.publisher.publish(config, source)
+    }
+
+    /// A publisher for this proxy, to keep and use from any thread or task.
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// The live generation.
+    pub fn generation(&self) -> Option<Generation> {
+        self.publisher.current()
     }
 
     /// The bound admin address, if the admin listener is on.

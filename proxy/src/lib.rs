@@ -2,16 +2,20 @@
 //! the admin endpoint and the worker runtimes that carry them.
 //!
 //! [`Proxy::start`] turns a [`lacewing_config::ProxyConfig`] into running
-//! workers; see `docs/architecture.md` for the request phases.
+//! workers; [`ProxyHandle::publish`] (or a [`Publisher`]) swaps in a new
+//! configuration generation while they run. See `docs/architecture.md` for
+//! the request phases and the generations.
 
 pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod http;
 pub mod listener;
+pub mod publish;
 pub mod router;
 pub mod snapshot;
 pub mod tcp;
 pub mod worker;
 
 pub use app::{Proxy, ProxyHandle, StartError, StartOptions, default_cache_dir};
+pub use publish::{Generation, PublishError, Publisher};

@@ -41,12 +41,24 @@ pub fn bind_shared(
     address: SocketAddr,
     count: usize,
 ) -> Result<(SocketAddr, Vec<TcpListener>), BindError> {
+    bind_listener(name, address, count, true)
+}
+
+/// [`bind_shared`]; with `check_free` false, an address already bound by
+/// this proxy (a listener moving to another name or protocol) is joined
+/// instead of refused.
+pub fn bind_listener(
+    name: &str,
+    address: SocketAddr,
+    count: usize,
+    check_free: bool,
+) -> Result<(SocketAddr, Vec<TcpListener>), BindError> {
     let err = |address, source| BindError {
         name: name.to_string(),
         address,
         source,
     };
-    if address.port() != 0 {
+    if check_free && address.port() != 0 {
         // A plain bind fails if anyone holds the port, even with SO_REUSEPORT.
         drop(socket(address, false).map_err(|e| err(address, e))?);
     }

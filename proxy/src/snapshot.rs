@@ -185,6 +185,16 @@ pub enum ListenerSlot {
     Tcp(Arc<ArcSwap<TcpListenerState>>),
 }
 
+impl ListenerSlot {
+    /// The live state's connection limit (per worker).
+    pub fn max_connections(&self) -> usize {
+        match self {
+            ListenerSlot::Http(s) => s.load().config.limits.max_connections,
+            ListenerSlot::Tcp(s) => s.load().config.limits.max_connections,
+        }
+    }
+}
+
 /// A whole compiled configuration.
 pub struct Snapshot {
     pub config: Arc<ProxyConfig>,
@@ -197,22 +207,29 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a validated configuration: clusters, plugins (each loaded and
     /// configured in a VM), listeners and routes.
+    ///
+    /// With the `previous` generation, unchanged clusters and plugins are
+    /// taken over from it with their state (see [`Upstreams::build`] and
+    /// [`WasmHost::reload_plugin`]). Plugins call out through `callouts`.
     pub fn build(
         config: Arc<ProxyConfig>,
         metrics: &Metrics,
         wasm: &Arc<WasmHost>,
+        previous: Option<&Snapshot>,
+        callouts: Arc<dyn lacewing_core::callout::Upstreams>,
     ) -> Result<Self, BuildError> {
-        let upstreams = Upstreams::new(&config.clusters, metrics)
-            .map_err(|e| BuildError::Upstream(e.to_string()))?;
-        let callouts: Arc<dyn lacewing_core::callout::Upstreams> = upstreams.clone();
+        let upstreams =
+            Upstreams::build(&config.clusters, metrics, previous.map(|p| &*p.upstreams))
+                .map_err(|e| BuildError::Upstream(e.to_string()))?;
         let mut plugins = HashMap::new();
         for p in &config.plugins {
-            let plugin = wasm
-                .load_plugin(p, callouts.clone())
-                .map_err(|e| BuildError::Plugin {
-                    name: p.name.clone(),
-                    reason: e.to_string(),
-                })?;
+            let old = previous.and_then(|s| s.plugins.get(&p.name));
+            let plugin =
+                wasm.reload_plugin(p, callouts.clone(), old)
+                    .map_err(|e| BuildError::Plugin {
+                        name: p.name.clone(),
+                        reason: e.to_string(),
+                    })?;
             plugins.insert(p.name.clone(), plugin);
         }
         let access_log = config

@@ -19,25 +19,51 @@ use crate::error::UpstreamError;
 #[derive(Debug)]
 pub struct Upstreams {
     clusters: HashMap<String, Arc<Cluster>>,
+    /// What each cluster was built from, to tell an unchanged cluster in the next generation.
+    built_from: HashMap<String, (ClusterConfig, Vec<SocketAddr>)>,
 }
 
 impl Upstreams {
     /// Builds every cluster, resolving each endpoint (`host:port`; a host name
     /// is resolved now and its first address used).
     pub fn new(clusters: &[ClusterConfig], metrics: &Metrics) -> Result<Arc<Self>, UpstreamError> {
+        Self::build(clusters, metrics, None)
+    }
+
+    /// [`Upstreams::new`] for the next generation: a cluster whose
+    /// configuration and resolved endpoints are those of a cluster in
+    /// `previous` is that same cluster, with its pools, outlier and
+    /// circuit-breaker state; the others are built anew.
+    pub fn build(
+        clusters: &[ClusterConfig],
+        metrics: &Metrics,
+        previous: Option<&Upstreams>,
+    ) -> Result<Arc<Self>, UpstreamError> {
         let mut built = HashMap::with_capacity(clusters.len());
+        let mut built_from = HashMap::with_capacity(clusters.len());
         for config in clusters {
             let addrs = config
                 .endpoints
                 .iter()
                 .map(|endpoint| resolve(&config.name, endpoint))
                 .collect::<Result<Vec<_>, _>>()?;
-            let cluster = Arc::new(Cluster::new(config, addrs, metrics));
+            let kept = previous.and_then(|p| {
+                let (old_config, old_addrs) = p.built_from.get(&config.name)?;
+                (old_config == config && *old_addrs == addrs)
+                    .then(|| p.clusters.get(&config.name).cloned())
+                    .flatten()
+            });
+            let cluster =
+                kept.unwrap_or_else(|| Arc::new(Cluster::new(config, addrs.clone(), metrics)));
             if built.insert(config.name.clone(), cluster).is_some() {
                 return Err(UpstreamError::DuplicateCluster(config.name.clone()));
             }
+            built_from.insert(config.name.clone(), (config.clone(), addrs));
         }
-        Ok(Arc::new(Self { clusters: built }))
+        Ok(Arc::new(Self {
+            clusters: built,
+            built_from,
+        }))
     }
 
     /// The cluster of that name.

@@ -9,6 +9,7 @@ use lacewing_abi::LogLevel;
 use lacewing_config::PluginConfig;
 use lacewing_core::callout::Upstreams;
 use lacewing_core::metrics::Metrics;
+use sha2::{Digest, Sha256};
 use wasmtime::Linker;
 
 use crate::engine::WasmEngine;
@@ -112,6 +113,30 @@ impl WasmHost {
         self.load_plugin_bytes(cfg, &bytes, upstreams)
     }
 
+    /// [`WasmHost::load_plugin`] for the next generation: when `previous` was
+    /// loaded from the same configuration and a module with the same sha256,
+    /// it is returned as is (its VMs and their state carry over); otherwise
+    /// the plugin is loaded anew.
+    pub fn reload_plugin(
+        self: &Arc<Self>,
+        cfg: &PluginConfig,
+        upstreams: Arc<dyn Upstreams>,
+        previous: Option<&Arc<WasmPlugin>>,
+    ) -> Result<Arc<WasmPlugin>, WasmError> {
+        let bytes = std::fs::read(&cfg.module).map_err(|source| WasmError::Read {
+            plugin: cfg.name.clone(),
+            path: cfg.module.clone(),
+            source,
+        })?;
+        if let Some(previous) = previous
+            && previous.config() == cfg
+            && previous.shared.sha256 == <[u8; 32]>::from(Sha256::digest(&bytes))
+        {
+            return Ok(previous.clone());
+        }
+        self.load_plugin_bytes(cfg, &bytes, upstreams)
+    }
+
     /// [`WasmHost::load_plugin`] for module bytes already in memory (`cfg.module`
     /// is then only a label).
     pub fn load_plugin_bytes(
@@ -121,6 +146,14 @@ impl WasmHost {
         upstreams: Arc<dyn Upstreams>,
     ) -> Result<Arc<WasmPlugin>, WasmError> {
         crate::plugin::load(self, cfg, bytes, upstreams).map(Arc::new)
+    }
+
+    /// On the calling worker thread: ends the root contexts (`proxy_on_done`,
+    /// `proxy_on_delete`) and timers of plugins dropped since the last call,
+    /// and drops their VMs unless a stream in flight still uses one (it goes
+    /// when that stream ends). Cheap when no plugin was dropped.
+    pub fn retire_dropped_plugins(&self) {
+        crate::workers::sweep(self);
     }
 
     /// The process-wide shared key/value store (`proxy_{get,set}_shared_data`).

@@ -21,7 +21,8 @@ use crate::vm::{HostState, Vm, VmKey};
 /// A plugin ready to make filters. Implements
 /// [`lacewing_core::filter::HttpFilterFactory`] and
 /// [`lacewing_core::filter::NetworkFilterFactory`]; each worker thread gets its
-/// own VM, created on first use.
+/// own VM, created by [`WasmPlugin::start_on_worker`] when the plugin is
+/// published (or on first use where nobody did).
 pub struct WasmPlugin {
     pub(crate) shared: Arc<PluginShared>,
 }
@@ -61,6 +62,26 @@ impl WasmPlugin {
     /// Hex sha256 of the module.
     pub fn sha256(&self) -> String {
         hex(&self.shared.sha256)
+    }
+
+    /// The configuration the plugin was loaded with.
+    pub fn config(&self) -> &PluginConfig {
+        &self.shared.cfg
+    }
+
+    /// Makes sure the calling worker thread has this plugin's VM and root
+    /// context: instantiates the module (or joins the shared `vm_id` VM) and
+    /// runs `proxy_on_vm_start` and `proxy_on_configure`, which must return
+    /// true. Call it on every worker, inside its tokio `LocalSet`, before the
+    /// plugin serves traffic: tick timers and queues then run with no request.
+    /// Nothing happens when the VM is already there.
+    pub fn start_on_worker(&self) -> Result<(), WasmError> {
+        crate::workers::worker_vm(&self.shared)
+            .map(|_| ())
+            .map_err(|f| WasmError::Start {
+                plugin: self.shared.name.clone(),
+                reason: f.to_string(),
+            })
     }
 }
 

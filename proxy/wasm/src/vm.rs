@@ -525,31 +525,29 @@ impl Vm {
         }
     }
 
-    /// Drops the root contexts (and their timers and queues) of retired
-    /// plugins; true when no root is left. No module code runs.
+    /// Ends the root contexts of retired plugins (`proxy_on_done`, then
+    /// `proxy_on_delete`) and drops their timers and queues; true when no root
+    /// is left.
     pub(crate) fn retire_roots(&self) -> bool {
-        let retired: Vec<(u64, u32)> = self
+        let retired: Vec<(Arc<PluginShared>, u32)> = self
             .with_state(|s| {
                 s.contexts
                     .iter()
                     .filter(|(_, c)| {
                         matches!(c.kind, CtxKind::Root) && c.plugin.retired.load(Ordering::Acquire)
                     })
-                    .map(|(id, c)| (c.plugin.uid, *id))
+                    .map(|(id, c)| (c.plugin.clone(), *id))
                     .collect()
             })
             .unwrap_or_default();
-        if !retired.is_empty() {
+        for (plugin, root) in &retired {
+            self.finish_context(plugin, *root);
+            // A root that asked to finish later (`proxy_done`) goes now: its plugin is gone.
             self.with_state(|s| {
-                for (_, root) in &retired {
-                    s.remove_context(*root);
-                    s.queue_owners.retain(|_, owner| owner != root);
-                }
+                s.remove_context(*root);
+                s.queue_owners.retain(|_, owner| owner != root);
             });
-            let mut roots = self.roots.borrow_mut();
-            for (uid, _) in &retired {
-                roots.remove(uid);
-            }
+            self.roots.borrow_mut().remove(&plugin.uid);
         }
         self.roots.borrow().is_empty()
     }

@@ -1,5 +1,5 @@
-//! Each worker thread's VMs: a thread-local map created lazily on first use,
-//! re-creation of broken VMs (rate-limited), and retirement of the VMs and
+//! Each worker thread's VMs: a thread-local map filled when a generation is
+//! published (see [`crate::WasmPlugin::start_on_worker`]), re-creation of broken VMs (rate-limited), and retirement of the VMs and
 //! root contexts of dropped plugins.
 
 use std::cell::{Cell, RefCell};
@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::failure::Failure;
+use crate::host::WasmHost;
 use crate::plugin::PluginShared;
 use crate::vm::Vm;
 
@@ -102,15 +103,20 @@ fn retire_dropped_plugins() {
     });
 }
 
-/// The VM of `plugin` on this worker thread and the plugin's root context in
-/// it, creating (or recreating, rate-limited) the VM when needed.
-pub(crate) fn worker_vm(plugin: &Arc<PluginShared>) -> Result<(Rc<Vm>, u32), Failure> {
-    let host = &plugin.host;
+/// Retires this thread's VMs and root contexts of plugins of `host` dropped
+/// since the last look; nothing to do when none was.
+pub(crate) fn sweep(host: &WasmHost) {
     let generation = (host.uid, host.retired_generation.load(Ordering::Acquire));
     if SWEPT.with(Cell::get) != generation {
         SWEPT.with(|s| s.set(generation));
         retire_dropped_plugins();
     }
+}
+
+/// The VM of `plugin` on this worker thread and the plugin's root context in
+/// it, creating (or recreating, rate-limited) the VM when needed.
+pub(crate) fn worker_vm(plugin: &Arc<PluginShared>) -> Result<(Rc<Vm>, u32), Failure> {
+    sweep(&plugin.host);
     let existing = WORKER_VMS.with(|m| m.borrow().get(&plugin.vm_key).and_then(|s| s.vm.clone()));
     if let Some(vm) = &existing
         && !vm.broken.get()

@@ -12,6 +12,7 @@ mod grpc;
 mod mesh_control;
 mod mesh_store;
 mod mesh_support;
+mod reload;
 mod resilience;
 mod routing;
 mod tcp;

@@ -1,0 +1,510 @@
+//! Live generations: a whole configuration is built, started on every worker
+//! and only then swapped in. [`Publisher::publish`] is the one way any source
+//! (the configuration at start, a file re-read on SIGHUP, a control plane)
+//! changes what the proxy runs.
+//!
+//! The steps of one publish, all under one lock so publishes never interleave:
+//! ```text
+//! validate ─▶ build (clusters, plugins, routes) ─▶ bind new listeners ─▶ start plugin VMs on every worker
+//!     │ any failure: the generation is dropped, the live one stays, the error says why
+//!     ▼
+//! swap: store each kept listener's state, workers open new / close removed listeners,
+//!       callouts go to the new clusters, the old generation is released
+//! ```
+//! A request reads its listener's state once, so it runs wholly on one
+//! generation; what it holds (routes, clusters, plugins) lives until it ends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use lacewing_config::load::ConfigError;
+use lacewing_config::{ListenerProtocol, ProxyConfig};
+use lacewing_core::ProxyError;
+use lacewing_core::body::BoxBody;
+use lacewing_core::callout::{self, LocalFuture};
+use lacewing_core::metrics::Metrics;
+use lacewing_upstream::Upstreams;
+use lacewing_wasm::{WasmHost, WasmPlugin};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use serde::Serialize;
+
+use crate::listener::{BindError, bind_listener};
+use crate::snapshot::{BuildError, ListenerSlot, Snapshot};
+use crate::worker::{Command, CommandSender, PluginStartFailure, WorkerListener};
+
+/// A generation that went live: its number and where its configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Generation {
+    /// 1 for the configuration the proxy started with, then one more per
+    /// successful publish.
+    pub number: u64,
+    /// Where the configuration came from, as its publisher named it
+    /// (for example `file:proxy.yaml`).
+    pub source: String,
+}
+
+/// Why a generation was rejected. The generation that was live stays live.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The configuration breaks a rule (unknown cluster, bad value, ...).
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigError),
+    /// Building routes, clusters or plugins failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A new or moved listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// A plugin's VM did not start on a worker (`proxy_on_vm_start` or
+    /// `proxy_on_configure` returned false, or the module trapped).
+    #[error("plugin `{plugin}` did not start on worker {worker}: {reason}")]
+    PluginStart {
+        plugin: String,
+        worker: usize,
+        reason: String,
+    },
+    /// A setting that only a restart can change was changed.
+    #[error("`{field}` cannot change while the proxy runs (live: {live}, new: {new})")]
+    Fixed {
+        field: &'static str,
+        live: String,
+        new: String,
+    },
+    /// The proxy is draining or stopped.
+    #[error("the proxy is shutting down")]
+    Stopped,
+}
+
+impl From<PluginStartFailure> for PublishError {
+    fn from(f: PluginStartFailure) -> Self {
+        PublishError::PluginStart {
+            plugin: f.plugin,
+            worker: f.worker,
+            reason: f.reason,
+        }
+    }
+}
+
+/// The live generation as the admin endpoint shows it.
+#[derive(Debug)]
+pub struct LiveGeneration {
+    pub generation: Generation,
+    pub config: Arc<ProxyConfig>,
+}
+
+/// Publishes generations to a running proxy. Cheap to clone, usable from any
+/// thread; publishes are applied one at a time.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    live: Arc<Live>,
+}
+
+#[derive(Debug)]
+struct Live {
+    inner: Mutex<Inner>,
+    current: ArcSwapOption<LiveGeneration>,
+    addresses: ArcSwap<HashMap<String, SocketAddr>>,
+    metrics: Metrics,
+    wasm: Arc<WasmHost>,
+    callouts: Arc<LiveUpstreams>,
+    stats: PublishStats,
+}
+
+struct Inner {
+    snapshot: Option<Snapshot>,
+    listeners: HashMap<String, LiveListener>,
+    workers: Vec<CommandSender>,
+    next: u64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("listeners", &self.listeners)
+            .field("workers", &self.workers.len())
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A listener the workers accept on.
+#[derive(Debug)]
+struct LiveListener {
+    /// The configured address (port 0 stays 0 here).
+    address: SocketAddr,
+    bound: SocketAddr,
+    protocol: ListenerProtocol,
+    slot: ListenerSlot,
+}
+
+/// Publish metrics.
+#[derive(Debug)]
+struct PublishStats {
+    generation: IntGauge,
+    reload_success: IntCounter,
+    reload_failure: IntCounter,
+}
+
+impl PublishStats {
+    fn new(metrics: &Metrics) -> Self {
+        // The registry prefixes every name with `lacewing_`.
+        let generation = IntGauge::new(
+            "config_generation",
+            "Number of the live configuration generation.",
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Generations published after start, by result (success, failure).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        // Registered once per proxy; a clash would be a second Publisher on one registry.
+        for c in [
+            Box::new(generation.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads.clone()),
+        ] {
+            if let Err(e) = metrics.registry.register(c) {
+                tracing::warn!(error = %e, "publish metrics not registered");
+            }
+        }
+        Self {
+            generation,
+            reload_success: reloads.with_label_values(&["success"]),
+            reload_failure: reloads.with_label_values(&["failure"]),
+        }
+    }
+}
+
+/// The clusters plugins call out to: those of the live generation.
+struct LiveUpstreams(ArcSwap<Upstreams>);
+
+impl std::fmt::Debug for LiveUpstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveUpstreams")
+    }
+}
+
+impl callout::Upstreams for LiveUpstreams {
+    fn has_cluster(&self, name: &str) -> bool {
+        self.0.load().has_cluster(name)
+    }
+
+    fn send(
+        &self,
+        cluster: &str,
+        request: http::Request<BoxBody>,
+        timeout: Duration,
+    ) -> LocalFuture<Result<http::Response<BoxBody>, ProxyError>> {
+        self.0.load().send(cluster, request, timeout)
+    }
+}
+
+impl Publisher {
+    /// A publisher for the workers behind `workers` (one command channel
+    /// each); nothing is live until the first [`Publisher::publish`].
+    pub(crate) fn new(
+        metrics: Metrics,
+        wasm: Arc<WasmHost>,
+        workers: Vec<CommandSender>,
+    ) -> Result<Self, BuildError> {
+        let empty =
+            Upstreams::new(&[], &metrics).map_err(|e| BuildError::Upstream(e.to_string()))?;
+        Ok(Self {
+            live: Arc::new(Live {
+                inner: Mutex::new(Inner {
+                    snapshot: None,
+                    listeners: HashMap::new(),
+                    workers,
+                    next: 1,
+                }),
+                current: ArcSwapOption::empty(),
+                addresses: ArcSwap::default(),
+                stats: PublishStats::new(&metrics),
+                metrics,
+                wasm,
+                callouts: Arc::new(LiveUpstreams(ArcSwap::new(empty))),
+            }),
+        })
+    }
+
+    /// Validates and builds `config` as a whole new generation, starts its
+    /// plugins' VMs on every worker, and swaps it in; returns the new
+    /// generation. On any failure nothing changes and the error says why.
+    ///
+    /// Blocks until every worker has answered (usually milliseconds; longer
+    /// when a module must be compiled): from async code call it through
+    /// `tokio::task::spawn_blocking`. Never call it from a worker thread.
+    /// `workers` and `admin.address` cannot change ([`PublishError::Fixed`]).
+    pub fn publish(
+        &self,
+        config: ProxyConfig,
+        source: impl Into<String>,
+    ) -> Result<Generation, PublishError> {
+        let source = source.into();
+        let mut inner = self.live.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let first = inner.snapshot.is_none();
+        let result = self.live.publish(&mut inner, config, source.clone());
+        drop(inner);
+        match &result {
+            Ok(g) => {
+                tracing::info!(generation = g.number, source = %g.source, "configuration generation live");
+                if !first {
+                    self.live.stats.reload_success.inc();
+                }
+            }
+            Err(e) => {
+                let live = self.current().map_or(0, |g| g.number);
+                tracing::error!(%source, live, "configuration rejected; generation {live} stays live:\n{e}");
+                if !first {
+                    self.live.stats.reload_failure.inc();
+                }
+            }
+        }
+        result
+    }
+
+    /// Records a reload that failed before it could be published (for
+    /// example a file that does not parse): logged with its reason and
+    /// counted as a failed reload, like a rejected generation.
+    pub fn reload_failed(&self, source: &str, reason: &dyn std::fmt::Display) {
+        let live = self.current().map_or(0, |g| g.number);
+        tracing::error!(%source, live, "configuration rejected; generation {live} stays live:\n{reason}");
+        self.live.stats.reload_failure.inc();
+    }
+
+    /// The live generation (`None` before the first publish).
+    pub fn current(&self) -> Option<Generation> {
+        self.live
+            .current
+            .load()
+            .as_ref()
+            .map(|g| g.generation.clone())
+    }
+
+    /// The live generation and its configuration, for `/config_dump`.
+    pub(crate) fn live(&self) -> Option<Arc<LiveGeneration>> {
+        self.live.current.load_full()
+    }
+
+    /// The bound address of a live listener.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.live.addresses.load().get(name).copied()
+    }
+}
+
+impl Live {
+    fn publish(
+        &self,
+        inner: &mut Inner,
+        config: ProxyConfig,
+        source: String,
+    ) -> Result<Generation, PublishError> {
+        lacewing_config::load::validate(&config)?;
+        if let Some(live) = &inner.snapshot {
+            fixed(
+                "workers",
+                &live.config.worker_count(),
+                &config.worker_count(),
+            )?;
+            fixed(
+                "admin.address",
+                &live.config.admin.address,
+                &config.admin.address,
+            )?;
+        }
+        let workers = inner.workers.len();
+        let config = Arc::new(config);
+        let snapshot = Snapshot::build(
+            config.clone(),
+            &self.metrics,
+            &self.wasm,
+            inner.snapshot.as_ref(),
+            self.callouts.clone(),
+        )?;
+
+        // Listeners: kept (same address and protocol: only their state changes) or opened anew.
+        let mut kept = Vec::new();
+        let mut opened = Vec::new();
+        for l in &config.listeners {
+            if let Some(old) = inner.listeners.get(&l.name)
+                && old.address == l.address
+                && old.protocol == l.protocol
+            {
+                kept.push(l.name.clone());
+                continue;
+            }
+            // An address one of our listeners holds is joined (SO_REUSEPORT), not refused.
+            let ours =
+                l.address.port() != 0 && inner.listeners.values().any(|o| o.address == l.address);
+            let (bound, sockets) = bind_listener(&l.name, l.address, workers, !ours)?;
+            opened.push((
+                l.name.clone(),
+                LiveListener {
+                    address: l.address,
+                    bound,
+                    protocol: l.protocol,
+                    slot: new_slot(&snapshot, &l.name, l.protocol),
+                },
+                sockets,
+            ));
+        }
+        let closed: Vec<String> = inner
+            .listeners
+            .keys()
+            .filter(|name| !kept.contains(name))
+            .cloned()
+            .collect();
+
+        // Every plugin's VM on every worker, before anything is swapped.
+        let plugins: Vec<Arc<WasmPlugin>> = snapshot.plugins.values().cloned().collect();
+        if !plugins.is_empty() {
+            let started = ask_workers(&inner.workers, |_, done| Command::StartPlugins {
+                plugins: plugins.clone(),
+                done,
+            });
+            let failure = match started {
+                Ok(results) => results.into_iter().find_map(Result::err).map(Into::into),
+                Err(stopped) => Some(stopped),
+            };
+            if let Some(error) = failure {
+                drop(plugins);
+                drop(snapshot);
+                retire(&inner.workers);
+                return Err(error);
+            }
+        }
+
+        // The swap.
+        for name in &kept {
+            if let Some(old) = inner.listeners.get(name) {
+                store(&old.slot, &snapshot, name);
+            }
+        }
+        let mut per_worker: Vec<Vec<(String, WorkerListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for (name, listener, sockets) in opened {
+            for (i, socket) in sockets.into_iter().enumerate() {
+                per_worker[i].push((
+                    name.clone(),
+                    WorkerListener {
+                        socket,
+                        local: listener.bound,
+                        slot: listener.slot.clone(),
+                    },
+                ));
+            }
+            inner.listeners.insert(name, listener);
+        }
+        for name in &closed {
+            if !config.listeners.iter().any(|l| &l.name == name) {
+                inner.listeners.remove(name);
+            }
+        }
+        let mut per_worker = per_worker.into_iter();
+        let drain_timeout = config.drain_timeout.0;
+        let applied = ask_workers(&inner.workers, |_, done| Command::Listeners {
+            close: closed.clone(),
+            listen: per_worker.next().unwrap_or_default(),
+            drain_timeout,
+            done,
+        });
+        self.callouts.0.store(snapshot.upstreams.clone());
+        let generation = Generation {
+            number: inner.next,
+            source,
+        };
+        inner.next += 1;
+        self.stats.generation.set(generation.number as i64);
+        self.current.store(Some(Arc::new(LiveGeneration {
+            generation: generation.clone(),
+            config,
+        })));
+        self.addresses.store(Arc::new(
+            inner
+                .listeners
+                .iter()
+                .map(|(name, l)| (name.clone(), l.bound))
+                .collect(),
+        ));
+        // The old generation goes once its last request ends; idle VMs of its
+        // retired plugins go now.
+        drop(inner.snapshot.replace(snapshot));
+        retire(&inner.workers);
+        applied?;
+        Ok(generation)
+    }
+}
+
+/// Refuses a change of a setting only a restart can change.
+fn fixed<T: PartialEq + std::fmt::Debug>(
+    field: &'static str,
+    live: &T,
+    new: &T,
+) -> Result<(), PublishError> {
+    if live == new {
+        return Ok(());
+    }
+    Err(PublishError::Fixed {
+        field,
+        live: format!("{live:?}"),
+        new: format!("{new:?}"),
+    })
+}
+
+/// A slot holding the new generation's state of a listener.
+fn new_slot(snapshot: &Snapshot, name: &str, protocol: ListenerProtocol) -> ListenerSlot {
+    match protocol {
+        ListenerProtocol::Http => {
+            ListenerSlot::Http(Arc::new(ArcSwap::new(snapshot.http[name].clone())))
+        }
+        ListenerProtocol::Tcp => {
+            ListenerSlot::Tcp(Arc::new(ArcSwap::new(snapshot.tcp[name].clone())))
+        }
+    }
+}
+
+/// Puts the new generation's state of a kept listener in its slot.
+fn store(slot: &ListenerSlot, snapshot: &Snapshot, name: &str) {
+    match slot {
+        ListenerSlot::Http(s) => {
+            if let Some(state) = snapshot.http.get(name) {
+                s.store(state.clone());
+            }
+        }
+        ListenerSlot::Tcp(s) => {
+            if let Some(state) = snapshot.tcp.get(name) {
+                s.store(state.clone());
+            }
+        }
+    }
+}
+
+/// Sends each worker its command and waits for every answer.
+fn ask_workers<T>(
+    workers: &[CommandSender],
+    mut command: impl FnMut(usize, std::sync::mpsc::Sender<T>) -> Command,
+) -> Result<Vec<T>, PublishError> {
+    let (done, answers) = std::sync::mpsc::channel();
+    for (i, worker) in workers.iter().enumerate() {
+        worker
+            .send(command(i, done.clone()))
+            .map_err(|_| PublishError::Stopped)?;
+    }
+    drop(done);
+    (0..workers.len())
+        .map(|_| answers.recv().map_err(|_| PublishError::Stopped))
+        .collect()
+}
+
+/// Asks every worker to drop the VMs of plugins no longer used.
+fn retire(workers: &[CommandSender]) {
+    for worker in workers {
+        let _ = worker.send(Command::RetirePlugins);
+    }
+}

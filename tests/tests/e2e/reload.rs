@@ -1,0 +1,517 @@
+//! Live generations: a running proxy takes a whole new configuration, under
+//! load, with no failed request; a generation that does not build is rejected
+//! with its reason while the live one keeps serving; plugins' VMs run (and
+//! tick) from the moment they are published; SIGHUP re-reads the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use lacewing_config::ProxyConfig;
+use lacewing_proxy::{ProxyHandle, PublishError};
+use lacewing_tests::client::{self, ReusingClient, metric_value};
+use lacewing_tests::servers::{self, TestServer};
+use lacewing_tests::wasm::{get_with, module, yaml_path};
+use lacewing_tests::{eventually, proxy};
+use tokio::net::TcpStream;
+
+/// Two echo upstreams, `a` and `b`, and the conformance module.
+struct Upstreams {
+    a: TestServer,
+    b: TestServer,
+    module: std::path::PathBuf,
+}
+
+impl Upstreams {
+    async fn start() -> Self {
+        Self {
+            a: servers::http_echo_named("a").await,
+            b: servers::http_echo_named("b").await,
+            module: module("conformance-filter"),
+        }
+    }
+
+    /// A config whose route goes to cluster `target` and whose plugin tags
+    /// every response `x-response-chain: <tag>`, with `workers` workers.
+    fn yaml(&self, target: &str, tag: &str, workers: usize) -> String {
+        generation_yaml(self.a.addr, self.b.addr, &self.module, target, tag, workers)
+    }
+
+    fn config(&self, target: &str, tag: &str, workers: usize) -> ProxyConfig {
+        parse(&self.yaml(target, tag, workers))
+    }
+}
+
+fn generation_yaml(
+    a: SocketAddr,
+    b: SocketAddr,
+    module: &Path,
+    target: &str,
+    tag: &str,
+    workers: usize,
+) -> String {
+    proxy::fill(
+        "admin: { address: 127.0.0.1:0 }
+workers: {workers}
+drain_timeout: 1s
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    filters: [tagger]
+    routes:
+      - { name: default, cluster: {target} }
+clusters:
+  - { name: a, endpoints: ['{a}'] }
+  - { name: b, endpoints: ['{b}'] }
+plugins:
+  - { name: tagger, module: {module}, configuration: 'tag={tag}' }
+",
+        &[
+            ("workers", &workers),
+            ("target", &target),
+            ("a", &a),
+            ("b", &b),
+            ("module", &yaml_path(module)),
+            ("tag", &tag),
+        ],
+    )
+}
+
+fn parse(yaml: &str) -> ProxyConfig {
+    lacewing_config::load::from_yaml_str(yaml, proxy::TEST_CONFIG_NAME)
+        .unwrap_or_else(|e| panic!("test config does not load: {e}\n{yaml}"))
+}
+
+/// The generation a response came from: (upstream that answered, plugin tag).
+fn generation_of(response: &client::Response) -> (String, String) {
+    (
+        response.header("x-upstream").unwrap_or("-").to_string(),
+        response
+            .header("x-response-chain")
+            .unwrap_or("-")
+            .to_string(),
+    )
+}
+
+fn pair(upstream: &str, tag: &str) -> (String, String) {
+    (upstream.to_string(), tag.to_string())
+}
+
+/// Publishes from a blocking thread (publishing waits for every worker).
+async fn publish(
+    handle: &ProxyHandle,
+    config: ProxyConfig,
+) -> Result<lacewing_proxy::Generation, PublishError> {
+    let publisher = handle.publisher();
+    tokio::task::spawn_blocking(move || publisher.publish(config, "test"))
+        .await
+        .expect("publish thread")
+}
+
+const LOAD_CLIENTS: usize = 6;
+const RELOAD_EVERY: Duration = Duration::from_millis(200);
+const RELOADS: usize = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reloads_under_load_fail_no_request_and_mix_no_generations() {
+    let up = Upstreams::start().await;
+    let configs = [up.config("a", "A", 2), up.config("b", "B", 2)];
+    let handle = proxy::start(&up.yaml("a", "A", 2));
+    let url = proxy::url(&handle, "main", "/");
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Keep-alive clients, half HTTP/1.1 and half h2, each on its own connection.
+    let clients: Vec<_> = (0..LOAD_CLIENTS)
+        .map(|i| {
+            let client = if i % 2 == 0 {
+                ReusingClient::http1()
+            } else {
+                ReusingClient::h2()
+            };
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = BTreeMap::<(StatusCode, String, String), usize>::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let response = client.get(&url).await;
+                    let (upstream, tag) = generation_of(&response);
+                    *seen.entry((response.status, upstream, tag)).or_default() += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+
+    let publisher = handle.publisher();
+    let to_publish = configs.clone();
+    let last = tokio::task::spawn_blocking(move || {
+        let mut last = 1;
+        for i in 0..RELOADS {
+            let generation = publisher
+                .publish(to_publish[(i + 1) % 2].clone(), "test")
+                .unwrap_or_else(|e| panic!("publish {i} rejected: {e}"));
+            assert_eq!(
+                generation.number,
+                last + 1,
+                "generation numbers go up by one"
+            );
+            last = generation.number;
+            std::thread::sleep(RELOAD_EVERY);
+        }
+        last
+    })
+    .await
+    .expect("publisher thread");
+    stop.store(true, Ordering::Relaxed);
+
+    let mut total = BTreeMap::<(StatusCode, String, String), usize>::new();
+    for c in clients {
+        for (key, count) in c.await.expect("load client") {
+            *total.entry(key).or_default() += count;
+        }
+    }
+    let allowed = [pair("a", "A"), pair("b", "B")];
+    for ((status, upstream, tag), count) in &total {
+        assert_eq!(
+            *status,
+            StatusCode::OK,
+            "{count} responses {status}: {total:?}"
+        );
+        assert!(
+            allowed.contains(&(upstream.clone(), tag.clone())),
+            "{count} responses mix generations (upstream {upstream}, plugin tag {tag}): {total:?}"
+        );
+    }
+    for (upstream, tag) in &allowed {
+        assert!(
+            total.contains_key(&(StatusCode::OK, upstream.clone(), tag.clone())),
+            "generation ({upstream}, {tag}) served some requests: {total:?}"
+        );
+    }
+
+    // The last publish was configs[RELOADS % 2]; a new connection gets it.
+    let expected = &allowed[RELOADS % 2];
+    let fresh = client::get(&url).await;
+    assert_eq!(&generation_of(&fresh), expected);
+    let h2 = client::get_h2(&url).await;
+    assert_eq!(&generation_of(&h2), expected);
+
+    let admin = proxy::admin_addr(&handle);
+    let dump = client::get(&format!("http://{admin}/config_dump"))
+        .await
+        .json();
+    assert_eq!(dump["generation"]["number"], last);
+    assert_eq!(dump["generation"]["source"], "test");
+    let metrics = client::metrics(admin).await;
+    assert_eq!(
+        metric_value(&metrics, "lacewing_config_generation"),
+        Some(last as f64)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "lacewing_config_reloads_total{result=\"success\"}"
+        ),
+        Some(RELOADS as f64)
+    );
+}
+
+/// Asserts that the proxy still answers from cluster `a` with tag `A`.
+async fn assert_still_serves_a(handle: &ProxyHandle) {
+    let response = client::get(&proxy::url(handle, "main", "/")).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(generation_of(&response), pair("a", "A"));
+}
+
+#[tokio::test]
+async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays() {
+    let up = Upstreams::start().await;
+    let handle = proxy::start(&up.yaml("a", "A", 1));
+    let live = handle.generation().expect("a live generation").number;
+
+    // A route to a cluster that does not exist.
+    let mut unknown = up.config("a", "A", 1);
+    unknown.listeners[0].routes[0].cluster = Some("nowhere".into());
+    let error = publish(&handle, unknown)
+        .await
+        .expect_err("an unknown cluster is rejected");
+    assert!(
+        matches!(error, PublishError::Config(_)) && error.to_string().contains("nowhere"),
+        "{error}"
+    );
+    assert_still_serves_a(&handle).await;
+
+    // A plugin whose on_configure returns false.
+    let refusing = up.config("a", "A fail_configure", 1);
+    let error = publish(&handle, refusing)
+        .await
+        .expect_err("a plugin refusing its configuration is rejected");
+    let text = error.to_string();
+    assert!(
+        text.contains("tagger") && text.contains("on_configure returned false"),
+        "{text}"
+    );
+    assert_still_serves_a(&handle).await;
+
+    // A new listener on an address another process holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let held = taken.local_addr().expect("address");
+    let mut bind_fails = up.config("b", "B", 1);
+    let mut extra = bind_fails.listeners[0].clone();
+    extra.name = "extra".into();
+    extra.address = held;
+    bind_fails.listeners.push(extra);
+    let error = publish(&handle, bind_fails)
+        .await
+        .expect_err("a listener that cannot bind is rejected");
+    assert!(
+        matches!(error, PublishError::Bind(_))
+            && error.to_string().contains("extra")
+            && error.to_string().contains(&held.to_string()),
+        "{error}"
+    );
+    assert_still_serves_a(&handle).await;
+    assert_eq!(handle.listener_addr("extra"), None);
+
+    // The worker count is fixed while the proxy runs.
+    let error = publish(&handle, up.config("b", "B", 3))
+        .await
+        .expect_err("a new worker count is rejected");
+    assert!(error.to_string().contains("workers"), "{error}");
+    assert_still_serves_a(&handle).await;
+
+    assert_eq!(handle.generation().map(|g| g.number), Some(live));
+    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "lacewing_config_reloads_total{result=\"failure\"}"
+        ),
+        Some(4.0)
+    );
+
+    // And a good one still goes through.
+    let generation = publish(&handle, up.config("b", "B", 1))
+        .await
+        .expect("a good generation");
+    assert_eq!(generation.number, live + 1);
+    let response = client::get(&proxy::url(&handle, "main", "/")).await;
+    assert_eq!(generation_of(&response), pair("b", "B"));
+}
+
+#[tokio::test]
+async fn listeners_added_and_removed_by_publish_start_and_stop_accepting() {
+    let up = Upstreams::start().await;
+    let handle = proxy::start(&up.yaml("a", "A", 2));
+
+    let mut with_extra = up.config("a", "A", 2);
+    let mut extra = with_extra.listeners[0].clone();
+    extra.name = "extra".into();
+    extra.routes[0].cluster = Some("b".into());
+    with_extra.listeners.push(extra);
+    publish(&handle, with_extra)
+        .await
+        .expect("publish a new listener");
+    let extra_addr = proxy::listener_addr(&handle, "extra");
+    let response = client::get(&format!("http://{extra_addr}/")).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(generation_of(&response).0, "b");
+    assert_still_serves_a(&handle).await;
+
+    publish(&handle, up.config("a", "A", 2))
+        .await
+        .expect("publish without the listener");
+    assert_eq!(handle.listener_addr("extra"), None);
+    eventually("the removed listener refuses connections", || async move {
+        TcpStream::connect(extra_addr).await.is_err()
+    })
+    .await;
+    assert_still_serves_a(&handle).await;
+}
+
+/// A plugin that arms a tick timer in `on_configure` ticks with no request
+/// through it: its VMs exist on every worker from the moment it is published.
+#[tokio::test]
+async fn plugins_tick_from_publish_with_no_traffic() {
+    let up = Upstreams::start().await;
+    // `main` runs the ticking plugin and gets no request; `probe` reads the
+    // tick count (process-wide shared data) through a plugin that does not tick.
+    let yaml = |ticker: bool| {
+        let ticking = if ticker {
+            "\n  - { name: ticker, module: {module}, configuration: 'tick_ms=10' }"
+        } else {
+            ""
+        };
+        let main = if ticker {
+            "
+  - name: main
+    address: 127.0.0.1:0
+    filters: [ticker]
+    routes:
+      - { name: default, cluster: a }"
+        } else {
+            ""
+        };
+        parse(&proxy::fill(
+            &format!(
+                "admin: {{ address: 127.0.0.1:0 }}
+workers: 2
+listeners:
+  - name: probe
+    address: 127.0.0.1:0
+    filters: [reader]
+    routes:
+      - {{ name: default, cluster: a }}{main}
+clusters:
+  - {{ name: a, endpoints: ['{{a}}'] }}
+plugins:
+  - {{ name: reader, module: {{module}} }}{ticking}
+"
+            ),
+            &[("a", &up.a.addr), ("module", &yaml_path(&up.module))],
+        ))
+    };
+    let handle = lacewing_proxy::Proxy::start(yaml(false)).expect("start");
+    let probe = proxy::url(&handle, "probe", "/conformance");
+    let ticks = || async {
+        let response = get_with(
+            &probe,
+            &[
+                ("x-test", "shared-get"),
+                ("x-shared-key", "conformance-ticks"),
+            ],
+        )
+        .await;
+        assert_eq!(response.status, StatusCode::OK);
+        response
+            .header("x-shared-value")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        ticks().await,
+        0,
+        "nothing ticks before the ticker is published"
+    );
+
+    publish(&handle, yaml(true))
+        .await
+        .expect("publish the ticker");
+    eventually("the ticker ticks with no request through it", || async {
+        ticks().await >= 4
+    })
+    .await;
+    handle.shutdown();
+}
+
+/// The real binary: SIGHUP re-reads the file; a bad file is logged with file,
+/// line and field and the live generation stays.
+#[tokio::test]
+async fn sighup_reloads_the_file_and_a_bad_file_keeps_the_live_generation() {
+    let up = Upstreams::start().await;
+    let dir = std::env::temp_dir().join(format!("lacewing-sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let port = free_port();
+    let admin = free_port();
+    let file = dir.join("proxy.yaml");
+    let write = |target: &str, tag: &str| {
+        let yaml = up
+            .yaml(target, tag, 1)
+            .replace(
+                "address: 127.0.0.1:0 }",
+                &format!("address: 127.0.0.1:{admin} }}"),
+            )
+            .replace(
+                "address: 127.0.0.1:0\n",
+                &format!("address: 127.0.0.1:{port}\n"),
+            );
+        std::fs::write(&file, yaml).expect("write config");
+    };
+    write("a", "A");
+    let child = tokio::process::Command::new(lacewing_tests::process::lacewing_binary())
+        .args(["proxy", "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start lacewing");
+    let pid = child.id().expect("child pid").to_string();
+    let url = format!("http://127.0.0.1:{port}/");
+    let serves = |expected: (String, String)| {
+        let url = url.clone();
+        async move {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            {
+                Ok(Ok(_)) => generation_of(&client::get(&url).await) == expected,
+                _ => false,
+            }
+        }
+    };
+    eventually("the proxy serves generation 1", || serves(pair("a", "A"))).await;
+
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "SIGHUP delivered");
+    };
+    write("b", "B");
+    hup();
+    eventually("SIGHUP switched to the new file", || serves(pair("b", "B"))).await;
+    let dump_url = format!("http://127.0.0.1:{admin}/config_dump");
+    let dump = client::get(&dump_url).await.json();
+    assert_eq!(dump["generation"]["number"], 2);
+    assert_eq!(
+        dump["generation"]["source"],
+        format!("file:{}", file.display())
+    );
+
+    // A file with a bad field: rejected, logged with file, line and field.
+    let good = std::fs::read_to_string(&file).expect("read config");
+    std::fs::write(
+        &file,
+        good.replace("drain_timeout: 1s", "drain_timeout: soon"),
+    )
+    .expect("write bad config");
+    hup();
+    let metrics_url = admin;
+    eventually("the bad reload is counted", || async move {
+        let metrics = client::metrics(SocketAddr::from(([127, 0, 0, 1], metrics_url))).await;
+        metric_value(
+            &metrics,
+            "lacewing_config_reloads_total{result=\"failure\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(serves(pair("b", "B")).await, "generation 2 stays live");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the proxy exits")
+        .expect("wait for lacewing");
+    let log = String::from_utf8_lossy(&output.stderr);
+    let file_line = format!("{}:3", file.display());
+    assert!(
+        log.contains(&file_line) && log.contains("drain_timeout"),
+        "the log names file, line and field of the bad value:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
