@@ -4,6 +4,7 @@
 mod control;
 mod demo;
 mod mesh;
+mod sidecar;
 
 /// mimalloc: the proxy allocates many small, short-lived objects per request
 /// across worker threads; measured faster than the system allocator here.
@@ -98,6 +99,8 @@ struct ProxyArgs {
     /// Directory for compiled wasm modules.
     #[arg(long, env = "LACEWING_CACHE_DIR")]
     wasm_cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sidecar: sidecar::SidecarFlags,
 }
 
 fn main() -> std::process::ExitCode {
@@ -236,6 +239,14 @@ fn proxy_config(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Resul
 }
 
 fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    if args.sidecar.control.is_some() {
+        return sidecar::run(
+            &args.sidecar,
+            args.admin,
+            args.workers,
+            args.wasm_cache_dir.clone(),
+        );
+    }
     let config = proxy_config(args, matches)?;
     let workers = config.worker_count();
     let source = match &args.config {

@@ -22,24 +22,25 @@ impl std::fmt::Debug for AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// Creates the metrics and registers them in `registry`.
+    /// Creates the metrics and registers them in `registry`; the proxy's
+    /// registry prefixes them `lacewing_` (`lacewing_sidecar_snapshot_version`).
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let metrics = Self {
             version: IntGauge::new(
-                "lacewing_sidecar_snapshot_version",
+                "sidecar_snapshot_version",
                 "The mesh version this sidecar serves (0: none yet).",
             )?,
             last_update: IntGauge::new(
-                "lacewing_sidecar_snapshot_last_update_seconds",
+                "sidecar_snapshot_last_update_seconds",
                 "Unix time of the last snapshot put into service.",
             )?,
             connected: IntGauge::new(
-                "lacewing_sidecar_control_connected",
+                "sidecar_control_connected",
                 "1 while the stream to the control plane is up.",
             )?,
             snapshots: IntCounterVec::new(
                 Opts::new(
-                    "lacewing_sidecar_snapshots_total",
+                    "sidecar_snapshots_total",
                     "Snapshots received, by result (ack, nack).",
                 ),
                 &["result"],

@@ -10,6 +10,7 @@ mod drain;
 mod forwarding;
 mod grpc;
 mod mesh_control;
+mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;
 mod reload;

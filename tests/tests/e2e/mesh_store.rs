@@ -1,35 +1,9 @@
 //! The store under SIGKILL: `lacewing control` killed while applies of many
 //! documents are in flight holds, after restart, one whole version.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use lacewing_tests::process::lacewing_binary;
-
 use crate::mesh_support::*;
-
-fn spawn_control(listen: &str, state: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(lacewing_binary())
-        .args(["control", "--listen", listen, "--state-dir"])
-        .arg(state)
-        .env("LACEWING_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start lacewing control");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .expect("the control plane prints its address")
-        .to_string();
-    (child, addr)
-}
 
 /// 20 services, each labelled with the round that wrote it.
 fn round(n: usize) -> String {
@@ -47,7 +21,7 @@ fn round(n: usize) -> String {
 async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (mut child, addr) = spawn_control("127.0.0.1:0", &state);
+    let (mut child, addr) = control_process("127.0.0.1:0", &state);
     let token = lacewing_control::token::read(&state.join("operator.token")).unwrap();
     let applier = {
         let (addr, token, dir) = (addr.clone(), token.clone(), dir.path().to_path_buf());
@@ -66,13 +40,12 @@ async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
         })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
-    // SIGKILL: no chance to finish anything.
-    sigkill(&mut child);
+    child.kill();
     let last_ok = applier.await.unwrap();
     assert!(last_ok >= 1, "some applies finished before the kill");
 
     let listen = addr.clone();
-    let (mut child, addr) = spawn_control(&listen, &state);
+    let (mut child, addr) = control_process(&listen, &state);
     let mut client = lacewing_control::client::Client::connect(&addr, &token)
         .await
         .unwrap();
@@ -110,11 +83,5 @@ async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
         version + 1,
         "versions keep growing after the crash"
     );
-    sigkill(&mut child);
-}
-
-fn sigkill(child: &mut Child) {
-    // Child::kill sends SIGKILL on Unix.
-    child.kill().expect("SIGKILL the control plane");
-    child.wait().expect("reap the control plane");
+    child.kill();
 }

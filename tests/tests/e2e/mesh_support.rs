@@ -2,8 +2,10 @@
 //! `lacewing control` process), sidecar agents whose publish records what it
 //! is given, and mesh files written to a scratch directory.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lacewing_config::ProxyConfig;
@@ -204,7 +206,7 @@ impl RecordingSidecar {
             state_dir: state_dir.to_path_buf(),
         };
         let (initial, version) = Agent::initial_config(&options).unwrap();
-        let registry = prometheus::Registry::new();
+        let registry = prometheus::Registry::new_custom(Some("lacewing".into()), None).unwrap();
         let metrics = lacewing_control_agent::metrics::AgentMetrics::register(&registry).unwrap();
         let agent = Agent::new(options, publish, metrics, &initial, version).unwrap();
         Self {
@@ -224,4 +226,99 @@ pub async fn sidecar_status(client: &mut Client, node_id: &str) -> Option<api::S
         .sidecars
         .into_iter()
         .find(|s| s.node_id == node_id)
+}
+
+/// A `lacewing` process (control plane or sidecar), SIGKILLed when dropped.
+pub struct Process {
+    child: Child,
+    /// Its first stdout line, split on spaces.
+    pub words: Vec<String>,
+}
+
+impl Process {
+    /// Runs `lacewing ARGS` and reads the line it prints when it is serving.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(lacewing_tests::process::lacewing_binary())
+            .args(args)
+            .env("LACEWING_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start lacewing");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(!line.is_empty(), "lacewing {args:?} exited before serving");
+        Self {
+            child,
+            words: line.split_whitespace().map(str::to_string).collect(),
+        }
+    }
+
+    /// The word after `key` in the first line, as an address.
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        let at = self
+            .words
+            .iter()
+            .position(|w| w == key)
+            .unwrap_or_else(|| panic!("no `{key}` in {:?}", self.words));
+        self.words[at + 1].parse().unwrap()
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `lacewing control` on `listen` with `state`.
+pub fn control_process(listen: &str, state: &Path) -> (Process, String) {
+    let process = Process::spawn(&[
+        "control",
+        "--listen",
+        listen,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let addr = process.words.last().unwrap().clone();
+    (process, addr)
+}
+
+/// `lacewing proxy --control`: a sidecar for `service` in front of `app`, one worker.
+pub fn sidecar_process(
+    control: &str,
+    control_state: &Path,
+    service: &str,
+    app: SocketAddr,
+    state: &Path,
+) -> Process {
+    Process::spawn(&[
+        "proxy",
+        "--control",
+        control,
+        "--service",
+        service,
+        "--inbound",
+        "127.0.0.1:0",
+        "--outbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--app",
+        &app.to_string(),
+        "--token-file",
+        control_state.join("bootstrap.token").to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--workers",
+        "1",
+    ])
 }
