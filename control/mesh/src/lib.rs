@@ -16,3 +16,25 @@ pub use document::{Document, Kind, Metadata, Spec};
 pub use error::{MeshError, MeshIssue};
 pub use parse::{ParsedDocument, parse_file, parse_str};
 pub use rules::{Catalog, check_references};
+
+#[cfg(test)]
+mod schema_tests {
+    /// The editor schema in docs/ names every kind with its apiVersion.
+    #[test]
+    fn schema_lists_every_kind() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/mesh.schema.json")).unwrap();
+        let kinds = schema["properties"]["kind"]["enum"].as_array().unwrap();
+        assert_eq!(kinds.len(), crate::Kind::ALL.len());
+        for kind in crate::Kind::ALL {
+            assert!(kinds.iter().any(|k| k == kind.as_str()), "{kind}");
+            let rule = schema["allOf"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["if"]["properties"]["kind"]["const"] == kind.as_str())
+                .unwrap_or_else(|| panic!("no rule for {kind}"));
+            assert_eq!(rule["then"]["properties"]["apiVersion"]["const"], kind.api_version());
+        }
+    }
+}

@@ -357,3 +357,27 @@ async fn mesh_sidecars_reconnect_and_restart_from_their_saved_snapshot() {
     drop(orders);
     plane.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_delete_refuses_to_break_references_and_removes_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&dir.path().join("state")).await;
+    let mut client = plane.client().await;
+    let split = "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: s}\nspec:\n  service: orders\n  backends:\n  - {service: orders, weight: 1}\n";
+    let mesh = format!("{}{}", service("orders", ""), split);
+    let v1 = apply(&mut client, dir.path(), "mesh.yaml", &mesh)
+        .await
+        .unwrap();
+
+    let only_service = write(dir.path(), "service.yaml", &service("orders", ""));
+    let docs = lacewing_mesh::parse_file(&only_service).unwrap();
+    let text = refused(client.delete(&docs).await);
+    assert!(text.contains("spec.service: no Service `orders`"), "{text}");
+    assert_eq!(client.get(None, None, None).await.unwrap().0, v1.version);
+
+    let both = lacewing_mesh::parse_file(&dir.path().join("mesh.yaml")).unwrap();
+    let deleted = client.delete(&both).await.unwrap();
+    assert_eq!(deleted.version, v1.version + 1);
+    assert!(client.get(None, None, None).await.unwrap().1.is_empty());
+    plane.stop().await;
+}
