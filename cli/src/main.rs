@@ -3,6 +3,7 @@
 
 mod control;
 mod demo;
+mod demo_mesh;
 mod mesh;
 mod sidecar;
 

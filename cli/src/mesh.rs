@@ -219,33 +219,38 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let mut client = connect(&args.flags).await?;
         let reply = client.status().await.map_err(plain)?;
-        println!(
-            "mesh version {}, {} sidecar(s)",
-            reply.version,
-            reply.sidecars.len()
-        );
-        println!(
-            "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} LAST ANSWER",
-            "NODE", "SERVICE", "INBOUND", "OUTBOUND", "VERSION", "STATE", "SINCE"
-        );
-        for s in &reply.sidecars {
-            println!(
-                "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} {} ({})",
-                s.node_id,
-                format!("{}/{}", s.namespace, s.service),
-                s.inbound,
-                s.outbound,
-                s.acked_version,
-                if s.connected {
-                    "connected"
-                } else {
-                    "disconnected"
-                },
-                ago(s.connected_since_ms),
-                answer(s),
-                ago(s.last_answer_ms),
-            );
-        }
+        print_status(&reply);
         Ok(())
     })
+}
+
+/// The sidecar table of `lacewing status`.
+pub fn print_status(reply: &api::StatusReply) {
+    println!(
+        "mesh version {}, {} sidecar(s)",
+        reply.version,
+        reply.sidecars.len()
+    );
+    println!(
+        "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} LAST ANSWER",
+        "NODE", "SERVICE", "INBOUND", "OUTBOUND", "VERSION", "STATE", "SINCE"
+    );
+    for s in &reply.sidecars {
+        println!(
+            "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} {} ({})",
+            s.node_id,
+            format!("{}/{}", s.namespace, s.service),
+            s.inbound,
+            s.outbound,
+            s.acked_version,
+            if s.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            ago(s.connected_since_ms),
+            answer(s),
+            ago(s.last_answer_ms),
+        );
+    }
 }

@@ -17,17 +17,24 @@ use crate::operator::hex;
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{0}")]
+    #[error(transparent)]
     Mesh(#[from] MeshError),
     #[error("cannot reach the control plane at {address}: {reason}")]
     Connect { address: String, reason: String },
+    /// The control plane answered with an error (its message is shown).
     #[error("control plane: {}", .0.message())]
-    Status(#[from] Status),
+    Status(Status),
     #[error("{path}: cannot read module: {source}")]
     Module {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        ClientError::Status(status)
+    }
 }
 
 /// What an apply did.

@@ -156,14 +156,17 @@ async fn serve_sidecar(
 ) {
     let mut changes = shared.changes.subscribe();
     let mut closing = shared.closing.subscribe();
-    let mut last_sent: Option<api::Snapshot> = None;
+    let mut last_sent: Option<Arc<api::Snapshot>> = None;
     let mut revision = 0;
     loop {
         let epoch = *changes.borrow_and_update();
         let snapshot = index_at(shared, cache, epoch).snapshot_for(hello);
-        if last_sent.as_ref() != Some(&snapshot) {
+        let same = last_sent
+            .as_ref()
+            .is_some_and(|last| Arc::ptr_eq(last, &snapshot) || **last == *snapshot);
+        if !same {
             revision += 1;
-            let mut numbered = snapshot.clone();
+            let mut numbered = (*snapshot).clone();
             numbered.revision = revision;
             {
                 let mut sidecars = shared.sidecars();

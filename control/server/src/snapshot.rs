@@ -2,7 +2,8 @@
 //! receives. An [`Index`] is built once per change and shared by every
 //! stream; [`Index::snapshot_for`] then only filters it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use lacewing_control_api as api;
 use lacewing_mesh::Spec;
@@ -20,6 +21,8 @@ pub struct Index {
     splits: Vec<api::Split>,
     /// (namespace, selected service or all, plugin), in chain order.
     plugins: Vec<(String, Option<String>, api::Plugin)>,
+    /// Sidecars of one service get the same snapshot: built once per index.
+    built: Mutex<HashMap<(String, String), Arc<api::Snapshot>>>,
 }
 
 impl Index {
@@ -114,8 +117,18 @@ impl Index {
         index
     }
 
-    /// The snapshot for one sidecar (revision left 0; the stream numbers it).
-    pub fn snapshot_for(&self, hello: &api::Hello) -> api::Snapshot {
+    /// The snapshot for one sidecar (revision left 0; the stream numbers it),
+    /// shared with the other sidecars of its service.
+    pub fn snapshot_for(&self, hello: &api::Hello) -> Arc<api::Snapshot> {
+        let key = (hello.namespace.clone(), hello.service.clone());
+        let mut built = self.built.lock().unwrap_or_else(PoisonError::into_inner);
+        built
+            .entry(key)
+            .or_insert_with(|| Arc::new(self.build_for(hello)))
+            .clone()
+    }
+
+    fn build_for(&self, hello: &api::Hello) -> api::Snapshot {
         let own = self
             .services
             .iter()
@@ -241,13 +254,17 @@ spec: {module: 'sha256:222222222222222222222222222222222222222222222222222222222
         assert_eq!(snap.version, 7);
         let orders = snap.services.iter().find(|s| s.name == "orders").unwrap();
         assert_eq!(orders.endpoints, vec!["10.0.0.9:80", "127.0.0.1:5"]);
-        assert_eq!(snap.own.unwrap().protocol, api::Protocol::H2 as i32);
+        assert_eq!(
+            snap.own.as_ref().unwrap().protocol,
+            api::Protocol::H2 as i32
+        );
     }
 
     #[test]
     fn plugins_follow_selector_and_phase_order() {
         let index = Index::build(1, &view(MESH), &BTreeMap::new());
-        let names = |s: api::Snapshot| s.plugins.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        let names =
+            |s: Arc<api::Snapshot>| s.plugins.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
         assert_eq!(
             names(index.snapshot_for(&hello("orders"))),
             vec!["a-authz", "b-stats"]
