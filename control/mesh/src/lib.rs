@@ -34,7 +34,10 @@ mod schema_tests {
                 .iter()
                 .find(|r| r["if"]["properties"]["kind"]["const"] == kind.as_str())
                 .unwrap_or_else(|| panic!("no rule for {kind}"));
-            assert_eq!(rule["then"]["properties"]["apiVersion"]["const"], kind.api_version());
+            assert_eq!(
+                rule["then"]["properties"]["apiVersion"]["const"],
+                kind.api_version()
+            );
         }
     }
 }
