@@ -103,6 +103,20 @@ fn usage(pid: u32) -> (u64, Duration) {
     (rss, Duration::from_millis(ticks * 10))
 }
 
+/// `lacewing control` with a fresh state directory: (work dir, process, address).
+fn start_control(binary: &Path, name: &str) -> anyhow::Result<(PathBuf, Killed, String)> {
+    let dir = std::env::temp_dir().join(format!("control-scale-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let state = dir.join("state");
+    let state = state.to_str().context("state path")?;
+    let (control, words) = spawn(
+        binary,
+        &["control", "--listen", "127.0.0.1:0", "--state-dir", state],
+    )?;
+    let addr = words.last().context("address")?.clone();
+    Ok((dir, control, addr))
+}
+
 fn mesh(services: usize, change: usize) -> String {
     (0..services)
         .map(|i| {
@@ -189,23 +203,10 @@ async fn sim(
     services: usize,
     changes: usize,
 ) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("control-scale-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let state = dir.join("state");
-    let (control, words) = spawn(
-        binary,
-        &[
-            "control",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            state.to_str().unwrap_or_default(),
-        ],
-    )?;
+    let (dir, control, addr) = start_control(binary, "sim")?;
     let pid = control.0.id();
-    let addr = words.last().context("address")?.clone();
-    let operator = lacewing_control::token::read(&state.join("operator.token"))?;
-    let bootstrap = lacewing_control::token::read(&state.join("bootstrap.token"))?;
+    let operator = lacewing_control::token::read(&dir.join("state/operator.token"))?;
+    let bootstrap = lacewing_control::token::read(&dir.join("state/bootstrap.token"))?;
     let mut client = Client::connect(&addr, &operator).await?;
     apply(&mut client, &dir, &mesh(services, 0)).await?;
 
@@ -321,20 +322,8 @@ async fn app() -> anyhow::Result<SocketAddr> {
 }
 
 async fn real(binary: &Path, sidecars: usize, changes: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("control-scale-real-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let (dir, control, addr) = start_control(binary, "real")?;
     let state = dir.join("state");
-    let (control, words) = spawn(
-        binary,
-        &[
-            "control",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            state.to_str().unwrap_or_default(),
-        ],
-    )?;
-    let addr = words.last().context("address")?.clone();
     let operator = lacewing_control::token::read(&state.join("operator.token"))?;
     let app = app().await?.to_string();
     let token_file = state.join("bootstrap.token");

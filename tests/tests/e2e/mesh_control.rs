@@ -178,16 +178,8 @@ async fn mesh_sidecars_get_snapshots_with_modules_and_endpoints() {
 
     let orders = RecordingSidecar::start(&plane, spec("orders", 20001), &dir.path().join("orders"));
     let web = RecordingSidecar::start(&plane, spec("web", 20011), &dir.path().join("web"));
-    eventually("both sidecars ACK the version", || {
-        let mut client = client.clone();
-        async move {
-            let a = sidecar_status(&mut client, "orders-20001").await;
-            let b = sidecar_status(&mut client, "web-20011").await;
-            a.is_some_and(|s| s.acked_version == applied.version)
-                && b.is_some_and(|s| s.acked_version == applied.version)
-        }
-    })
-    .await;
+    until_acked(&client, "orders-20001", applied.version).await;
+    until_acked(&client, "web-20011", applied.version).await;
 
     let config = orders.published.last().expect("orders got a configuration");
     assert_eq!(config.plugins.len(), 1);
@@ -244,15 +236,7 @@ async fn mesh_a_refused_snapshot_is_nacked_with_its_reason_and_wait_reports_it()
         .await
         .unwrap();
     let orders = RecordingSidecar::start(&plane, spec("orders", 20101), &dir.path().join("orders"));
-    eventually("the sidecar ACKs the first version", || {
-        let mut client = client.clone();
-        async move {
-            sidecar_status(&mut client, "orders-20101")
-                .await
-                .is_some_and(|s| s.acked_version == v1.version)
-        }
-    })
-    .await;
+    until_acked(&client, "orders-20101", v1.version).await;
     let served = orders.published.last().unwrap();
 
     orders
@@ -307,15 +291,7 @@ async fn mesh_sidecars_reconnect_and_restart_from_their_saved_snapshot() {
         .unwrap();
     let sidecar_dir = dir.path().join("orders");
     let orders = RecordingSidecar::start(&plane, spec("orders", 20201), &sidecar_dir);
-    eventually("the sidecar ACKs the first version", || {
-        let mut client = client.clone();
-        async move {
-            sidecar_status(&mut client, "orders-20201")
-                .await
-                .is_some_and(|s| s.acked_version == v1.version)
-        }
-    })
-    .await;
+    until_acked(&client, "orders-20201", v1.version).await;
     plane.stop().await;
 
     // The control plane is away: a restarted sidecar starts from disk.
@@ -332,15 +308,7 @@ async fn mesh_sidecars_reconnect_and_restart_from_their_saved_snapshot() {
     // It comes back on the same address: the sidecar reconnects and takes the next version.
     let plane = Plane::start_at(addr, &state).await;
     let mut client = plane.client().await;
-    eventually("the sidecar reconnects", || {
-        let mut client = client.clone();
-        async move {
-            sidecar_status(&mut client, "orders-20201")
-                .await
-                .is_some_and(|s| s.connected)
-        }
-    })
-    .await;
+    until_acked(&client, "orders-20201", 0).await;
     let v2 = apply(
         &mut client,
         dir.path(),

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use lacewing_tests::client::{Response, ReusingClient};
+use lacewing_tests::eventually;
 use lacewing_tests::servers;
 use lacewing_tests::wasm::module;
-use lacewing_tests::{eventually, eventually_with};
 
 use crate::mesh_support::*;
 
@@ -131,17 +131,7 @@ impl Mesh {
     }
 
     async fn both_connected(&self) {
-        let client = self.plane.client().await;
-        eventually("both sidecars are connected", || {
-            let mut client = client.clone();
-            async move {
-                client
-                    .status()
-                    .await
-                    .is_ok_and(|s| s.sidecars.iter().filter(|s| s.connected).count() == 2)
-            }
-        })
-        .await;
+        until_connected(&self.plane.client().await, 2).await;
     }
 }
 
@@ -205,13 +195,7 @@ async fn mesh_traffic_split_weights_route_to_the_backends() {
     let client = ReusingClient::http1();
     let outbound = mesh.web.addr("outbound");
     let client_ref = &client;
-    eventually("three sidecars are connected", || async {
-        let mut c = mesh.plane.client().await;
-        c.status()
-            .await
-            .is_ok_and(|s| s.sidecars.iter().filter(|s| s.connected).count() == 3)
-    })
-    .await;
+    until_connected(&mesh.plane.client().await, 3).await;
     mesh.apply_and_wait(&split(0, 100)).await;
     for _ in 0..10 {
         assert_eq!(
@@ -400,11 +384,7 @@ async fn mesh_sidecars_serve_through_a_control_plane_sigkill_and_converge_after(
     let conformance = module("conformance-filter");
     let header_echo = module("header-echo");
     let mut operator = connect().await.unwrap();
-    eventually("both sidecars are connected", || {
-        let mut operator = operator.clone();
-        async move { operator.status().await.is_ok_and(|s| s.sidecars.len() == 2) }
-    })
-    .await;
+    until_connected(&operator, 2).await;
     let v = apply(
         &mut operator,
         dir.path(),
@@ -447,21 +427,7 @@ async fn mesh_sidecars_serve_through_a_control_plane_sigkill_and_converge_after(
     let mut operator = lacewing_control::client::Client::connect(&addr, &token)
         .await
         .unwrap();
-    eventually_with(
-        "both sidecars reconnect",
-        300,
-        Duration::from_millis(50),
-        || {
-            let mut operator = operator.clone();
-            async move {
-                operator
-                    .status()
-                    .await
-                    .is_ok_and(|s| s.sidecars.iter().filter(|s| s.connected).count() == 2)
-            }
-        },
-    )
-    .await;
+    until_connected(&operator, 2).await;
     let (text, marker) = round(1, &conformance, &header_echo);
     let v = apply(&mut operator, dir.path(), "mesh.yaml", &text)
         .await

@@ -322,3 +322,35 @@ pub fn sidecar_process(
         "1",
     ])
 }
+
+/// Waits until `count` sidecars have an open stream.
+pub async fn until_connected(client: &Client, count: usize) {
+    lacewing_tests::eventually_with(
+        &format!("{count} sidecars are connected"),
+        300,
+        std::time::Duration::from_millis(50),
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.sidecars.iter().filter(|s| s.connected).count() == count)
+            }
+        },
+    )
+    .await;
+}
+
+/// Waits until the sidecar `node_id` is connected and has ACKed `version` (0: just connected).
+pub async fn until_acked(client: &Client, node_id: &str, version: u64) {
+    lacewing_tests::eventually(&format!("{node_id} ACKs version {version}"), || {
+        let mut client = client.clone();
+        async move {
+            sidecar_status(&mut client, node_id)
+                .await
+                .is_some_and(|s| s.connected && s.acked_version >= version)
+        }
+    })
+    .await;
+}
