@@ -72,13 +72,14 @@ fn round(n: usize, conformance: &Path, header_echo: &Path) -> (String, String) {
     (mesh, marker)
 }
 
+/// Fields drop in order: sidecars first, the state directory last.
 struct Mesh {
-    dir: tempfile::TempDir,
-    plane: Plane,
-    _orders_app: servers::TestServer,
-    _web_app: servers::TestServer,
     orders: Process,
     web: Process,
+    _orders_app: servers::TestServer,
+    _web_app: servers::TestServer,
+    plane: Plane,
+    dir: tempfile::TempDir,
 }
 
 impl Mesh {
