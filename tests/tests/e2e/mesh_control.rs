@@ -349,3 +349,40 @@ async fn mesh_delete_refuses_to_break_references_and_removes_atomically() {
     assert!(client.get(None, None, None).await.unwrap().1.is_empty());
     plane.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&dir.path().join("state")).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", plane.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut operator = api::operator_client::OperatorClient::new(channel);
+    let claimed = "ab".repeat(32);
+    let chunks = vec![api::ModuleChunk {
+        sha256: claimed.clone(),
+        data: b"these bytes hash to something else".to_vec(),
+    }];
+    let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+    lacewing_control::token::authorize(&mut request, &plane.operator_token()).unwrap();
+    let status = operator.upload_module(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("sha256 mismatch"),
+        "{}",
+        status.message()
+    );
+    let mut request = tonic::Request::new(api::MissingModulesRequest {
+        sha256: vec![claimed.clone()],
+    });
+    lacewing_control::token::authorize(&mut request, &plane.operator_token()).unwrap();
+    let missing = operator
+        .missing_modules(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(missing.sha256, [claimed], "nothing was stored");
+    plane.stop().await;
+}
