@@ -444,3 +444,60 @@ async fn mesh_sidecars_serve_through_a_control_plane_sigkill_and_converge_after(
     );
     drop((orders, web));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_sidecars_restarted_while_the_control_plane_is_down_serve_their_saved_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("control");
+    let (mut control, addr) = control_process("127.0.0.1:0", &state);
+    let orders_app = servers::http_echo_named("orders").await;
+    let web_app = servers::http_echo_named("web").await;
+    let orders_dir = dir.path().join("orders");
+    let mut orders = sidecar_process(&addr, &state, "orders", orders_app.addr, &orders_dir);
+    let mut web = sidecar_process(&addr, &state, "web", web_app.addr, &dir.path().join("web"));
+    let token = lacewing_control::token::read(&state.join("operator.token")).unwrap();
+    let mut operator = lacewing_control::client::Client::connect(&addr, &token)
+        .await
+        .unwrap();
+    until_connected(&operator, 2).await;
+    let conformance = module("conformance-filter");
+    let header_echo = module("header-echo");
+    let (text, marker) = round(1, &conformance, &header_echo);
+    let v = apply(&mut operator, dir.path(), "mesh.yaml", &text)
+        .await
+        .unwrap();
+    operator
+        .wait(v.version, Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+
+    control.kill();
+    // Both sidecars restart with the control plane away: orders on the same
+    // inbound address (its endpoint in web's saved snapshot), web anywhere.
+    let inbound = orders.addr("inbound").to_string();
+    orders.kill();
+    web.kill();
+    let _orders = sidecar_process_at(
+        &addr,
+        &state,
+        "orders",
+        orders_app.addr,
+        &orders_dir,
+        &inbound,
+    );
+    let web = sidecar_process(&addr, &state, "web", web_app.addr, &dir.path().join("web"));
+    assert_eq!(
+        web.words.last().map(String::as_str),
+        Some(v.version.to_string().as_str()),
+        "{:?}",
+        web.words
+    );
+    let response = call(&ReusingClient::http1(), web.addr("outbound"), "orders").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("x-upstream"), Some("orders"));
+    assert_eq!(
+        markers(&response),
+        [marker],
+        "the plugin runs from the module cached on disk"
+    );
+}

@@ -300,6 +300,18 @@ pub fn sidecar_process(
     app: SocketAddr,
     state: &Path,
 ) -> Process {
+    sidecar_process_at(control, control_state, service, app, state, "127.0.0.1:0")
+}
+
+/// [`sidecar_process`] with its inbound address.
+pub fn sidecar_process_at(
+    control: &str,
+    control_state: &Path,
+    service: &str,
+    app: SocketAddr,
+    state: &Path,
+    inbound: &str,
+) -> Process {
     Process::spawn(&[
         "proxy",
         "--control",
@@ -307,7 +319,7 @@ pub fn sidecar_process(
         "--service",
         service,
         "--inbound",
-        "127.0.0.1:0",
+        inbound,
         "--outbound",
         "127.0.0.1:0",
         "--admin",
