@@ -1,5 +1,6 @@
 //! `lacewing demo`: demo services and a proxy with a proxy-wasm filter on
-//! loopback; sends requests through it and shows responses and metrics.
+//! loopback; sends requests through it and shows responses and metrics; then
+//! the mesh (see `demo_mesh`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -158,6 +159,7 @@ clusters:
     }) {
         println!("{line}");
     }
+    crate::demo_mesh::run(filter.is_some().then_some(args.filter.as_path()), service).await?;
     if args.serve {
         println!();
         println!("serving; try: curl -i http://{proxy}/orders/1   (Ctrl-C to stop)");

@@ -1,7 +1,11 @@
 //! The `lacewing` command: runs the sidecar proxy, validates configuration
 //! files, and runs a self-contained demo on loopback.
 
+mod control;
 mod demo;
+mod demo_mesh;
+mod mesh;
+mod sidecar;
 
 /// mimalloc: the proxy allocates many small, short-lived objects per request
 /// across worker threads; measured faster than the system allocator here.
@@ -43,6 +47,16 @@ enum Command {
     /// Start demo services and a proxy with a filter on loopback, send
     /// requests through it and show what they did.
     Demo(demo::DemoArgs),
+    /// Run the control plane.
+    Control(control::ControlArgs),
+    /// Validate a mesh file, upload its modules and store it as a new version.
+    Apply(mesh::ApplyArgs),
+    /// Delete the documents of a mesh file from the control plane.
+    Delete(mesh::DeleteArgs),
+    /// Show stored mesh documents.
+    Get(mesh::GetArgs),
+    /// Show every sidecar: service, addresses, version, last ACK/NACK.
+    Status(mesh::StatusArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -86,6 +100,8 @@ struct ProxyArgs {
     /// Directory for compiled wasm modules.
     #[arg(long, env = "LACEWING_CACHE_DIR")]
     wasm_cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sidecar: sidecar::SidecarFlags,
 }
 
 fn main() -> std::process::ExitCode {
@@ -102,6 +118,11 @@ fn main() -> std::process::ExitCode {
         }
         Command::Validate { file } => validate(file),
         Command::Demo(args) => demo::run(args),
+        Command::Control(args) => control::run(args),
+        Command::Apply(args) => mesh::apply(args),
+        Command::Delete(args) => mesh::delete(args),
+        Command::Get(args) => mesh::get(args),
+        Command::Status(args) => mesh::status(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -219,6 +240,14 @@ fn proxy_config(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Resul
 }
 
 fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    if args.sidecar.control.is_some() {
+        return sidecar::run(
+            &args.sidecar,
+            args.admin,
+            args.workers,
+            args.wasm_cache_dir.clone(),
+        );
+    }
     let config = proxy_config(args, matches)?;
     let workers = config.worker_count();
     let source = match &args.config {

@@ -1,0 +1,216 @@
+//! `lacewing proxy --control ...`: the sidecar's dynamic mode. The proxy
+//! starts from the last good snapshot on disk (or inbound → app alone), then
+//! every snapshot from the control plane is published as a new generation.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use lacewing_control_agent::metrics::AgentMetrics;
+use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
+use lacewing_proxy::{Proxy, ProxyHandle, StartOptions};
+
+/// Flags of the sidecar's dynamic mode (with `--control`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarFlags {
+    /// Control plane address: run as a sidecar configured by it.
+    #[arg(long, conflicts_with_all = ["config", "listen", "upstream", "wasm"], requires_all = ["service", "inbound", "app", "outbound", "token_file"])]
+    pub control: Option<String>,
+    /// The service this sidecar stands beside.
+    #[arg(long)]
+    pub service: Option<String>,
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Where other sidecars reach this service (port 0: any free port).
+    #[arg(long)]
+    pub inbound: Option<SocketAddr>,
+    /// The local app the inbound listener forwards to.
+    #[arg(long)]
+    pub app: Option<SocketAddr>,
+    /// Where the app sends its calls to other services.
+    #[arg(long)]
+    pub outbound: Option<SocketAddr>,
+    /// The bootstrap token (STATE_DIR/bootstrap.token of `lacewing control`).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The sidecar's name at the control plane (default SERVICE@INBOUND).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Where modules and the last good snapshot are kept
+    /// (default $XDG_STATE_HOME/lacewing/NODE, else ~/.local/state/lacewing/NODE).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A concrete address for `address`: port 0 becomes a free port now, so that
+/// every generation names the same address.
+fn concrete(address: SocketAddr) -> anyhow::Result<SocketAddr> {
+    if address.port() != 0 {
+        return Ok(address);
+    }
+    Ok(TcpListener::bind(address)?.local_addr()?)
+}
+
+fn default_state_dir(node: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    let safe: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    base.join("lacewing").join(safe)
+}
+
+/// A started sidecar: the proxy serving its first generation, and the agent
+/// that will keep it in step with the control plane once run.
+pub struct Sidecar {
+    pub handle: ProxyHandle,
+    pub agent: Agent,
+    /// The mesh version it started with (0: none saved).
+    pub version: u64,
+}
+
+/// Starts the proxy from the saved snapshot (or the bootstrap configuration)
+/// and prepares its agent. Blocks while the proxy starts.
+pub fn start(options: AgentOptions, wasm_cache_dir: Option<PathBuf>) -> anyhow::Result<Sidecar> {
+    let (initial, version) = Agent::initial_config(&options).context("sidecar state")?;
+    let source = if version > 0 {
+        format!("control:{} (saved version {version})", options.control)
+    } else {
+        "sidecar bootstrap".to_string()
+    };
+    let handle = Proxy::start_with(
+        initial.clone(),
+        StartOptions {
+            wasm_cache_dir,
+            source: Some(source),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let metrics = AgentMetrics::register(&handle.metrics().registry)?;
+    let publisher = handle.publisher();
+    let source = format!("control:{}", options.control);
+    let publish: Publish = Arc::new(move |config| {
+        publisher
+            .publish(config, source.clone())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let agent = Agent::new(options, publish, metrics, &initial, version)?;
+    Ok(Sidecar {
+        handle,
+        agent,
+        version,
+    })
+}
+
+/// Where a sidecar runs, beyond its service and addresses.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub namespace: String,
+    /// Default `SERVICE@INBOUND`.
+    pub node_id: Option<String>,
+    /// Default under `$XDG_STATE_HOME/lacewing`.
+    pub state_dir: Option<PathBuf>,
+    pub admin: Option<SocketAddr>,
+    /// 0: one per core.
+    pub workers: usize,
+}
+
+/// The sidecar's options; port 0 becomes a free port.
+pub fn options(
+    control: &str,
+    token: String,
+    service: &str,
+    [inbound, app, outbound]: [SocketAddr; 3],
+    placement: Placement,
+) -> anyhow::Result<AgentOptions> {
+    let Placement {
+        namespace,
+        node_id,
+        state_dir,
+        admin,
+        workers,
+    } = placement;
+    let inbound = concrete(inbound).context("--inbound")?;
+    let outbound = concrete(outbound).context("--outbound")?;
+    let admin = admin.map(concrete).transpose().context("--admin")?;
+    let node_id = node_id.unwrap_or_else(|| format!("{service}@{inbound}"));
+    Ok(AgentOptions {
+        control: control.to_string(),
+        token,
+        state_dir: state_dir.unwrap_or_else(|| default_state_dir(&node_id)),
+        spec: SidecarSpec {
+            node_id,
+            service: service.to_string(),
+            namespace,
+            inbound,
+            outbound,
+            app,
+            admin,
+            workers,
+        },
+    })
+}
+
+pub fn run(
+    flags: &SidecarFlags,
+    admin: Option<SocketAddr>,
+    workers: Option<usize>,
+    wasm_cache_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (Some(control), Some(service), Some(inbound), Some(app), Some(outbound), Some(token_file)) = (
+        &flags.control,
+        &flags.service,
+        flags.inbound,
+        flags.app,
+        flags.outbound,
+        &flags.token_file,
+    ) else {
+        anyhow::bail!("--control needs --service, --inbound, --app, --outbound and --token-file");
+    };
+    let token = lacewing_control::token::read(token_file)
+        .with_context(|| format!("token file {}", token_file.display()))?;
+    let placement = Placement {
+        namespace: flags.namespace.clone(),
+        node_id: flags.node_id.clone(),
+        state_dir: flags.state_dir.clone(),
+        admin,
+        workers: workers.unwrap_or(0),
+    };
+    let options = options(control, token, service, [inbound, app, outbound], placement)?;
+    let spec = options.spec.clone();
+    let sidecar = start(options, wasm_cache_dir)?;
+    let admin = sidecar
+        .handle
+        .admin_addr()
+        .map_or_else(|| "none".to_string(), |a| a.to_string());
+    // The one line scripts and tests read to learn the addresses.
+    println!(
+        "sidecar {} inbound {} outbound {} admin {admin} serving version {}",
+        spec.node_id, spec.inbound, spec.outbound, sidecar.version
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("lacewing-agent")
+        .enable_all()
+        .build()?;
+    runtime.spawn(sidecar.agent.run());
+    crate::wait_for_signal(|| {
+        tracing::info!("SIGHUP: configuration comes from the control plane")
+    })?;
+    tracing::info!("draining");
+    runtime.shutdown_background();
+    sidecar.handle.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}

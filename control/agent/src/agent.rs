@@ -1,0 +1,311 @@
+//! The stream to the control plane: hello, snapshots in, ACK/NACK out,
+//! reconnecting with exponential backoff and jitter while the control plane
+//! is away (the proxy keeps serving what it has meanwhile).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lacewing_config::ProxyConfig;
+use lacewing_control_api as api;
+use lacewing_control_api::discovery_client::DiscoveryClient;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::cache::{Cache, CacheError, sha256_hex};
+use crate::metrics::AgentMetrics;
+use crate::translate::{SidecarSpec, bootstrap_config, translate};
+
+/// Puts a configuration into service (the proxy's generation publish); the
+/// error is the reason, sent back in the NACK. Called on a blocking thread.
+pub type Publish = Arc<dyn Fn(ProxyConfig) -> Result<(), String> + Send + Sync>;
+
+/// Largest module a sidecar downloads.
+const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The control plane, `http://HOST:PORT` (or `HOST:PORT`).
+    pub control: String,
+    pub token: String,
+    pub spec: SidecarSpec,
+    /// Where modules and the last good snapshot are kept.
+    pub state_dir: PathBuf,
+}
+
+/// Why a snapshot was refused: a short code (metrics) and the reason.
+#[derive(Debug)]
+struct Refusal {
+    code: &'static str,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A sidecar's control-plane client.
+pub struct Agent {
+    options: AgentOptions,
+    cache: Cache,
+    publish: Publish,
+    metrics: AgentMetrics,
+    /// The snapshot being served (version 0: none).
+    serving: api::Snapshot,
+    served_config: Option<ProxyConfig>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("options", &self.options)
+            .field("serving", &self.serving.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Agent {
+    /// The configuration to start the proxy with: the last good snapshot on
+    /// disk when there is one (so the sidecar serves while the control plane
+    /// is away), else the bootstrap configuration. Also returns its version.
+    pub fn initial_config(options: &AgentOptions) -> Result<(ProxyConfig, u64), CacheError> {
+        let cache = Cache::open(&options.state_dir)?;
+        if let Some(snapshot) = cache.load_snapshot() {
+            match translate(&snapshot, &options.spec, &cache) {
+                Ok(config) if lacewing_config::validate(&config).is_ok() => {
+                    return Ok((config, snapshot.version));
+                }
+                _ => tracing::warn!("the saved snapshot no longer builds; starting without it"),
+            }
+        }
+        Ok((bootstrap_config(&options.spec), 0))
+    }
+
+    /// An agent for a proxy already serving `initial` (from [`Agent::initial_config`]).
+    pub fn new(
+        options: AgentOptions,
+        publish: Publish,
+        metrics: AgentMetrics,
+        initial: &ProxyConfig,
+        initial_version: u64,
+    ) -> Result<Self, CacheError> {
+        let cache = Cache::open(&options.state_dir)?;
+        let serving = if initial_version > 0 {
+            cache.load_snapshot().unwrap_or_default()
+        } else {
+            api::Snapshot::default()
+        };
+        metrics.version.set(serving.version as i64);
+        if serving.version > 0 {
+            metrics.last_update.set(unix_now());
+        }
+        Ok(Self {
+            options,
+            cache,
+            publish,
+            metrics,
+            serving,
+            served_config: Some(initial.clone()),
+        })
+    }
+
+    /// Keeps a stream to the control plane open for ever.
+    pub async fn run(mut self) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.session().await {
+                Ok(got_snapshot) => {
+                    tracing::warn!("control plane ended the stream");
+                    if got_snapshot {
+                        backoff = FIRST_BACKOFF;
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "control plane unreachable");
+                }
+            }
+            self.metrics.connected.set(0);
+            // Full jitter over [backoff/2, backoff]: sidecars that lost the
+            // same control plane do not all come back at the same instant.
+            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn authorized<T>(&self, message: T) -> Result<Request<T>, Status> {
+        let mut request = Request::new(message);
+        let value = format!("Bearer {}", self.options.token)
+            .parse()
+            .map_err(|_| Status::invalid_argument("the token is not valid metadata"))?;
+        request.metadata_mut().insert(api::AUTHORIZATION, value);
+        Ok(request)
+    }
+
+    async fn connect(&self) -> Result<Channel, Status> {
+        let uri = if self.options.control.contains("://") {
+            self.options.control.clone()
+        } else {
+            format!("http://{}", self.options.control)
+        };
+        Endpoint::from_shared(uri)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("{e}: {:?}", std::error::Error::source(&e))))
+    }
+
+    /// One stream; returns whether any snapshot arrived on it.
+    async fn session(&mut self) -> Result<bool, Status> {
+        let channel = self.connect().await?;
+        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let spec = &self.options.spec;
+        let hello = api::Hello {
+            node_id: spec.node_id.clone(),
+            service: spec.service.clone(),
+            namespace: spec.namespace.clone(),
+            inbound: spec.inbound.to_string(),
+            outbound: spec.outbound.to_string(),
+            serving_version: self.serving.version,
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let _ = tx
+            .send(api::SidecarMessage {
+                message: Some(api::sidecar_message::Message::Hello(hello)),
+            })
+            .await;
+        let request = self.authorized(ReceiverStream::new(rx))?;
+        let mut snapshots = client.stream(request).await?.into_inner();
+        self.metrics.connected.set(1);
+        tracing::info!(control = %self.options.control, "connected to the control plane");
+        let mut got = false;
+        while let Some(snapshot) = snapshots.next().await {
+            let snapshot = snapshot?;
+            got = true;
+            let (version, revision) = (snapshot.version, snapshot.revision);
+            let answer = match self.take(&mut client, snapshot).await {
+                Ok(()) => {
+                    self.metrics.snapshots.with_label_values(&["ack"]).inc();
+                    api::Answer {
+                        version,
+                        revision,
+                        ack: true,
+                        ..Default::default()
+                    }
+                }
+                Err(refusal) => {
+                    tracing::warn!(version, code = refusal.code, reason = %refusal.reason, "snapshot refused; the previous one stays");
+                    self.metrics.snapshots.with_label_values(&["nack"]).inc();
+                    api::Answer {
+                        version,
+                        revision,
+                        ack: false,
+                        code: refusal.code.to_string(),
+                        reason: refusal.reason,
+                    }
+                }
+            };
+            let message = api::SidecarMessage {
+                message: Some(api::sidecar_message::Message::Answer(answer)),
+            };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Fetches what is missing, builds and publishes a snapshot.
+    async fn take(
+        &mut self,
+        client: &mut DiscoveryClient<Channel>,
+        snapshot: api::Snapshot,
+    ) -> Result<(), Refusal> {
+        for plugin in &snapshot.plugins {
+            if !self.cache.has_module(&plugin.sha256) {
+                self.fetch_module(client, &plugin.sha256).await?;
+            }
+        }
+        let config = translate(&snapshot, &self.options.spec, &self.cache)
+            .map_err(|reason| Refusal::new("build", reason))?;
+        lacewing_config::validate(&config).map_err(|e| Refusal::new("invalid", e.to_string()))?;
+        if self.served_config.as_ref() != Some(&config) {
+            let publish = self.publish.clone();
+            let to_publish = config.clone();
+            tokio::task::spawn_blocking(move || publish(to_publish))
+                .await
+                .map_err(|e| Refusal::new("publish", e.to_string()))?
+                .map_err(|reason| Refusal::new("publish", reason))?;
+            self.served_config = Some(config);
+        }
+        if let Err(e) = self.cache.save_snapshot(&snapshot) {
+            tracing::warn!(error = %e, "cannot keep the snapshot on disk");
+        }
+        self.metrics.version.set(snapshot.version as i64);
+        self.metrics.last_update.set(unix_now());
+        tracing::info!(
+            version = snapshot.version,
+            revision = snapshot.revision,
+            "snapshot in service"
+        );
+        self.serving = snapshot;
+        Ok(())
+    }
+
+    async fn fetch_module(
+        &self,
+        client: &mut DiscoveryClient<Channel>,
+        sha256: &str,
+    ) -> Result<(), Refusal> {
+        let request = self
+            .authorized(api::FetchModuleRequest {
+                sha256: sha256.to_string(),
+            })
+            .map_err(|s| Refusal::new("module_fetch", s.message()))?;
+        let fetch_error =
+            |s: Status| Refusal::new("module_fetch", format!("module {sha256}: {}", s.message()));
+        let mut chunks = client
+            .fetch_module(request)
+            .await
+            .map_err(fetch_error)?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(fetch_error)?;
+            if bytes.len() + chunk.data.len() > MAX_MODULE_BYTES {
+                return Err(Refusal::new(
+                    "module_fetch",
+                    format!("module {sha256} is larger than {MAX_MODULE_BYTES} bytes"),
+                ));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        self.cache.put_module(sha256, &bytes).map_err(|e| match e {
+            CacheError::Mismatch { .. } => Refusal::new("module_verify", e.to_string()),
+            CacheError::Io { .. } => Refusal::new("module_cache", e.to_string()),
+        })?;
+        tracing::info!(sha256, size = bytes.len(), digest = %sha256_hex(&bytes), "module fetched");
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! The `Discovery` service: each sidecar's stream (hello, then snapshots
+//! down and ACK/NACKs up) and module downloads.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use futures_util::Stream;
+use lacewing_control_api as api;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::snapshot::Index;
+use crate::state::{Shared, now_ms};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct Discovery {
+    shared: Arc<Shared>,
+    /// The index of the latest change, built by the first stream that needs it.
+    index: Arc<Mutex<Arc<Index>>>,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Discovery")
+    }
+}
+
+impl Discovery {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            index: Arc::new(Mutex::new(Arc::new(Index::unbuilt()))),
+        }
+    }
+}
+
+fn index_at(shared: &Shared, cache: &Mutex<Arc<Index>>, epoch: u64) -> Arc<Index> {
+    let mut cached = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    if cached.epoch != epoch {
+        let view = shared.mesh();
+        *cached = Arc::new(Index::build(epoch, &view, &shared.sidecar_endpoints()));
+    }
+    cached.clone()
+}
+
+fn check_hello(hello: &api::Hello) -> Result<(), Status> {
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if hello.node_id.is_empty() || hello.node_id.len() > 253 {
+        return Err(Status::invalid_argument(
+            "hello: node_id must be 1-253 characters",
+        ));
+    }
+    if !name_ok(&hello.service) {
+        return Err(Status::invalid_argument(format!(
+            "hello: `{}` is not a service name",
+            hello.service
+        )));
+    }
+    if !name_ok(&hello.namespace) {
+        return Err(Status::invalid_argument(format!(
+            "hello: `{}` is not a namespace",
+            hello.namespace
+        )));
+    }
+    if hello.inbound.parse::<std::net::SocketAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "hello: inbound `{}` is not an address",
+            hello.inbound
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl api::discovery_server::Discovery for Discovery {
+    type StreamStream = BoxStream<api::Snapshot>;
+    type FetchModuleStream = BoxStream<api::ModuleChunk>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<api::SidecarMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let hello = match incoming.next().await {
+            Some(Ok(api::SidecarMessage {
+                message: Some(api::sidecar_message::Message::Hello(hello)),
+            })) => hello,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        check_hello(&hello)?;
+        let shared = self.shared.clone();
+        let cache = self.index.clone();
+        let session = shared.register(hello.clone());
+        tracing::info!(node = %hello.node_id, service = %hello.service, inbound = %hello.inbound, "sidecar connected");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            serve_sidecar(&shared, &cache, &hello, session, incoming, tx).await;
+            shared.unregister(&hello.node_id, session);
+            tracing::info!(node = %hello.node_id, "sidecar disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_module(
+        &self,
+        request: Request<api::FetchModuleRequest>,
+    ) -> Result<Response<Self::FetchModuleStream>, Status> {
+        let sha256 = request.into_inner().sha256;
+        let bytes = self
+            .shared
+            .store
+            .module(&sha256)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no module with sha256 {sha256}")))?;
+        let chunks: Vec<Result<api::ModuleChunk, Status>> = bytes
+            .chunks(api::MODULE_CHUNK)
+            .enumerate()
+            .map(|(i, data)| {
+                Ok(api::ModuleChunk {
+                    sha256: if i == 0 {
+                        sha256.clone()
+                    } else {
+                        String::new()
+                    },
+                    data: data.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+/// Sends a snapshot whenever what the sidecar should have changes, and
+/// records its answers, until either side ends the stream.
+async fn serve_sidecar(
+    shared: &Shared,
+    cache: &Mutex<Arc<Index>>,
+    hello: &api::Hello,
+    session: u64,
+    mut incoming: Streaming<api::SidecarMessage>,
+    tx: mpsc::Sender<Result<api::Snapshot, Status>>,
+) {
+    let mut changes = shared.changes.subscribe();
+    let mut closing = shared.closing.subscribe();
+    let mut last_sent: Option<Arc<api::Snapshot>> = None;
+    let mut revision = 0;
+    loop {
+        let epoch = *changes.borrow_and_update();
+        let snapshot = index_at(shared, cache, epoch).snapshot_for(hello);
+        let same = last_sent
+            .as_ref()
+            .is_some_and(|last| Arc::ptr_eq(last, &snapshot) || **last == *snapshot);
+        if !same {
+            revision += 1;
+            let mut numbered = (*snapshot).clone();
+            numbered.revision = revision;
+            {
+                let mut sidecars = shared.sidecars();
+                match sidecars.get_mut(&hello.node_id) {
+                    Some(r) if r.session == session => {
+                        r.sent_version = snapshot.version;
+                        r.sent_revision = revision;
+                        r.sent_at = Some(Instant::now());
+                    }
+                    // A newer stream of the same node took over.
+                    _ => return,
+                }
+            }
+            if tx.send(Ok(numbered)).await.is_err() {
+                return;
+            }
+            shared.metrics.pushes.inc();
+            last_sent = Some(snapshot);
+        }
+        tokio::select! {
+            _ = async { let _ = closing.wait_for(|closed| *closed).await; } => {
+                let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                return;
+            }
+            changed = changes.changed() => if changed.is_err() { return },
+            message = incoming.next() => match message {
+                Some(Ok(api::SidecarMessage { message: Some(api::sidecar_message::Message::Answer(answer)) })) => {
+                    record_answer(shared, &hello.node_id, session, &answer);
+                }
+                Some(Ok(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument("only answers may follow the hello"))).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
+            },
+        }
+    }
+}
+
+fn record_answer(shared: &Shared, node_id: &str, session: u64, answer: &api::Answer) {
+    let mut sidecars = shared.sidecars();
+    let Some(r) = sidecars.get_mut(node_id).filter(|r| r.session == session) else {
+        return;
+    };
+    r.last_answer_ms = now_ms();
+    if answer.ack {
+        r.acked_version = r.acked_version.max(answer.version);
+        if answer.revision == r.sent_revision
+            && let Some(sent) = r.sent_at.take()
+        {
+            shared
+                .metrics
+                .push_latency
+                .observe(sent.elapsed().as_secs_f64());
+        }
+        shared.metrics.answers.with_label_values(&["ack", ""]).inc();
+    } else {
+        r.nacked_version = r.nacked_version.max(answer.version);
+        r.nack_reason = answer.reason.clone();
+        let code: String = answer
+            .code
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(32)
+            .collect();
+        shared
+            .metrics
+            .answers
+            .with_label_values(&["nack", &code])
+            .inc();
+        tracing::warn!(node = %node_id, version = answer.version, reason = %answer.reason, "sidecar NACKed");
+    }
+    drop(sidecars);
+    shared.answered();
+}

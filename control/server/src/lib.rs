@@ -1,0 +1,152 @@
+//! The Lacewing control plane: keeps the mesh documents and modules in a
+//! [`store`], validates every apply, and streams to each sidecar the
+//! [`snapshot`] that concerns it, recording its ACK or NACK.
+//!
+//! One listener serves the `Operator` and `Discovery` gRPC services and
+//! `/metrics` (HTTP/1.1).
+
+pub mod client;
+pub mod discovery;
+pub mod metrics;
+pub mod operator;
+pub mod snapshot;
+pub mod state;
+pub mod store;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lacewing_control_api as api;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::metrics::ControlMetrics;
+use crate::state::Shared;
+use crate::store::{RedbStore, Store};
+use crate::token::RequireToken;
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The state directory's files.
+pub const OPERATOR_TOKEN: &str = "operator.token";
+pub const BOOTSTRAP_TOKEN: &str = "bootstrap.token";
+pub const STORE_FILE: &str = "mesh.redb";
+
+/// A bound control plane, ready to serve.
+pub struct ControlPlane {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    operator_token: String,
+    bootstrap_token: String,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Opens the state directory (creating it 0700, and its tokens 0600, on
+    /// first start) and binds `listen`.
+    pub async fn bind(listen: SocketAddr, state_dir: &Path) -> Result<Self, StartError> {
+        let dir_error = |source| StartError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(dir_error)?;
+        }
+        let operator_token =
+            token::load_or_create(&state_dir.join(OPERATOR_TOKEN)).map_err(dir_error)?;
+        let bootstrap_token =
+            token::load_or_create(&state_dir.join(BOOTSTRAP_TOKEN)).map_err(dir_error)?;
+        let path = state_dir.join(STORE_FILE);
+        let store: Arc<dyn Store> =
+            Arc::new(tokio::task::block_in_place(|| RedbStore::open(&path))?);
+        let shared = Shared::new(store, ControlMetrics::new())?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                address: listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            shared,
+            operator_token,
+            bootstrap_token,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The store version at start.
+    pub fn version(&self) -> u64 {
+        self.shared.mesh().version
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        let operator = api::operator_server::OperatorServer::with_interceptor(
+            operator::Operator::new(self.shared.clone()),
+            RequireToken::new(&self.operator_token, "operator"),
+        );
+        let discovery = api::discovery_server::DiscoveryServer::with_interceptor(
+            discovery::Discovery::new(self.shared.clone()),
+            RequireToken::new(&self.bootstrap_token, "bootstrap"),
+        );
+        let metrics = self.shared.metrics.clone();
+        let shared = self.shared.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Open sidecar streams would hold the graceful shutdown forever.
+            shared.closing.send_replace(true);
+        };
+        let routes = tonic::service::Routes::new(operator)
+            .add_service(discovery)
+            .into_axum_router()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = metrics.clone();
+                    async move { metrics.render() }
+                }),
+            );
+        tonic::transport::Server::builder()
+            .accept_http1(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .add_routes(routes.into())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .await
+    }
+}

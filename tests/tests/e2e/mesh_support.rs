@@ -1,0 +1,368 @@
+//! Support for the mesh tests: a control plane in this process (or as a
+//! `lacewing control` process), sidecar agents whose publish records what it
+//! is given, and mesh files written to a scratch directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lacewing_config::ProxyConfig;
+use lacewing_control::ControlPlane;
+use lacewing_control::client::{Applied, Client, ClientError};
+use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
+use lacewing_control_api as api;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A control plane serving on a task of the test's runtime.
+pub struct Plane {
+    pub addr: SocketAddr,
+    pub state_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Plane {
+    /// Starts on `listen` with `state_dir` (created if needed).
+    pub async fn start_at(listen: SocketAddr, state_dir: &Path) -> Self {
+        let plane = ControlPlane::bind(listen, state_dir)
+            .await
+            .expect("control plane binds");
+        let addr = plane.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            plane
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("control plane serves");
+        });
+        Self {
+            addr,
+            state_dir: state_dir.to_path_buf(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn start(state_dir: &Path) -> Self {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), state_dir).await
+    }
+
+    pub fn operator_token(&self) -> String {
+        lacewing_control::token::read(&self.state_dir.join("operator.token")).unwrap()
+    }
+
+    pub fn bootstrap_token(&self) -> String {
+        lacewing_control::token::read(&self.state_dir.join("bootstrap.token")).unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr.to_string(), &self.operator_token())
+            .await
+            .expect("operator client connects")
+    }
+
+    /// Stops serving (open streams are cut) and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(std::time::Duration::from_secs(10), task)
+                .await
+                .expect("the control plane stops")
+                .expect("the control plane task ends cleanly");
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.addr);
+        lacewing_tests::client::get(&url).await.text()
+    }
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Parses `text` as the file `dir/name` and applies it.
+pub async fn apply(
+    client: &mut Client,
+    dir: &Path,
+    name: &str,
+    text: &str,
+) -> Result<Applied, ClientError> {
+    let path = write(dir, name, text);
+    let docs = lacewing_mesh::parse_file(&path)?;
+    client.apply(docs, dir).await
+}
+
+/// A `Service` document.
+pub fn service(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: lacewing.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  port: 80\n{extra}---\n"
+    )
+}
+
+/// A `WasmPlugin` document selecting `service`.
+pub fn plugin(name: &str, service: &str, module: &str, configuration: &str) -> String {
+    format!(
+        "apiVersion: lacewing.dev/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: {name}}}\nspec:\n  module: {module}\n  selector: {{service: {service}}}\n  configuration: {configuration:?}\n---\n"
+    )
+}
+
+/// What a recording publish was given, or refuses with.
+#[derive(Default)]
+pub struct Published {
+    pub configs: Mutex<Vec<ProxyConfig>>,
+    pub refuse: Mutex<Option<String>>,
+}
+
+impl Published {
+    pub fn last(&self) -> Option<ProxyConfig> {
+        self.configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last()
+            .cloned()
+    }
+
+    pub fn refuse_with(&self, reason: Option<&str>) {
+        *self.refuse.lock().unwrap_or_else(PoisonError::into_inner) = reason.map(str::to_string);
+    }
+}
+
+/// A sidecar agent whose publish records configurations instead of serving them.
+pub struct RecordingSidecar {
+    pub published: Arc<Published>,
+    pub spec: SidecarSpec,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RecordingSidecar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn spec(service: &str, port: u16) -> SidecarSpec {
+    SidecarSpec {
+        node_id: format!("{service}-{port}"),
+        service: service.into(),
+        namespace: "default".into(),
+        inbound: SocketAddr::from(([127, 0, 0, 1], port)),
+        outbound: SocketAddr::from(([127, 0, 0, 1], port + 1)),
+        app: SocketAddr::from(([127, 0, 0, 1], port + 2)),
+        admin: None,
+        workers: 1,
+    }
+}
+
+impl RecordingSidecar {
+    pub fn start(plane: &Plane, spec: SidecarSpec, state_dir: &Path) -> Self {
+        Self::start_with_token(
+            &plane.addr.to_string(),
+            &plane.bootstrap_token(),
+            spec,
+            state_dir,
+        )
+    }
+
+    pub fn start_with_token(
+        control: &str,
+        token: &str,
+        spec: SidecarSpec,
+        state_dir: &Path,
+    ) -> Self {
+        let published = Arc::new(Published::default());
+        let recorder = published.clone();
+        let publish: Publish = Arc::new(move |config| {
+            if let Some(reason) = recorder
+                .refuse
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+            {
+                return Err(reason);
+            }
+            recorder
+                .configs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(config);
+            Ok(())
+        });
+        let options = AgentOptions {
+            control: control.to_string(),
+            token: token.to_string(),
+            spec: spec.clone(),
+            state_dir: state_dir.to_path_buf(),
+        };
+        let (initial, version) = Agent::initial_config(&options).unwrap();
+        let registry = prometheus::Registry::new_custom(Some("lacewing".into()), None).unwrap();
+        let metrics = lacewing_control_agent::metrics::AgentMetrics::register(&registry).unwrap();
+        let agent = Agent::new(options, publish, metrics, &initial, version).unwrap();
+        Self {
+            published,
+            spec,
+            task: tokio::spawn(agent.run()),
+        }
+    }
+}
+
+/// The status line of one sidecar.
+pub async fn sidecar_status(client: &mut Client, node_id: &str) -> Option<api::SidecarStatus> {
+    client
+        .status()
+        .await
+        .ok()?
+        .sidecars
+        .into_iter()
+        .find(|s| s.node_id == node_id)
+}
+
+/// A `lacewing` process (control plane or sidecar), SIGKILLed when dropped.
+pub struct Process {
+    child: Child,
+    /// Its first stdout line, split on spaces.
+    pub words: Vec<String>,
+}
+
+impl Process {
+    /// Runs `lacewing ARGS` and reads the line it prints when it is serving.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(lacewing_tests::process::lacewing_binary())
+            .args(args)
+            .env("LACEWING_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start lacewing");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(!line.is_empty(), "lacewing {args:?} exited before serving");
+        Self {
+            child,
+            words: line.split_whitespace().map(str::to_string).collect(),
+        }
+    }
+
+    /// The word after `key` in the first line, as an address.
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        let at = self
+            .words
+            .iter()
+            .position(|w| w == key)
+            .unwrap_or_else(|| panic!("no `{key}` in {:?}", self.words));
+        self.words[at + 1].parse().unwrap()
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `lacewing control` on `listen` with `state`.
+pub fn control_process(listen: &str, state: &Path) -> (Process, String) {
+    let process = Process::spawn(&[
+        "control",
+        "--listen",
+        listen,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let addr = process.words.last().unwrap().clone();
+    (process, addr)
+}
+
+/// `lacewing proxy --control`: a sidecar for `service` in front of `app`, one worker.
+pub fn sidecar_process(
+    control: &str,
+    control_state: &Path,
+    service: &str,
+    app: SocketAddr,
+    state: &Path,
+) -> Process {
+    sidecar_process_at(control, control_state, service, app, state, "127.0.0.1:0")
+}
+
+/// [`sidecar_process`] with its inbound address.
+pub fn sidecar_process_at(
+    control: &str,
+    control_state: &Path,
+    service: &str,
+    app: SocketAddr,
+    state: &Path,
+    inbound: &str,
+) -> Process {
+    Process::spawn(&[
+        "proxy",
+        "--control",
+        control,
+        "--service",
+        service,
+        "--inbound",
+        inbound,
+        "--outbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--app",
+        &app.to_string(),
+        "--token-file",
+        control_state.join("bootstrap.token").to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--workers",
+        "1",
+    ])
+}
+
+/// Waits until `count` sidecars have an open stream.
+pub async fn until_connected(client: &Client, count: usize) {
+    lacewing_tests::eventually_with(
+        &format!("{count} sidecars are connected"),
+        300,
+        std::time::Duration::from_millis(50),
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.sidecars.iter().filter(|s| s.connected).count() == count)
+            }
+        },
+    )
+    .await;
+}
+
+/// Waits until the sidecar `node_id` is connected and has ACKed `version` (0: just connected).
+pub async fn until_acked(client: &Client, node_id: &str, version: u64) {
+    lacewing_tests::eventually(&format!("{node_id} ACKs version {version}"), || {
+        let mut client = client.clone();
+        async move {
+            sidecar_status(&mut client, node_id)
+                .await
+                .is_some_and(|s| s.connected && s.acked_version >= version)
+        }
+    })
+    .await;
+}
