@@ -27,6 +27,9 @@ use proxy_wasm_experimental as proxy_wasm;
 const TICKS_KEY: &str = "experimental-sdk-ticks";
 
 /// The module's entry point: both hosts call `_start` once when the VM starts.
+// The ABI names the export, so its symbol must not be mangled; no other
+// symbol of the module is called `_start`.
+#[allow(unsafe_code)]
 #[unsafe(no_mangle)]
 pub fn _start() {
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(TickingRoot) });
