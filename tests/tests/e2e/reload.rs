@@ -205,6 +205,9 @@ async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays()
     assert_still_serves_a(&handle).await;
 
     assert_eq!(handle.generation().map(|g| g.number), Some(live));
+    let running = handle.publisher().config().expect("a live configuration");
+    assert_eq!(running.workers, 1);
+    assert_eq!(running.clusters[0].name, "a");
     let metrics = client::metrics(proxy::admin_addr(&handle)).await;
     assert_eq!(
         metric_value(
