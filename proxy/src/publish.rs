@@ -296,6 +296,13 @@ impl Publisher {
             .map(|g| g.generation.clone())
     }
 
+    /// The live generation's configuration (`None` before the first
+    /// publish). A source that builds configurations of its own copies
+    /// `workers` and `admin` from it: those cannot change while the proxy runs.
+    pub fn config(&self) -> Option<Arc<ProxyConfig>> {
+        self.live.current.load().as_ref().map(|g| g.config.clone())
+    }
+
     /// The live generation and its configuration, for `/config_dump`.
     pub(crate) fn live(&self) -> Option<Arc<LiveGeneration>> {
         self.live.current.load_full()

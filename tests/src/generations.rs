@@ -47,7 +47,7 @@ clusters:
   - { name: a, endpoints: ['{a}'] }
   - { name: b, endpoints: ['{b}'] }
 plugins:
-  - { name: tagger, module: {module}, configuration: 'tag={tag}' }
+  - { name: tagger, module: {module}, configuration: 'tag={tag}', limits: { callback_timeout: 5s } }
 ",
             &[
                 ("workers", &workers),

@@ -584,7 +584,23 @@ impl Vm {
             for id in ids {
                 s.remove_context(id);
             }
-            s.queue_tx = None;
+            stop_queue_delivery(s);
         });
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        stop_queue_delivery(self.store.get_mut().data_mut());
+    }
+}
+
+/// Ends the task that delivers `proxy_on_queue_ready` to this VM. The shared
+/// queues hold senders of its channel too, so it would wait forever; a
+/// wake-up lets it see the VM is gone (or broken) and end, which marks this
+/// VM's queue registrations dead. Queue id 0 is never a queue.
+fn stop_queue_delivery(state: &mut HostState) {
+    if let Some(tx) = state.queue_tx.take() {
+        let _ = tx.send(0);
     }
 }

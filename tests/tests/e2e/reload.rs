@@ -205,6 +205,9 @@ async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays()
     assert_still_serves_a(&handle).await;
 
     assert_eq!(handle.generation().map(|g| g.number), Some(live));
+    let running = handle.publisher().config().expect("a live configuration");
+    assert_eq!(running.workers, 1);
+    assert_eq!(running.clusters[0].name, "a");
     let metrics = client::metrics(proxy::admin_addr(&handle)).await;
     assert_eq!(
         metric_value(
@@ -221,6 +224,40 @@ async fn bad_generations_are_rejected_with_their_reason_and_the_live_one_stays()
     assert_eq!(generation.number, live + 1);
     let response = client::get(&proxy::url(&handle, "main", "/")).await;
     assert_eq!(generation_of(&response), pair("b", "B"));
+}
+
+/// A cluster the new generation leaves unchanged is the same cluster: its
+/// pooled upstream connection serves the next generation's requests. A
+/// host-name endpoint is resolved for the publish that introduces it.
+#[tokio::test]
+async fn unchanged_clusters_keep_their_connections_and_host_names_resolve() {
+    let up = Generations::start().await;
+    let handle = proxy::start(&up.yaml("a", "A", 1));
+    let url = proxy::url(&handle, "main", "/");
+    let client = ReusingClient::http1();
+    assert_eq!(generation_of(&client.get(&url).await), pair("a", "A"));
+    let connections = up.a.accepted();
+
+    for (i, tag) in ["A1", "A2", "A3"].into_iter().enumerate() {
+        publish(&handle, up.config("a", tag, 1))
+            .await
+            .unwrap_or_else(|e| panic!("publish {i}: {e}"));
+        assert_eq!(generation_of(&client.get(&url).await), pair("a", tag));
+    }
+    assert_eq!(
+        up.a.accepted(),
+        connections,
+        "cluster `a` kept its pooled connection across three generations"
+    );
+
+    let by_name = up.yaml("b", "B", 1).replace(
+        &format!("'{}'", up.b.addr),
+        &format!("'localhost:{}'", up.b.addr.port()),
+    );
+    publish(&handle, parse(&by_name))
+        .await
+        .expect("publish a host-name endpoint");
+    assert_eq!(generation_of(&client.get(&url).await), pair("b", "B"));
 }
 
 #[tokio::test]
@@ -279,7 +316,7 @@ async fn plugins_tick_and_take_queue_items_from_publish_with_no_traffic() {
     // tick count (process-wide shared data) through a plugin that does not tick.
     let yaml = |ticker: bool| {
         let ticking = if ticker {
-            "\n  - { name: ticker, module: {module}, vm_id: ticker-vm, configuration: 'tick_ms=10' }"
+            "\n  - { name: ticker, module: {module}, vm_id: ticker-vm, configuration: 'tick_ms=10', limits: { callback_timeout: 5s } }"
         } else {
             ""
         };
@@ -306,7 +343,7 @@ listeners:
 clusters:
   - {{ name: a, endpoints: ['{{a}}'] }}
 plugins:
-  - {{ name: reader, module: {{module}} }}{ticking}
+  - {{ name: reader, module: {{module}}, limits: {{ callback_timeout: 5s }} }}{ticking}
 "
             ),
             &[("a", &up.a.addr), ("module", &yaml_path(&up.module))],
