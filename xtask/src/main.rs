@@ -12,7 +12,7 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   demo           build the proxy and the demo filter, run `lacewing demo`
   test           build the wasm modules, then fmt check, clippy and every test
-  build-filters  build every proxy-wasm module (filters/ and tests/modules/) for wasm32-wasip1
+  build-filters  build every proxy-wasm module (filters/, tests/modules/, examples/) for wasm32-wasip1
   bench          run the benchmark (bench/README.md)
 ";
 
@@ -62,10 +62,10 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
     run("rustup", &["target", "add", "wasm32-wasip1"], &[])
 }
 
-/// The wasm crates: every package under filters/ and tests/modules/.
+/// The wasm crates: every package under filters/, tests/modules/ and examples/.
 fn wasm_packages() -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
-    for dir in ["filters", "tests/modules"] {
+    for dir in ["filters", "tests/modules", "examples"] {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
