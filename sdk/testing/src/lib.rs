@@ -156,7 +156,8 @@ impl Builder {
         let guard = tracing::subscriber::set_default(subscriber);
         let metrics = Metrics::new();
         let host = WasmHost::new(HostOptions {
-            cache_dir: None,
+            // Compiled modules are kept across test processes (keyed by sha256).
+            cache_dir: Some(std::env::temp_dir().join("lacewing-filter-test-cache")),
             metrics: metrics.clone(),
             log_level: LogLevel::Trace,
         })
