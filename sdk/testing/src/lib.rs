@@ -264,7 +264,9 @@ impl FilterTest {
         }
     }
 
-    /// Runs the worker for `d`: timers tick, callouts complete.
+    /// Runs the worker for `d`: timers tick, callouts complete. As in the
+    /// proxy, the worker's VM (and so its tick timer) starts with the first
+    /// stream, not at load.
     pub fn run_for(&self, d: Duration) {
         self.local
             .block_on(&self.rt, async { tokio::time::sleep(d).await });
