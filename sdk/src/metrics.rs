@@ -74,3 +74,67 @@ impl Histogram {
         hostcalls::record_metric(self.0, value)
     }
 }
+
+/// Metrics named at run time (`requests.source.<principal>`), each defined
+/// on first use and kept. A name the host refuses is remembered as refused.
+///
+/// ```no_run
+/// use lacewing_sdk::metrics::{Counter, Family};
+/// let denied: Family<Counter> = Family::default();
+/// denied.with("denied.source.web", |c| c.inc());
+/// ```
+#[derive(Debug)]
+pub struct Family<M> {
+    handles: std::cell::RefCell<std::collections::HashMap<String, Option<M>>>,
+}
+
+impl<M> Default for Family<M> {
+    fn default() -> Self {
+        Self {
+            handles: std::cell::RefCell::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+/// A metric kind a [`Family`] can define.
+pub trait Define: Copy + Sized {
+    /// Defines (or finds) the metric `name`.
+    fn define(name: &str) -> Result<Self>;
+}
+
+impl Define for Counter {
+    fn define(name: &str) -> Result<Self> {
+        Counter::define(name)
+    }
+}
+
+impl Define for Gauge {
+    fn define(name: &str) -> Result<Self> {
+        Gauge::define(name)
+    }
+}
+
+impl Define for Histogram {
+    fn define(name: &str) -> Result<Self> {
+        Histogram::define(name)
+    }
+}
+
+impl<M: Define> Family<M> {
+    /// Runs `f` on the metric `name`, defining it first if needed; the
+    /// result of `f` (or of defining) is dropped, as metrics must not fail requests.
+    pub fn with(&self, name: &str, f: impl FnOnce(M) -> Result<()>) {
+        let handle = {
+            let mut handles = self.handles.borrow_mut();
+            match handles.get(name) {
+                Some(h) => *h,
+                None => *handles
+                    .entry(name.to_string())
+                    .or_insert(M::define(name).ok()),
+            }
+        };
+        if let Some(m) = handle {
+            let _ = f(m);
+        }
+    }
+}

@@ -6,12 +6,10 @@
 
 mod policy;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use lacewing_sdk::http::{Headers, send_response};
-use lacewing_sdk::metrics::Counter;
+use lacewing_sdk::metrics::{Counter, Family};
 use lacewing_sdk::{Action, Filter, Plugin};
 
 pub use policy::{Config, Decision, Policy, RequestView};
@@ -19,19 +17,13 @@ pub use policy::{Config, Decision, Policy, RequestView};
 /// The plugin: the compiled policy and its counters.
 pub struct Authz {
     policy: Policy,
-    counters: RefCell<HashMap<String, Option<Counter>>>,
+    counters: Family<Counter>,
 }
 
 impl Authz {
     /// Adds one to the counter `name`, defining it on first use.
     fn count(&self, name: String) {
-        let mut counters = self.counters.borrow_mut();
-        let counter = counters
-            .entry(name)
-            .or_insert_with_key(|name| Counter::define(name).ok());
-        if let Some(c) = counter {
-            let _ = c.inc();
-        }
+        self.counters.with(&name, |c| c.inc());
     }
 }
 
@@ -42,7 +34,7 @@ impl Plugin for Authz {
     fn configure(config: Config) -> Result<Self, String> {
         Ok(Authz {
             policy: Policy::compile(config)?,
-            counters: RefCell::new(HashMap::new()),
+            counters: Family::default(),
         })
     }
 

@@ -7,11 +7,10 @@
 mod trace;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use lacewing_sdk::http::Headers;
-use lacewing_sdk::metrics::{Counter, Histogram};
+use lacewing_sdk::metrics::{Counter, Family, Histogram};
 use lacewing_sdk::{Action, Filter, Plugin};
 use serde::Deserialize;
 
@@ -39,30 +38,18 @@ fn yes() -> bool {
 /// The plugin: configuration and metric handles defined on first use.
 pub struct Telemetry {
     config: Config,
-    counters: RefCell<HashMap<String, Option<Counter>>>,
-    histograms: RefCell<HashMap<String, Option<Histogram>>>,
+    counters: Family<Counter>,
+    histograms: Family<Histogram>,
     ids: RefCell<Ids>,
 }
 
 impl Telemetry {
     fn count(&self, name: String) {
-        let mut m = self.counters.borrow_mut();
-        if let Some(c) = m
-            .entry(name)
-            .or_insert_with_key(|n| Counter::define(n).ok())
-        {
-            let _ = c.inc();
-        }
+        self.counters.with(&name, |c| c.inc());
     }
 
     fn record(&self, name: String, value: u64) {
-        let mut m = self.histograms.borrow_mut();
-        if let Some(h) = m
-            .entry(name)
-            .or_insert_with_key(|n| Histogram::define(n).ok())
-        {
-            let _ = h.record(value);
-        }
+        self.histograms.with(&name, |h| h.record(value));
     }
 }
 
@@ -76,8 +63,8 @@ impl Plugin for Telemetry {
         }
         Ok(Telemetry {
             config,
-            counters: RefCell::new(HashMap::new()),
-            histograms: RefCell::new(HashMap::new()),
+            counters: Family::default(),
+            histograms: Family::default(),
             ids: RefCell::new(Ids::default()),
         })
     }

@@ -340,6 +340,23 @@ pub enum Verdict {
     Reset,
 }
 
+/// The local reply a filter set on the stream, taken as the client would get it.
+fn take_reply(s: &mut HttpStream) -> Option<Reply> {
+    s.local_reply.take().map(|reply| Reply {
+        status: reply.status.as_u16(),
+        headers: reply.headers,
+        body: reply.body,
+        details: reply.details,
+    })
+}
+
+/// Which way a body flows.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Request,
+    Response,
+}
+
 /// One HTTP stream through the plugin.
 pub struct Stream<'t> {
     test: &'t FilterTest,
@@ -383,13 +400,8 @@ impl Stream<'_> {
             }
         });
         let mut s = self.stream.borrow_mut();
-        if let Some(reply) = s.local_reply.take() {
-            return Verdict::Replied(Reply {
-                status: reply.status.as_u16(),
-                headers: reply.headers,
-                body: reply.body,
-                details: reply.details,
-            });
+        if let Some(reply) = take_reply(&mut s) {
+            return Verdict::Replied(reply);
         }
         if s.reset {
             return Verdict::Reset;
@@ -409,14 +421,29 @@ impl Stream<'_> {
     /// Delivers a request body chunk. Bytes the filter lets through (on
     /// `Continue`) are collected in [`Stream::forwarded_request_body`].
     pub fn request_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Verdict {
-        self.stream
-            .borrow_mut()
-            .request_body
-            .extend_from_slice(chunk);
-        let v = self.run(|f, s| f.on_request_body(s, end_of_stream));
+        self.body(chunk, end_of_stream, Direction::Request)
+    }
+
+    /// Buffers `chunk` in one direction's body, runs that body phase, and
+    /// moves the buffer to what went on when the filter continues.
+    fn body(&mut self, chunk: &[u8], end_of_stream: bool, dir: Direction) -> Verdict {
+        fn buffer(s: &mut HttpStream, dir: Direction) -> &mut bytes::BytesMut {
+            match dir {
+                Direction::Request => &mut s.request_body,
+                Direction::Response => &mut s.response_body,
+            }
+        }
+        buffer(&mut self.stream.borrow_mut(), dir).extend_from_slice(chunk);
+        let v = self.run(|f, s| match dir {
+            Direction::Request => f.on_request_body(s, end_of_stream),
+            Direction::Response => f.on_response_body(s, end_of_stream),
+        });
         if v == Verdict::Continue {
-            let data = self.stream.borrow_mut().request_body.split();
-            self.forwarded_request_body.extend_from_slice(&data);
+            let data = buffer(&mut self.stream.borrow_mut(), dir).split();
+            match dir {
+                Direction::Request => self.forwarded_request_body.extend_from_slice(&data),
+                Direction::Response => self.forwarded_response_body.extend_from_slice(&data),
+            }
         }
         v
     }
@@ -444,16 +471,7 @@ impl Stream<'_> {
 
     /// Delivers a response body chunk (see [`Stream::request_body`]).
     pub fn response_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Verdict {
-        self.stream
-            .borrow_mut()
-            .response_body
-            .extend_from_slice(chunk);
-        let v = self.run(|f, s| f.on_response_body(s, end_of_stream));
-        if v == Verdict::Continue {
-            let data = self.stream.borrow_mut().response_body.split();
-            self.forwarded_response_body.extend_from_slice(&data);
-        }
-        v
+        self.body(chunk, end_of_stream, Direction::Response)
     }
 
     /// Ends the stream: the log phase runs and the filter is dropped.
@@ -487,13 +505,8 @@ impl Stream<'_> {
             }
         });
         let mut s = self.stream.borrow_mut();
-        if let Some(reply) = s.local_reply.take() {
-            return Verdict::Replied(Reply {
-                status: reply.status.as_u16(),
-                headers: reply.headers,
-                body: reply.body,
-                details: reply.details,
-            });
+        if let Some(reply) = take_reply(&mut s) {
+            return Verdict::Replied(reply);
         }
         if done {
             Verdict::Continue
