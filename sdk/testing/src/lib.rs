@@ -123,7 +123,7 @@ pub struct Builder {
     module: PathBuf,
     name: String,
     configuration: Option<serde_json::Value>,
-    clusters: Vec<(String, SocketAddr)>,
+    clusters: Vec<(String, SocketAddr, &'static str)>,
 }
 
 impl Builder {
@@ -141,7 +141,13 @@ impl Builder {
 
     /// A cluster the plugin may call out to.
     pub fn cluster(mut self, name: &str, addr: SocketAddr) -> Self {
-        self.clusters.push((name.into(), addr));
+        self.clusters.push((name.into(), addr, "http1"));
+        self
+    }
+
+    /// A cluster spoken to over HTTP/2 without TLS, for gRPC callouts.
+    pub fn grpc_cluster(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.clusters.push((name.into(), addr, "h2"));
         self
     }
 
@@ -177,10 +183,10 @@ impl Builder {
         let clusters: Vec<ClusterConfig> = self
             .clusters
             .iter()
-            .map(|(name, addr)| {
-                serde_json::from_value(
-                    serde_json::json!({ "name": name, "endpoints": [addr.to_string()] }),
-                )
+            .map(|(name, addr, protocol)| {
+                serde_json::from_value(serde_json::json!({
+                    "name": name, "endpoints": [addr.to_string()], "protocol": protocol
+                }))
                 .map_err(|e| HarnessError::Setup(e.to_string()))
             })
             .collect::<Result<_, _>>()?;

@@ -116,3 +116,36 @@ fn ticks_run_on_the_worker() {
     }
     assert!(ticks >= 3.0, "ticks seen: {ticks}");
 }
+
+#[test]
+fn a_grpc_reply_resumes_or_denies_the_request() {
+    let upstream = TestUpstream::start_grpc(|message| {
+        if message.starts_with(b"/public") {
+            (0, Bytes::from_static(b"grpc-ok"))
+        } else {
+            (7, Bytes::new())
+        }
+    })
+    .unwrap();
+    let test = FilterTest::builder(module("ext-auth").unwrap())
+        .configuration(json!({"cluster": "checker", "grpc": true}))
+        .grpc_cluster("checker", upstream.addr())
+        .load()
+        .unwrap();
+
+    let mut allowed = test.stream(http::Request::get("/public/a").body(()).unwrap());
+    assert_eq!(allowed.request_headers(true), Verdict::Paused);
+    assert_eq!(
+        allowed.wait_resumed(Duration::from_secs(10)),
+        Verdict::Continue
+    );
+    assert_eq!(allowed.request_header("x-auth").as_deref(), Some("grpc-ok"));
+
+    let mut denied = test.stream(http::Request::get("/private").body(()).unwrap());
+    assert_eq!(denied.request_headers(true), Verdict::Paused);
+    let Verdict::Replied(reply) = denied.wait_resumed(Duration::from_secs(10)) else {
+        panic!("expected a local reply");
+    };
+    assert_eq!(reply.body, Bytes::from_static(b"grpc check said 7\n"));
+    assert_eq!(upstream.received()[0].path, "/auth.Checker/Check");
+}

@@ -2,11 +2,13 @@
 //! checked with `GET /check` on the configured cluster (the request path in
 //! `x-check-path`); 200 lets it through with `x-auth` set from the reply's
 //! `x-verdict`, anything else (or no reply) answers 403. The plugin counts its
-//! ticks in the gauge `ext_auth_ticks`.
+//! ticks in the gauge `ext_auth_ticks`. With `"grpc": true` the check is the
+//! unary gRPC call `auth.Checker/Check` (the path as the message): status 0
+//! lets the request through with `x-auth` set to the reply message.
 
 use std::rc::Rc;
 
-use lacewing_sdk::callout::HttpCall;
+use lacewing_sdk::callout::{GrpcCall, HttpCall};
 use lacewing_sdk::http::{Headers, send_response};
 use lacewing_sdk::metrics::Gauge;
 use lacewing_sdk::{Action, Filter, Plugin};
@@ -17,11 +19,14 @@ pub struct Config {
     cluster: String,
     #[serde(default)]
     tick_ms: u32,
+    #[serde(default)]
+    grpc: bool,
 }
 
 pub struct ExtAuth {
     cluster: String,
     tick_ms: u32,
+    grpc: bool,
     ticks: Option<Gauge>,
 }
 
@@ -33,6 +38,7 @@ impl Plugin for ExtAuth {
         Ok(ExtAuth {
             cluster: c.cluster,
             tick_ms: c.tick_ms,
+            grpc: c.grpc,
             ticks: Gauge::define("ext_auth_ticks").ok(),
         })
     }
@@ -67,6 +73,24 @@ fn deny(reason: &str) -> Action {
 impl Filter for Check {
     fn on_request_headers(&mut self, headers: &Headers, _end_of_stream: bool) -> Action {
         let path = headers.get(":path").ok().flatten().unwrap_or_default();
+        if self.0.grpc {
+            let sent = GrpcCall::new(&self.0.cluster, "auth.Checker", "Check")
+                .message(path.into_bytes())
+                .send(|_f: &mut Check, reply| {
+                    if reply.status != 0 {
+                        return deny(&format!("grpc check said {}\n", reply.status));
+                    }
+                    let verdict = String::from_utf8_lossy(&reply.message).into_owned();
+                    if let Err(e) = Headers::REQUEST.set("x-auth", &verdict) {
+                        lacewing_sdk::warn!("ext-auth: {e}");
+                    }
+                    Action::Continue
+                });
+            return match sent {
+                Ok(_) => Action::Pause,
+                Err(e) => deny(&format!("cannot call the checker: {e}\n")),
+            };
+        }
         let sent = HttpCall::new(&self.0.cluster)
             .path("/check")
             .header("x-check-path", &path)
