@@ -13,9 +13,9 @@ tasks:
   demo           build the proxy and the demo filter, run `lacewing demo`
   test           build the wasm modules, then fmt check, clippy and every test
   build-filters [NAME...]
-                 build the proxy-wasm modules under filters/ and tests/modules/ (all, or
-                 those named): Cargo crates for wasm32-wasip1, AssemblyScript projects
-                 (a package.json) with npm and asc into target/assemblyscript/NAME.wasm
+                 build the proxy-wasm modules under filters/, tests/modules/ and examples/
+                 (all, or those named): Cargo crates for wasm32-wasip1, AssemblyScript
+                 projects (a package.json) with npm and asc into target/assemblyscript/NAME.wasm
   bench          run the benchmark (bench/README.md)
 ";
 
@@ -90,10 +90,10 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Every module under filters/ and tests/modules/, sorted by name.
+/// Every module under filters/, tests/modules/ and examples/, sorted by name.
 fn wasm_modules() -> anyhow::Result<Vec<WasmModule>> {
     let mut modules = Vec::new();
-    for dir in ["filters", "tests/modules"] {
+    for dir in ["filters", "tests/modules", "examples"] {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };

@@ -1,0 +1,334 @@
+//! Safe wrappers over the imports in [`crate::raw`]: every one returns a
+//! [`Result`], none panics.
+
+use lacewing_abi::{BufferType, LogLevel, MapType, MetricType, StreamType, pairs};
+
+use crate::error::{Result, check, optional};
+use crate::raw;
+
+/// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
+fn owned(ptr: *mut u8, len: usize) -> Vec<u8> {
+    if ptr.is_null() || len == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the host filled `len` bytes at `ptr`, which came from
+    // `proxy_on_memory_allocate(len)`, a `Vec<u8>` of capacity `len` given up
+    // with `mem::forget`; ownership comes back here exactly once.
+    unsafe { Vec::from_raw_parts(ptr, len, len) }
+}
+
+/// Logs a message at `level`.
+pub fn log(level: LogLevel, message: &str) -> Result<()> {
+    // SAFETY: pointer and length describe `message`, alive for the call.
+    check("proxy_log", unsafe {
+        raw::proxy_log(level as u32, message.as_ptr(), message.len())
+    })
+}
+
+/// The host's log level: messages below it are dropped.
+pub fn log_level() -> Result<LogLevel> {
+    let mut level = 0u32;
+    // SAFETY: `level` is a valid u32 out-pointer.
+    check("proxy_get_log_level", unsafe {
+        raw::proxy_get_log_level(&mut level)
+    })?;
+    Ok(LogLevel::try_from(level).unwrap_or(LogLevel::Trace))
+}
+
+/// The host's wall clock, nanoseconds since the Unix epoch.
+pub fn now_nanos() -> Result<u64> {
+    let mut t = 0u64;
+    // SAFETY: `t` is a valid u64 out-pointer.
+    check("proxy_get_current_time_nanoseconds", unsafe {
+        raw::proxy_get_current_time_nanoseconds(&mut t)
+    })?;
+    Ok(t)
+}
+
+/// Asks for `on_tick` every `millis` milliseconds (0 stops it).
+pub fn set_tick_period(millis: u32) -> Result<()> {
+    // SAFETY: no pointers.
+    check("proxy_set_tick_period_milliseconds", unsafe {
+        raw::proxy_set_tick_period_milliseconds(millis)
+    })
+}
+
+/// Bytes `start..start+max` of a buffer; `Ok(None)` when the buffer is absent.
+pub fn buffer(kind: BufferType, start: usize, max: usize) -> Result<Option<Vec<u8>>> {
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    // SAFETY: both out-pointers are valid locals.
+    let r = check("proxy_get_buffer_bytes", unsafe {
+        raw::proxy_get_buffer_bytes(kind as u32, start, max, &mut ptr, &mut len)
+    });
+    optional(r.map(|()| owned(ptr, len)))
+}
+
+/// Replaces `size` bytes at `start` of a buffer with `data`.
+pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> Result<()> {
+    // SAFETY: pointer and length describe `data`.
+    check("proxy_set_buffer_bytes", unsafe {
+        raw::proxy_set_buffer_bytes(kind as u32, start, size, data.as_ptr(), data.len())
+    })
+}
+
+/// Every header of a map, in order.
+pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    // SAFETY: both out-pointers are valid locals.
+    check("proxy_get_header_map_pairs", unsafe {
+        raw::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len)
+    })?;
+    let bytes = owned(ptr, len);
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let decoded = pairs::decode(&bytes).map_err(|_| crate::HostError {
+        call: "proxy_get_header_map_pairs",
+        status: lacewing_abi::Status::SerializationFailure,
+    })?;
+    Ok(decoded
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect())
+}
+
+/// Replaces a whole map.
+pub fn set_header_pairs(map: MapType, headers: &[(&str, &str)]) -> Result<()> {
+    let bytes = pairs::encode(headers.iter().map(|(k, v)| (k, v)));
+    // SAFETY: pointer and length describe `bytes`.
+    check("proxy_set_header_map_pairs", unsafe {
+        raw::proxy_set_header_map_pairs(map as u32, bytes.as_ptr(), bytes.len())
+    })
+}
+
+/// One header's value; `Ok(None)` when absent.
+pub fn header(map: MapType, name: &str) -> Result<Option<String>> {
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    // SAFETY: `name` is alive for the call; out-pointers are valid locals.
+    let r = check("proxy_get_header_map_value", unsafe {
+        raw::proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut ptr, &mut len)
+    });
+    optional(r.map(|()| String::from_utf8_lossy(&owned(ptr, len)).into_owned()))
+}
+
+/// Adds a value (keeping existing ones).
+pub fn add_header(map: MapType, name: &str, value: &str) -> Result<()> {
+    // SAFETY: both slices are alive for the call.
+    check("proxy_add_header_map_value", unsafe {
+        raw::proxy_add_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Sets a header to one value.
+pub fn set_header(map: MapType, name: &str, value: &str) -> Result<()> {
+    // SAFETY: both slices are alive for the call.
+    check("proxy_replace_header_map_value", unsafe {
+        raw::proxy_replace_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Removes every value of a header.
+pub fn remove_header(map: MapType, name: &str) -> Result<()> {
+    // SAFETY: `name` is alive for the call.
+    check("proxy_remove_header_map_value", unsafe {
+        raw::proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len())
+    })
+}
+
+/// A property's raw bytes (`source.principal`, `request.path`, ...); `Ok(None)` when absent.
+pub fn property(path: &str) -> Result<Option<Vec<u8>>> {
+    let segments: Vec<&str> = path.split('.').collect();
+    let encoded = lacewing_abi::property::join_path(&segments);
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    // SAFETY: `encoded` is alive for the call; out-pointers are valid locals.
+    let r = check("proxy_get_property", unsafe {
+        raw::proxy_get_property(encoded.as_ptr(), encoded.len(), &mut ptr, &mut len)
+    });
+    optional(r.map(|()| owned(ptr, len)))
+}
+
+/// A property as UTF-8 text (lossy).
+pub fn property_string(path: &str) -> Result<Option<String>> {
+    Ok(property(path)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Sets a property for the current stream.
+pub fn set_property(path: &str, value: &[u8]) -> Result<()> {
+    let segments: Vec<&str> = path.split('.').collect();
+    let encoded = lacewing_abi::property::join_path(&segments);
+    // SAFETY: both slices are alive for the call.
+    check("proxy_set_property", unsafe {
+        raw::proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len())
+    })
+}
+
+/// A shared-data value and its CAS version; `Ok(None)` when the key is absent.
+pub fn shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>> {
+    let (mut ptr, mut len, mut cas) = (core::ptr::null_mut(), 0usize, 0u32);
+    // SAFETY: `key` is alive for the call; out-pointers are valid locals.
+    let r = check("proxy_get_shared_data", unsafe {
+        raw::proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas)
+    });
+    optional(r.map(|()| (owned(ptr, len), cas)))
+}
+
+/// Stores a shared-data value if its version is still `cas` (0: unconditionally).
+/// A lost race is `Err` with status `CasMismatch`.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<()> {
+    // SAFETY: both slices are alive for the call.
+    check("proxy_set_shared_data", unsafe {
+        raw::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
+}
+
+/// Resumes a paused stream.
+pub fn continue_stream(kind: StreamType) -> Result<()> {
+    // SAFETY: no pointers.
+    check("proxy_continue_stream", unsafe {
+        raw::proxy_continue_stream(kind as u32)
+    })
+}
+
+/// Resets a stream.
+pub fn close_stream(kind: StreamType) -> Result<()> {
+    // SAFETY: no pointers.
+    check("proxy_close_stream", unsafe {
+        raw::proxy_close_stream(kind as u32)
+    })
+}
+
+/// Answers the request locally.
+pub fn send_response(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    details: &str,
+) -> Result<()> {
+    let encoded = pairs::encode(headers.iter().map(|(k, v)| (k, v)));
+    // SAFETY: every slice is alive for the call.
+    check("proxy_send_local_response", unsafe {
+        raw::proxy_send_local_response(
+            u32::from(status),
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            encoded.as_ptr(),
+            encoded.len(),
+            -1,
+        )
+    })
+}
+
+/// Starts an HTTP callout; returns its token.
+pub fn http_call(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    trailers: &[(&str, &str)],
+    timeout_ms: u32,
+) -> Result<u32> {
+    let h = pairs::encode(headers.iter().map(|(k, v)| (k, v)));
+    let t = pairs::encode(trailers.iter().map(|(k, v)| (k, v)));
+    let mut token = 0u32;
+    // SAFETY: every slice is alive for the call; `token` is a valid out-pointer.
+    check("proxy_http_call", unsafe {
+        raw::proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            h.as_ptr(),
+            h.len(),
+            body.as_ptr(),
+            body.len(),
+            t.as_ptr(),
+            t.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
+}
+
+/// Starts a unary gRPC callout; returns its token.
+pub fn grpc_call(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    metadata: &[(&str, &str)],
+    message: &[u8],
+    timeout_ms: u32,
+) -> Result<u32> {
+    let m = pairs::encode(metadata.iter().map(|(k, v)| (k, v)));
+    let mut token = 0u32;
+    // SAFETY: every slice is alive for the call; `token` is a valid out-pointer.
+    check("proxy_grpc_call", unsafe {
+        raw::proxy_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            m.as_ptr(),
+            m.len(),
+            message.as_ptr(),
+            message.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
+}
+
+/// Defines (or finds) a metric; returns its id.
+pub fn define_metric(kind: MetricType, name: &str) -> Result<u32> {
+    let mut id = 0u32;
+    // SAFETY: `name` is alive for the call; `id` is a valid out-pointer.
+    check("proxy_define_metric", unsafe {
+        raw::proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id)
+    })?;
+    Ok(id)
+}
+
+/// Adds `delta` to a counter or gauge.
+pub fn increment_metric(id: u32, delta: i64) -> Result<()> {
+    // SAFETY: no pointers.
+    check("proxy_increment_metric", unsafe {
+        raw::proxy_increment_metric(id, delta)
+    })
+}
+
+/// Sets a gauge or records a histogram value.
+pub fn record_metric(id: u32, value: u64) -> Result<()> {
+    // SAFETY: no pointers.
+    check("proxy_record_metric", unsafe {
+        raw::proxy_record_metric(id, value)
+    })
+}
+
+/// A metric's current value.
+pub fn metric(id: u32) -> Result<u64> {
+    let mut v = 0u64;
+    // SAFETY: `v` is a valid out-pointer.
+    check("proxy_get_metric", unsafe {
+        raw::proxy_get_metric(id, &mut v)
+    })?;
+    Ok(v)
+}

@@ -1,0 +1,77 @@
+//! The harness against modules from both SDKs: hello-sdk (lacewing-sdk),
+//! hello-proxy-wasm and header-echo (the official proxy-wasm crate).
+
+use lacewing_filter_test::{FilterTest, HarnessError, Verdict, module};
+
+fn ok_response() -> http::Response<()> {
+    http::Response::builder().status(200).body(()).unwrap()
+}
+
+fn greets_the_caller(crate_name: &str) {
+    let test = FilterTest::builder(module(crate_name).unwrap())
+        .load()
+        .unwrap();
+
+    let mut s = test.stream(http::Request::get("/").body(()).unwrap());
+    s.set_property("source.principal", "spiffe://mesh.local/ns/shop/sa/web");
+    assert_eq!(s.request_headers(true), Verdict::Continue);
+    assert_eq!(s.response_headers(ok_response(), true), Verdict::Continue);
+    assert_eq!(
+        s.response_header("x-hello").as_deref(),
+        Some("hello, spiffe://mesh.local/ns/shop/sa/web")
+    );
+
+    let mut anonymous = test.stream(http::Request::get("/").body(()).unwrap());
+    anonymous.request_headers(true);
+    anonymous.response_headers(ok_response(), true);
+    assert_eq!(
+        anonymous.response_header("x-hello").as_deref(),
+        Some("hello, anonymous")
+    );
+}
+
+#[test]
+fn hello_sdk_greets_the_caller() {
+    greets_the_caller("hello-sdk");
+}
+
+#[test]
+fn hello_proxy_wasm_greets_the_caller() {
+    greets_the_caller("hello-proxy-wasm");
+}
+
+fn refuses_configuration(crate_name: &str) {
+    let err = FilterTest::builder(module(crate_name).unwrap())
+        .configuration(serde_json::json!({"greeting": "hi"}))
+        .load()
+        .unwrap_err();
+    assert!(matches!(err, HarnessError::Rejected { .. }), "{err}");
+    assert!(err.to_string().contains("takes no configuration"), "{err}");
+}
+
+#[test]
+fn both_hellos_refuse_a_configuration_with_the_reason_logged() {
+    refuses_configuration("hello-sdk");
+    refuses_configuration("hello-proxy-wasm");
+}
+
+#[test]
+fn header_echo_from_the_official_sdk_runs_in_the_harness() {
+    let test = FilterTest::builder(module("header-echo").unwrap())
+        .configuration(serde_json::json!("x-trace=x-echo-trace"))
+        .load()
+        .unwrap();
+    let mut s = test.stream(
+        http::Request::get("/a")
+            .header("x-trace", "abc")
+            .body(())
+            .unwrap(),
+    );
+    assert_eq!(s.request_headers(true), Verdict::Continue);
+    assert_eq!(s.response_headers(ok_response(), false), Verdict::Continue);
+    assert_eq!(s.response_header("x-echo-trace").as_deref(), Some("abc"));
+    assert_eq!(
+        s.response_header("x-lacewing-filter").as_deref(),
+        Some("header-echo")
+    );
+}
