@@ -206,6 +206,15 @@ pub fn delete<P: Plugin>(key: &'static Key<P>, ctx: u32) {
     callout::forget_context(ctx);
 }
 
+/// Callout replies arrive on the root context (as in Envoy); what their
+/// continuation does (headers, resume, local reply) is meant for the stream
+/// that made the call.
+fn act_on_stream(ctx: u32) {
+    if let Err(e) = hostcalls::set_effective_context(ctx) {
+        crate::debug!("cannot make context {ctx} effective: {e}");
+    }
+}
+
 /// Resumes the paused stream when a continuation says `Continue`.
 fn resume_if<F>(slot: &Slot<F>, action: Action) {
     if action == Action::Continue {
@@ -234,6 +243,7 @@ pub fn http_call_response<P: Plugin>(
         return;
     };
     let reply = callout::read_http_reply(num_headers, body_size);
+    act_on_stream(ctx);
     with_filter(key, ctx, |s| {
         let action = then(&mut s.filter, reply);
         resume_if(s, action);
@@ -257,6 +267,7 @@ pub fn grpc_close<P: Plugin>(key: &'static Key<P>, token: u32, status: u32) {
     let Ok(then) = then.downcast::<GrpcContinuation<P::Filter>>() else {
         return;
     };
+    act_on_stream(ctx);
     with_filter(key, ctx, |s| {
         let action = then(&mut s.filter, crate::callout::GrpcReply { status, message });
         resume_if(s, action);

@@ -198,6 +198,16 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<()> {
     })
 }
 
+/// Makes `context_id` the context later hostcalls act on: callout replies
+/// arrive on the root context, and their continuation acts on the stream that
+/// made the call.
+pub fn set_effective_context(context_id: u32) -> Result<()> {
+    // SAFETY: no pointers.
+    check("proxy_set_effective_context", unsafe {
+        raw::proxy_set_effective_context(context_id)
+    })
+}
+
 /// Resumes a paused stream.
 pub fn continue_stream(kind: StreamType) -> Result<()> {
     // SAFETY: no pointers.

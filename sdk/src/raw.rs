@@ -28,6 +28,7 @@ imports! {
     fn proxy_get_log_level(ret: *mut u32);
     fn proxy_get_current_time_nanoseconds(ret: *mut u64);
     fn proxy_set_tick_period_milliseconds(period: u32);
+    fn proxy_set_effective_context(context_id: u32);
     fn proxy_get_buffer_bytes(kind: u32, start: usize, max: usize, ret_ptr: *mut *mut u8, ret_len: *mut usize);
     fn proxy_set_buffer_bytes(kind: u32, start: usize, size: usize, ptr: *const u8, len: usize);
     fn proxy_get_header_map_pairs(kind: u32, ret_ptr: *mut *mut u8, ret_len: *mut usize);
