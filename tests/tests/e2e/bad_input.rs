@@ -274,17 +274,7 @@ async fn keep_alive_get(stream: &mut tokio::net::TcpStream) {
         .write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(client::RAW_READ_TIMEOUT, stream.read(&mut byte))
-            .await
-            .expect("a response head")
-            .unwrap();
-        assert_eq!(n, 1, "closed before a response");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = client::read_head(stream).await.to_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     let length: usize = head
         .lines()
