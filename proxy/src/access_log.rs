@@ -1,16 +1,17 @@
 //! JSON access log: one line per finished request or TCP connection.
 //!
 //! Worker threads never lock or block on the sink: a line is serialized on the
-//! worker and handed to a bounded queue that one writer thread drains into the
-//! sink. When the queue is full the line is dropped and counted in
+//! worker and handed to a bounded lock-free queue that one writer thread
+//! drains into the sink (every [`WRITER_POLL`] at most, as soon as it is
+//! done writing otherwise). When the queue is full the line is dropped and counted in
 //! `lacewing_access_log_dropped_total{reason="queue_full"}`; a line the sink
 //! fails to take is counted with `reason="write_error"`.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lacewing_config::AccessLogConfig;
 use lacewing_core::metrics::Metrics;
@@ -180,25 +181,40 @@ impl AccessLog {
 /// Bytes gathered before they are written even though more lines are queued.
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// How long the writer thread sleeps once it has emptied the queue.
+pub const WRITER_POLL: Duration = Duration::from_millis(20);
+
 /// The writer thread: writes queued lines in batches, one batch whenever the
 /// queue runs empty (or the batch is large); ends once every [`AccessLog`]
 /// clone is dropped and the queue is drained.
+///
+/// It polls (sleeping [`WRITER_POLL`] when there is nothing to write) rather
+/// than blocking in `recv`: with no receiver ever waiting, a sender's
+/// `try_send` never has to take the channel's wake-up lock, so queueing a line
+/// stays a lock-free compare-and-swap on the worker.
 fn write_lines(lines: &Receiver<Vec<u8>>, mut sink: Box<dyn Write + Send>, errors: &IntCounter) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
-    while let Ok(line) = lines.recv() {
-        let mut count = 0u64;
-        let mut next = Some(line);
-        while let Some(line) = next.take() {
-            batch.extend_from_slice(&line);
-            count += 1;
-            if batch.len() >= BATCH_BYTES {
+    let mut count = 0u64;
+    loop {
+        match lines.try_recv() {
+            Ok(line) => {
+                batch.extend_from_slice(&line);
+                count += 1;
+                if batch.len() >= BATCH_BYTES {
+                    write_batch(&mut sink, &mut batch, count, errors);
+                    count = 0;
+                }
+            }
+            Err(TryRecvError::Empty) => {
                 write_batch(&mut sink, &mut batch, count, errors);
                 count = 0;
+                std::thread::sleep(WRITER_POLL);
             }
-            // Empty or disconnected: write what was gathered.
-            next = lines.try_recv().ok();
+            Err(TryRecvError::Disconnected) => {
+                write_batch(&mut sink, &mut batch, count, errors);
+                return;
+            }
         }
-        write_batch(&mut sink, &mut batch, count, errors);
     }
 }
 
@@ -306,10 +322,10 @@ mod tests {
     }
 
     fn eventually(mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !check() {
             assert!(Instant::now() < deadline, "condition never held");
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

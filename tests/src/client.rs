@@ -298,6 +298,25 @@ fn sample_value(line: &str) -> Option<f64> {
     line.rsplit(' ').next()?.parse().ok()
 }
 
+/// Reads up to the end of a response head.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(RAW_READ_TIMEOUT, stream.read(&mut byte))
+            .await
+            .expect("response head arrives")
+            .expect("read response head");
+        assert!(
+            n > 0,
+            "connection closed inside the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// Writes `bytes` to `addr` and reads until the peer closes or [`RAW_READ_TIMEOUT`] passes.
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     raw_exchange(addr, bytes).await.received

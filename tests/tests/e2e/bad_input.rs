@@ -265,3 +265,79 @@ async fn request_head_limit_holds_on_http1_and_h2() {
     );
     setup.assert_still_serving().await;
 }
+
+/// Reads one HTTP/1.1 response (head and `content-length` body) to `GET /`
+/// on `stream`, which stays open.
+async fn keep_alive_get(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+        .await
+        .unwrap();
+    let head = client::read_head(stream).await.to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(client::RAW_READ_TIMEOUT, stream.read_exact(&mut body))
+        .await
+        .expect("the body")
+        .unwrap();
+}
+
+/// Whether the proxy closes `stream` (EOF or reset) before [`client::RAW_READ_TIMEOUT`].
+async fn closed_by_proxy(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    tokio::time::timeout(client::RAW_READ_TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let setup = Setup::new("{ idle_timeout: 200ms }").await;
+    let mut stream = tokio::net::TcpStream::connect(setup.addr()).await.unwrap();
+    keep_alive_get(&mut stream).await;
+
+    assert!(
+        closed_by_proxy(&mut stream).await,
+        "an idle keep-alive connection is closed"
+    );
+    setup.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_at_once() {
+    let setup = Setup::new("{ max_connections: 2 }").await;
+    let mut first = tokio::net::TcpStream::connect(setup.addr()).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(setup.addr()).await.unwrap();
+    keep_alive_get(&mut first).await;
+    keep_alive_get(&mut second).await;
+
+    let mut third = tokio::net::TcpStream::connect(setup.addr()).await.unwrap();
+    assert!(
+        closed_by_proxy(&mut third).await,
+        "the third connection is closed"
+    );
+
+    drop(first);
+    lacewing_tests::eventually("a freed slot takes a new connection", || async {
+        let mut again = tokio::net::TcpStream::connect(setup.addr()).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = again
+            .write_all(b"GET / HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut response = Vec::new();
+        let _ =
+            tokio::time::timeout(client::RAW_READ_TIMEOUT, again.read_to_end(&mut response)).await;
+        response.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+    keep_alive_get(&mut second).await;
+}

@@ -211,7 +211,7 @@ async fn websocket_upgrade_is_tunnelled() {
         .await
         .unwrap();
 
-    let head = read_head(&mut stream).await;
+    let head = client::read_head(&mut stream).await;
     assert!(
         head.starts_with("HTTP/1.1 101"),
         "expected 101, got {head:?}"
@@ -230,25 +230,6 @@ async fn websocket_upgrade_is_tunnelled() {
             .expect("tunnel stays open");
         assert_eq!(echoed, message);
     }
-}
-
-/// Reads up to the end of a response head.
-async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(client::RAW_READ_TIMEOUT, stream.read(&mut byte))
-            .await
-            .expect("response head arrives")
-            .expect("read response head");
-        assert!(
-            n > 0,
-            "connection closed inside the head: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 #[tokio::test]

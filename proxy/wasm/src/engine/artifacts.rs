@@ -222,6 +222,14 @@ mod tests {
         }
     }
 
+    /// A cache on a fresh directory, removed when the guard drops.
+    fn fresh_cache(label: &str) -> (TempDir, PathBuf, ArtifactCache) {
+        let tmp = TempDir::new(label);
+        let root = tmp.0.clone();
+        let cache = ArtifactCache::new(root.clone());
+        (tmp, root, cache)
+    }
+
     /// Why `cache` will not use artifact `m`; panics if it would.
     fn refusal(cache: &ArtifactCache) -> String {
         match cache.load("m") {
@@ -281,9 +289,7 @@ mod tests {
 
     #[test]
     fn artifact_with_another_mode_or_a_second_name_is_not_trusted() {
-        let tmp = TempDir::new("file");
-        let root = tmp.0.clone();
-        let cache = ArtifactCache::new(root.clone());
+        let (_tmp, root, cache) = fresh_cache("file");
         cache.store("m", b"native code").unwrap();
         fs::set_permissions(root.join("m"), fs::Permissions::from_mode(0o644)).unwrap();
         let why = refusal(&cache);
@@ -298,9 +304,7 @@ mod tests {
 
     #[test]
     fn tampered_or_unrecorded_artifact_is_not_trusted() {
-        let tmp = TempDir::new("digest");
-        let root = tmp.0.clone();
-        let cache = ArtifactCache::new(root.clone());
+        let (_tmp, root, cache) = fresh_cache("digest");
         cache.store("m", b"native code").unwrap();
         // Rewritten in place, keeping its owner, mode and single name.
         fs::write(root.join("m"), b"other code!").unwrap();
@@ -314,9 +318,7 @@ mod tests {
 
     #[test]
     fn symlinked_artifact_is_not_followed() {
-        let tmp = TempDir::new("link");
-        let root = tmp.0.clone();
-        let cache = ArtifactCache::new(root.clone());
+        let (_tmp, root, cache) = fresh_cache("link");
         cache.store("real", b"native code").unwrap();
         std::os::unix::fs::symlink(root.join("real"), root.join("m")).unwrap();
         fs::copy(root.join("real.sha256"), root.join("m.sha256")).unwrap();
