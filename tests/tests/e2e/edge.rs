@@ -12,7 +12,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lacewing_tests::client::{self, RawExchange, raw_exchange, raw_exchange_with_timeout};
+use lacewing_tests::client::{
+    self, RawExchange, RawResponse, raw_exchange, raw_exchange_with_timeout,
+};
 use lacewing_tests::wasm::{self, WatShape};
 use lacewing_tests::{proxy, servers};
 use tokio::net::TcpStream;
@@ -96,11 +98,16 @@ fn echoed_host(body: &[u8]) -> String {
         .to_string()
 }
 
+/// The HTTP/1.1 response of a raw exchange; panics with what came when there is none.
+fn answer(exchange: &RawExchange) -> RawResponse {
+    exchange
+        .response()
+        .unwrap_or_else(|| panic!("no response: {:?}", exchange.text()))
+}
+
 /// A request that reached the public upstream, and the Host it carried there.
 fn public_host(exchange: &RawExchange) -> String {
-    let response = exchange
-        .response()
-        .unwrap_or_else(|| panic!("no response: {:?}", exchange.text()));
+    let response = answer(exchange);
     assert_eq!(response.status, 200, "{}", exchange.text());
     assert_eq!(response.header("x-upstream"), Some("public"));
     echoed_host(&response.body)
@@ -126,7 +133,7 @@ async fn http1_absolute_form_is_routed_and_forwarded_on_the_request_target() {
     let exchange = edge
         .raw("GET http://Admin.Example./x HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n")
         .await;
-    let response = exchange.response().expect("a response");
+    let response = answer(&exchange);
     blackholed(
         response.status,
         response.header("x-upstream"),
@@ -169,7 +176,7 @@ async fn http1_trailing_dot_and_case_are_normalised_before_routing() {
                 "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
             ))
             .await;
-        let response = exchange.response().expect("a response");
+        let response = answer(&exchange);
         blackholed(response.status, response.header("x-upstream"), host);
     }
     let exchange = edge
@@ -193,9 +200,7 @@ async fn connect_is_answered_locally_unless_a_route_names_it() {
     let exchange = edge
         .raw("CONNECT public.example:443 HTTP/1.1\r\nHost: public.example:443\r\n\r\n")
         .await;
-    let response = exchange
-        .response()
-        .unwrap_or_else(|| panic!("no answer to CONNECT: {:?}", exchange.text()));
+    let response = answer(&exchange);
     assert_eq!(response.status, 405, "{}", exchange.text());
     assert!(
         response
@@ -217,9 +222,7 @@ async fn connect_is_answered_locally_unless_a_route_names_it() {
     let exchange = edge
         .raw("CONNECT tunnel.example:443 HTTP/1.1\r\nHost: tunnel.example:443\r\n\r\n")
         .await;
-    let response = exchange
-        .response()
-        .unwrap_or_else(|| panic!("no answer to CONNECT: {:?}", exchange.text()));
+    let response = answer(&exchange);
     assert_eq!(response.status, 200, "{}", exchange.text());
     assert_eq!(response.header("x-upstream"), Some("public"));
 }
