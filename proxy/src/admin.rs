@@ -1,4 +1,6 @@
-//! The admin listener: `/metrics`, `/ready`, `/config_dump`, on loopback by default.
+//! The admin listener: `/metrics`, `/ready`, `/config_dump`, on loopback by
+//! default (elsewhere only when `admin.allow_remote` says so), with plugin
+//! secrets redacted unless `admin.expose_secrets` says otherwise.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -25,7 +27,10 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
 }
 
-const INDEX: &str = "lacewing admin\n\n/metrics      Prometheus metrics\n/ready        200 when serving, 503 when starting or draining\n/config_dump  the live configuration as JSON, with its generation number and source\n";
+const INDEX: &str = "lacewing admin\n\n/metrics      Prometheus metrics\n/ready        200 when serving, 503 when starting or draining\n/config_dump  the live configuration as JSON, with its generation number and source (plugin secrets redacted unless admin.expose_secrets)\n";
+
+/// What a redacted plugin value reads in `/config_dump`.
+pub const REDACTED: &str = "[redacted]";
 
 fn reply(
     status: StatusCode,
@@ -79,10 +84,35 @@ fn config_dump(publisher: &Publisher) -> Result<Vec<u8>, serde_json::Error> {
         return Ok(b"{}".to_vec());
     };
     let mut json = serde_json::to_value(&*live.config)?;
+    if !live.config.admin.expose_secrets {
+        redact_plugins(&mut json);
+    }
     if let Some(object) = json.as_object_mut() {
         object.insert("generation".into(), serde_json::to_value(&live.generation)?);
     }
     serde_json::to_vec_pretty(&json)
+}
+
+/// Replaces what plugins are configured with (`configuration`,
+/// `vm_configuration`, each `env` value) by [`REDACTED`]: they often hold
+/// keys and tokens. Names and structure stay visible.
+fn redact_plugins(json: &mut serde_json::Value) {
+    let Some(plugins) = json.get_mut("plugins").and_then(|p| p.as_array_mut()) else {
+        return;
+    };
+    let redacted = || serde_json::Value::String(REDACTED.into());
+    for plugin in plugins.iter_mut().filter_map(|p| p.as_object_mut()) {
+        for key in ["configuration", "vm_configuration"] {
+            if let Some(value) = plugin.get_mut(key)
+                && !value.is_null()
+            {
+                *value = redacted();
+            }
+        }
+        if let Some(env) = plugin.get_mut("env").and_then(|e| e.as_object_mut()) {
+            env.values_mut().for_each(|v| *v = redacted());
+        }
+    }
 }
 
 /// Serves the admin endpoints until `stop` fires. While the proxy drains it
@@ -93,6 +123,14 @@ pub async fn serve(
     mut drain: DrainWatch,
     mut stop: DrainWatch,
 ) {
+    if let Ok(address) = listener.local_addr()
+        && !address.ip().is_loopback()
+    {
+        tracing::warn!(
+            %address,
+            "the admin endpoint, which has no authentication, listens beyond loopback (admin.allow_remote)"
+        );
+    }
     let mut draining = false;
     loop {
         let accepted = tokio::select! {
@@ -106,12 +144,22 @@ pub async fn serve(
         };
         let Ok((stream, _)) = accepted else { continue };
         let state = state.clone();
+        let header_read_timeout = state.publisher.live().map_or_else(
+            || lacewing_config::AdminConfig::default().header_read_timeout,
+            |live| live.config.admin.header_read_timeout,
+        );
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let resp = route(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout.0);
+            builder.http2().timer(TokioTimer::new());
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

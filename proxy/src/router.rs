@@ -111,10 +111,11 @@ impl Matcher {
 
     /// Whether a request head matches.
     pub fn matches(&self, parts: &Parts) -> bool {
-        if let Some(method) = &self.method
-            && parts.method != *method
-        {
-            return false;
+        match &self.method {
+            Some(method) if parts.method != *method => return false,
+            // A tunnel is opened only where a route names CONNECT.
+            None if parts.method == Method::CONNECT => return false,
+            _ => {}
         }
         if let Some(path) = &self.path {
             let p = parts.uri.path();
@@ -312,6 +313,17 @@ mod tests {
         assert!(wild.matches(&parts("GET", "/", &[("host", "a.example.com")])));
         assert!(!wild.matches(&parts("GET", "/", &[("host", "example.com")])));
         assert!(!wild.matches(&parts("GET", "/", &[])));
+    }
+
+    #[test]
+    fn connect_matches_only_a_route_naming_it() {
+        let any = matcher(RouteMatch::default());
+        assert!(!any.matches(&parts("CONNECT", "a.example:443", &[])));
+        let tunnel = matcher(RouteMatch {
+            method: Some("CONNECT".into()),
+            ..Default::default()
+        });
+        assert!(tunnel.matches(&parts("CONNECT", "a.example:443", &[])));
     }
 
     #[test]

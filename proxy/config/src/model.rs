@@ -42,12 +42,36 @@ pub struct AdminConfig {
     /// Where it listens; loopback by default. `null` turns it off.
     #[serde(default = "defaults::admin_address")]
     pub address: Option<SocketAddr>,
+    /// A non-loopback `address` is refused unless this is true: the admin
+    /// endpoint has no authentication.
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// `/config_dump` shows plugin `configuration`, `vm_configuration` and
+    /// `env` values only when this is true; otherwise they read `"[redacted]"`.
+    #[serde(default)]
+    pub expose_secrets: bool,
+    /// An admin connection that has not sent a whole request head within this is closed.
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Dur,
+}
+
+impl AdminConfig {
+    /// The admin endpoint at `address`, with every other setting at its default.
+    pub fn at(address: Option<SocketAddr>) -> Self {
+        Self {
+            address,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             address: defaults::admin_address(),
+            allow_remote: false,
+            expose_secrets: false,
+            header_read_timeout: defaults::header_read_timeout(),
         }
     }
 }

@@ -91,9 +91,7 @@ impl QuickStart {
         listener.filters = plugins.iter().map(|p| p.name.clone()).collect();
 
         let config = ProxyConfig {
-            admin: AdminConfig {
-                address: self.admin,
-            },
+            admin: AdminConfig::at(self.admin),
             workers: self.workers,
             drain_timeout: defaults::drain_timeout(),
             access_log: self.access_log.then(|| AccessLogConfig {

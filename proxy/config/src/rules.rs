@@ -139,6 +139,7 @@ impl Checker<'_> {
             config.plugins.iter().map(|p| p.name.as_str()),
         );
         self.listener_addresses();
+        self.admin();
         if let Some(log) = &config.access_log
             && log.path.trim().is_empty()
         {
@@ -174,6 +175,26 @@ impl Checker<'_> {
                 seen.insert(name, i);
             }
         }
+    }
+
+    fn admin(&mut self) {
+        let admin = &self.config.admin;
+        if let Some(address) = admin.address
+            && !address.ip().is_loopback()
+            && !admin.allow_remote
+        {
+            self.report(
+                "admin.address",
+                format!(
+                    "{address} is not a loopback address: the admin endpoint has no \
+                     authentication; set `admin.allow_remote: true` to serve it there anyway"
+                ),
+            );
+        }
+        self.positive(
+            "admin.header_read_timeout".into(),
+            admin.header_read_timeout,
+        );
     }
 
     fn listener_addresses(&mut self) {

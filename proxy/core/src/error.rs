@@ -90,6 +90,12 @@ pub enum ProxyError {
     DownstreamBody,
     #[error("both Content-Length and Transfer-Encoding")]
     AmbiguousFraming,
+    /// Host and `:authority` are missing a single, valid, agreeing value.
+    #[error("invalid request authority: {0}")]
+    InvalidAuthority(String),
+    /// No route accepts this method (CONNECT unless a route names it).
+    #[error("method {0} is not allowed by any route")]
+    MethodNotAllowed(String),
 }
 
 impl ProxyError {
@@ -100,7 +106,10 @@ impl ProxyError {
             | Self::BodyTooLarge { .. }
             | Self::Filter { .. }
             | Self::FilterTimeout { .. } => ErrorOrigin::Internal,
-            Self::DownstreamBody | Self::AmbiguousFraming => ErrorOrigin::Downstream,
+            Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
+                ErrorOrigin::Downstream
+            }
+            Self::MethodNotAllowed(_) => ErrorOrigin::Internal,
             Self::Overflow { .. } => ErrorOrigin::Internal,
             Self::NoHealthyUpstream(_)
             | Self::Connect { .. }
@@ -125,7 +134,10 @@ impl ProxyError {
             Self::Connect { .. } | Self::UpstreamReset(_) => S::BAD_GATEWAY,
             Self::UpstreamTimeout(_) | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
-            Self::DownstreamBody | Self::AmbiguousFraming => S::BAD_REQUEST,
+            Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
+                S::BAD_REQUEST
+            }
+            Self::MethodNotAllowed(_) => S::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -142,7 +154,10 @@ impl ProxyError {
             Self::Filter { .. } => ResponseFlag::FilterFailure,
             Self::FilterTimeout { .. } => ResponseFlag::FilterTimeout,
             Self::DownstreamBody => ResponseFlag::DownstreamConnectionTermination,
-            Self::AmbiguousFraming => ResponseFlag::DownstreamProtocolError,
+            Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
+                ResponseFlag::DownstreamProtocolError
+            }
+            Self::MethodNotAllowed(_) => ResponseFlag::NoRouteFound,
         }
     }
 }

@@ -1,8 +1,12 @@
-//! Proxy header semantics: hop-by-hop removal, `x-forwarded-for`, `x-request-id`.
+//! Proxy header semantics: one request authority, hop-by-hop removal,
+//! `x-forwarded-for`, `x-request-id`.
 
 use std::net::IpAddr;
 
+use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, Uri};
 
 /// `x-request-id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -69,7 +73,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
             out.upgrade = headers.get(header::UPGRADE).cloned();
         }
         for name in named {
-            if name != header::TE {
+            // `Host` is end to end: a client may not have it removed by naming it.
+            if name != header::TE && name != header::HOST {
                 headers.remove(&name);
             }
         }
@@ -92,6 +97,92 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
         }
     }
     out
+}
+
+/// Why a request's authority was refused (400).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("more than one Host header")]
+    DuplicateHost,
+    #[error("`{0}` is not a valid authority")]
+    Invalid(String),
+    #[error("Host `{host}` differs from :authority `{authority}`")]
+    Conflict { host: String, authority: String },
+}
+
+/// Makes the request carry one authority, the one it is routed on and the one
+/// forwarded: a second Host is refused (RFC 9112 3.2); the request-target of
+/// an HTTP/1 absolute-form request replaces Host (RFC 9112 3.2.2); an HTTP/2
+/// Host that names another authority than `:authority` is refused (RFC 9113
+/// 8.3.1). The result is lower case without a trailing dot, and written both
+/// to Host and, when the URI has an authority, to the URI.
+pub fn one_authority(parts: &mut Parts) -> Result<(), AuthorityError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next().filter(|h| !h.is_empty()).cloned();
+    if hosts.next().is_some() {
+        return Err(AuthorityError::DuplicateHost);
+    }
+    let host = host.map(|h| parse_authority(h.as_bytes())).transpose()?;
+    let chosen = match (parts.uri.authority(), host) {
+        (Some(authority), Some(host))
+            if parts.version == Version::HTTP_2 && normalize(authority)? != normalize(&host)? =>
+        {
+            return Err(AuthorityError::Conflict {
+                host: host.to_string(),
+                authority: authority.to_string(),
+            });
+        }
+        (Some(authority), _) => normalize(authority)?,
+        (None, Some(host)) => normalize(&host)?,
+        (None, None) => {
+            parts.headers.remove(header::HOST);
+            return Ok(());
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(chosen.as_str()) {
+        parts.headers.insert(header::HOST, value);
+    }
+    if parts.uri.authority().is_some_and(|a| *a != chosen) {
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.authority = Some(chosen.clone());
+        parts.uri =
+            Uri::from_parts(uri).map_err(|_| AuthorityError::Invalid(chosen.to_string()))?;
+    }
+    Ok(())
+}
+
+fn parse_authority(raw: &[u8]) -> Result<Authority, AuthorityError> {
+    let invalid = || AuthorityError::Invalid(String::from_utf8_lossy(raw).into_owned());
+    let authority = Authority::try_from(raw).map_err(|_| invalid())?;
+    // Host is `host[:port]`: user information has no place in it (RFC 9110 4.2.4).
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(invalid());
+    }
+    Ok(authority)
+}
+
+/// Lower case, without the trailing dot of a fully qualified name.
+fn normalize(authority: &Authority) -> Result<Authority, AuthorityError> {
+    let host = authority.host();
+    let bare = if host.starts_with('[') {
+        host
+    } else {
+        host.trim_end_matches('.')
+    };
+    let already =
+        bare.len() == host.len() && !authority.as_str().bytes().any(|b| b.is_ascii_uppercase());
+    if already {
+        return Ok(authority.clone());
+    }
+    let mut text = bare.to_ascii_lowercase();
+    if let Some(port) = authority.port() {
+        text.push(':');
+        text.push_str(port.as_str());
+    }
+    if text.is_empty() || text.starts_with(':') {
+        return Err(AuthorityError::Invalid(authority.to_string()));
+    }
+    parse_authority(text.as_bytes())
 }
 
 /// Appends the client address to `x-forwarded-for`.
@@ -207,6 +298,75 @@ mod tests {
         assert!(out.te_trailers);
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert!(!h.contains_key("upgrade"));
+    }
+
+    fn head(version: Version, uri: &str, hosts: &[&str]) -> Parts {
+        let mut b = http::Request::builder().version(version).uri(uri);
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn one_authority_is_routed_and_forwarded() {
+        // Absolute form wins over Host in HTTP/1.
+        let mut p = head(
+            Version::HTTP_11,
+            "http://Public.Example./x",
+            &["admin.example"],
+        );
+        one_authority(&mut p).unwrap();
+        assert_eq!(p.headers["host"], "public.example");
+        assert_eq!(p.uri.authority().unwrap(), "public.example");
+        // Trailing dot and case, port kept.
+        let mut p = head(Version::HTTP_11, "/", &["ADMIN.example.:8080"]);
+        one_authority(&mut p).unwrap();
+        assert_eq!(p.headers["host"], "admin.example:8080");
+        // HTTP/2: Host must agree with :authority.
+        let mut p = head(
+            Version::HTTP_2,
+            "http://public.example/",
+            &["admin.example"],
+        );
+        assert!(matches!(
+            one_authority(&mut p),
+            Err(AuthorityError::Conflict { .. })
+        ));
+        let mut p = head(
+            Version::HTTP_2,
+            "http://public.example/",
+            &["PUBLIC.example."],
+        );
+        one_authority(&mut p).unwrap();
+        assert_eq!(p.headers["host"], "public.example");
+    }
+
+    #[test]
+    fn bad_hosts_are_refused() {
+        let mut p = head(Version::HTTP_11, "/", &["a.example", "b.example"]);
+        assert!(matches!(
+            one_authority(&mut p),
+            Err(AuthorityError::DuplicateHost)
+        ));
+        for bad in ["user@a.example", "a b", ".", ":80"] {
+            let mut p = head(Version::HTTP_11, "/", &[bad]);
+            assert!(one_authority(&mut p).is_err(), "{bad}");
+        }
+        let mut p = head(Version::HTTP_11, "/", &[]);
+        one_authority(&mut p).unwrap();
+        assert!(!p.headers.contains_key("host"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "host, x-a".parse().unwrap());
+        h.insert("host", "public.example".parse().unwrap());
+        h.insert("x-a", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["host"], "public.example");
+        assert!(!h.contains_key("x-a"));
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::chain::Stop;
 
 static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 static CLOSE: HeaderValue = HeaderValue::from_static("close");
+/// What a 405 offers instead: every method but CONNECT.
+static ALLOW: HeaderValue =
+    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH");
 
 /// What ends an exchange the proxy answers itself.
 #[derive(Debug)]
@@ -42,6 +45,9 @@ pub fn from_error(err: &ProxyError) -> LocalReply {
     headers.insert(header::CONTENT_TYPE, TEXT_PLAIN.clone());
     if err.origin() == ErrorOrigin::Downstream {
         headers.insert(header::CONNECTION, CLOSE.clone());
+    }
+    if status == http::StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, ALLOW.clone());
     }
     LocalReply {
         status,

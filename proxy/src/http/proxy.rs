@@ -20,7 +20,7 @@ use lacewing_core::{ProxyError, ResponseFlag};
 
 use super::body::{DownstreamBody, ProxyBody};
 use super::headers::{
-    X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, strip_hop_by_hop,
+    X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, one_authority, strip_hop_by_hop,
 };
 use super::local_reply::{self, Answer};
 use crate::access_log::{Entry, epoch_seconds};
@@ -78,6 +78,8 @@ pub async fn handle(
     // Ambiguous framing is how requests get smuggled: refuse it outright.
     let ambiguous = parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH);
+    // Routed on and forwarded with the same authority; refused when there is no single one.
+    let bad_authority = one_authority(&mut parts).err();
     let hop = strip_hop_by_hop(&mut parts.headers);
     let request_id = ensure_request_id(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, conn.remote.ip());
@@ -85,12 +87,6 @@ pub async fn handle(
         parts
             .headers
             .insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
-    }
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, host);
     }
     let facts = RequestFacts {
         start,
@@ -113,7 +109,17 @@ pub async fn handle(
         let reply = local_reply::from_error(&ProxyError::AmbiguousFraming);
         return unrouted.reply(HttpChain::empty(), reply).await;
     }
+    if let Some(err) = bad_authority {
+        let reply = local_reply::from_error(&ProxyError::InvalidAuthority(err.to_string()));
+        return unrouted.reply(HttpChain::empty(), reply).await;
+    }
     let Some(route) = listener.routes.find(&parts).cloned() else {
+        if parts.method == http::Method::CONNECT {
+            let err = ProxyError::MethodNotAllowed(parts.method.to_string());
+            return unrouted
+                .reply(HttpChain::empty(), local_reply::from_error(&err))
+                .await;
+        }
         let err = ProxyError::NoRoute {
             authority: crate::router::request_host(&parts)
                 .unwrap_or_default()
@@ -158,7 +164,10 @@ pub async fn handle(
         Err(pumped) => (pumped.boxed_unsync(), None),
     };
     let mut req = Request::from_parts(head, body);
-    let downstream_upgrade = hop.upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    // A CONNECT reaches here only through a route that names it: it becomes a tunnel.
+    let connect = req.method() == http::Method::CONNECT;
+    let downstream_upgrade =
+        (hop.upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
     let send = target.cluster.send(req, &route.policy);
     let result = if chain.is_empty() {
         send.await
@@ -182,9 +191,9 @@ pub async fn handle(
         Err(err) => return exchange.reply(chain, local_reply::from_error(&err)).await,
     };
     let mut resp = up.response;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(downstream) = downstream_upgrade
-    {
+    let tunnels =
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
+    if tunnels && let Some(downstream) = downstream_upgrade {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::task::spawn_local(tunnel(downstream, upstream));
     } else {

@@ -8,6 +8,7 @@ mod admin;
 mod bad_input;
 mod config_errors;
 mod drain;
+mod edge;
 mod forwarding;
 mod grpc;
 mod mesh_control;
