@@ -116,19 +116,12 @@ impl Mesh {
 
     async fn apply_and_wait(&self, text: &str) -> u64 {
         let mut client = self.plane.client().await;
-        let applied = apply(&mut client, self.dir.path(), "mesh.yaml", text)
-            .await
-            .unwrap();
-        let done = client
-            .wait(applied.version, Duration::from_secs(30), |_| {})
-            .await
-            .unwrap();
+        let (version, done) = apply_and_wait(&mut client, self.dir.path(), "mesh.yaml", text).await;
         assert!(
             done.nacked.is_empty() && done.silent.is_empty(),
-            "version {} not taken: {done:?}",
-            applied.version
+            "version {version} not taken: {done:?}"
         );
-        applied.version
+        version
     }
 
     async fn both_connected(&self) {
