@@ -1,6 +1,7 @@
 //! control-scale: how fast a change reaches the mesh.
 //!
-//! - `sim`: starts `lacewing control`, connects N lightweight simulated
+//! - `sim`: starts a control plane (this binary's `serve`, the same code as
+//!   `lacewing control`, so it can be built in release on its own), connects N lightweight simulated
 //!   sidecars from this one process (a gRPC stream each, ACKing every
 //!   snapshot), applies one change and measures until every sidecar received
 //!   it; reports the control plane's RSS and CPU time.
@@ -34,6 +35,11 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
+    /// Run a control plane (what `lacewing control` runs), for `sim`.
+    Serve {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Simulated sidecars in this process.
     Sim {
         #[arg(long, default_value_t = 1000)]
@@ -103,16 +109,19 @@ fn usage(pid: u32) -> (u64, Duration) {
     (rss, Duration::from_millis(ticks * 10))
 }
 
-/// `lacewing control` with a fresh state directory: (work dir, process, address).
+/// A control plane with a fresh state directory: (work dir, process,
+/// address). `binary` is `lacewing` (`control`), or this binary (`serve`).
 fn start_control(binary: &Path, name: &str) -> anyhow::Result<(PathBuf, Killed, String)> {
     let dir = std::env::temp_dir().join(format!("control-scale-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let state = dir.join("state");
     let state = state.to_str().context("state path")?;
-    let (control, words) = spawn(
-        binary,
-        &["control", "--listen", "127.0.0.1:0", "--state-dir", state],
-    )?;
+    let args: &[&str] = if binary == std::env::current_exe()?.as_path() {
+        &["serve", "--state-dir", state]
+    } else {
+        &["control", "--listen", "127.0.0.1:0", "--state-dir", state]
+    };
+    let (control, words) = spawn(binary, args)?;
     let addr = words.last().context("address")?.clone();
     Ok((dir, control, addr))
 }
@@ -197,13 +206,8 @@ async fn simulated(
     Ok(())
 }
 
-async fn sim(
-    binary: &Path,
-    sidecars: usize,
-    services: usize,
-    changes: usize,
-) -> anyhow::Result<()> {
-    let (dir, control, addr) = start_control(binary, "sim")?;
+async fn sim(sidecars: usize, services: usize, changes: usize) -> anyhow::Result<()> {
+    let (dir, control, addr) = start_control(&std::env::current_exe()?, "sim")?;
     let pid = control.0.id();
     let operator = lacewing_control::token::read(&dir.join("state/operator.token"))?;
     let bootstrap = lacewing_control::token::read(&dir.join("state/bootstrap.token"))?;
@@ -405,6 +409,13 @@ async fn real(binary: &Path, sidecars: usize, changes: usize) -> anyhow::Result<
     Ok(())
 }
 
+async fn serve(state_dir: &Path) -> anyhow::Result<()> {
+    let plane = lacewing_control::ControlPlane::bind("127.0.0.1:0".parse()?, state_dir).await?;
+    println!("control plane listening on {}", plane.local_addr()?);
+    plane.serve(std::future::pending()).await?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -412,11 +423,12 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match args.mode {
+            Mode::Serve { state_dir } => serve(&state_dir).await,
             Mode::Sim {
                 sidecars,
                 services,
                 changes,
-            } => sim(&args.lacewing, sidecars, services, changes).await,
+            } => sim(sidecars, services, changes).await,
             Mode::Real { sidecars, changes } => real(&args.lacewing, sidecars, changes).await,
         }
     })

@@ -2,8 +2,6 @@
 //! records: apply refusals located in the file, tokens, the store across
 //! restarts and SIGKILL, snapshots with modules, ACK/NACK, reconnection.
 
-use std::time::Duration;
-
 use lacewing_control::client::ClientError;
 use lacewing_control_api as api;
 use lacewing_tests::eventually;
@@ -242,18 +240,13 @@ async fn mesh_a_refused_snapshot_is_nacked_with_its_reason_and_wait_reports_it()
     orders
         .published
         .refuse_with(Some("plugin tag: on_configure returned false"));
-    let v2 = apply(
+    let (_, done) = apply_and_wait(
         &mut client,
         dir.path(),
         "b.yaml",
         &service("orders", "  protocol: h2\n"),
     )
-    .await
-    .unwrap();
-    let done = client
-        .wait(v2.version, Duration::from_secs(10), |_| {})
-        .await
-        .unwrap();
+    .await;
     assert_eq!(done.acked, 0);
     assert_eq!(done.nacked.len(), 1);
     assert_eq!(
@@ -309,18 +302,13 @@ async fn mesh_sidecars_reconnect_and_restart_from_their_saved_snapshot() {
     let plane = Plane::start_at(addr, &state).await;
     let mut client = plane.client().await;
     until_acked(&client, "orders-20201", 0).await;
-    let v2 = apply(
+    let (_, done) = apply_and_wait(
         &mut client,
         dir.path(),
         "b.yaml",
         &service("orders", "  protocol: h2\n"),
     )
-    .await
-    .unwrap();
-    let done = client
-        .wait(v2.version, Duration::from_secs(10), |_| {})
-        .await
-        .unwrap();
+    .await;
     assert_eq!(done.acked, 1);
     drop(orders);
     plane.stop().await;

@@ -116,19 +116,12 @@ impl Mesh {
 
     async fn apply_and_wait(&self, text: &str) -> u64 {
         let mut client = self.plane.client().await;
-        let applied = apply(&mut client, self.dir.path(), "mesh.yaml", text)
-            .await
-            .unwrap();
-        let done = client
-            .wait(applied.version, Duration::from_secs(30), |_| {})
-            .await
-            .unwrap();
+        let (version, done) = apply_and_wait(&mut client, self.dir.path(), "mesh.yaml", text).await;
         assert!(
             done.nacked.is_empty() && done.silent.is_empty(),
-            "version {} not taken: {done:?}",
-            applied.version
+            "version {version} not taken: {done:?}"
         );
-        applied.version
+        version
     }
 
     async fn both_connected(&self) {
@@ -500,4 +493,91 @@ async fn mesh_sidecars_restarted_while_the_control_plane_is_down_serve_their_sav
         [marker],
         "the plugin runs from the module cached on disk"
     );
+}
+
+/// `lacewing ARGS` to the end: (success, stdout, stderr).
+fn lacewing(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(lacewing_tests::process::lacewing_binary())
+        .args(args)
+        .env("LACEWING_LOG", "warn")
+        .output()
+        .expect("run lacewing");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_operator_commands_print_versions_acks_status_and_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("control");
+    let plane = Plane::start(&state).await;
+    let app = servers::http_echo_named("orders").await;
+    let _orders = sidecar_process(
+        &plane.addr.to_string(),
+        &state,
+        "orders",
+        app.addr,
+        &dir.path().join("orders"),
+    );
+    until_connected(&plane.client().await, 1).await;
+    let control = plane.addr.to_string();
+    let token = state.join("operator.token");
+    let flags = [
+        "--control",
+        control.as_str(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    let file = write(dir.path(), "mesh.yaml", &service("orders", ""));
+    let run = |command: &[&str]| {
+        let mut args: Vec<&str> = command.to_vec();
+        args.extend(flags);
+        lacewing(&args)
+    };
+
+    let (ok, out, err) = run(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("applied: version 1 (1 changed, 0 unchanged)"),
+        "{out}"
+    );
+    assert!(out.contains("version 1: 1/1 sidecars ACKed"), "{out}");
+
+    let (ok, out, _) = run(&["status"]);
+    assert!(ok);
+    let line = out
+        .lines()
+        .find(|l| l.contains("default/orders"))
+        .expect("orders in status");
+    assert!(
+        line.contains("connected") && line.contains("ACK v1"),
+        "{out}"
+    );
+
+    let (ok, out, _) = run(&["get", "service", "orders"]);
+    assert!(ok);
+    assert!(
+        out.contains("kind: Service") && out.contains("name: orders"),
+        "{out}"
+    );
+
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        &service("orders", "  protocol: quic\n"),
+    );
+    let (ok, _, err) = run(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("bad.yaml:6:") && err.contains("spec.protocol"),
+        "{err}"
+    );
+
+    let (ok, out, err) = run(&["delete", "-f", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted: version 2"), "{out}");
+    plane.stop().await;
 }

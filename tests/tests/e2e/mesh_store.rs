@@ -1,8 +1,6 @@
 //! The store under SIGKILL: `lacewing control` killed while applies of many
 //! documents are in flight holds, after restart, one whole version.
 
-use std::time::Duration;
-
 use crate::mesh_support::*;
 
 /// 20 services, each labelled with the round that wrote it.
@@ -23,8 +21,10 @@ async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
     let state = dir.path().join("state");
     let (mut child, addr) = control_process("127.0.0.1:0", &state);
     let token = lacewing_control::token::read(&state.join("operator.token")).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let applier = {
         let (addr, token, dir) = (addr.clone(), token.clone(), dir.path().to_path_buf());
+        let done = done.clone();
         tokio::spawn(async move {
             let mut client = lacewing_control::client::Client::connect(&addr, &token)
                 .await
@@ -32,14 +32,22 @@ async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
             let mut last_ok = 0;
             for n in 1.. {
                 match apply(&mut client, &dir, &format!("r{n}.yaml"), &round(n)).await {
-                    Ok(applied) => last_ok = applied.version,
+                    Ok(applied) => {
+                        last_ok = applied.version;
+                        done.store(last_ok, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(_) => return last_ok,
                 }
             }
             last_ok
         })
     };
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Kill while applies keep coming, a few versions in.
+    lacewing_tests::eventually("a few applies are stored", || {
+        let done = done.clone();
+        async move { done.load(std::sync::atomic::Ordering::Relaxed) >= 3 }
+    })
+    .await;
     child.kill();
     let last_ok = applier.await.unwrap();
     assert!(last_ok >= 1, "some applies finished before the kill");

@@ -104,6 +104,21 @@ pub async fn apply(
     client.apply(docs, dir).await
 }
 
+/// [`apply`], then waits until the connected sidecars answered: (version, progress).
+pub async fn apply_and_wait(
+    client: &mut Client,
+    dir: &Path,
+    name: &str,
+    text: &str,
+) -> (u64, api::WaitProgress) {
+    let version = apply(client, dir, name, text).await.unwrap().version;
+    let done = client
+        .wait(version, std::time::Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    (version, done)
+}
+
 /// A `Service` document.
 pub fn service(name: &str, extra: &str) -> String {
     format!(
