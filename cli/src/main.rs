@@ -249,6 +249,7 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
         );
     }
     let config = proxy_config(args, matches)?;
+    let signals = Signals::install()?;
     let workers = config.worker_count();
     let source = match &args.config {
         Some(file) => format!("file:{}", file.display()),
@@ -269,7 +270,7 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
     let publisher = handle.publisher();
     let args = args.clone();
     let matches = matches.cloned();
-    wait_for_signal(move || reload(&publisher, &args, matches.as_ref(), &source))?;
+    signals.wait(move || reload(&publisher, &args, matches.as_ref(), &source))?;
     tracing::info!("draining");
     handle.shutdown();
     tracing::info!("stopped");
@@ -295,59 +296,91 @@ fn reload(publisher: &Publisher, args: &ProxyArgs, matches: Option<&ArgMatches>,
     }
 }
 
-/// Blocks until SIGTERM or SIGINT; each SIGHUP runs `reload` (one at a
-/// time, off the signal loop). A second SIGTERM or SIGINT while draining
-/// exits at once.
-fn wait_for_signal(reload: impl Fn() + Send + Sync + 'static) -> anyhow::Result<()> {
-    let reload = std::sync::Arc::new(reload);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("lacewing-signals".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::Error::from(e)));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let (mut term, mut int, mut hup) = match (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::hangup()),
-                ) {
-                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                        let _ = tx.send(Err(e.into()));
+/// What SIGHUP runs once the proxy is up.
+type Reload = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// The process's signal handlers, installed before anything starts serving:
+/// a SIGHUP or SIGTERM that arrives while the proxy starts must not meet the
+/// default action (which ends the process).
+pub(crate) struct Signals {
+    reload: std::sync::mpsc::Sender<Reload>,
+    stopped: std::sync::mpsc::Receiver<anyhow::Result<()>>,
+}
+
+impl Signals {
+    /// Installs the handlers on a thread of their own; returns once they are in place.
+    pub(crate) fn install() -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
+        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("lacewing-signals".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
                         return;
                     }
                 };
-                loop {
-                    tokio::select! {
-                        _ = term.recv() => break,
-                        _ = int.recv() => break,
-                        _ = hup.recv() => {
-                            let reload = reload.clone();
-                            // Publishing blocks until every worker answered.
-                            if let Err(e) = tokio::task::spawn_blocking(move || reload()).await {
-                                tracing::error!(error = %e, "SIGHUP: reload failed");
+                rt.block_on(async move {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let (mut term, mut int, mut hup) = match (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::hangup()),
+                    ) {
+                        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let mut reload: Option<Reload> = None;
+                    loop {
+                        tokio::select! {
+                            _ = term.recv() => break,
+                            _ = int.recv() => break,
+                            _ = hup.recv() => {
+                                if reload.is_none() {
+                                    reload = reload_rx.try_recv().ok();
+                                }
+                                let Some(reload) = reload.clone() else {
+                                    tracing::warn!("SIGHUP while starting: ignored");
+                                    continue;
+                                };
+                                // Publishing blocks until every worker answered.
+                                if let Err(e) = tokio::task::spawn_blocking(move || reload()).await {
+                                    tracing::error!(error = %e, "SIGHUP: reload failed");
+                                }
                             }
                         }
                     }
-                }
-                let _ = tx.send(Ok(()));
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                eprintln!("second signal: exiting without waiting for the drain");
-                std::process::exit(130);
-            });
-        })?;
-    rx.recv().context("signal thread ended")?
+                    let _ = stopped_tx.send(Ok(()));
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    eprintln!("second signal: exiting without waiting for the drain");
+                    std::process::exit(130);
+                });
+            })?;
+        ready_rx.recv().context("signal thread ended")??;
+        Ok(Self {
+            reload: reload_tx,
+            stopped: stopped_rx,
+        })
+    }
+
+    /// Blocks until SIGTERM or SIGINT; each SIGHUP from now on runs `reload`
+    /// (one at a time, off the signal loop). A second SIGTERM or SIGINT while
+    /// draining exits at once.
+    pub(crate) fn wait(self, reload: impl Fn() + Send + Sync + 'static) -> anyhow::Result<()> {
+        let _ = self.reload.send(std::sync::Arc::new(reload));
+        self.stopped.recv().context("signal thread ended")?
+    }
 }

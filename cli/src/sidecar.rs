@@ -189,6 +189,7 @@ pub fn run(
     };
     let options = options(control, token, service, [inbound, app, outbound], placement)?;
     let spec = options.spec.clone();
+    let signals = crate::Signals::install()?;
     let sidecar = start(options, wasm_cache_dir)?;
     let admin = sidecar
         .handle
@@ -205,9 +206,7 @@ pub fn run(
         .enable_all()
         .build()?;
     runtime.spawn(sidecar.agent.run());
-    crate::wait_for_signal(|| {
-        tracing::info!("SIGHUP: configuration comes from the control plane")
-    })?;
+    signals.wait(|| tracing::info!("SIGHUP: configuration comes from the control plane"))?;
     tracing::info!("draining");
     runtime.shutdown_background();
     sidecar.handle.shutdown();

@@ -60,10 +60,17 @@ pub fn from_error(err: &ProxyError) -> LocalReply {
 
 /// The response for a reply, as it goes downstream.
 pub fn into_response(reply: LocalReply, version: http::Version) -> Response<ProxyBody> {
+    let length = reply.body.len();
     let mut resp = Response::new(ProxyBody::full(reply.body));
     *resp.status_mut() = reply.status;
     *resp.version_mut() = version;
     *resp.headers_mut() = reply.headers;
+    if length > 0 {
+        // As in Envoy, the reply states its length before the response phases
+        // run: filters that read the body may pass it on in pieces.
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
     resp
 }
 
