@@ -2,9 +2,12 @@
 //! [`store`], validates every apply, and streams to each sidecar the
 //! [`snapshot`] that concerns it, recording its ACK or NACK.
 //!
+//! The [`ca`] (root kept in the state directory) signs workload CSRs.
+//!
 //! One listener serves the `Operator` and `Discovery` gRPC services and
 //! `/metrics` (HTTP/1.1).
 
+pub mod ca;
 pub mod client;
 pub mod discovery;
 pub mod metrics;
@@ -37,6 +40,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("mesh CA: {0}")]
+    Ca(#[from] ca::CaError),
     #[error("listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -48,6 +53,7 @@ pub enum StartError {
 pub const OPERATOR_TOKEN: &str = "operator.token";
 pub const BOOTSTRAP_TOKEN: &str = "bootstrap.token";
 pub const STORE_FILE: &str = "mesh.redb";
+pub use ca::{CA_CERT, CA_KEY};
 
 /// A bound control plane, ready to serve.
 pub struct ControlPlane {
@@ -55,6 +61,7 @@ pub struct ControlPlane {
     shared: Arc<Shared>,
     operator_token: String,
     bootstrap_token: String,
+    ca: Arc<lacewing_tls::MeshCa>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -67,8 +74,18 @@ impl std::fmt::Debug for ControlPlane {
 
 impl ControlPlane {
     /// Opens the state directory (creating it 0700, and its tokens 0600, on
-    /// first start) and binds `listen`.
+    /// first start) and binds `listen`, with the mesh CA's defaults.
     pub async fn bind(listen: SocketAddr, state_dir: &Path) -> Result<Self, StartError> {
+        Self::bind_with(listen, state_dir, &ca::CaOptions::default()).await
+    }
+
+    /// As [`bind`](Self::bind), with the mesh CA set up as `ca_options` say
+    /// (its root generated into the state directory on first start).
+    pub async fn bind_with(
+        listen: SocketAddr,
+        state_dir: &Path,
+        ca_options: &ca::CaOptions,
+    ) -> Result<Self, StartError> {
         let dir_error = |source| StartError::StateDir {
             path: state_dir.to_path_buf(),
             source,
@@ -85,6 +102,7 @@ impl ControlPlane {
             token::load_or_create(&state_dir.join(OPERATOR_TOKEN)).map_err(dir_error)?;
         let bootstrap_token =
             token::load_or_create(&state_dir.join(BOOTSTRAP_TOKEN)).map_err(dir_error)?;
+        let ca = Arc::new(ca::open(state_dir, ca_options)?);
         let path = state_dir.join(STORE_FILE);
         let store: Arc<dyn Store> =
             Arc::new(tokio::task::block_in_place(|| RedbStore::open(&path))?);
@@ -100,11 +118,17 @@ impl ControlPlane {
             shared,
             operator_token,
             bootstrap_token,
+            ca,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The mesh CA (its root is the trust bundle sidecars verify against).
+    pub fn ca(&self) -> &Arc<lacewing_tls::MeshCa> {
+        &self.ca
     }
 
     /// The store version at start.

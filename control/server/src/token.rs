@@ -26,21 +26,26 @@ pub fn load_or_create(path: &Path) -> std::io::Result<String> {
             let mut bytes = [0u8; 32];
             rand::rng().fill_bytes(&mut bytes);
             let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let tmp = path.with_extension("tmp");
-            let _ = std::fs::remove_file(&tmp);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(token.as_bytes())?;
-            file.write_all(b"\n")?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, path)?;
+            write_new(path, format!("{token}\n").as_bytes(), 0o600)?;
             Ok(token)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Writes `contents` to `path` with permissions `mode`, through a temporary
+/// file renamed into place (a crash leaves the old file or the new one).
+pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Reads a token file (as written by [`load_or_create`]).

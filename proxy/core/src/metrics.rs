@@ -27,6 +27,10 @@ pub struct Metrics {
     pub downstream_connections_active: IntGaugeVec,
     /// Accepted downstream connections by listener.
     pub downstream_connections_total: IntCounterVec,
+    /// Downstream TLS handshakes by listener and outcome (`ok` or the failure reason).
+    pub downstream_tls_handshakes: IntCounterVec,
+    /// Downstream connections by listener and transport (`tls`, `plaintext`).
+    pub downstream_connections_by_transport: IntCounterVec,
     /// Bytes read from downstream by listener.
     pub downstream_bytes_received: IntCounterVec,
     /// Bytes written to downstream by listener.
@@ -158,6 +162,18 @@ impl Metrics {
                 "upstream_overflows_total",
                 "Requests refused by a circuit-breaker limit.",
                 &["cluster", "limit"],
+            ),
+            downstream_tls_handshakes: counter(
+                &r,
+                "downstream_tls_handshakes_total",
+                "Downstream TLS handshakes by listener and outcome (ok or the failure reason).",
+                &["listener", "outcome"],
+            ),
+            downstream_connections_by_transport: counter(
+                &r,
+                "downstream_connections_by_transport_total",
+                "Downstream connections by listener and transport (tls, plaintext).",
+                &["listener", "transport"],
             ),
             access_log_dropped: counter(
                 &r,

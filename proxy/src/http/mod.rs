@@ -7,3 +7,4 @@ pub mod io;
 pub mod local_reply;
 pub mod proxy;
 pub mod server;
+pub mod tls;

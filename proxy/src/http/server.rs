@@ -129,7 +129,7 @@ pub async fn serve_io<I>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::convert::Infallible;
 
     use bytes::Bytes;
@@ -141,7 +141,7 @@ mod tests {
     use crate::snapshot::Snapshot;
 
     /// An upstream on 127.0.0.1:0 answering every request with its path.
-    async fn upstream() -> SocketAddr {
+    pub(crate) async fn upstream() -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::task::spawn_local(async move {
@@ -160,7 +160,10 @@ mod tests {
     }
 
     /// The state of listener `main` routing everything to `upstream`.
-    fn listener_state(upstream: SocketAddr) -> Arc<HttpListenerState> {
+    pub(crate) fn listener_state(
+        upstream: SocketAddr,
+        metrics: &Metrics,
+    ) -> Arc<HttpListenerState> {
         let yaml = format!(
             "admin: {{ address: null }}
 listeners:
@@ -172,7 +175,6 @@ clusters:
 "
         );
         let config = lacewing_config::from_yaml_str(&yaml, "test.yaml").unwrap();
-        let metrics = Metrics::new();
         let wasm = WasmHost::new(HostOptions {
             cache_dir: None,
             metrics: metrics.clone(),
@@ -180,9 +182,9 @@ clusters:
         })
         .unwrap();
         let callouts =
-            lacewing_upstream::Upstreams::build(&config.clusters, &metrics, None, None).unwrap();
+            lacewing_upstream::Upstreams::build(&config.clusters, metrics, None, None).unwrap();
         let snapshot =
-            Snapshot::build(Arc::new(config), &metrics, &wasm, None, callouts, None).unwrap();
+            Snapshot::build(Arc::new(config), metrics, &wasm, None, callouts, None).unwrap();
         snapshot.http["main"].clone()
     }
 
@@ -193,7 +195,7 @@ clusters:
             .build()
             .unwrap();
         tokio::task::LocalSet::new().block_on(&runtime, async {
-            let state = listener_state(upstream().await);
+            let state = listener_state(upstream().await, &Metrics::new());
             let slot = Arc::new(ArcSwap::new(state));
             // An in-memory pipe stands where a TLS stream would.
             let (client_end, proxy_end) = tokio::io::duplex(64 * 1024);

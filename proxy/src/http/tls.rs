@@ -1,0 +1,383 @@
+//! Downstream mutual TLS: a connection completes a TLS 1.3 handshake (the
+//! client's chain checked against the mesh trust bundle, ALPN `h2` or
+//! `http/1.1`) before it is served by [`serve_io`] like any other stream.
+//! In [`TlsMode::Permissive`] a connection whose first bytes are not a TLS
+//! handshake record is served as plaintext; in [`TlsMode::Strict`] it is
+//! closed. Every handshake is counted by outcome.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use lacewing_core::drain::DrainWatch;
+use lacewing_core::metrics::Metrics;
+use lacewing_tls::rustls::{self, CertificateError};
+use lacewing_tls::{ConnectionTls, Identity, TlsError, TrustBundle};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::server::serve_io;
+use crate::snapshot::HttpListenerState;
+
+/// Whether plaintext is served beside TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Only TLS: a plaintext connection is closed.
+    Strict,
+    /// TLS, or plaintext when the first bytes are not a TLS handshake.
+    Permissive,
+}
+
+/// One listener's TLS: the acceptor, the mode, and its counters.
+pub struct DownstreamTls {
+    acceptor: TlsAcceptor,
+    mode: TlsMode,
+    handshake_timeout: Duration,
+    listener: Arc<str>,
+    metrics: Metrics,
+    local_leaf: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for DownstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DownstreamTls")
+            .field("mode", &self.mode)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DownstreamTls {
+    pub fn new(
+        listener: &str,
+        identity: &Identity,
+        trust: &TrustBundle,
+        mode: TlsMode,
+        handshake_timeout: Duration,
+        metrics: &Metrics,
+    ) -> Result<Self, TlsError> {
+        Ok(Self {
+            acceptor: TlsAcceptor::from(lacewing_tls::server_config(identity, trust)?),
+            mode,
+            handshake_timeout,
+            listener: listener.into(),
+            metrics: metrics.clone(),
+            local_leaf: identity.leaf().clone(),
+        })
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .downstream_tls_handshakes
+            .with_label_values(&[&self.listener, outcome])
+            .inc();
+    }
+
+    fn transport(&self, transport: &str) {
+        self.metrics
+            .downstream_connections_by_transport
+            .with_label_values(&[&self.listener, transport])
+            .inc();
+    }
+}
+
+/// Serves one accepted TCP connection through `tls`.
+pub async fn serve_tcp(
+    stream: TcpStream,
+    tls: Arc<DownstreamTls>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    slot: Arc<ArcSwap<HttpListenerState>>,
+    drain: DrainWatch,
+) {
+    let _ = stream.set_nodelay(true);
+    let looks_like_tls =
+        match tokio::time::timeout(tls.handshake_timeout, starts_with_tls(&stream)).await {
+            Ok(Ok(Some(is_tls))) => is_tls,
+            // Closed before sending anything, or a read error: nothing to serve.
+            Ok(Ok(None) | Err(_)) => return,
+            Err(_) => {
+                tls.count("timeout");
+                return;
+            }
+        };
+    if !looks_like_tls {
+        if tls.mode == TlsMode::Strict {
+            tls.count("plaintext_refused");
+            tracing::debug!(%remote, listener = %tls.listener, "plaintext refused (STRICT)");
+            return;
+        }
+        tls.transport("plaintext");
+        serve_io(stream, remote, local, id, slot, drain).await;
+        return;
+    }
+    let accepted = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            let reason = failure_reason(&error);
+            tls.count(reason);
+            tracing::debug!(%remote, listener = %tls.listener, %error, reason, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tls.count("timeout");
+            return;
+        }
+    };
+    tls.count("ok");
+    tls.transport("tls");
+    let (_, conn) = stream.get_ref();
+    let info = ConnectionTls::from_state(conn, conn.server_name(), Some(&tls.local_leaf));
+    tracing::debug!(
+        %remote,
+        listener = %tls.listener,
+        peer = ?info.peer.as_ref().map(|p| &p.uri_sans),
+        alpn = ?info.alpn,
+        "TLS connection established"
+    );
+    serve_io(stream, remote, local, id, slot, drain).await;
+}
+
+/// Whether the first byte is that of a TLS handshake record (content type
+/// 22: no HTTP/1 method and not the h2c preface starts with it); `None`
+/// when the peer closed first.
+async fn starts_with_tls(stream: &TcpStream) -> std::io::Result<Option<bool>> {
+    let mut head = [0u8; 1];
+    let n = stream.peek(&mut head).await?;
+    Ok((n > 0).then_some(head[0] == 0x16))
+}
+
+/// The counter label for a failed handshake.
+fn failure_reason(error: &std::io::Error) -> &'static str {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => "untrusted_certificate",
+        rustls::Error::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::NoApplicationProtocol => "no_application_protocol",
+        _ => "protocol",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    use lacewing_tls::{MeshCa, SpiffeId, WorkloadKey};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::server::tests::{listener_state, upstream};
+
+    fn id(service: &str) -> SpiffeId {
+        SpiffeId::new("mesh.local", "default", service).unwrap()
+    }
+
+    fn issue(ca: &MeshCa, service: &str) -> Identity {
+        let key = WorkloadKey::generate().unwrap();
+        let issued = ca
+            .sign(&key.csr_pem(&id(service)).unwrap(), &id(service))
+            .unwrap();
+        key.identity(&issued.cert_pem).unwrap()
+    }
+
+    struct Proxy {
+        addr: SocketAddr,
+        metrics: Metrics,
+        trust: TrustBundle,
+        ca: MeshCa,
+        _drain: lacewing_core::drain::DrainTrigger,
+    }
+
+    /// Listener `main` of service `orders` on 127.0.0.1:0, served through TLS in `mode`.
+    async fn proxy(mode: TlsMode) -> Proxy {
+        let (ca, _) = MeshCa::generate("mesh.local").unwrap();
+        let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
+        let metrics = Metrics::new();
+        let slot = Arc::new(ArcSwap::new(listener_state(upstream().await, &metrics)));
+        let tls = Arc::new(
+            DownstreamTls::new(
+                "main",
+                &issue(&ca, "orders"),
+                &trust,
+                mode,
+                Duration::from_secs(10),
+                &metrics,
+            )
+            .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, drain) = lacewing_core::drain::channel();
+        tokio::task::spawn_local(async move {
+            let mut id = 0;
+            while let Ok((stream, remote)) = listener.accept().await {
+                id += 1;
+                tokio::task::spawn_local(serve_tcp(
+                    stream,
+                    tls.clone(),
+                    remote,
+                    addr,
+                    id,
+                    slot.clone(),
+                    drain.clone(),
+                ));
+            }
+        });
+        Proxy {
+            addr,
+            metrics,
+            trust,
+            ca,
+            _drain: trigger,
+        }
+    }
+
+    /// GET `path` over HTTP/1.1 on `io`: the status and body, or the error.
+    async fn get<I>(io: I, path: &str) -> Result<(u16, String), String>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_local(connection);
+        let request = hyper::Request::get(path)
+            .header("host", "orders")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    async fn get_tls(
+        addr: SocketAddr,
+        client: &Identity,
+        trust: &TrustBundle,
+        path: &str,
+    ) -> Result<(u16, String), String> {
+        let config = lacewing_tls::client_config(client, trust, &id("orders")).unwrap();
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![lacewing_tls::ALPN_HTTP11.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(lacewing_tls::server_name_for(&id("orders")), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        get(stream, path).await
+    }
+
+    async fn get_plain(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+        get(TcpStream::connect(addr).await.unwrap(), path).await
+    }
+
+    fn handshakes(metrics: &Metrics, outcome: &str) -> u64 {
+        metrics
+            .downstream_tls_handshakes
+            .with_label_values(&["main", outcome])
+            .get()
+    }
+
+    fn transport(metrics: &Metrics, transport: &str) -> u64 {
+        metrics
+            .downstream_connections_by_transport
+            .with_label_values(&["main", transport])
+            .get()
+    }
+
+    /// Waits (yielding) until the server side has counted `outcome`: the
+    /// client may see the refusal before the server's task records it.
+    async fn counted(metrics: &Metrics, outcome: &str) -> u64 {
+        for _ in 0..1000 {
+            let n = handshakes(metrics, outcome);
+            if n > 0 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        0
+    }
+
+    fn run(test: impl std::future::Future<Output = ()>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, test);
+    }
+
+    #[test]
+    fn strict_serves_mutual_tls_and_refuses_plaintext() {
+        run(async {
+            let proxy = proxy(TlsMode::Strict).await;
+            let frontend = issue(&proxy.ca, "frontend");
+            let answer = get_tls(proxy.addr, &frontend, &proxy.trust, "/over-tls").await;
+            assert_eq!(answer.unwrap(), (200, "upstream saw /over-tls".to_string()));
+            assert!(get_plain(proxy.addr, "/plain").await.is_err());
+            assert_eq!(handshakes(&proxy.metrics, "ok"), 1);
+            assert_eq!(counted(&proxy.metrics, "plaintext_refused").await, 1);
+            assert_eq!(transport(&proxy.metrics, "plaintext"), 0);
+        });
+    }
+
+    #[test]
+    fn permissive_serves_tls_and_plaintext() {
+        run(async {
+            let proxy = proxy(TlsMode::Permissive).await;
+            let frontend = issue(&proxy.ca, "frontend");
+            let answer = get_tls(proxy.addr, &frontend, &proxy.trust, "/over-tls").await;
+            assert_eq!(answer.unwrap(), (200, "upstream saw /over-tls".to_string()));
+            let answer = get_plain(proxy.addr, "/plain").await;
+            assert_eq!(answer.unwrap(), (200, "upstream saw /plain".to_string()));
+            assert_eq!(transport(&proxy.metrics, "tls"), 1);
+            assert_eq!(transport(&proxy.metrics, "plaintext"), 1);
+        });
+    }
+
+    #[test]
+    fn a_client_certified_by_another_ca_is_refused_and_counted() {
+        run(async {
+            let proxy = proxy(TlsMode::Permissive).await;
+            let (foreign, _) = MeshCa::generate("mesh.local").unwrap();
+            let stranger = issue(&foreign, "frontend");
+            assert!(
+                get_tls(proxy.addr, &stranger, &proxy.trust, "/")
+                    .await
+                    .is_err()
+            );
+            assert_eq!(counted(&proxy.metrics, "untrusted_certificate").await, 1);
+            assert_eq!(transport(&proxy.metrics, "tls"), 0);
+        });
+    }
+
+    #[test]
+    fn garbage_after_a_handshake_byte_is_a_counted_protocol_failure() {
+        run(async {
+            use tokio::io::AsyncWriteExt;
+            let proxy = proxy(TlsMode::Strict).await;
+            let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+            tcp.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00])
+                .await
+                .unwrap();
+            assert_eq!(counted(&proxy.metrics, "protocol").await, 1);
+        });
+    }
+}

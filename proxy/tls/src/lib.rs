@@ -1,0 +1,27 @@
+//! Mesh identity for Lacewing: [`SpiffeId`]s, a sidecar's [`WorkloadKey`] and
+//! the CSR it sends (the private key never leaves the process), the rustls
+//! configurations that authenticate mesh peers in both directions
+//! ([`server_config`], [`client_config`]), and what a verified peer
+//! certificate says ([`PeerCertificate`], [`ConnectionTls`]) for plugins; and
+//! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates.
+//!
+//! Every configuration is TLS 1.3 only, offers ALPN `h2` and `http/1.1`, and
+//! uses the `ring` provider explicitly (no process-wide default is installed).
+
+pub mod ca;
+mod config;
+mod error;
+mod identity;
+mod key;
+mod peer;
+mod spiffe;
+
+pub use ca::{CsrError, Issued, MeshCa};
+pub use config::{ALPN_H2, ALPN_HTTP11, client_config, server_config, server_name_for};
+pub use error::{IdentityMismatch, TlsError};
+pub use identity::{Identity, TrustBundle};
+pub use key::WorkloadKey;
+pub use peer::{ConnectionTls, PeerCertificate, uri_sans};
+pub use spiffe::SpiffeId;
+
+pub use rustls;
