@@ -216,3 +216,42 @@ clusters:
         "80/20 split gave {heavy_count} of {SAMPLES} to the heavy cluster"
     );
 }
+
+/// A listener with no routes yet and a cluster with no endpoints yet are
+/// valid (a control plane's mesh may have neither): the first answers 404
+/// (flag NR), a route to the second 503 (flag UH).
+#[tokio::test]
+async fn no_routes_give_404_nr_and_no_endpoints_give_503_uh() {
+    let handle = proxy::start(
+        "admin: { address: 127.0.0.1:0 }
+workers: 1
+listeners:
+  - { name: empty, address: 127.0.0.1:0 }
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - { name: nowhere, cluster: none }
+clusters:
+  - { name: none, endpoints: [] }
+",
+    );
+    let admin = proxy::admin_addr(&handle);
+
+    let no_route = client::get(&proxy::url(&handle, "empty", "/any")).await;
+    assert_eq!(no_route.status, StatusCode::NOT_FOUND);
+    let no_endpoint = client::get(&proxy::url(&handle, "main", "/any")).await;
+    assert_eq!(no_endpoint.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let metrics = client::metrics(admin).await;
+    for flag in ["NR", "UH"] {
+        assert_eq!(
+            metric_sum(
+                &metrics,
+                "lacewing_http_local_replies_total",
+                &[("flag", flag)]
+            ),
+            Some(1.0),
+            "{flag}: {metrics}"
+        );
+    }
+}
