@@ -126,8 +126,8 @@ where
                 workers: 1,
             },
         )?;
-        let spec = options.spec.clone();
         let started = tokio::task::spawn_blocking(move || sidecar::start(options, None)).await??;
+        let spec = started.spec.clone();
         println!(
             "sidecar {:<9} service {:<7} inbound {}  outbound {}  app {}",
             spec.node_id, spec.service, spec.inbound, spec.outbound, spec.app

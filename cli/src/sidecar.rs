@@ -2,12 +2,13 @@
 //! starts from the last good snapshot on disk (or inbound → app alone), then
 //! every snapshot from the control plane is published as a new generation.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use lacewing_control_agent::metrics::AgentMetrics;
+use lacewing_control_agent::translate::{INBOUND, OUTBOUND};
 use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
 use lacewing_proxy::{Proxy, ProxyHandle, StartOptions};
 
@@ -43,15 +44,6 @@ pub struct SidecarFlags {
     pub state_dir: Option<PathBuf>,
 }
 
-/// A concrete address for `address`: port 0 becomes a free port now, so that
-/// every generation names the same address.
-fn concrete(address: SocketAddr) -> anyhow::Result<SocketAddr> {
-    if address.port() != 0 {
-        return Ok(address);
-    }
-    Ok(TcpListener::bind(address)?.local_addr()?)
-}
-
 fn default_state_dir(node: &str) -> PathBuf {
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
@@ -75,13 +67,20 @@ fn default_state_dir(node: &str) -> PathBuf {
 pub struct Sidecar {
     pub handle: ProxyHandle,
     pub agent: Agent,
+    /// Its addresses as bound (a port 0 became a port) and its node id.
+    pub spec: SidecarSpec,
     /// The mesh version it started with (0: none saved).
     pub version: u64,
 }
 
 /// Starts the proxy from the saved snapshot (or the bootstrap configuration)
-/// and prepares its agent. Blocks while the proxy starts.
-pub fn start(options: AgentOptions, wasm_cache_dir: Option<PathBuf>) -> anyhow::Result<Sidecar> {
+/// and prepares its agent. Blocks while the proxy starts. Listeners
+/// configured with port 0 keep the port they got: the agent's generations
+/// name it, and the control plane learns it from the hello.
+pub fn start(
+    mut options: AgentOptions,
+    wasm_cache_dir: Option<PathBuf>,
+) -> anyhow::Result<Sidecar> {
     let (initial, version) = Agent::initial_config(&options).context("sidecar state")?;
     let source = if version > 0 {
         format!("control:{} (saved version {version})", options.control)
@@ -96,6 +95,17 @@ pub fn start(options: AgentOptions, wasm_cache_dir: Option<PathBuf>) -> anyhow::
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bound = |name| {
+        handle
+            .listener_addr(name)
+            .with_context(|| format!("the `{name}` listener is not bound"))
+    };
+    options.spec.inbound = bound(INBOUND)?;
+    options.spec.outbound = bound(OUTBOUND)?;
+    if options.spec.node_id.is_empty() {
+        options.spec.node_id = format!("{}@{}", options.spec.service, options.spec.inbound);
+    }
+    let spec = options.spec.clone();
     let metrics = AgentMetrics::register(&handle.metrics().registry)?;
     let publisher = handle.publisher();
     let source = format!("control:{}", options.control);
@@ -109,6 +119,7 @@ pub fn start(options: AgentOptions, wasm_cache_dir: Option<PathBuf>) -> anyhow::
     Ok(Sidecar {
         handle,
         agent,
+        spec,
         version,
     })
 }
@@ -117,7 +128,7 @@ pub fn start(options: AgentOptions, wasm_cache_dir: Option<PathBuf>) -> anyhow::
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub namespace: String,
-    /// Default `SERVICE@INBOUND`.
+    /// Default `SERVICE@INBOUND` (the bound address when its port is 0).
     pub node_id: Option<String>,
     /// Default under `$XDG_STATE_HOME/lacewing`.
     pub state_dir: Option<PathBuf>,
@@ -126,7 +137,8 @@ pub struct Placement {
     pub workers: usize,
 }
 
-/// The sidecar's options; port 0 becomes a free port.
+/// The sidecar's options. An address with port 0 stays so until [`start`]
+/// binds it; so does an empty node id.
 pub fn options(
     control: &str,
     token: String,
@@ -141,16 +153,21 @@ pub fn options(
         admin,
         workers,
     } = placement;
-    let inbound = concrete(inbound).context("--inbound")?;
-    let outbound = concrete(outbound).context("--outbound")?;
-    let admin = admin.map(concrete).transpose().context("--admin")?;
-    let node_id = node_id.unwrap_or_else(|| format!("{service}@{inbound}"));
+    // With port 0 the default directory is per service: what is kept there
+    // (the service's snapshot, modules by sha256) is the same for all of them.
+    let state_dir = state_dir.unwrap_or_else(|| {
+        default_state_dir(
+            node_id
+                .as_deref()
+                .unwrap_or(&format!("{service}@{inbound}")),
+        )
+    });
     Ok(AgentOptions {
         control: control.to_string(),
         token,
-        state_dir: state_dir.unwrap_or_else(|| default_state_dir(&node_id)),
+        state_dir,
         spec: SidecarSpec {
-            node_id,
+            node_id: node_id.unwrap_or_default(),
             service: service.to_string(),
             namespace,
             inbound,
@@ -188,9 +205,9 @@ pub fn run(
         workers: workers.unwrap_or(0),
     };
     let options = options(control, token, service, [inbound, app, outbound], placement)?;
-    let spec = options.spec.clone();
     let signals = crate::Signals::install()?;
     let sidecar = start(options, wasm_cache_dir)?;
+    let spec = sidecar.spec.clone();
     let admin = sidecar
         .handle
         .admin_addr()

@@ -348,20 +348,26 @@ impl Live {
             Some(&self.resolver),
         )?;
 
-        // Listeners: kept (same address and protocol: only their state changes) or opened anew.
+        // Listeners, keyed by name: kept (same protocol, and the address it
+        // was configured with or the one it is bound to: a port-0 listener
+        // keeps its port whether the new generation says 0 or that port; only
+        // its state changes) or opened anew.
         let mut kept = Vec::new();
         let mut opened = Vec::new();
         for l in &config.listeners {
             if let Some(old) = inner.listeners.get(&l.name)
-                && old.address == l.address
+                && (old.address == l.address || old.bound == l.address)
                 && old.protocol == l.protocol
             {
                 kept.push(l.name.clone());
                 continue;
             }
             // An address one of our listeners holds is joined (SO_REUSEPORT), not refused.
-            let ours =
-                l.address.port() != 0 && inner.listeners.values().any(|o| o.address == l.address);
+            let ours = l.address.port() != 0
+                && inner
+                    .listeners
+                    .values()
+                    .any(|o| o.address == l.address || o.bound == l.address);
             let (bound, sockets) = bind_listener(&l.name, l.address, workers, !ours)?;
             opened.push((
                 l.name.clone(),

@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +23,7 @@ use clap::{Parser, Subcommand};
 use lacewing_control::client::Client;
 use lacewing_control_api as api;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -50,6 +51,11 @@ enum Mode {
         /// Changes to measure.
         #[arg(long, default_value_t = 5)]
         changes: usize,
+        /// What each simulated sidecar decodes: the whole snapshot, or only
+        /// its version and revision (the 1,000 decodes then do not all run
+        /// in this one process, as they would not in a real mesh).
+        #[arg(long, value_enum, default_value_t = Decode::Full)]
+        decode: Decode,
     },
     /// Real sidecar processes.
     Real {
@@ -58,6 +64,21 @@ enum Mode {
         #[arg(long, default_value_t = 50)]
         changes: usize,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Decode {
+    Full,
+    Head,
+}
+
+/// The first fields of a `Snapshot`; decoding skips the rest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SnapshotHead {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+    #[prost(uint64, tag = "2")]
+    revision: u64,
 }
 
 struct Killed(Child);
@@ -153,21 +174,20 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// One simulated sidecar: hello, then ACK every snapshot and note when each version arrived.
+/// One simulated sidecar of the control plane at (address, token): hello,
+/// then ACK every snapshot and note when each version arrived.
 async fn simulated(
-    control: String,
-    token: String,
+    (control, token): (String, String),
     service: String,
     index: usize,
     arrived: Arc<Vec<AtomicU64>>,
     epoch: Instant,
     connected: Arc<AtomicUsize>,
+    decode: Decode,
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
         .connect()
         .await?;
-    let mut client = api::discovery_client::DiscoveryClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4);
     tx.send(api::SidecarMessage {
         message: Some(api::sidecar_message::Message::Hello(api::Hello {
@@ -182,7 +202,29 @@ async fn simulated(
     .await?;
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     lacewing_control::token::authorize(&mut request, &token)?;
-    let mut snapshots = client.stream(request).await?.into_inner();
+    let mut snapshots: Pin<Box<dyn Stream<Item = Result<SnapshotHead, tonic::Status>> + Send>> =
+        match decode {
+            Decode::Full => {
+                let mut client = api::discovery_client::DiscoveryClient::new(channel)
+                    .max_decoding_message_size(64 * 1024 * 1024);
+                Box::pin(client.stream(request).await?.into_inner().map(|s| {
+                    s.map(|s| SnapshotHead {
+                        version: s.version,
+                        revision: s.revision,
+                    })
+                }))
+            }
+            Decode::Head => {
+                let mut grpc = tonic::client::Grpc::new(channel);
+                grpc.ready()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("not ready: {e}"))?;
+                let codec = tonic_prost::ProstCodec::<api::SidecarMessage, SnapshotHead>::default();
+                let path =
+                    http::uri::PathAndQuery::from_static("/lacewing.control.v1.Discovery/Stream");
+                Box::pin(grpc.streaming(request, path, codec).await?.into_inner())
+            }
+        };
     connected.fetch_add(1, Ordering::Relaxed);
     while let Some(snapshot) = snapshots.next().await {
         let snapshot = snapshot?;
@@ -206,7 +248,12 @@ async fn simulated(
     Ok(())
 }
 
-async fn sim(sidecars: usize, services: usize, changes: usize) -> anyhow::Result<()> {
+async fn sim(
+    sidecars: usize,
+    services: usize,
+    changes: usize,
+    decode: Decode,
+) -> anyhow::Result<()> {
     let (dir, control, addr) = start_control(&std::env::current_exe()?, "sim")?;
     let pid = control.0.id();
     let operator = lacewing_control::token::read(&dir.join("state/operator.token"))?;
@@ -221,13 +268,13 @@ async fn sim(sidecars: usize, services: usize, changes: usize) -> anyhow::Result
     let started = Instant::now();
     for i in 0..sidecars {
         let task = simulated(
-            addr.clone(),
-            bootstrap.clone(),
+            (addr.clone(), bootstrap.clone()),
             format!("svc-{}", i % services),
             i,
             arrived.clone(),
             epoch,
             connected.clone(),
+            decode,
         );
         let finished = finished.clone();
         tokio::spawn(async move {
@@ -280,7 +327,9 @@ async fn sim(sidecars: usize, services: usize, changes: usize) -> anyhow::Result
     let (rss_after, cpu_after) = usage(pid);
     finished.store(true, Ordering::Relaxed);
     times.sort();
-    println!("| simulated sidecars | {sidecars} over {services} services |");
+    println!(
+        "| simulated sidecars | {sidecars} over {services} services, decoding {decode:?} snapshots |"
+    );
     println!("|---|---|");
     println!("| all connected after | {} |", ms(connect_time));
     println!(
@@ -428,7 +477,8 @@ fn main() -> anyhow::Result<()> {
                 sidecars,
                 services,
                 changes,
-            } => sim(sidecars, services, changes).await,
+                decode,
+            } => sim(sidecars, services, changes, decode).await,
             Mode::Real { sidecars, changes } => real(&args.lacewing, sidecars, changes).await,
         }
     })

@@ -200,12 +200,14 @@ impl Agent {
         self.metrics.connected.set(1);
         tracing::info!(control = %self.options.control, "connected to the control plane");
         let mut got = false;
+        let mut saving = false;
         while let Some(snapshot) = snapshots.next().await {
             let snapshot = snapshot?;
             got = true;
             let (version, revision) = (snapshot.version, snapshot.revision);
             let answer = match self.take(&mut client, snapshot).await {
                 Ok(()) => {
+                    saving = true;
                     self.metrics.snapshots.with_label_values(&["ack"]).inc();
                     api::Answer {
                         version,
@@ -231,6 +233,12 @@ impl Agent {
             };
             if tx.send(message).await.is_err() {
                 break;
+            }
+            // Kept on disk after the ACK: the sync to disk is not on the way
+            // from a change to its ACK. A crash in between restarts from the
+            // previous snapshot, and the control plane sends this one again.
+            if std::mem::take(&mut saving) {
+                self.save_serving().await;
             }
         }
         Ok(got)
@@ -259,9 +267,6 @@ impl Agent {
                 .map_err(|reason| Refusal::new("publish", reason))?;
             self.served_config = Some(config);
         }
-        if let Err(e) = self.cache.save_snapshot(&snapshot) {
-            tracing::warn!(error = %e, "cannot keep the snapshot on disk");
-        }
         self.metrics.version.set(snapshot.version as i64);
         self.metrics.last_update.set(unix_now());
         tracing::info!(
@@ -271,6 +276,19 @@ impl Agent {
         );
         self.serving = snapshot;
         Ok(())
+    }
+
+    /// Keeps the snapshot being served on disk, for a start while the
+    /// control plane is away.
+    async fn save_serving(&self) {
+        let cache = self.cache.clone();
+        let snapshot = self.serving.clone();
+        let saved = tokio::task::spawn_blocking(move || cache.save_snapshot(&snapshot)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot keep the snapshot on disk"),
+            Err(e) => tracing::warn!(error = %e, "cannot keep the snapshot on disk"),
+        }
     }
 
     async fn fetch_module(

@@ -7,7 +7,9 @@
 //!   `name` for services of the sidecar's namespace, `name.namespace` for all;
 //!   a `TrafficSplit` on the service turns its route into weighted clusters;
 //!   the plugins whose direction is outbound or both run there;
-//! - one cluster per service with endpoints: `svc.<namespace>.<name>`.
+//! - one cluster per service: `svc.<namespace>.<name>`; a service with no
+//!   endpoints yet keeps its route, and its calls get 503 (flag UH); a host
+//!   no service has gets 404 (flag NR).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,9 +27,10 @@ use crate::cache::Cache;
 
 /// The cluster of the local app.
 pub const LOCAL_APP: &str = "local-app";
-/// A host no client sends (`.invalid` is reserved): the outbound listener's
-/// route when no service has endpoints yet (the proxy needs one route).
-pub const NO_SERVICE_HOST: &str = "no-services.lacewing.invalid";
+/// The listener other sidecars reach this one on.
+pub const INBOUND: &str = "inbound";
+/// The listener the local app sends its calls to.
+pub const OUTBOUND: &str = "outbound";
 
 /// What the sidecar is, from its flags.
 #[derive(Debug, Clone)]
@@ -145,13 +148,13 @@ fn build(
     }
 
     let mut inbound = if is_tcp(own.protocol) {
-        ListenerConfig::tcp("inbound", spec.inbound, LOCAL_APP)
+        ListenerConfig::tcp(INBOUND, spec.inbound, LOCAL_APP)
     } else {
         let mut route = RouteConfig::to_cluster("app", LOCAL_APP);
         if own.request_timeout_ms > 0 {
             route.timeout = ms(own.request_timeout_ms);
         }
-        ListenerConfig::http("inbound", spec.inbound, vec![route])
+        ListenerConfig::http(INBOUND, spec.inbound, vec![route])
     };
     inbound.filters = inbound_filters;
     config.listeners.push(inbound);
@@ -159,7 +162,7 @@ fn build(
     // Clusters of every routable service.
     let mut clusters: BTreeMap<(String, String), String> = BTreeMap::new();
     for s in &snapshot.services {
-        if is_tcp(s.protocol) || s.endpoints.is_empty() {
+        if is_tcp(s.protocol) {
             continue;
         }
         let name = format!("svc.{}.{}", s.namespace, s.name);
@@ -248,12 +251,7 @@ fn build(
             routes.push(route);
         }
     }
-    if routes.is_empty() {
-        let mut route = RouteConfig::to_cluster("no-services", LOCAL_APP);
-        route.matches.authority = Some(NO_SERVICE_HOST.into());
-        routes.push(route);
-    }
-    let mut outbound = ListenerConfig::http("outbound", spec.outbound, routes);
+    let mut outbound = ListenerConfig::http(OUTBOUND, spec.outbound, routes);
     outbound.filters = outbound_filters;
     config.listeners.push(outbound);
     config
@@ -300,6 +298,8 @@ mod tests {
         let config = bootstrap_config(&spec());
         lacewing_config::validate(&config).unwrap();
         assert_eq!(config.listeners.len(), 2);
+        // No service yet: the outbound listener has no routes.
+        assert!(config.listeners[1].routes.is_empty());
     }
 
     #[test]
@@ -338,8 +338,21 @@ mod tests {
             .collect();
         assert_eq!(
             hosts,
-            ["orders", "orders.default", "orders-v2", "orders-v2.default"]
+            [
+                "orders",
+                "orders.default",
+                "orders-v2",
+                "orders-v2.default",
+                "empty",
+                "empty.default"
+            ]
         );
+        let empty = config
+            .clusters
+            .iter()
+            .find(|c| c.name == "svc.default.empty")
+            .unwrap();
+        assert!(empty.endpoints.is_empty());
         let weights: Vec<_> = outbound.routes[0]
             .weighted_clusters
             .iter()

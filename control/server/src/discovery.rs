@@ -12,10 +12,11 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::push::Built;
 use crate::snapshot::Index;
 use crate::state::{Shared, now_ms};
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 pub struct Discovery {
     shared: Arc<Shared>,
@@ -35,6 +36,41 @@ impl Discovery {
             shared,
             index: Arc::new(Mutex::new(Arc::new(Index::unbuilt()))),
         }
+    }
+}
+
+impl Discovery {
+    /// Reads the hello, registers the sidecar and starts its stream: each
+    /// snapshot goes out as `message(built, revision)`.
+    pub(crate) async fn open<T: Send + 'static>(
+        &self,
+        request: Request<Streaming<api::SidecarMessage>>,
+        message: fn(&Built, u64) -> T,
+    ) -> Result<Response<BoxStream<T>>, Status> {
+        let mut incoming = request.into_inner();
+        let hello = match incoming.next().await {
+            Some(Ok(api::SidecarMessage {
+                message: Some(api::sidecar_message::Message::Hello(hello)),
+            })) => hello,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        check_hello(&hello)?;
+        let shared = self.shared.clone();
+        let cache = self.index.clone();
+        let session = shared.register(hello.clone());
+        tracing::info!(node = %hello.node_id, service = %hello.service, inbound = %hello.inbound, "sidecar connected");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            serve_sidecar(&shared, &cache, &hello, session, incoming, tx, message).await;
+            shared.unregister(&hello.node_id, session);
+            tracing::info!(node = %hello.node_id, "sidecar disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -85,34 +121,18 @@ impl api::discovery_server::Discovery for Discovery {
     type StreamStream = BoxStream<api::Snapshot>;
     type FetchModuleStream = BoxStream<api::ModuleChunk>;
 
+    /// Not reached in service: [`crate::push::DiscoveryService`] serves
+    /// `Stream` with snapshots encoded once. Kept equivalent for callers of
+    /// the generated server.
     async fn stream(
         &self,
         request: Request<Streaming<api::SidecarMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let mut incoming = request.into_inner();
-        let hello = match incoming.next().await {
-            Some(Ok(api::SidecarMessage {
-                message: Some(api::sidecar_message::Message::Hello(hello)),
-            })) => hello,
-            Some(Err(status)) => return Err(status),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be a hello",
-                ));
-            }
-        };
-        check_hello(&hello)?;
-        let shared = self.shared.clone();
-        let cache = self.index.clone();
-        let session = shared.register(hello.clone());
-        tracing::info!(node = %hello.node_id, service = %hello.service, inbound = %hello.inbound, "sidecar connected");
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            serve_sidecar(&shared, &cache, &hello, session, incoming, tx).await;
-            shared.unregister(&hello.node_id, session);
-            tracing::info!(node = %hello.node_id, "sidecar disconnected");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open(request, |built, revision| api::Snapshot {
+            revision,
+            ..built.snapshot.clone()
+        })
+        .await
     }
 
     async fn fetch_module(
@@ -146,33 +166,33 @@ impl api::discovery_server::Discovery for Discovery {
 
 /// Sends a snapshot whenever what the sidecar should have changes, and
 /// records its answers, until either side ends the stream.
-async fn serve_sidecar(
+async fn serve_sidecar<T>(
     shared: &Shared,
     cache: &Mutex<Arc<Index>>,
     hello: &api::Hello,
     session: u64,
     mut incoming: Streaming<api::SidecarMessage>,
-    tx: mpsc::Sender<Result<api::Snapshot, Status>>,
+    tx: mpsc::Sender<Result<T, Status>>,
+    message: fn(&Built, u64) -> T,
 ) {
     let mut changes = shared.changes.subscribe();
     let mut closing = shared.closing.subscribe();
-    let mut last_sent: Option<Arc<api::Snapshot>> = None;
+    let mut last_sent: Option<Arc<Built>> = None;
     let mut revision = 0;
     loop {
         let epoch = *changes.borrow_and_update();
         let snapshot = index_at(shared, cache, epoch).snapshot_for(hello);
         let same = last_sent
             .as_ref()
-            .is_some_and(|last| Arc::ptr_eq(last, &snapshot) || **last == *snapshot);
+            .is_some_and(|last| Arc::ptr_eq(last, &snapshot) || last.bytes == snapshot.bytes);
         if !same {
             revision += 1;
-            let mut numbered = (*snapshot).clone();
-            numbered.revision = revision;
+            let numbered = message(&snapshot, revision);
             {
                 let mut sidecars = shared.sidecars();
                 match sidecars.get_mut(&hello.node_id) {
                     Some(r) if r.session == session => {
-                        r.sent_version = snapshot.version;
+                        r.sent_version = snapshot.snapshot.version;
                         r.sent_revision = revision;
                         r.sent_at = Some(Instant::now());
                     }

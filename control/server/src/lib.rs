@@ -12,6 +12,7 @@ pub mod client;
 pub mod discovery;
 pub mod metrics;
 pub mod operator;
+pub mod push;
 pub mod snapshot;
 pub mod state;
 pub mod store;
@@ -145,8 +146,8 @@ impl ControlPlane {
             operator::Operator::new(self.shared.clone()),
             RequireToken::new(&self.operator_token, "operator"),
         );
-        let discovery = api::discovery_server::DiscoveryServer::with_interceptor(
-            discovery::Discovery::new(self.shared.clone()),
+        let discovery = tonic::service::interceptor::InterceptedService::new(
+            push::DiscoveryService::new(discovery::Discovery::new(self.shared.clone())),
             RequireToken::new(&self.bootstrap_token, "bootstrap"),
         );
         let metrics = self.shared.metrics.clone();

@@ -9,6 +9,7 @@ use lacewing_control_api as api;
 use lacewing_mesh::Spec;
 use lacewing_mesh::kinds::{self, Direction, Fail, Lb, Protocol};
 
+use crate::push::Built;
 use crate::state::MeshView;
 
 /// The mesh in the shape snapshots are made of.
@@ -21,8 +22,9 @@ pub struct Index {
     splits: Vec<api::Split>,
     /// (namespace, selected service or all, plugin), in chain order.
     plugins: Vec<(String, Option<String>, api::Plugin)>,
-    /// Sidecars of one service get the same snapshot: built once per index.
-    built: Mutex<HashMap<(String, String), Arc<api::Snapshot>>>,
+    /// Sidecars of one service get the same snapshot: built and encoded
+    /// once per index.
+    built: Mutex<HashMap<(String, String), Arc<Built>>>,
 }
 
 impl Index {
@@ -119,12 +121,12 @@ impl Index {
 
     /// The snapshot for one sidecar (revision left 0; the stream numbers it),
     /// shared with the other sidecars of its service.
-    pub fn snapshot_for(&self, hello: &api::Hello) -> Arc<api::Snapshot> {
+    pub fn snapshot_for(&self, hello: &api::Hello) -> Arc<Built> {
         let key = (hello.namespace.clone(), hello.service.clone());
         let mut built = self.built.lock().unwrap_or_else(PoisonError::into_inner);
         built
             .entry(key)
-            .or_insert_with(|| Arc::new(self.build_for(hello)))
+            .or_insert_with(|| Arc::new(Built::new(self.build_for(hello))))
             .clone()
     }
 
@@ -250,7 +252,7 @@ spec: {module: 'sha256:222222222222222222222222222222222222222222222222222222222
             vec!["127.0.0.1:5".to_string()],
         );
         let index = Index::build(1, &view(MESH), &eps);
-        let snap = index.snapshot_for(&hello("web"));
+        let snap = &index.snapshot_for(&hello("web")).snapshot;
         assert_eq!(snap.version, 7);
         let orders = snap.services.iter().find(|s| s.name == "orders").unwrap();
         assert_eq!(orders.endpoints, vec!["10.0.0.9:80", "127.0.0.1:5"]);
@@ -263,8 +265,13 @@ spec: {module: 'sha256:222222222222222222222222222222222222222222222222222222222
     #[test]
     fn plugins_follow_selector_and_phase_order() {
         let index = Index::build(1, &view(MESH), &BTreeMap::new());
-        let names =
-            |s: Arc<api::Snapshot>| s.plugins.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let names = |s: Arc<Built>| {
+            s.snapshot
+                .plugins
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             names(index.snapshot_for(&hello("orders"))),
             vec!["a-authz", "b-stats"]

@@ -272,12 +272,7 @@ impl Checker<'_> {
                 }
             }
             ListenerProtocol::Http => {
-                if listener.routes.is_empty() {
-                    self.report(
-                        format!("{path}.routes"),
-                        "an http listener needs at least one route",
-                    );
-                }
+                // No routes is allowed: every request gets 404 (flag NR).
                 if listener.cluster.is_some() {
                     self.report(
                         format!("{path}.cluster"),
@@ -434,12 +429,7 @@ impl Checker<'_> {
     }
 
     fn cluster(&mut self, path: &str, cluster: &ClusterConfig) {
-        if cluster.endpoints.is_empty() {
-            self.report(
-                format!("{path}.endpoints"),
-                "a cluster needs at least one endpoint",
-            );
-        }
+        // No endpoints is allowed: every request to the cluster gets 503 (flag UH).
         for (e, endpoint) in cluster.endpoints.iter().enumerate() {
             if let Err(reason) = split_host_port(endpoint) {
                 self.report(format!("{path}.endpoints[{e}]"), reason);

@@ -501,16 +501,9 @@ fn tcp_listener_cluster_must_exist() {
 }
 
 #[test]
-fn http_listener_needs_routes_and_no_cluster() {
+fn http_listener_takes_no_cluster() {
     let text = format!(
         "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    cluster: orders\n{CLUSTERS}"
-    );
-    assert_issue(
-        &text,
-        2,
-        3,
-        "listeners[0].routes",
-        "an http listener needs at least one route",
     );
     assert_issue(
         &text,
@@ -602,9 +595,11 @@ fn path_prefix_must_start_with_slash() {
 }
 
 #[test]
-fn cluster_needs_endpoints() {
-    let text = "clusters:\n  - name: c\n    endpoints: []\n";
-    assert_issue(text, 3, 5, "clusters[0].endpoints", "at least one endpoint");
+fn no_routes_and_no_endpoints_are_valid() {
+    let text = "listeners:\n  - name: web\n    address: 127.0.0.1:0\nclusters:\n  - name: c\n    endpoints: []\n";
+    let config = load(text).expect("valid");
+    assert!(config.listeners[0].routes.is_empty());
+    assert!(config.clusters[0].endpoints.is_empty());
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod edge;
 mod forwarding;
 mod grpc;
 mod mesh_control;
+mod mesh_demo;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;

@@ -133,12 +133,16 @@ impl Mesh {
 async fn mesh_routes_by_host_and_plugins_apply_to_the_selected_service() {
     let mesh = Mesh::start().await;
     mesh.both_connected().await;
+    let client = ReusingClient::http1();
+    let outbound = mesh.web.addr("outbound");
+    // No mesh yet: the outbound listener has no routes.
+    assert_eq!(call(&client, outbound, "orders").await.status, 404);
     let conformance = module("conformance-filter");
     let header_echo = module("header-echo");
     let (text, marker) = round(1, &conformance, &header_echo);
-    mesh.apply_and_wait(&text).await;
-    let client = ReusingClient::http1();
-    let outbound = mesh.web.addr("outbound");
+    // `billing` has neither sidecars nor static endpoints yet.
+    mesh.apply_and_wait(&format!("{text}{}", service("billing", "")))
+        .await;
     for host in ["orders", "orders:80", "orders.default"] {
         let response = call(&client, outbound, host).await;
         assert_eq!(response.status, 200, "{host}");
@@ -149,8 +153,9 @@ async fn mesh_routes_by_host_and_plugins_apply_to_the_selected_service() {
     let response = call(&client, mesh.orders.addr("outbound"), "web").await;
     assert_eq!(response.header("x-upstream"), Some("web"));
     assert!(markers(&response).is_empty());
-    // An unknown service is not routed.
+    // An unknown service is not routed; a known one with no endpoints is unavailable.
     assert_eq!(call(&client, outbound, "payments").await.status, 404);
+    assert_eq!(call(&client, outbound, "billing").await.status, 503);
     // The sidecar exports the version it serves.
     let metrics = lacewing_tests::client::metrics(mesh.web.addr("admin")).await;
     assert!(

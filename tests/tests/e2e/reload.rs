@@ -306,6 +306,35 @@ async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting()
     assert_still_serves_a(&handle).await;
 }
 
+/// A listener configured with port 0 keeps the port it got across
+/// generations, whether the next one says port 0 again or names that port,
+/// and a connection opened before each publish keeps being served.
+#[tokio::test]
+async fn a_port_zero_listener_keeps_its_port_across_generations() {
+    let up = Generations::start().await;
+    let handle = proxy::start(&up.yaml("a", "A", 2));
+    let bound = proxy::listener_addr(&handle, "main");
+    let client = ReusingClient::http1();
+    let url = format!("http://{bound}/");
+    assert_eq!(generation_of(&client.get(&url).await), pair("a", "A"));
+
+    let mut named = up.config("b", "B", 2);
+    named.listeners[0].address = bound;
+    publish(&handle, named)
+        .await
+        .expect("publish naming the bound port");
+    assert_eq!(proxy::listener_addr(&handle, "main"), bound);
+    assert_eq!(generation_of(&client.get(&url).await), pair("b", "B"));
+
+    publish(&handle, up.config("a", "C", 2))
+        .await
+        .expect("publish with port 0 again");
+    assert_eq!(proxy::listener_addr(&handle, "main"), bound);
+    assert_eq!(generation_of(&client.get(&url).await), pair("a", "C"));
+    let fresh = client::get(&url).await;
+    assert_eq!(generation_of(&fresh), pair("a", "C"));
+}
+
 /// A plugin that arms a tick timer in `on_configure` ticks, and receives
 /// queue items, with no request through it: its VMs exist on every worker
 /// from the moment it is published.

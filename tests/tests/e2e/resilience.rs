@@ -188,3 +188,30 @@ async fn every_endpoint_ejected_fails_fast_with_503_and_flag_uh() {
         "both endpoints ejected: {metrics}"
     );
 }
+
+/// A listener with no routes yet and a cluster with no endpoints yet are
+/// valid (a control plane's mesh may have neither): the first answers 404
+/// (flag NR), a route to the second 503 (flag UH).
+#[tokio::test]
+async fn no_routes_give_404_nr_and_no_endpoints_give_503_uh() {
+    let no_routes = proxy::start(
+        "admin: { address: 127.0.0.1:0 }
+workers: 1
+listeners:
+  - { name: main, address: 127.0.0.1:0 }
+",
+    );
+    let response = client::get(&proxy::url(&no_routes, "main", "/any")).await;
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+    assert_short_local_reply(&response);
+    assert_one_local_reply_flagged(&no_routes, "NR").await;
+
+    let no_endpoints = proxy::start(&one_route_yaml(
+        "{ name: default, cluster: upstream }",
+        "{ name: upstream, endpoints: [] }",
+    ));
+    let response = client::get(&proxy::url(&no_endpoints, "main", "/any")).await;
+    assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_short_local_reply(&response);
+    assert_one_local_reply_flagged(&no_endpoints, "UH").await;
+}
