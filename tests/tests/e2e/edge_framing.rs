@@ -269,7 +269,7 @@ async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
     let mut client = client.ready().await.expect("h2 ready");
 
     // About 4 KB on the wire once indexed; 4,000 × (1,000 + 9 + 32) bytes, over
-    // 4 MB, once decoded: far over the default 64 KiB `max_request_headers`.
+    // 4 MB, once decoded: far over the default 60 KiB `max_request_headers`.
     let value = http::HeaderValue::from_str(&"v".repeat(1_000)).unwrap();
     let mut request = Request::get("http://amplified.example/").body(()).unwrap();
     for _ in 0..REPEATS {
@@ -289,4 +289,42 @@ async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
     let ok = client::get_h2(&proxy::url(&handle, "main", "/after")).await;
     assert_eq!(ok.status, StatusCode::OK);
     assert_eq!(upstream.requests(), 1);
+}
+
+#[tokio::test]
+async fn upstream_bytes_beyond_its_length_never_reach_the_client() {
+    let edge = Edge::new(
+        "long",
+        servers::raw_http(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello, and more"),
+    );
+    let exchange = edge.raw_get(false).await;
+    let response = exchange
+        .response()
+        .unwrap_or_else(|| panic!("no response: {:?}", exchange.text()));
+    assert_eq!(response.status, 200, "{}", exchange.text());
+    assert_eq!(response.body, b"hello");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_is_logged_dc() {
+    // More than loopback socket buffers hold, so the body is still coming
+    // from the upstream when the client goes.
+    const LENGTH: usize = 64 << 20;
+    let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {LENGTH}\r\n\r\n").into_bytes();
+    reply.resize(reply.len() + LENGTH, b'x');
+    let edge = Edge::new("leaves", servers::raw_http(&reply));
+    let mut stream = TcpStream::connect(edge.addr()).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /framed HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+    )
+    .await
+    .expect("send request");
+    let head = client::read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(stream);
+
+    let lines = edge.logged(1).await;
+    assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
+    assert_eq!(lines[0]["flag"], "DC", "{}", lines[0]);
 }
