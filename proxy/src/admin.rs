@@ -132,6 +132,10 @@ pub async fn serve(
         );
     }
     let mut draining = false;
+    let mut backoff = crate::accept::AcceptBackoff::new(
+        "admin",
+        state.metrics.accept_failures.with_label_values(&["admin"]),
+    );
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -142,7 +146,20 @@ pub async fn serve(
             }
             _ = stop.signaled() => return,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                // Out of descriptors: wait for some to free up instead of spinning.
+                let wait = backoff.failed(&e);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    _ = stop.signaled() => return,
+                }
+            }
+        };
         let state = state.clone();
         let header_read_timeout = state.publisher.live().map_or_else(
             || lacewing_config::AdminConfig::default().header_read_timeout,

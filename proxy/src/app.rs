@@ -92,6 +92,16 @@ impl Proxy {
     ) -> Result<ProxyHandle, StartError> {
         lacewing_config::load::validate(&config).map_err(PublishError::from)?;
         let metrics = Metrics::new();
+        let open_files = crate::accept::raise_open_files_limit();
+        let open_files_limit = open_files.current.unwrap_or(0);
+        metrics
+            .open_files_limit
+            .set(i64::try_from(open_files_limit).unwrap_or(i64::MAX));
+        tracing::info!(
+            limit = open_files_limit,
+            inherited = open_files.inherited.unwrap_or(0),
+            "open files limit (0: unlimited)"
+        );
         let wasm = WasmHost::new(HostOptions {
             cache_dir: options.wasm_cache_dir.or_else(default_cache_dir),
             metrics: metrics.clone(),

@@ -6,6 +6,7 @@
 //! configuration generation while they run. See `docs/architecture.md` for
 //! the request phases and the generations.
 
+pub mod accept;
 pub mod access_log;
 pub mod admin;
 pub mod app;

@@ -103,6 +103,11 @@ impl std::fmt::Debug for RouteState {
 }
 
 impl RouteState {
+    /// The route's clusters, in configuration order.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
     /// Picks the cluster for one request (by weight when split).
     pub fn pick(&self) -> &Target {
         if self.cumulative.is_empty() {
@@ -193,6 +198,20 @@ impl ListenerSlot {
             ListenerSlot::Http(s) => s.load().config.limits.max_connections,
             ListenerSlot::Tcp(s) => s.load().config.limits.max_connections,
         }
+    }
+
+    /// The backoff state for this listener's accept loop, counting failures
+    /// on the listener's `accept_failures_total`.
+    pub fn accept_backoff(&self) -> crate::accept::AcceptBackoff {
+        let stats = match self {
+            ListenerSlot::Http(s) => &s.load().stats,
+            ListenerSlot::Tcp(s) => &s.load().stats,
+        };
+        let failures = stats
+            .metrics
+            .accept_failures
+            .with_label_values(&[&stats.name]);
+        crate::accept::AcceptBackoff::new(&stats.name, failures)
     }
 }
 

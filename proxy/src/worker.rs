@@ -238,6 +238,7 @@ async fn accept_loop(
     tracker: Rc<Tracker>,
     ids: Arc<AtomicU64>,
 ) {
+    let mut backoff = slot.accept_backoff();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -245,12 +246,18 @@ async fn accept_loop(
             _ = &mut stop => break,
         };
         let (stream, remote) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff.succeeded();
+                a
+            }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+                let wait = backoff.failed(&e);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    _ = drain.signaled() => break,
+                    _ = &mut stop => break,
+                }
             }
         };
         let max_connections = slot.max_connections();

@@ -1,5 +1,5 @@
 //! Upstream servers for tests: an HTTP echo server (HTTP/1.1 and h2c), a gRPC
-//! echo server and a raw TCP echo server, each on its own thread and port.
+//! echo server, a raw TCP echo server and an upstream writing exact bytes, each on its own thread and port.
 //!
 //! Each server runs on a dedicated thread with its own runtime, so a test that
 //! blocks its own thread (joining a proxy, say) never stalls its upstreams.
@@ -134,6 +134,28 @@ where
         stop: Some(stop),
         thread: Some(thread),
     }
+}
+
+/// An upstream that answers each request head it reads with exactly `reply`
+/// (malformed framing included), then closes the connection.
+pub fn raw_http(reply: &[u8]) -> TestServer {
+    let reply: Arc<[u8]> = Arc::from(reply);
+    spawn_server("raw-http", move |mut stream, requests| {
+        let reply = reply.clone();
+        async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            requests.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+        }
+    })
 }
 
 /// An HTTP echo server named `echo`; see [`http_echo_named`].

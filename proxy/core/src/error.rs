@@ -40,6 +40,9 @@ pub enum ResponseFlag {
     FilterTimeout,
     /// DPE: the request's framing is ambiguous or malformed.
     DownstreamProtocolError,
+    /// UPE: the upstream's response framing is ambiguous, or its body ended
+    /// before its framing said it would.
+    UpstreamProtocolError,
 }
 
 impl ResponseFlag {
@@ -58,6 +61,7 @@ impl ResponseFlag {
             Self::PayloadTooLarge => "PT",
             Self::FilterTimeout => "FT",
             Self::DownstreamProtocolError => "DPE",
+            Self::UpstreamProtocolError => "UPE",
         }
     }
 }
@@ -96,6 +100,9 @@ pub enum ProxyError {
     /// No route accepts this method (CONNECT unless a route names it).
     #[error("method {0} is not allowed by any route")]
     MethodNotAllowed(String),
+    /// The upstream's response cannot be forwarded as it was framed.
+    #[error("upstream response framing: {0}")]
+    UpstreamFraming(&'static str),
 }
 
 impl ProxyError {
@@ -114,7 +121,8 @@ impl ProxyError {
             Self::NoHealthyUpstream(_)
             | Self::Connect { .. }
             | Self::UpstreamTimeout(_)
-            | Self::UpstreamReset(_) => ErrorOrigin::Upstream,
+            | Self::UpstreamReset(_)
+            | Self::UpstreamFraming(_) => ErrorOrigin::Upstream,
         }
     }
 
@@ -131,7 +139,9 @@ impl ProxyError {
             Self::NoHealthyUpstream(_) | Self::Overflow { .. } | Self::Filter { .. } => {
                 S::SERVICE_UNAVAILABLE
             }
-            Self::Connect { .. } | Self::UpstreamReset(_) => S::BAD_GATEWAY,
+            Self::Connect { .. } | Self::UpstreamReset(_) | Self::UpstreamFraming(_) => {
+                S::BAD_GATEWAY
+            }
             Self::UpstreamTimeout(_) | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
             Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
@@ -158,6 +168,7 @@ impl ProxyError {
                 ResponseFlag::DownstreamProtocolError
             }
             Self::MethodNotAllowed(_) => ResponseFlag::NoRouteFound,
+            Self::UpstreamFraming(_) => ResponseFlag::UpstreamProtocolError,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The body type the proxy hands to hyper for responses: no boxing for the
-//! common cases (upstream passthrough, short local replies).
+//! common cases (upstream passthrough, short local replies). An upstream body
+//! reports how it ended, so an exchange is recorded only once its body is
+//! through and a truncated body is never logged as a clean response.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,7 +18,7 @@ pub enum ProxyBody {
     /// One chunk (local replies).
     Full(Option<Bytes>),
     /// Straight from the upstream connection.
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     /// Any sendable body.
     Boxed(BoxBody),
     /// A body that lives on the worker thread (filtered streams).
@@ -58,9 +60,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
-            Self::Upstream(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Self::Upstream(body) => Pin::new(body).poll_frame(cx),
             Self::Boxed(body) => Pin::new(body).poll_frame(cx),
             Self::Local(body) => body.as_mut().poll_frame(cx),
         }
@@ -84,6 +84,88 @@ impl Body for ProxyBody {
             Self::Boxed(body) => body.size_hint(),
             Self::Local(body) => body.size_hint(),
         }
+    }
+}
+
+/// How an upstream response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Every byte its framing announced arrived.
+    Complete,
+    /// The upstream broke it: closed early, bad chunking, a reset stream.
+    Failed,
+    /// Dropped before its end: the client went away.
+    Abandoned,
+}
+
+/// Called once with how an upstream body ended.
+pub type OnBodyEnd = Box<dyn FnOnce(BodyEnd)>;
+
+/// An upstream response body on its way downstream. Its error goes on to
+/// hyper, which then closes the HTTP/1 connection before the body's end
+/// (no last chunk, fewer bytes than `Content-Length`) or resets the h2
+/// stream: a broken body never reaches the client as a complete one.
+pub struct UpstreamBody {
+    inner: Incoming,
+    on_end: Option<OnBodyEnd>,
+}
+
+impl UpstreamBody {
+    /// Wraps `inner`; `on_end` (if any) learns how it ended.
+    pub fn new(inner: Incoming, on_end: Option<OnBodyEnd>) -> Self {
+        Self { inner, on_end }
+    }
+
+    /// Sets what learns how the body ended.
+    pub fn on_end(&mut self, on_end: OnBodyEnd) {
+        self.on_end = Some(on_end);
+    }
+
+    fn end(&mut self, how: BodyEnd) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(how);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.end(BodyEnd::Complete),
+            Poll::Ready(Some(Err(_))) => this.end(BodyEnd::Failed),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                this.end(BodyEnd::Complete);
+            }
+            _ => {}
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let how = if self.inner.is_end_stream() {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Abandoned
+        };
+        self.end(how);
     }
 }
 

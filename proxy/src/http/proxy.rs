@@ -1,7 +1,8 @@
 //! Forwarding one request, the one path for every route: proxy header
 //! semantics, routing, the route's filter chain (empty for most routes: then
 //! it costs nothing), the upstream exchange or a local reply, metrics and the
-//! access log.
+//! access log. An upstream response is recorded once its body is through, with
+//! `UPE` when the upstream broke the body's framing.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -18,7 +19,7 @@ use lacewing_core::body::BoxBody;
 use lacewing_core::stream::{HttpStream, LocalReply, StreamInfo};
 use lacewing_core::{ProxyError, ResponseFlag};
 
-use super::body::{DownstreamBody, ProxyBody};
+use super::body::{BodyEnd, DownstreamBody, OnBodyEnd, ProxyBody, UpstreamBody};
 use super::headers::{
     X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, one_authority, strip_hop_by_hop,
 };
@@ -55,6 +56,7 @@ pub struct Outcome<'a> {
 }
 
 /// Everything [`record`] needs from the request.
+#[derive(Clone)]
 pub struct RequestFacts {
     pub start: Instant,
     pub start_time: SystemTime,
@@ -191,6 +193,15 @@ pub async fn handle(
         Err(err) => return exchange.reply(chain, local_reply::from_error(&err)).await,
     };
     let mut resp = up.response;
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and such a
+    // response may be an attempt at response splitting: refused, never
+    // forwarded with a length that does not describe its body.
+    if resp.headers().contains_key(header::TRANSFER_ENCODING)
+        && resp.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        let err = ProxyError::UpstreamFraming("both Content-Length and Transfer-Encoding");
+        return exchange.reply(chain, local_reply::from_error(&err)).await;
+    }
     let tunnels =
         resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
     if tunnels && let Some(downstream) = downstream_upgrade {
@@ -205,7 +216,13 @@ pub async fn handle(
         attempts: up.attempts,
     };
     exchange
-        .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
+        .respond(
+            chain,
+            head,
+            ProxyBody::Upstream(UpstreamBody::new(body, None)),
+            None,
+            Some(upstream),
+        )
         .await
 }
 
@@ -242,10 +259,10 @@ struct Upstream {
 /// One request's place: where it came from and, once routed, where it goes.
 #[derive(Clone, Copy)]
 struct Exchange<'a> {
-    listener: &'a HttpListenerState,
-    conn: &'a ConnContext,
+    listener: &'a Arc<HttpListenerState>,
+    conn: &'a Rc<ConnContext>,
     facts: &'a RequestFacts,
-    route: Option<&'a RouteState>,
+    route: Option<&'a Arc<RouteState>>,
     target: Option<&'a Target>,
 }
 
@@ -328,24 +345,68 @@ impl Exchange<'_> {
             s.info.response_code = Some(head.status.as_u16());
             s.info.response_flag = flag;
         }
-        record(
-            self.listener,
-            self.conn,
-            self.facts,
-            &Outcome {
-                status: head.status.as_u16(),
-                flag,
-                route: self.route,
-                target: self.target,
-                upstream: upstream.map(|u| u.endpoint),
-                attempts: upstream.map_or(0, |u| u.attempts),
-            },
-        );
+        let status = head.status.as_u16();
+        match (&mut body, upstream) {
+            // An upstream body still to come is recorded once it is through.
+            (ProxyBody::Upstream(up), Some(upstream)) if !up.is_end_stream() => {
+                up.on_end(self.record_at_end(status, upstream));
+            }
+            _ => record(
+                self.listener,
+                self.conn,
+                self.facts,
+                &Outcome {
+                    status,
+                    flag,
+                    route: self.route.map(|r| &**r),
+                    target: self.target,
+                    upstream: upstream.map(|u| u.endpoint),
+                    attempts: upstream.map_or(0, |u| u.attempts),
+                },
+            ),
+        }
         let body = match chain.response_body(body) {
             ResponseBody::Plain(body) => body,
             ResponseBody::Filtered(body) => ProxyBody::Local(Box::pin(body)),
         };
         Ok(Response::from_parts(head, body))
+    }
+}
+
+impl Exchange<'_> {
+    /// Records the exchange once its upstream body ends: clean when every
+    /// byte arrived, `UPE` when the upstream broke it, `DC` when the client
+    /// left first.
+    fn record_at_end(self, status: u16, upstream: Upstream) -> OnBodyEnd {
+        let listener = Arc::clone(self.listener);
+        let conn = Rc::clone(self.conn);
+        let facts = self.facts.clone();
+        let route = self.route.cloned();
+        let target = self.target.and_then(|t| {
+            let route = route.as_ref()?;
+            route.targets().iter().position(|x| std::ptr::eq(x, t))
+        });
+        Box::new(move |how| {
+            let flag = match how {
+                BodyEnd::Complete => None,
+                BodyEnd::Failed => Some(ResponseFlag::UpstreamProtocolError),
+                BodyEnd::Abandoned => Some(ResponseFlag::DownstreamConnectionTermination),
+            };
+            let route = route.as_deref();
+            record(
+                &listener,
+                &conn,
+                &facts,
+                &Outcome {
+                    status,
+                    flag,
+                    route,
+                    target: target.and_then(|i| route?.targets().get(i)),
+                    upstream: Some(upstream.endpoint),
+                    attempts: upstream.attempts,
+                },
+            );
+        })
     }
 }
 
@@ -376,7 +437,8 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
 }
 
 /// Records metrics and the access log line of one exchange; a flagged
-/// exchange is one the proxy answered itself.
+/// exchange is one the proxy answered itself or one whose upstream body
+/// did not arrive whole.
 pub fn record(
     listener: &HttpListenerState,
     conn: &ConnContext,

@@ -9,6 +9,8 @@ mod bad_input;
 mod config_errors;
 mod drain;
 mod edge;
+mod edge_descriptors;
+mod edge_framing;
 mod forwarding;
 mod grpc;
 mod mesh_control;
