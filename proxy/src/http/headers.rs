@@ -148,7 +148,7 @@ pub fn one_authority(parts: &mut Parts) -> Result<(), AuthorityError> {
     if let Ok(value) = HeaderValue::from_str(chosen.as_str()) {
         parts.headers.insert(header::HOST, value);
     }
-    if parts.uri.authority().is_some_and(|a| *a != chosen) {
+    if parts.uri.authority().is_some_and(|a| a.as_str() != chosen.as_str()) {
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.authority = Some(chosen.clone());
         parts.uri =
@@ -342,6 +342,11 @@ mod tests {
         one_authority(&mut p).unwrap();
         assert_eq!(p.headers["host"], "public.example");
         assert_eq!(p.uri.authority().unwrap(), "public.example");
+        // Case alone differs: the URI is rewritten too (Authority's own
+        // comparison ignores case).
+        let mut p = head(Version::HTTP_11, "http://A.example/x", &[]);
+        one_authority(&mut p).unwrap();
+        assert_eq!(p.uri.authority().unwrap().as_str(), "a.example");
         // Trailing dot and case, port kept.
         let mut p = head(Version::HTTP_11, "/", &["ADMIN.example.:8080"]);
         one_authority(&mut p).unwrap();
