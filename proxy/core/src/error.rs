@@ -40,6 +40,9 @@ pub enum ResponseFlag {
     FilterTimeout,
     /// DPE: the request's framing is ambiguous or malformed.
     DownstreamProtocolError,
+    /// SI: the client took no response data within the listener's
+    /// `write_timeout` (it stopped reading, or opened no HTTP/2 window).
+    StreamIdleTimeout,
 }
 
 impl ResponseFlag {
@@ -58,6 +61,7 @@ impl ResponseFlag {
             Self::PayloadTooLarge => "PT",
             Self::FilterTimeout => "FT",
             Self::DownstreamProtocolError => "DPE",
+            Self::StreamIdleTimeout => "SI",
         }
     }
 }
@@ -73,6 +77,9 @@ pub enum ProxyError {
     Connect { endpoint: String, reason: String },
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// The response head came, then no body byte for this long.
+    #[error("upstream response body stalled for {0:?}")]
+    UpstreamBodyTimeout(Duration),
     #[error("upstream connection failed: {0}")]
     UpstreamReset(String),
     #[error("circuit breaker open on cluster `{cluster}`: {limit}")]
@@ -114,6 +121,7 @@ impl ProxyError {
             Self::NoHealthyUpstream(_)
             | Self::Connect { .. }
             | Self::UpstreamTimeout(_)
+            | Self::UpstreamBodyTimeout(_)
             | Self::UpstreamReset(_) => ErrorOrigin::Upstream,
         }
     }
@@ -132,7 +140,9 @@ impl ProxyError {
                 S::SERVICE_UNAVAILABLE
             }
             Self::Connect { .. } | Self::UpstreamReset(_) => S::BAD_GATEWAY,
-            Self::UpstreamTimeout(_) | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout(_)
+            | Self::UpstreamBodyTimeout(_)
+            | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
             Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
                 S::BAD_REQUEST
@@ -147,7 +157,9 @@ impl ProxyError {
             Self::NoRoute { .. } => ResponseFlag::NoRouteFound,
             Self::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
             Self::Connect { .. } => ResponseFlag::UpstreamConnectionFailure,
-            Self::UpstreamTimeout(_) => ResponseFlag::UpstreamRequestTimeout,
+            Self::UpstreamTimeout(_) | Self::UpstreamBodyTimeout(_) => {
+                ResponseFlag::UpstreamRequestTimeout
+            }
             Self::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
             Self::Overflow { .. } => ResponseFlag::UpstreamOverflow,
             Self::BodyTooLarge { .. } => ResponseFlag::PayloadTooLarge,

@@ -1,13 +1,22 @@
 //! The body type the proxy hands to hyper for responses: no boxing for the
-//! common cases (upstream passthrough, short local replies).
+//! common cases (upstream passthrough, short local replies). An upstream
+//! body carries its progress timer and its place in the connection's share.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use lacewing_core::body::{BoxBody, BoxError};
+use lacewing_core::{ProxyError, ResponseFlag};
+use tokio::time::{Instant, Sleep};
+
+use super::progress::HeldShare;
+use super::proxy::{ConnContext, CutLine};
 
 /// A response body: an upstream's, a local one, or a filtered stream.
 pub enum ProxyBody {
@@ -16,7 +25,7 @@ pub enum ProxyBody {
     /// One chunk (local replies).
     Full(Option<Bytes>),
     /// Straight from the upstream connection.
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     /// Any sendable body.
     Boxed(BoxBody),
     /// A body that lives on the worker thread (filtered streams).
@@ -58,9 +67,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
-            Self::Upstream(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Self::Upstream(body) => Pin::new(body).poll_frame(cx),
             Self::Boxed(body) => Pin::new(body).poll_frame(cx),
             Self::Local(body) => body.as_mut().poll_frame(cx),
         }
@@ -127,5 +134,151 @@ impl Body for DownstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// An upstream response body on its way to the client, with the timer that
+/// cuts it when the upstream stalls (`upstream_body_timeout`), and what the
+/// connection's write timer needs to tell a client that does not read.
+///
+/// Costs: nothing for a body that is complete when first polled; the timer
+/// is allocated on the first wait for the upstream and re-armed (one clock
+/// read) only on a wait that follows progress, never per frame.
+pub struct UpstreamBody {
+    /// `None` once the body ended or was cut: dropping it releases the
+    /// upstream connection.
+    inner: Option<Incoming>,
+    conn: Rc<ConnContext>,
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A frame went out since the timer was last armed.
+    progressed: bool,
+    /// Counted in the connection's bodies waiting on the client.
+    waiting_on_client: bool,
+    /// Held until the body ends.
+    share: Option<HeldShare>,
+    /// The access-log line written if the exchange is cut after its head.
+    cut: Option<Box<CutLine>>,
+}
+
+impl UpstreamBody {
+    /// Wraps an upstream body that must make progress within `limit`.
+    pub fn new(
+        inner: Incoming,
+        conn: Rc<ConnContext>,
+        limit: Duration,
+        share: Option<HeldShare>,
+    ) -> Self {
+        let mut body = Self {
+            inner: None,
+            conn,
+            limit,
+            timer: None,
+            progressed: false,
+            waiting_on_client: false,
+            share,
+            cut: None,
+        };
+        if !inner.is_end_stream() {
+            body.inner = Some(inner);
+            // Until the client asks for data, the data waits on the client.
+            body.set_waiting_on_client(true);
+        }
+        body
+    }
+
+    /// What to log if the exchange is cut from here on.
+    pub fn on_cut(&mut self, line: Box<CutLine>) {
+        self.cut = Some(line);
+    }
+
+    fn set_waiting_on_client(&mut self, waiting: bool) {
+        if self.waiting_on_client != waiting {
+            self.waiting_on_client = waiting;
+            self.conn.progress.set_waiting_on_client(waiting);
+        }
+    }
+
+    /// The body is over: the upstream connection and the share go back.
+    fn finish(&mut self) {
+        self.inner = None;
+        self.share = None;
+        self.set_waiting_on_client(false);
+    }
+
+    fn cut_by(&mut self, flag: ResponseFlag) {
+        self.finish();
+        if let Some(line) = self.cut.take() {
+            line.write(flag);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.progressed = true;
+                this.conn.progress.frame_sent();
+                this.set_waiting_on_client(true);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                this.set_waiting_on_client(false);
+                let limit = this.limit;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if std::mem::take(&mut this.progressed) {
+                    timer.as_mut().reset(Instant::now() + limit);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.cut_by(ResponseFlag::UpstreamRequestTimeout);
+                Poll::Ready(Some(Err(ProxyError::UpstreamBodyTimeout(limit).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            // Not finished: a connection closed by one of its timers records
+            // the cut on each exchange it ends.
+            match self.conn.progress.cut_flag() {
+                Some(flag) => self.cut_by(flag),
+                None => self.finish(),
+            }
+        }
     }
 }

@@ -18,11 +18,12 @@ use lacewing_core::body::BoxBody;
 use lacewing_core::stream::{HttpStream, LocalReply, StreamInfo};
 use lacewing_core::{ProxyError, ResponseFlag};
 
-use super::body::{DownstreamBody, ProxyBody};
+use super::body::{DownstreamBody, ProxyBody, UpstreamBody};
 use super::headers::{
     X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, one_authority, strip_hop_by_hop,
 };
 use super::local_reply::{self, Answer};
+use super::progress::{self, ConnProgress};
 use crate::access_log::{Entry, epoch_seconds};
 use crate::chain::{ChainLimits, HttpChain, Stop, http::ResponseBody};
 use crate::snapshot::{HttpListenerState, RouteState, Target};
@@ -34,6 +35,8 @@ pub struct ConnContext {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub slot: Arc<ArcSwap<HttpListenerState>>,
+    /// What the connection's timers and fair-share limit look at.
+    pub progress: ConnProgress,
 }
 
 /// The stream was reset by a filter: hyper closes the connection (HTTP/1) or resets the stream (HTTP/2).
@@ -55,6 +58,7 @@ pub struct Outcome<'a> {
 }
 
 /// Everything [`record`] needs from the request.
+#[derive(Clone)]
 pub struct RequestFacts {
     pub start: Instant,
     pub start_time: SystemTime,
@@ -73,6 +77,7 @@ pub async fn handle(
     conn: Rc<ConnContext>,
 ) -> Result<Response<ProxyBody>, StreamReset> {
     let start = Instant::now();
+    conn.progress.request_started();
     let listener = conn.slot.load_full();
     let (mut parts, body) = req.into_parts();
     // Ambiguous framing is how requests get smuggled: refuse it outright.
@@ -168,6 +173,13 @@ pub async fn handle(
     let connect = req.method() == http::Method::CONNECT;
     let downstream_upgrade =
         (hop.upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
+    let limits = &listener.config.limits;
+    // One connection may hold only its share of the cluster, until the
+    // response body ends.
+    let Some(share) = progress::hold(&conn, &target.cluster, limits.max_upstream_share) else {
+        let reply = local_reply::from_error(&target.cluster.share_overflow());
+        return exchange.reply(chain, reply).await;
+    };
     let send = target.cluster.send(req, &route.policy);
     let result = if chain.is_empty() {
         send.await
@@ -204,6 +216,12 @@ pub async fn handle(
         endpoint: up.endpoint,
         attempts: up.attempts,
     };
+    let body = UpstreamBody::new(
+        body,
+        conn.clone(),
+        limits.upstream_body_timeout.0,
+        Some(share),
+    );
     exchange
         .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
         .await
@@ -242,8 +260,8 @@ struct Upstream {
 /// One request's place: where it came from and, once routed, where it goes.
 #[derive(Clone, Copy)]
 struct Exchange<'a> {
-    listener: &'a HttpListenerState,
-    conn: &'a ConnContext,
+    listener: &'a Arc<HttpListenerState>,
+    conn: &'a Rc<ConnContext>,
     facts: &'a RequestFacts,
     route: Option<&'a RouteState>,
     target: Option<&'a Target>,
@@ -341,6 +359,21 @@ impl Exchange<'_> {
                 attempts: upstream.map_or(0, |u| u.attempts),
             },
         );
+        if let ProxyBody::Upstream(upstream_body) = &mut body
+            && let Some(upstream) = upstream
+        {
+            // Allocated per upstream response, written only if the exchange is cut.
+            upstream_body.on_cut(Box::new(CutLine {
+                listener: self.listener.clone(),
+                conn: self.conn.clone(),
+                facts: self.facts.clone(),
+                status: head.status.as_u16(),
+                route: self.route.map(|r| r.name.clone()),
+                cluster: self.target.map(|t| t.cluster_name.clone()),
+                upstream: upstream.endpoint,
+                attempts: upstream.attempts,
+            }));
+        }
         let body = match chain.response_body(body) {
             ResponseBody::Plain(body) => body,
             ResponseBody::Filtered(body) => ProxyBody::Local(Box::pin(body)),
@@ -391,6 +424,73 @@ pub fn record(
         target.stats.count(outcome.status);
         target.stats.duration.observe(elapsed.as_secs_f64());
     }
+    write_line(
+        listener,
+        conn,
+        facts,
+        &Line {
+            status: outcome.status,
+            flag: outcome.flag,
+            route: outcome.route.map(|r| &*r.name),
+            cluster: outcome.target.map(|t| &*t.cluster_name),
+            upstream: outcome.upstream,
+            attempts: outcome.attempts,
+        },
+    );
+}
+
+/// The access-log line of an exchange that a timer cut after its response
+/// head went out (the head's own line was written then): the same request
+/// id, the status sent, and the timer's flag.
+pub struct CutLine {
+    listener: Arc<HttpListenerState>,
+    conn: Rc<ConnContext>,
+    facts: RequestFacts,
+    status: u16,
+    route: Option<Arc<str>>,
+    cluster: Option<Arc<str>>,
+    upstream: SocketAddr,
+    attempts: u32,
+}
+
+impl CutLine {
+    /// Counts the flag and writes the line.
+    pub fn write(&self, flag: ResponseFlag) {
+        self.listener.stats.local_reply(flag.code());
+        write_line(
+            &self.listener,
+            &self.conn,
+            &self.facts,
+            &Line {
+                status: self.status,
+                flag: Some(flag),
+                route: self.route.as_deref(),
+                cluster: self.cluster.as_deref(),
+                upstream: Some(self.upstream),
+                attempts: self.attempts,
+            },
+        );
+    }
+}
+
+/// The outcome fields of one access-log line.
+struct Line<'a> {
+    status: u16,
+    flag: Option<ResponseFlag>,
+    route: Option<&'a str>,
+    cluster: Option<&'a str>,
+    upstream: Option<SocketAddr>,
+    attempts: u32,
+}
+
+/// Writes one access-log line, when the listener has a log.
+fn write_line(
+    listener: &HttpListenerState,
+    conn: &ConnContext,
+    facts: &RequestFacts,
+    line: &Line<'_>,
+) {
+    let elapsed = facts.start.elapsed();
     if let Some(log) = &listener.access_log {
         let authority = facts
             .authority
@@ -405,14 +505,12 @@ pub fn record(
             method: facts.method.as_str(),
             authority,
             path: facts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            status: outcome.status,
-            flag: outcome.flag.map_or("-", |f| f.code()),
-            route: outcome.route.map_or("-", |r| &r.name),
-            cluster: outcome.target.map_or("-", |t| &t.cluster_name),
-            upstream: outcome
-                .upstream
-                .map_or_else(|| "-".into(), |a| a.to_string()),
-            attempts: outcome.attempts,
+            status: line.status,
+            flag: line.flag.map_or("-", |f| f.code()),
+            route: line.route.unwrap_or("-"),
+            cluster: line.cluster.unwrap_or("-"),
+            upstream: line.upstream.map_or_else(|| "-".into(), |a| a.to_string()),
+            attempts: line.attempts,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             request_id: facts.request_id.to_str().unwrap_or("-"),
             user_agent: facts

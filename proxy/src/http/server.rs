@@ -1,6 +1,12 @@
 //! Serving one downstream HTTP connection: HTTP/1.1 or h2c (prior knowledge),
 //! with limits, timeouts and graceful drain. The connection may be any byte
 //! stream ([`serve_io`]), so a TLS stream is served the same way as a socket.
+//!
+//! Each connection has three timers, each one timer-wheel entry re-armed when
+//! it fires (nothing per request): the first request's head (from accept,
+//! covering HTTP/1.1 heads and the HTTP/2 preface, SETTINGS and first
+//! HEADERS), write progress (response data waiting and the client taking
+//! none), and idleness.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -15,7 +21,11 @@ use lacewing_core::drain::DrainWatch;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use lacewing_core::ResponseFlag;
+use tokio::time::Instant;
+
 use super::io::{CountingIo, IoStats};
+use super::progress::ConnProgress;
 use super::proxy::{ConnContext, handle};
 use crate::snapshot::HttpListenerState;
 
@@ -70,8 +80,12 @@ pub async fn serve_io<I>(
         remote,
         local,
         slot: slot.clone(),
+        progress: ConnProgress::default(),
     });
-    let service = service_fn(move |req| handle(req, ctx.clone()));
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, ctx.clone()))
+    };
 
     let mut builder = auto::Builder::new(LocalExec);
     builder
@@ -92,7 +106,7 @@ pub async fn serve_io<I>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_request_headers.0).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
@@ -100,7 +114,21 @@ pub async fn serve_io<I>(
     // `idle_timeout` window is asked to close (so idle for between one and two windows).
     let idle_timeout = limits.idle_timeout.0.max(Duration::from_millis(10));
     let mut moved_at_last_look = io_stats.moved();
+    let idle_look = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_look);
     let mut draining = false;
+    // The first request head must come within `header_read_timeout` of
+    // accept: hyper's own HTTP/1.1 timer starts only once the protocol is
+    // known, and HTTP/2 has none.
+    let first_head = tokio::time::sleep(limits.header_read_timeout.0);
+    tokio::pin!(first_head);
+    let mut awaiting_first_head = true;
+    // Write progress: response data waiting on the client at two looks one
+    // `write_timeout` apart, and none taken in between, closes the connection.
+    let write_timeout = limits.write_timeout.0.max(Duration::from_millis(10));
+    let write_look = tokio::time::sleep(write_timeout);
+    tokio::pin!(write_look);
+    let mut write_at_last_look = (0, 0);
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -113,13 +141,32 @@ pub async fn serve_io<I>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep(idle_timeout), if !draining => {
+            _ = &mut first_head, if awaiting_first_head => {
+                awaiting_first_head = false;
+                if !ctx.progress.has_request() {
+                    tracing::debug!(%remote, "no request head within header_read_timeout; closing");
+                    break;
+                }
+            }
+            _ = &mut write_look => {
+                let (waiting, sent) = ctx.progress.write_view();
+                let (waited, sent_before) = write_at_last_look;
+                if waiting > 0 && waited > 0 && sent == sent_before {
+                    tracing::debug!(%remote, "the client took no response data within write_timeout; closing");
+                    ctx.progress.cut(ResponseFlag::StreamIdleTimeout);
+                    break;
+                }
+                write_at_last_look = (waiting, sent);
+                write_look.as_mut().reset(Instant::now() + write_timeout);
+            }
+            _ = &mut idle_look, if !draining => {
                 let moved = io_stats.moved();
                 if moved == moved_at_last_look {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
                 moved_at_last_look = moved;
+                idle_look.as_mut().reset(Instant::now() + idle_timeout);
             }
         }
     }

@@ -9,6 +9,7 @@ mod bad_input;
 mod config_errors;
 mod drain;
 mod edge;
+mod edge_timers;
 mod forwarding;
 mod grpc;
 mod mesh_control;
