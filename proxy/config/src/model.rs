@@ -166,6 +166,10 @@ pub struct ListenerLimits {
     /// 503 (flag `UO`).
     #[serde(default = "defaults::max_upstream_share")]
     pub max_upstream_share: f64,
+    /// When set, a connection open this long is closed gracefully (HTTP/1.1
+    /// after its request in flight, HTTP/2 with GOAWAY). Off by default.
+    #[serde(default)]
+    pub max_connection_duration: Option<Dur>,
 }
 
 impl Default for ListenerLimits {
@@ -181,6 +185,7 @@ impl Default for ListenerLimits {
             write_timeout: defaults::write_timeout(),
             max_concurrent_streams: defaults::max_concurrent_streams(),
             max_upstream_share: defaults::max_upstream_share(),
+            max_connection_duration: None,
         }
     }
 }

@@ -320,6 +320,9 @@ impl Checker<'_> {
             limits.upstream_body_timeout,
         );
         self.positive(format!("{path}.limits.write_timeout"), limits.write_timeout);
+        if let Some(duration) = limits.max_connection_duration {
+            self.positive(format!("{path}.limits.max_connection_duration"), duration);
+        }
         if limits.max_concurrent_streams == 0 {
             self.report(
                 format!("{path}.limits.max_concurrent_streams"),

@@ -853,7 +853,14 @@ fn documented_examples_load() {
 #[test]
 fn edge_timers_and_shares_are_checked_where_they_are_written() {
     let text = format!(
-        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits:\n      upstream_body_timeout: 0s\n      write_timeout: 0ms\n      max_concurrent_streams: 0\n      max_upstream_share: 1.5\n{CLUSTERS}"
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits:\n      upstream_body_timeout: 0s\n      write_timeout: 0ms\n      max_concurrent_streams: 0\n      max_upstream_share: 1.5\n      max_connection_duration: 0s\n{CLUSTERS}"
+    );
+    assert_issue(
+        &text,
+        10,
+        7,
+        "listeners[0].limits.max_connection_duration",
+        "longer than zero",
     );
     assert_issue(
         &text,
@@ -892,4 +899,5 @@ fn edge_timers_and_shares_are_checked_where_they_are_written() {
     assert_eq!(limits.write_timeout.0, Duration::from_secs(60));
     assert_eq!(limits.max_concurrent_streams, 1024);
     assert_eq!(limits.max_upstream_share, 0.5);
+    assert_eq!(limits.max_connection_duration, None);
 }

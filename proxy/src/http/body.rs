@@ -15,7 +15,7 @@ use lacewing_core::body::{BoxBody, BoxError};
 use lacewing_core::{ProxyError, ResponseFlag};
 use tokio::time::{Instant, Sleep};
 
-use super::progress::HeldShare;
+use super::progress::{HeldShare, OpenExchange};
 use super::proxy::{ConnContext, CutLine};
 
 /// A response body: an upstream's, a local one, or a filtered stream.
@@ -157,6 +157,8 @@ pub struct UpstreamBody {
     waiting_on_client: bool,
     /// Held until the body ends.
     share: Option<HeldShare>,
+    /// The exchange is open until the body ends.
+    open: Option<OpenExchange>,
     /// The access-log line written if the exchange is cut after its head.
     cut: Option<Box<CutLine>>,
 }
@@ -168,6 +170,7 @@ impl UpstreamBody {
         conn: Rc<ConnContext>,
         limit: Duration,
         share: Option<HeldShare>,
+        open: OpenExchange,
     ) -> Self {
         let mut body = Self {
             inner: None,
@@ -177,6 +180,7 @@ impl UpstreamBody {
             progressed: false,
             waiting_on_client: false,
             share,
+            open: Some(open),
             cut: None,
         };
         if !inner.is_end_stream() {
@@ -203,6 +207,7 @@ impl UpstreamBody {
     fn finish(&mut self) {
         self.inner = None;
         self.share = None;
+        self.open = None;
         self.set_waiting_on_client(false);
     }
 

@@ -20,8 +20,10 @@ use super::proxy::ConnContext;
 /// The progress of one downstream connection.
 #[derive(Debug, Default)]
 pub struct ConnProgress {
-    /// A request head has reached the proxy on this connection.
-    first_request: Cell<bool>,
+    /// Request heads that reached the proxy on this connection.
+    requests: Cell<u64>,
+    /// Exchanges not over yet (their handling, then their upstream body).
+    open: Cell<usize>,
     /// Upstream response bodies that have data for the client, or that the
     /// client has not asked for yet (not waiting on their upstream).
     waiting_on_client: Cell<usize>,
@@ -35,14 +37,14 @@ pub struct ConnProgress {
 }
 
 impl ConnProgress {
-    /// A request head arrived.
-    pub fn request_started(&self) {
-        self.first_request.set(true);
-    }
-
     /// Whether any request head arrived.
     pub fn has_request(&self) -> bool {
-        self.first_request.get()
+        self.requests.get() > 0
+    }
+
+    /// The idleness view: (requests ever started, exchanges open now).
+    pub fn exchange_view(&self) -> (u64, usize) {
+        (self.requests.get(), self.open.get())
     }
 
     /// Response data is waiting for the client (or stopped waiting).
@@ -70,6 +72,28 @@ impl ConnProgress {
     /// The flag of the timer that closed the connection, if one did.
     pub(super) fn cut_flag(&self) -> Option<ResponseFlag> {
         self.cut.get()
+    }
+}
+
+/// One exchange, from its request head until its response is handed over
+/// (a local reply) or its upstream body ends.
+#[derive(Debug)]
+pub struct OpenExchange(Rc<ConnContext>);
+
+/// Counts a request head that arrived, open until the guard drops.
+pub fn exchange_started(conn: &Rc<ConnContext>) -> OpenExchange {
+    let progress = &conn.progress;
+    progress
+        .requests
+        .set(progress.requests.get().wrapping_add(1));
+    progress.open.set(progress.open.get() + 1);
+    OpenExchange(conn.clone())
+}
+
+impl Drop for OpenExchange {
+    fn drop(&mut self) {
+        let open = &self.0.progress.open;
+        open.set(open.get().saturating_sub(1));
     }
 }
 

@@ -77,7 +77,7 @@ pub async fn handle(
     conn: Rc<ConnContext>,
 ) -> Result<Response<ProxyBody>, StreamReset> {
     let start = Instant::now();
-    conn.progress.request_started();
+    let open = progress::exchange_started(&conn);
     let listener = conn.slot.load_full();
     let (mut parts, body) = req.into_parts();
     // Ambiguous framing is how requests get smuggled: refuse it outright.
@@ -221,6 +221,7 @@ pub async fn handle(
         conn.clone(),
         limits.upstream_body_timeout.0,
         Some(share),
+        open,
     );
     exchange
         .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))

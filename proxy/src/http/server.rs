@@ -2,11 +2,11 @@
 //! with limits, timeouts and graceful drain. The connection may be any byte
 //! stream ([`serve_io`]), so a TLS stream is served the same way as a socket.
 //!
-//! Each connection has three timers, each one timer-wheel entry re-armed when
-//! it fires (nothing per request): the first request's head (from accept,
-//! covering HTTP/1.1 heads and the HTTP/2 preface, SETTINGS and first
+//! Each connection has up to four timers, each one timer-wheel entry re-armed
+//! when it fires (nothing per request): the first request's head (from
+//! accept, covering HTTP/1.1 heads and the HTTP/2 preface, SETTINGS and first
 //! HEADERS), write progress (response data waiting and the client taking
-//! none), and idleness.
+//! none), idleness, and, when configured, the connection's age.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -110,12 +110,17 @@ pub async fn serve_io<I>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
-    // Idle detection: a connection that moved no byte over a whole
-    // `idle_timeout` window is asked to close (so idle for between one and two windows).
+    // Idle detection: a connection that moved no byte, or had no exchange,
+    // over a whole `idle_timeout` window is asked to close (so idle for
+    // between one and two windows).
     let idle_timeout = limits.idle_timeout.0.max(Duration::from_millis(10));
     let mut moved_at_last_look = io_stats.moved();
+    let mut exchanges_at_last_look = ctx.progress.exchange_view();
     let idle_look = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle_look);
+    let max_age = limits.max_connection_duration.map(|d| d.0);
+    let aged = tokio::time::sleep(max_age.unwrap_or_default());
+    tokio::pin!(aged);
     let mut draining = false;
     // The first request head must come within `header_read_timeout` of
     // accept: hyper's own HTTP/1.1 timer starts only once the protocol is
@@ -159,13 +164,30 @@ pub async fn serve_io<I>(
                 write_at_last_look = (waiting, sent);
                 write_look.as_mut().reset(Instant::now() + write_timeout);
             }
-            _ = &mut idle_look, if !draining => {
+            _ = &mut aged, if max_age.is_some() && !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle_look => {
+                // Idle: no byte moved, or (bytes such as pings did move but)
+                // no exchange was open at either look nor started in between.
                 let moved = io_stats.moved();
-                if moved == moved_at_last_look {
+                let exchanges = ctx.progress.exchange_view();
+                let no_exchange = exchanges.0 == exchanges_at_last_look.0
+                    && exchanges.1 == 0
+                    && exchanges_at_last_look.1 == 0;
+                if moved == moved_at_last_look || no_exchange {
+                    if draining {
+                        // Still idle a window after being asked to close
+                        // (an HTTP/2 client that never acknowledges the
+                        // shutdown's PING): close it outright.
+                        break;
+                    }
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
                 moved_at_last_look = moved;
+                exchanges_at_last_look = exchanges;
                 idle_look.as_mut().reset(Instant::now() + idle_timeout);
             }
         }

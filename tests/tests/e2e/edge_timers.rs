@@ -1,7 +1,9 @@
 //! Every wait has a timer, and no client can starve the others, as a client
 //! and an upstream see it: a connection that never sends a request head (or
 //! trickles the HTTP/2 preface, or only pings) is closed after
-//! `header_read_timeout`; an upstream that stalls its body is cut (flag `UT`)
+//! `header_read_timeout`, one that only pings after its requests after
+//! `idle_timeout` (even if it ignores the GOAWAY), and any after
+//! `max_connection_duration` when set; an upstream that stalls its body is cut (flag `UT`)
 //! and released; a client that does not read is cut (flag `SI`) and its
 //! upstream released; one HTTP/2 client with many zero-window streams gets
 //! only its share of a cluster while another client is still served.
@@ -43,7 +45,7 @@ listeners:
       write_timeout: 300ms
       max_concurrent_streams: 50
       max_upstream_share: 0.5
-    routes: [{ name: all, cluster: up }]
+{more}    routes: [{ name: all, cluster: up }]
 clusters:
   - name: up
     endpoints: ['{up}']
@@ -175,10 +177,42 @@ impl Upstream {
 }
 
 fn start(log: &LogFile, up: SocketAddr) -> lacewing_proxy::ProxyHandle {
+    start_with(log, up, "")
+}
+
+/// [`start`] with more listener limits, each line indented by six spaces.
+fn start_with(log: &LogFile, up: SocketAddr, more: &str) -> lacewing_proxy::ProxyHandle {
     proxy::start(&proxy::fill(
         CONFIG,
-        &[("log", &log.0.display()), ("up", &up)],
+        &[("log", &log.0.display()), ("up", &up), ("more", &more)],
     ))
+}
+
+/// Reads until the peer closes; `false` if it has not within [`HANG_GUARD`].
+async fn closed_by_peer(read: &mut (impl AsyncReadExt + Unpin)) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Pings every 50 ms until the connection breaks.
+fn ping_forever(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if write.write_all(&frame(0x6, &[7; 8])).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
 }
 
 #[tokio::test]
@@ -248,27 +282,64 @@ async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
     assert_eq!(max_streams, Some(50), "SETTINGS_MAX_CONCURRENT_STREAMS");
 
     // Ping every 50 ms, never open a stream: the proxy closes the connection.
+    let (mut read, write) = stream.into_split();
+    let pinger = ping_forever(write);
+    let closed = closed_by_peer(&mut read).await;
+    pinger.abort();
+    assert!(closed, "the pinging connection is closed");
+}
+
+#[tokio::test]
+async fn an_h2_client_that_only_pings_after_its_request_is_closed_when_idle() {
+    let log = LogFile::new("pings-after");
+    let up = Upstream::large(10).await;
+    let handle = start_with(&log, up.addr, "      idle_timeout: 300ms\n");
+    let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+        .await
+        .unwrap();
     let (mut read, mut write) = stream.into_split();
-    let pinger = tokio::spawn(async move {
-        loop {
-            if write.write_all(&frame(0x6, &[7; 8])).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&frame(0x4, &[])).await.unwrap();
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://a/ in HPACK
+    // (indexed :method GET, :scheme http, :path /; literal :authority a).
+    let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+    let mut headers = frame(0x1, &block);
+    headers[4] = 0x5;
+    headers[8] = 1;
+    write.write_all(&headers).await.unwrap();
+    eventually("the request is answered", || async {
+        log.lines().iter().any(|l| l["status"] == 200)
     })
     .await;
+    // Then only pings: bytes move, but no exchange does.
+    let pinger = ping_forever(write);
+    let closed = closed_by_peer(&mut read).await;
     pinger.abort();
-    assert!(closed.is_ok(), "the pinging connection is closed");
+    assert!(closed, "the connection that only pings is closed");
+}
+
+#[tokio::test]
+async fn max_connection_duration_closes_a_connection_after_its_response() {
+    let log = LogFile::new("age");
+    let up = Upstream::large(10).await;
+    let handle = start_with(&log, up.addr, "      max_connection_duration: 300ms\n");
+    let mut stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let head = client::read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // A keep-alive connection, closed by the proxy once old enough.
+    assert!(
+        closed_by_peer(&mut stream).await,
+        "the old connection is closed"
+    );
 }
 
 #[tokio::test]
