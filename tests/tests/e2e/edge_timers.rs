@@ -12,7 +12,6 @@
 //! waits below only bound a regression, they assert nothing about speed.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,6 +21,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use lacewing_tests::access_log::LogFile;
 use lacewing_tests::client::raw_exchange_with_timeout;
 use lacewing_tests::{client, eventually, proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,42 +53,12 @@ clusters:
     circuit_breaker: { max_connections: 4, max_pending_requests: 4 }
 ";
 
-/// The access log of one test, removed at the end.
-struct LogFile(PathBuf);
-
-impl LogFile {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "lacewing-edge-timers-{name}-{}.log",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        Self(path)
-    }
-
-    fn lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.0)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-            .collect()
-    }
-
-    /// Waits for a line with `flag`, and returns it.
-    async fn flagged(&self, flag: &str) -> serde_json::Value {
-        let find = || self.lines().into_iter().find(|l| l["flag"] == flag);
-        eventually(&format!("an access-log line flagged {flag}"), || async {
-            find().is_some()
-        })
-        .await;
-        find().unwrap()
-    }
-}
-
-impl Drop for LogFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// Waits for an access-log line with `flag`, and returns it.
+async fn flagged(log: &LogFile, flag: &str) -> serde_json::Value {
+    log.find(&format!("an access-log line flagged {flag}"), |l| {
+        l["flag"] == flag
+    })
+    .await
 }
 
 /// An upstream that counts its connections as they open and close.
@@ -184,7 +154,7 @@ fn start(log: &LogFile, up: SocketAddr) -> lacewing_proxy::ProxyHandle {
 fn start_with(log: &LogFile, up: SocketAddr, more: &str) -> lacewing_proxy::ProxyHandle {
     proxy::start(&proxy::fill(
         CONFIG,
-        &[("log", &log.0.display()), ("up", &up), ("more", &more)],
+        &[("log", &log.path().display()), ("up", &up), ("more", &more)],
     ))
 }
 
@@ -217,7 +187,7 @@ fn ping_forever(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::Join
 
 #[tokio::test]
 async fn a_connection_that_sends_no_request_head_is_closed_after_header_read_timeout() {
-    let log = LogFile::new("silent");
+    let log = LogFile::new("edge-timers-silent");
     let up = Upstream::large(10).await;
     let handle = start(&log, up.addr);
     let addr = proxy::listener_addr(&handle, "main");
@@ -257,7 +227,7 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
-    let log = LogFile::new("pings");
+    let log = LogFile::new("edge-timers-pings");
     let up = Upstream::large(10).await;
     let handle = start(&log, up.addr);
     let mut stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
@@ -291,7 +261,7 @@ async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
 
 #[tokio::test]
 async fn an_h2_client_that_only_pings_after_its_request_is_closed_when_idle() {
-    let log = LogFile::new("pings-after");
+    let log = LogFile::new("edge-timers-pings-after");
     let up = Upstream::large(10).await;
     let handle = start_with(&log, up.addr, "      idle_timeout: 300ms\n");
     let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
@@ -323,7 +293,7 @@ async fn an_h2_client_that_only_pings_after_its_request_is_closed_when_idle() {
 
 #[tokio::test]
 async fn max_connection_duration_closes_a_connection_after_its_response() {
-    let log = LogFile::new("age");
+    let log = LogFile::new("edge-timers-age");
     let up = Upstream::large(10).await;
     let handle = start_with(&log, up.addr, "      max_connection_duration: 300ms\n");
     let mut stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
@@ -344,7 +314,7 @@ async fn max_connection_duration_closes_a_connection_after_its_response() {
 
 #[tokio::test]
 async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
-    let log = LogFile::new("stall");
+    let log = LogFile::new("edge-timers-stall");
     let up = Upstream::stalling().await;
     let handle = start(&log, up.addr);
 
@@ -360,7 +330,7 @@ async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
         body.is_err(),
         "a cut body is an error, not a complete response"
     );
-    let line = log.flagged("UT").await;
+    let line = flagged(&log, "UT").await;
     assert_eq!(line["status"], 200);
     assert_eq!(line["path"], "/stall");
     up.all_released().await;
@@ -382,7 +352,7 @@ async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
 
 #[tokio::test]
 async fn a_client_that_does_not_read_is_cut_and_its_upstream_released() {
-    let log = LogFile::new("noread");
+    let log = LogFile::new("edge-timers-noread");
     // Far more than loopback socket buffers hold.
     let size = 64 << 20;
     let up = Upstream::large(size).await;
@@ -397,7 +367,7 @@ async fn a_client_that_does_not_read_is_cut_and_its_upstream_released() {
     let head = client::read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     // Read nothing more until the proxy has given up on this client.
-    let line = log.flagged("SI").await;
+    let line = flagged(&log, "SI").await;
     assert_eq!(line["status"], 200);
     assert_eq!(line["path"], "/big");
     up.all_released().await;
@@ -419,7 +389,7 @@ async fn a_client_that_does_not_read_is_cut_and_its_upstream_released() {
 
 #[tokio::test]
 async fn many_zero_window_streams_leave_the_cluster_to_other_clients() {
-    let log = LogFile::new("fair");
+    let log = LogFile::new("edge-timers-fair");
     let up = Upstream::large(1 << 20).await;
     let handle = start(&log, up.addr);
     let url = proxy::url(&handle, "main", "/big");
@@ -461,7 +431,7 @@ async fn many_zero_window_streams_leave_the_cluster_to_other_clients() {
     }
     assert_eq!(held.len(), 2, "half of the 4 connections");
     assert_eq!(refused, 18);
-    let line = log.flagged("UO").await;
+    let line = flagged(&log, "UO").await;
     assert_eq!(line["status"], 503);
     let metrics = client::metrics(proxy::admin_addr(&handle)).await;
     let share_overflows = client::metric_sum(
@@ -477,7 +447,7 @@ async fn many_zero_window_streams_leave_the_cluster_to_other_clients() {
     assert_eq!(response.body.len(), 1 << 20);
 
     // And the stalled client is cut by the write timer, its upstreams released.
-    let line = log.flagged("SI").await;
+    let line = flagged(&log, "SI").await;
     assert_eq!(line["status"], 200);
     up.all_released().await;
     drop(held);
