@@ -225,12 +225,10 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-#[tokio::test]
-async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
-    let log = LogFile::new("edge-timers-pings");
-    let up = Upstream::large(10).await;
-    let handle = start(&log, up.addr);
-    let mut stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+/// A raw connection to listener `main` that has sent the HTTP/2 preface and
+/// an empty SETTINGS frame.
+async fn h2_connect(handle: &lacewing_proxy::ProxyHandle) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy::listener_addr(handle, "main"))
         .await
         .unwrap();
     stream
@@ -238,6 +236,15 @@ async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
         .await
         .unwrap();
     stream.write_all(&frame(0x4, &[])).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
+    let log = LogFile::new("edge-timers-pings");
+    let up = Upstream::large(10).await;
+    let handle = start(&log, up.addr);
+    let mut stream = h2_connect(&handle).await;
     // The server's SETTINGS come first and carry `max_concurrent_streams`.
     let mut head = [0u8; 9];
     stream.read_exact(&mut head).await.unwrap();
@@ -264,15 +271,7 @@ async fn an_h2_client_that_only_pings_after_its_request_is_closed_when_idle() {
     let log = LogFile::new("edge-timers-pings-after");
     let up = Upstream::large(10).await;
     let handle = start_with(&log, up.addr, "      idle_timeout: 300ms\n");
-    let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
-        .await
-        .unwrap();
-    let (mut read, mut write) = stream.into_split();
-    write
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    write.write_all(&frame(0x4, &[])).await.unwrap();
+    let (mut read, mut write) = h2_connect(&handle).await.into_split();
     // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://a/ in HPACK
     // (indexed :method GET, :scheme http, :path /; literal :authority a).
     let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
