@@ -170,6 +170,10 @@ pub struct ListenerLimits {
     /// after its request in flight, HTTP/2 with GOAWAY). Off by default.
     #[serde(default)]
     pub max_connection_duration: Option<Dur>,
+    /// When set, an exchange whose upstream response body is still streaming
+    /// this long after its request came is cut (flag `UT`). Off by default.
+    #[serde(default)]
+    pub max_stream_duration: Option<Dur>,
 }
 
 impl Default for ListenerLimits {
@@ -186,6 +190,7 @@ impl Default for ListenerLimits {
             max_concurrent_streams: defaults::max_concurrent_streams(),
             max_upstream_share: defaults::max_upstream_share(),
             max_connection_duration: None,
+            max_stream_duration: None,
         }
     }
 }

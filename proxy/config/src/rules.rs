@@ -323,6 +323,9 @@ impl Checker<'_> {
         if let Some(duration) = limits.max_connection_duration {
             self.positive(format!("{path}.limits.max_connection_duration"), duration);
         }
+        if let Some(duration) = limits.max_stream_duration {
+            self.positive(format!("{path}.limits.max_stream_duration"), duration);
+        }
         if limits.max_concurrent_streams == 0 {
             self.report(
                 format!("{path}.limits.max_concurrent_streams"),

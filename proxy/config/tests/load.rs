@@ -853,7 +853,14 @@ fn documented_examples_load() {
 #[test]
 fn edge_timers_and_shares_are_checked_where_they_are_written() {
     let text = format!(
-        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits:\n      upstream_body_timeout: 0s\n      write_timeout: 0ms\n      max_concurrent_streams: 0\n      max_upstream_share: 1.5\n      max_connection_duration: 0s\n{CLUSTERS}"
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits:\n      upstream_body_timeout: 0s\n      write_timeout: 0ms\n      max_concurrent_streams: 0\n      max_upstream_share: 1.5\n      max_connection_duration: 0s\n      max_stream_duration: 0s\n{CLUSTERS}"
+    );
+    assert_issue(
+        &text,
+        11,
+        7,
+        "listeners[0].limits.max_stream_duration",
+        "longer than zero",
     );
     assert_issue(
         &text,
@@ -900,4 +907,5 @@ fn edge_timers_and_shares_are_checked_where_they_are_written() {
     assert_eq!(limits.max_concurrent_streams, 1024);
     assert_eq!(limits.max_upstream_share, 0.5);
     assert_eq!(limits.max_connection_duration, None);
+    assert_eq!(limits.max_stream_duration, None);
 }

@@ -80,6 +80,10 @@ pub enum ProxyError {
     /// The response head came, then no body byte for this long.
     #[error("upstream response body stalled for {0:?}")]
     UpstreamBodyTimeout(Duration),
+    /// The exchange was still streaming its response body at the listener's
+    /// `max_stream_duration`.
+    #[error("exchange still streaming after max_stream_duration {0:?}")]
+    StreamDuration(Duration),
     #[error("upstream connection failed: {0}")]
     UpstreamReset(String),
     #[error("circuit breaker open on cluster `{cluster}`: {limit}")]
@@ -122,6 +126,7 @@ impl ProxyError {
             | Self::Connect { .. }
             | Self::UpstreamTimeout(_)
             | Self::UpstreamBodyTimeout(_)
+            | Self::StreamDuration(_)
             | Self::UpstreamReset(_) => ErrorOrigin::Upstream,
         }
     }
@@ -142,6 +147,7 @@ impl ProxyError {
             Self::Connect { .. } | Self::UpstreamReset(_) => S::BAD_GATEWAY,
             Self::UpstreamTimeout(_)
             | Self::UpstreamBodyTimeout(_)
+            | Self::StreamDuration(_)
             | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
             Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
@@ -157,7 +163,7 @@ impl ProxyError {
             Self::NoRoute { .. } => ResponseFlag::NoRouteFound,
             Self::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
             Self::Connect { .. } => ResponseFlag::UpstreamConnectionFailure,
-            Self::UpstreamTimeout(_) | Self::UpstreamBodyTimeout(_) => {
+            Self::UpstreamTimeout(_) | Self::UpstreamBodyTimeout(_) | Self::StreamDuration(_) => {
                 ResponseFlag::UpstreamRequestTimeout
             }
             Self::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,

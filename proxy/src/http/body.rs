@@ -151,6 +151,8 @@ pub struct UpstreamBody {
     conn: Rc<ConnContext>,
     limit: Duration,
     timer: Option<Pin<Box<Sleep>>>,
+    /// `max_stream_duration`, when set: allocated with the body, only then.
+    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
     /// A frame went out since the timer was last armed.
     progressed: bool,
     /// Counted in the connection's bodies waiting on the client.
@@ -177,6 +179,7 @@ impl UpstreamBody {
             conn,
             limit,
             timer: None,
+            deadline: None,
             progressed: false,
             waiting_on_client: false,
             share,
@@ -189,6 +192,16 @@ impl UpstreamBody {
             body.set_waiting_on_client(true);
         }
         body
+    }
+
+    /// Cuts the body at `at` (the request's start plus `max_stream_duration`),
+    /// checked whenever the body is polled: a client that takes nothing is
+    /// cut by the write timer instead.
+    pub fn with_deadline(mut self, max: Duration, at: Instant) -> Self {
+        if self.inner.is_some() {
+            self.deadline = Some((max, Box::pin(tokio::time::sleep_until(at))));
+        }
+        self
     }
 
     /// What to log if the exchange is cut from here on.
@@ -206,6 +219,7 @@ impl UpstreamBody {
     /// The body is over: the upstream connection and the share go back.
     fn finish(&mut self) {
         self.inner = None;
+        self.deadline = None;
         self.share = None;
         self.open = None;
         self.set_waiting_on_client(false);
@@ -228,6 +242,13 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some((max, deadline)) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            let max = *max;
+            this.cut_by(ResponseFlag::UpstreamRequestTimeout);
+            return Poll::Ready(Some(Err(ProxyError::StreamDuration(max).into())));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };

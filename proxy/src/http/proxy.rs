@@ -216,13 +216,16 @@ pub async fn handle(
         endpoint: up.endpoint,
         attempts: up.attempts,
     };
-    let body = UpstreamBody::new(
+    let mut body = UpstreamBody::new(
         body,
         conn.clone(),
         limits.upstream_body_timeout.0,
         Some(share),
         open,
     );
+    if let Some(max) = limits.max_stream_duration {
+        body = body.with_deadline(max.0, (facts.start + max.0).into());
+    }
     exchange
         .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
         .await

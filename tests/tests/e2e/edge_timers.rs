@@ -3,7 +3,8 @@
 //! trickles the HTTP/2 preface, or only pings) is closed after
 //! `header_read_timeout`, one that only pings after its requests after
 //! `idle_timeout` (even if it ignores the GOAWAY), and any after
-//! `max_connection_duration` when set; an upstream that stalls its body is cut (flag `UT`)
+//! `max_connection_duration` when set; a body still streaming at
+//! `max_stream_duration` is cut; an upstream that stalls its body is cut (flag `UT`)
 //! and released; a client that does not read is cut (flag `SI`) and its
 //! upstream released; one HTTP/2 client with many zero-window streams gets
 //! only its share of a cluster while another client is still served.
@@ -120,6 +121,22 @@ impl Upstream {
                 if n == 0 {
                     break;
                 }
+            }
+        })
+        .await
+    }
+
+    /// Sends a chunked response head, then a one-byte chunk every 50 ms
+    /// until the proxy closes the connection.
+    async fn trickling() -> Self {
+        Self::start(|mut stream| async move {
+            let _ = client::read_head(&mut stream).await;
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            if stream.write_all(head).await.is_err() {
+                return;
+            }
+            while stream.write_all(b"1\r\nx\r\n").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
         .await
@@ -346,6 +363,28 @@ async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
         log.lines().iter().filter(|l| l["flag"] == "UT").count() == 2
     })
     .await;
+    up.all_released().await;
+}
+
+#[tokio::test]
+async fn max_stream_duration_cuts_a_body_that_keeps_trickling() {
+    let log = LogFile::new("edge-timers-trickle");
+    let up = Upstream::trickling().await;
+    // The body never stalls for `upstream_body_timeout`, but it never ends.
+    let handle = start_with(&log, up.addr, "      max_stream_duration: 500ms\n");
+    let url = proxy::url(&handle, "main", "/trickle");
+    let response =
+        client::send_streaming(Request::get(&url).body(Empty::<Bytes>::new()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(HANG_GUARD, response.into_body().collect())
+        .await
+        .expect("the body ends");
+    assert!(
+        body.is_err(),
+        "a cut body is an error, not a complete response"
+    );
+    let line = flagged(&log, "UT").await;
+    assert_eq!(line["path"], "/trickle");
     up.all_released().await;
 }
 
