@@ -17,11 +17,10 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use lacewing_core::ResponseFlag;
 use lacewing_core::drain::DrainWatch;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-
-use lacewing_core::ResponseFlag;
 use tokio::time::Instant;
 
 use super::io::{CountingIo, IoStats};
