@@ -328,16 +328,15 @@ async fn max_connection_duration_closes_a_connection_after_its_response() {
     );
 }
 
-#[tokio::test]
-async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
-    let log = LogFile::new("edge-timers-stall");
-    let up = Upstream::stalling().await;
-    let handle = start(&log, up.addr);
-
-    // HTTP/1.1: the head and the first bytes arrive, then the body fails.
-    let url = proxy::url(&handle, "main", "/stall");
-    let response =
-        client::send_streaming(Request::get(&url).body(Empty::<Bytes>::new()).unwrap()).await;
+/// GETs `url` (over h2 when `h2`): the head says 200, then the body fails
+/// (a truncated HTTP/1.1 body, a reset h2 stream), never completes.
+async fn get_cut(url: &str, h2: bool) {
+    let request = Request::get(url).body(Empty::<Bytes>::new()).unwrap();
+    let response = if h2 {
+        client::send_streaming_h2(request).await
+    } else {
+        client::send_streaming(request).await
+    };
     assert_eq!(response.status(), StatusCode::OK);
     let body = tokio::time::timeout(HANG_GUARD, response.into_body().collect())
         .await
@@ -346,19 +345,24 @@ async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
         body.is_err(),
         "a cut body is an error, not a complete response"
     );
+}
+
+#[tokio::test]
+async fn an_upstream_body_that_stalls_is_cut_flagged_and_released() {
+    let log = LogFile::new("edge-timers-stall");
+    let up = Upstream::stalling().await;
+    let handle = start(&log, up.addr);
+
+    // HTTP/1.1: the head and the first bytes arrive, then the body fails.
+    let url = proxy::url(&handle, "main", "/stall");
+    get_cut(&url, false).await;
     let line = flagged(&log, "UT").await;
     assert_eq!(line["status"], 200);
     assert_eq!(line["path"], "/stall");
     up.all_released().await;
 
     // h2: the stream is reset.
-    let response =
-        client::send_streaming_h2(Request::get(&url).body(Empty::<Bytes>::new()).unwrap()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = tokio::time::timeout(HANG_GUARD, response.into_body().collect())
-        .await
-        .expect("the body ends");
-    assert!(body.is_err(), "a cut h2 body is a reset");
+    get_cut(&url, true).await;
     eventually("two UT lines", || async {
         log.lines().iter().filter(|l| l["flag"] == "UT").count() == 2
     })
@@ -372,17 +376,7 @@ async fn max_stream_duration_cuts_a_body_that_keeps_trickling() {
     let up = Upstream::trickling().await;
     // The body never stalls for `upstream_body_timeout`, but it never ends.
     let handle = start_with(&log, up.addr, "      max_stream_duration: 500ms\n");
-    let url = proxy::url(&handle, "main", "/trickle");
-    let response =
-        client::send_streaming(Request::get(&url).body(Empty::<Bytes>::new()).unwrap()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = tokio::time::timeout(HANG_GUARD, response.into_body().collect())
-        .await
-        .expect("the body ends");
-    assert!(
-        body.is_err(),
-        "a cut body is an error, not a complete response"
-    );
+    get_cut(&proxy::url(&handle, "main", "/trickle"), false).await;
     let line = flagged(&log, "UT").await;
     assert_eq!(line["path"], "/trickle");
     up.all_released().await;
