@@ -2,8 +2,9 @@
 //!
 //! Worker threads never lock or block on the sink: a line is serialized on the
 //! worker and handed to a bounded lock-free queue that one writer thread
-//! drains into the sink (every [`WRITER_POLL`] at most, as soon as it is
-//! done writing otherwise). When the queue is full the line is dropped and counted in
+//! drains into the sink (every [`WRITER_POLL`] at most while lines flow, as
+//! soon as it is done writing otherwise; an idle writer sleeps until a line
+//! comes). When the queue is full the line is dropped and counted in
 //! `lacewing_access_log_dropped_total{reason="queue_full"}`; a line the sink
 //! fails to take is counted with `reason="write_error"`.
 
@@ -184,20 +185,34 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// How long the writer thread sleeps once it has emptied the queue.
 pub const WRITER_POLL: Duration = Duration::from_millis(20);
 
+/// Empty polls in a row (about a second) after which the writer thread
+/// blocks until the next line.
+const IDLE_POLLS: u32 = 50;
+
 /// The writer thread: writes queued lines in batches, one batch whenever the
 /// queue runs empty (or the batch is large); ends once every [`AccessLog`]
 /// clone is dropped and the queue is drained.
 ///
-/// It polls (sleeping [`WRITER_POLL`] when there is nothing to write) rather
-/// than blocking in `recv`: with no receiver ever waiting, a sender's
-/// `try_send` never has to take the channel's wake-up lock, so queueing a line
-/// stays a lock-free compare-and-swap on the worker.
+/// While lines flow it polls (sleeping [`WRITER_POLL`] when there is nothing
+/// to write) rather than blocking in `recv`: with no receiver waiting, a
+/// sender's `try_send` never takes the channel's wake-up lock, so queueing a
+/// line stays a lock-free compare-and-swap on the worker. After
+/// [`IDLE_POLLS`] empty polls in a row it blocks in `recv` instead, so an idle
+/// proxy has no timer wake-ups; the first line after that pays one wake-up.
 fn write_lines(lines: &Receiver<Vec<u8>>, mut sink: Box<dyn Write + Send>, errors: &IntCounter) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut count = 0u64;
+    let mut empty_polls = 0u32;
     loop {
-        match lines.try_recv() {
+        let next = if empty_polls >= IDLE_POLLS {
+            empty_polls = 0;
+            lines.recv().map_err(|_| TryRecvError::Disconnected)
+        } else {
+            lines.try_recv()
+        };
+        match next {
             Ok(line) => {
+                empty_polls = 0;
                 batch.extend_from_slice(&line);
                 count += 1;
                 if batch.len() >= BATCH_BYTES {
@@ -208,6 +223,7 @@ fn write_lines(lines: &Receiver<Vec<u8>>, mut sink: Box<dyn Write + Send>, error
             Err(TryRecvError::Empty) => {
                 write_batch(&mut sink, &mut batch, count, errors);
                 count = 0;
+                empty_polls += 1;
                 std::thread::sleep(WRITER_POLL);
             }
             Err(TryRecvError::Disconnected) => {
@@ -352,6 +368,21 @@ mod tests {
             .collect();
         assert_eq!(paths, ["\"/0\"", "\"/1\"", "\"/2\"", "\"/3\"", "\"/4\""]);
         assert_eq!(dropped(&metrics, "write_error"), 0);
+    }
+
+    #[test]
+    fn a_line_after_the_writer_went_idle_is_written() {
+        let metrics = Metrics::new();
+        let sink = GatedSink::default();
+        sink.open();
+        let log = AccessLog::with_sink(Box::new(sink.clone()), 16, &metrics).unwrap();
+        log.write(&entry("/before"));
+        eventually(|| sink.written().lines().count() == 1);
+        // Long enough for the writer to stop polling and block for the next line.
+        std::thread::sleep(WRITER_POLL * (IDLE_POLLS + 10));
+        log.write(&entry("/after"));
+        eventually(|| sink.written().lines().count() == 2);
+        drop(log);
     }
 
     #[test]

@@ -114,9 +114,17 @@ pub struct FilteredBody<B> {
 enum Source<B> {
     /// No filter wants the body: it passes untouched.
     Untouched(B),
-    /// The filters shape it in a pump task.
-    Pumped(PumpedBody),
+    /// The filters shape it in a pump that this body drives.
+    Pumped {
+        /// Reads the source and runs the filters; `None` once it has ended.
+        pump: Option<LocalPump>,
+        /// What the pump let through.
+        out: PumpedBody,
+    },
 }
+
+/// A pump future, driven by the body it feeds.
+type LocalPump = Pin<Box<dyn Future<Output = ()>>>;
 
 impl<B> Body for FilteredBody<B>
 where
@@ -140,7 +148,18 @@ where
                 }
                 polled
             }
-            Source::Pumped(body) => Pin::new(body).poll_frame(cx),
+            Source::Pumped { pump, out } => {
+                // The pump runs inside this poll rather than in a task of its
+                // own: the first chunk is then ready at the server's first
+                // poll, so head and body leave in one write, and no task is
+                // spawned per response.
+                if let Some(running) = pump
+                    && running.as_mut().poll(cx).is_ready()
+                {
+                    *pump = None;
+                }
+                Pin::new(out).poll_frame(cx)
+            }
         };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             // The exchange is over: the filters log and end now.
@@ -152,14 +171,14 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Untouched(body) => body.is_end_stream(),
-            Source::Pumped(body) => body.is_end_stream(),
+            Source::Pumped { out, .. } => out.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.source {
             Source::Untouched(body) => body.size_hint(),
-            Source::Pumped(_) => http_body::SizeHint::default(),
+            Source::Pumped { .. } => http_body::SizeHint::default(),
         }
     }
 }
@@ -311,8 +330,10 @@ impl HttpChain {
         };
         let source = if inner.wants_response_body && !body.is_end_stream() {
             let (tx, rx) = mpsc::channel(4);
-            tokio::task::spawn_local(pump(inner.clone(), Direction::Response, body, tx));
-            Source::Pumped(PumpedBody { rx })
+            Source::Pumped {
+                pump: Some(Box::pin(pump(inner.clone(), Direction::Response, body, tx))),
+                out: PumpedBody { rx },
+            }
         } else {
             Source::Untouched(body)
         };
@@ -664,7 +685,9 @@ where
                             let end = body.is_end_stream();
                             source_done = end;
                             count_bytes(inner, direction, data.len());
-                            send(inner.body_phase(direction, &mut holds, 0, BytesMut::from(&data[..]), end)?).await?;
+                            // Takes the chunk without a copy when nothing else shares it.
+                            let data = data.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                            send(inner.body_phase(direction, &mut holds, 0, data, end)?).await?;
                         }
                         Err(frame) => {
                             source_done = true;

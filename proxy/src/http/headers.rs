@@ -118,10 +118,16 @@ pub enum AuthorityError {
 /// to Host and, when the URI has an authority, to the URI.
 pub fn one_authority(parts: &mut Parts) -> Result<(), AuthorityError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next().filter(|h| !h.is_empty()).cloned();
+    let first = hosts.next();
     if hosts.next().is_some() {
         return Err(AuthorityError::DuplicateHost);
     }
+    // The usual request: origin form and one Host that is already in normal
+    // form. Checking the bytes saves parsing, copying and reinserting Host.
+    if parts.uri.authority().is_none() && first.is_some_and(|h| is_normal_host(h.as_bytes())) {
+        return Ok(());
+    }
+    let host = first.filter(|h| !h.is_empty()).cloned();
     let host = host.map(|h| parse_authority(h.as_bytes())).transpose()?;
     let chosen = match (parts.uri.authority(), host) {
         (Some(authority), Some(host))
@@ -142,13 +148,30 @@ pub fn one_authority(parts: &mut Parts) -> Result<(), AuthorityError> {
     if let Ok(value) = HeaderValue::from_str(chosen.as_str()) {
         parts.headers.insert(header::HOST, value);
     }
-    if parts.uri.authority().is_some_and(|a| *a != chosen) {
+    if parts.uri.authority().is_some_and(|a| a.as_str() != chosen.as_str()) {
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.authority = Some(chosen.clone());
         parts.uri =
             Uri::from_parts(uri).map_err(|_| AuthorityError::Invalid(chosen.to_string()))?;
     }
     Ok(())
+}
+
+/// Whether `raw` is `name[:port]` with a lower-case DNS name or IPv4 address
+/// (no trailing dot) and a decimal port: what [`normalize`] leaves unchanged.
+fn is_normal_host(raw: &[u8]) -> bool {
+    let (name, port) = match raw.iter().position(|&b| b == b':') {
+        Some(colon) => (&raw[..colon], Some(&raw[colon + 1..])),
+        None => (raw, None),
+    };
+    let name_ok = !name.is_empty()
+        && name.last() != Some(&b'.')
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    name_ok && port_ok
 }
 
 fn parse_authority(raw: &[u8]) -> Result<Authority, AuthorityError> {
@@ -319,6 +342,11 @@ mod tests {
         one_authority(&mut p).unwrap();
         assert_eq!(p.headers["host"], "public.example");
         assert_eq!(p.uri.authority().unwrap(), "public.example");
+        // Case alone differs: the URI is rewritten too (Authority's own
+        // comparison ignores case).
+        let mut p = head(Version::HTTP_11, "http://A.example/x", &[]);
+        one_authority(&mut p).unwrap();
+        assert_eq!(p.uri.authority().unwrap().as_str(), "a.example");
         // Trailing dot and case, port kept.
         let mut p = head(Version::HTTP_11, "/", &["ADMIN.example.:8080"]);
         one_authority(&mut p).unwrap();
@@ -356,6 +384,29 @@ mod tests {
         let mut p = head(Version::HTTP_11, "/", &[]);
         one_authority(&mut p).unwrap();
         assert!(!p.headers.contains_key("host"));
+    }
+
+    #[test]
+    fn normal_hosts_are_recognised_without_parsing() {
+        for plain in ["a.example", "a.example:8080", "127.0.0.1:80", "svc-1"] {
+            assert!(is_normal_host(plain.as_bytes()), "{plain}");
+            let mut p = head(Version::HTTP_11, "/", &[plain]);
+            one_authority(&mut p).unwrap();
+            assert_eq!(p.headers["host"], plain);
+        }
+        for other in [
+            "A.example",
+            "a.example.",
+            "a:",
+            ":80",
+            "a:1:2",
+            "[::1]:80",
+            "u@a",
+            "a:123456",
+            "",
+        ] {
+            assert!(!is_normal_host(other.as_bytes()), "{other}");
+        }
     }
 
     #[test]

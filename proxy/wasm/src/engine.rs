@@ -1,5 +1,6 @@
 //! One wasmtime `Engine` per process: epoch interruption with one engine-wide
-//! ticker thread, and compiled modules cached by sha256 in memory and, as
+//! ticker thread (started with the first module, so a proxy without plugins
+//! has none), and compiled modules cached by sha256 in memory and, as
 //! precompiled artifacts, on disk (see [`artifacts`] for when one is trusted).
 
 mod artifacts;
@@ -8,7 +9,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, Module};
@@ -26,10 +27,12 @@ pub(crate) struct WasmEngine {
     artifacts: Option<ArtifactCache>,
     artifact_tag: String,
     stop_ticker: Arc<AtomicBool>,
+    /// Set once the ticker runs, or why it could not start.
+    ticker: OnceLock<Result<(), String>>,
 }
 
 impl WasmEngine {
-    /// Builds the engine and starts the epoch ticker.
+    /// Builds the engine; its epoch ticker starts with the first module.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
         let mut config = Config::new();
         config.epoch_interruption(true);
@@ -37,25 +40,37 @@ impl WasmEngine {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let artifact_tag = format!("wasmtime48-{:016x}", hasher.finish());
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.clone();
-        let stop = stop_ticker.clone();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
-            .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
         Ok(Self {
             engine,
             cache: Mutex::new(HashMap::new()),
             artifacts: cache_dir.map(ArtifactCache::new),
             artifact_tag,
-            stop_ticker,
+            stop_ticker: Arc::new(AtomicBool::new(false)),
+            ticker: OnceLock::new(),
         })
+    }
+
+    /// Starts the thread that advances the epoch every [`EPOCH_TICK`], once.
+    /// Code runs only in instances of a module, and every module comes from
+    /// [`WasmEngine::module_from`], which calls this first: a proxy without
+    /// plugins saves the ticker's thousand wake-ups a second.
+    fn start_ticker(&self) -> Result<(), String> {
+        self.ticker
+            .get_or_init(|| {
+                let engine = self.engine.clone();
+                let stop = self.stop_ticker.clone();
+                std::thread::Builder::new()
+                    .name("wasm-epoch".into())
+                    .spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(EPOCH_TICK);
+                            engine.increment_epoch();
+                        }
+                    })
+                    .map(drop)
+                    .map_err(|e| format!("cannot start the epoch ticker: {e}"))
+            })
+            .clone()
     }
 
     /// The compiled module for `bytes` (whose digest is `sha256`), from memory,
@@ -70,6 +85,7 @@ impl WasmEngine {
         sha256: &[u8; 32],
         bytes: &[u8],
     ) -> Result<(Module, ModuleSource), String> {
+        self.start_ticker()?;
         if let Some(m) = self
             .cache
             .lock()
@@ -165,4 +181,21 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
         s.push(DIGITS[(b & 15) as usize] as char);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_ticker_starts_with_the_first_module() {
+        let engine = WasmEngine::new(None).unwrap();
+        assert!(engine.ticker.get().is_none(), "no module, no ticker");
+        let bytes = crate::tests::module("", "");
+        let sha = [7u8; 32];
+        engine.module(&sha, &bytes).unwrap();
+        // That it then advances the epoch is shown by
+        // `tests::sandbox::infinite_loop_hits_deadline_and_vm_is_recreated`.
+        assert_eq!(engine.ticker.get(), Some(&Ok(())));
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -78,12 +78,46 @@ impl ArtifactCache {
         }
         let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(format!(
-                "cache directory {} has mode {mode:04o}; it must give no access to group or others (0700)",
-                dir.display()
-            ));
+            self.tighten(mode)?;
         }
         Ok(dir)
+    }
+
+    /// Makes a loose directory of the proxy's own private again, when it holds
+    /// nothing but cache files (so it is provably a cache directory, not one
+    /// a user pointed at by mistake). Its files are deleted: while it was
+    /// loose, nothing in it can be proved to be the proxy's own.
+    fn tighten(&self, mode: u32) -> Result<(), String> {
+        let dir = &self.dir;
+        let refuse = |why: String| {
+            format!(
+                "cache directory {} has mode {mode:04o}; it must give no access to group or others (0700), \
+                 and it is not repaired because {why}",
+                dir.display()
+            )
+        };
+        let entries: Vec<_> = fs::read_dir(dir)
+            .and_then(|entries| entries.collect::<Result<_, _>>())
+            .map_err(|e| refuse(format!("it cannot be listed: {e}")))?;
+        if let Some(other) = entries.iter().find(|entry| !is_cache_file(entry)) {
+            return Err(refuse(format!(
+                "it holds {}, which is not a cache file",
+                other.file_name().to_string_lossy()
+            )));
+        }
+        // Closed first, so nothing new appears while the old files go.
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+            .map_err(|e| refuse(format!("its mode cannot be changed: {e}")))?;
+        for entry in &entries {
+            fs::remove_file(entry.path())
+                .map_err(|e| refuse(format!("{}: {e}", entry.path().display())))?;
+        }
+        tracing::warn!(
+            dir = %dir.display(),
+            "cache directory had mode {mode:04o}; set to 0700 and its {} file(s) discarded",
+            entries.len()
+        );
+        Ok(())
     }
 
     /// The bytes of artifact `name`, if the proxy provably wrote them.
@@ -171,6 +205,18 @@ impl ArtifactCache {
 /// Length of a sha256 digest in hex.
 const DIGEST_HEX_LEN: usize = 64;
 
+/// Whether `entry` is a file this cache writes: an artifact, its digest,
+/// or a temporary file of an interrupted write.
+fn is_cache_file(entry: &fs::DirEntry) -> bool {
+    let name = entry.file_name();
+    let name = name.to_string_lossy();
+    let regular = entry.file_type().is_ok_and(|t| t.is_file());
+    regular
+        && (name.ends_with(".cwasm")
+            || name.ends_with(DIGEST_SUFFIX)
+            || (name.starts_with('.') && name.contains(".tmp")))
+}
+
 fn no_follow() -> i32 {
     // The flag is a small positive constant on every Unix.
     i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0)
@@ -255,19 +301,46 @@ mod tests {
     }
 
     #[test]
-    fn group_or_world_accessible_directory_is_not_trusted() {
+    fn loose_directory_of_cache_files_is_tightened_and_emptied() {
+        let tmp = TempDir::new("loose");
+        let root = tmp.0.clone();
+        for mode in [0o777, 0o755, 0o705] {
+            let cache = ArtifactCache::new(root.clone());
+            cache.store("m.cwasm", b"x").unwrap();
+            fs::set_permissions(&root, fs::Permissions::from_mode(mode)).unwrap();
+            let again = ArtifactCache::new(root.clone());
+            assert_eq!(
+                again.load("m.cwasm"),
+                Err(Refusal::Absent),
+                "old files discarded"
+            );
+            assert_eq!(fs::metadata(&root).unwrap().mode() & 0o777, DIR_MODE);
+            again.store("m.cwasm", b"x").unwrap();
+            assert_eq!(again.load("m.cwasm").unwrap(), b"x");
+        }
+    }
+
+    #[test]
+    fn loose_directory_with_other_files_is_not_trusted_nor_touched() {
         let tmp = TempDir::new("mode");
         let root = tmp.0.clone();
         fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("notes.txt"), b"mine").unwrap();
         for mode in [0o777, 0o750, 0o705] {
             fs::set_permissions(&root, fs::Permissions::from_mode(mode)).unwrap();
             let cache = ArtifactCache::new(root.clone());
             let err = cache.trusted_dir().unwrap_err();
             assert!(err.contains(&format!("{mode:04o}")), "{err}");
+            assert!(err.contains("notes.txt"), "{err}");
             refusal(&cache);
             assert!(cache.store("m", b"x").is_err());
+            assert_eq!(fs::metadata(&root).unwrap().mode() & 0o777, mode);
         }
-        assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "nothing written");
+        assert_eq!(
+            fs::read_dir(&root).unwrap().count(),
+            1,
+            "nothing written or removed"
+        );
     }
 
     #[test]

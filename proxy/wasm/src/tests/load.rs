@@ -353,14 +353,39 @@ fn artifact_not_0600_is_recompiled() {
 }
 
 #[test]
-fn world_writable_cache_directory_is_not_trusted() {
+fn loose_cache_directory_is_made_private_and_its_files_discarded() {
+    use crate::engine::ModuleSource;
+    use crate::engine::Refusal;
     use std::os::unix::fs::PermissionsExt;
     let fixture = CacheFixture::new();
     fixture.load_fresh();
     std::fs::set_permissions(fixture.cache(), std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    // The artifact inside cannot be proved the proxy's own any more: it is
+    // discarded, the directory closed, and the module compiled and saved anew.
+    assert!(matches!(
+        fixture.load_fresh(),
+        ModuleSource::Compiled(Refusal::Absent)
+    ));
+    let mode = std::fs::metadata(fixture.cache())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(matches!(fixture.load_fresh(), ModuleSource::Disk));
+}
+
+#[test]
+fn world_writable_directory_with_foreign_files_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = CacheFixture::new();
+    fixture.load_fresh();
+    std::fs::write(fixture.cache().join("notes.txt"), b"not a cache file").unwrap();
+    std::fs::set_permissions(fixture.cache(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let before: Vec<_> = std::fs::read_dir(fixture.cache()).unwrap().collect();
 
-    // The artifact inside is intact, but the directory lets anyone replace it.
+    // Not provably a cache directory: neither repaired nor used.
     let why = CacheFixture::untrusted_reason(fixture.load_fresh());
     assert!(why.contains("mode 0777"), "{why}");
     let after: Vec<_> = std::fs::read_dir(fixture.cache()).unwrap().collect();
