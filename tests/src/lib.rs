@@ -5,6 +5,7 @@
 //! through [`client`]. Conditions that become true after a while are polled
 //! with [`eventually`] rather than waited for with sleeps.
 
+pub mod access_log;
 pub mod body;
 pub mod client;
 pub mod envoy;

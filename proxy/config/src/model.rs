@@ -132,7 +132,9 @@ pub struct ListenerLimits {
     /// Most header fields in an HTTP/1.1 request.
     #[serde(default = "defaults::max_header_count")]
     pub max_header_count: usize,
-    /// Time allowed to read an HTTP/1.1 request head (slowloris guard).
+    /// Time allowed for a request head: from accept for the first request
+    /// (HTTP/1.1 head, or HTTP/2 preface, SETTINGS and first HEADERS), and for
+    /// each later HTTP/1.1 head from its first byte (slowloris guard).
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: Dur,
     /// Connections that move no byte for between one and two of these are closed.
@@ -144,6 +146,34 @@ pub struct ListenerLimits {
     /// Most concurrent connections per worker.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Longest an upstream response body may go without a byte once its head
+    /// has come; then the exchange is cut (flag `UT`).
+    #[serde(default = "defaults::upstream_body_timeout")]
+    pub upstream_body_timeout: Dur,
+    /// Longest a connection with response data to send may go without the
+    /// client taking any (it does not read, or opens no HTTP/2 window); then
+    /// the connection is closed (flag `SI` on the exchanges it cuts).
+    #[serde(default = "defaults::write_timeout")]
+    pub write_timeout: Dur,
+    /// Most concurrent HTTP/2 streams per connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest share, from 0 (exclusive) to 1, of a cluster's connections
+    /// (HTTP/1.1 upstreams: the smaller of `max_connections` and
+    /// `max_pending_requests`; HTTP/2: `max_requests`) that the exchanges of
+    /// one downstream connection may hold at once, at least one; beyond,
+    /// 503 (flag `UO`).
+    #[serde(default = "defaults::max_upstream_share")]
+    pub max_upstream_share: f64,
+    /// When set, a connection open this long is closed gracefully (HTTP/1.1
+    /// after its request in flight, HTTP/2 with GOAWAY). Off by default.
+    #[serde(default)]
+    pub max_connection_duration: Option<Dur>,
+    /// When set, an exchange whose upstream response body is still streaming
+    /// this long after its request came is cut (flag `UT`). Off by default.
+    #[serde(default)]
+    pub max_stream_duration: Option<Dur>,
 }
 
 impl Default for ListenerLimits {
@@ -155,6 +185,12 @@ impl Default for ListenerLimits {
             idle_timeout: defaults::downstream_idle_timeout(),
             max_buffered_body: defaults::max_buffered_body(),
             max_connections: defaults::max_connections(),
+            upstream_body_timeout: defaults::upstream_body_timeout(),
+            write_timeout: defaults::write_timeout(),
+            max_concurrent_streams: defaults::max_concurrent_streams(),
+            max_upstream_share: defaults::max_upstream_share(),
+            max_connection_duration: None,
+            max_stream_duration: None,
         }
     }
 }
@@ -644,6 +680,18 @@ pub mod defaults {
     }
     pub fn max_connections() -> usize {
         100_000
+    }
+    pub fn upstream_body_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn write_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn max_concurrent_streams() -> u32 {
+        1024
+    }
+    pub fn max_upstream_share() -> f64 {
+        0.5
     }
     pub fn route_timeout() -> Dur {
         Dur(Duration::from_secs(15))

@@ -310,6 +310,30 @@ impl Checker<'_> {
             format!("{path}.limits.header_read_timeout"),
             limits.header_read_timeout,
         );
+        self.positive(
+            format!("{path}.limits.upstream_body_timeout"),
+            limits.upstream_body_timeout,
+        );
+        self.positive(format!("{path}.limits.write_timeout"), limits.write_timeout);
+        if let Some(duration) = limits.max_connection_duration {
+            self.positive(format!("{path}.limits.max_connection_duration"), duration);
+        }
+        if let Some(duration) = limits.max_stream_duration {
+            self.positive(format!("{path}.limits.max_stream_duration"), duration);
+        }
+        if limits.max_concurrent_streams == 0 {
+            self.report(
+                format!("{path}.limits.max_concurrent_streams"),
+                "must be at least 1",
+            );
+        }
+        let share = limits.max_upstream_share;
+        if !(share > 0.0 && share <= 1.0) {
+            self.report(
+                format!("{path}.limits.max_upstream_share"),
+                format!("{share} is not a share: give a number above 0 and at most 1"),
+            );
+        }
 
         let routes = listener.routes.iter().map(|r| r.name.as_str());
         self.unique_names("route", &format!("{path}.routes"), routes);

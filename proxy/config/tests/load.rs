@@ -844,3 +844,63 @@ fn documented_examples_load() {
     let flags = blocks[1].replace("\"HOST:PORT\"", "\"127.0.0.1:7000\"");
     from_yaml_str(&flags, "docs/config.md").unwrap();
 }
+
+#[test]
+fn edge_timers_and_shares_are_checked_where_they_are_written() {
+    let text = format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits:\n      upstream_body_timeout: 0s\n      write_timeout: 0ms\n      max_concurrent_streams: 0\n      max_upstream_share: 1.5\n      max_connection_duration: 0s\n      max_stream_duration: 0s\n{CLUSTERS}"
+    );
+    assert_issue(
+        &text,
+        11,
+        7,
+        "listeners[0].limits.max_stream_duration",
+        "longer than zero",
+    );
+    assert_issue(
+        &text,
+        10,
+        7,
+        "listeners[0].limits.max_connection_duration",
+        "longer than zero",
+    );
+    assert_issue(
+        &text,
+        6,
+        7,
+        "listeners[0].limits.upstream_body_timeout",
+        "longer than zero",
+    );
+    assert_issue(
+        &text,
+        7,
+        7,
+        "listeners[0].limits.write_timeout",
+        "longer than zero",
+    );
+    assert_issue(
+        &text,
+        8,
+        7,
+        "listeners[0].limits.max_concurrent_streams",
+        "must be at least 1",
+    );
+    assert_issue(
+        &text,
+        9,
+        7,
+        "listeners[0].limits.max_upstream_share",
+        "1.5 is not a share: give a number above 0 and at most 1",
+    );
+    let defaults = load(&format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n{CLUSTERS}"
+    ))
+    .unwrap();
+    let limits = &defaults.listeners[0].limits;
+    assert_eq!(limits.upstream_body_timeout.0, Duration::from_secs(60));
+    assert_eq!(limits.write_timeout.0, Duration::from_secs(60));
+    assert_eq!(limits.max_concurrent_streams, 1024);
+    assert_eq!(limits.max_upstream_share, 0.5);
+    assert_eq!(limits.max_connection_duration, None);
+    assert_eq!(limits.max_stream_duration, None);
+}

@@ -43,6 +43,9 @@ pub enum ResponseFlag {
     /// UPE: the upstream's response framing is ambiguous, or its body ended
     /// before its framing said it would.
     UpstreamProtocolError,
+    /// SI: the client took no response data within the listener's
+    /// `write_timeout` (it stopped reading, or opened no HTTP/2 window).
+    StreamIdleTimeout,
 }
 
 impl ResponseFlag {
@@ -62,6 +65,7 @@ impl ResponseFlag {
             Self::FilterTimeout => "FT",
             Self::DownstreamProtocolError => "DPE",
             Self::UpstreamProtocolError => "UPE",
+            Self::StreamIdleTimeout => "SI",
         }
     }
 }
@@ -77,6 +81,13 @@ pub enum ProxyError {
     Connect { endpoint: String, reason: String },
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// The response head came, then no body byte for this long.
+    #[error("upstream response body stalled for {0:?}")]
+    UpstreamBodyTimeout(Duration),
+    /// The exchange was still streaming its response body at the listener's
+    /// `max_stream_duration`.
+    #[error("exchange still streaming after max_stream_duration {0:?}")]
+    StreamDuration(Duration),
     #[error("upstream connection failed: {0}")]
     UpstreamReset(String),
     #[error("circuit breaker open on cluster `{cluster}`: {limit}")]
@@ -121,6 +132,8 @@ impl ProxyError {
             Self::NoHealthyUpstream(_)
             | Self::Connect { .. }
             | Self::UpstreamTimeout(_)
+            | Self::UpstreamBodyTimeout(_)
+            | Self::StreamDuration(_)
             | Self::UpstreamReset(_)
             | Self::UpstreamFraming(_) => ErrorOrigin::Upstream,
         }
@@ -142,7 +155,10 @@ impl ProxyError {
             Self::Connect { .. } | Self::UpstreamReset(_) | Self::UpstreamFraming(_) => {
                 S::BAD_GATEWAY
             }
-            Self::UpstreamTimeout(_) | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout(_)
+            | Self::UpstreamBodyTimeout(_)
+            | Self::StreamDuration(_)
+            | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
             Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
                 S::BAD_REQUEST
@@ -157,7 +173,9 @@ impl ProxyError {
             Self::NoRoute { .. } => ResponseFlag::NoRouteFound,
             Self::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
             Self::Connect { .. } => ResponseFlag::UpstreamConnectionFailure,
-            Self::UpstreamTimeout(_) => ResponseFlag::UpstreamRequestTimeout,
+            Self::UpstreamTimeout(_) | Self::UpstreamBodyTimeout(_) | Self::StreamDuration(_) => {
+                ResponseFlag::UpstreamRequestTimeout
+            }
             Self::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
             Self::Overflow { .. } => ResponseFlag::UpstreamOverflow,
             Self::BodyTooLarge { .. } => ResponseFlag::PayloadTooLarge,

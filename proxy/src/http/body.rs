@@ -1,15 +1,24 @@
 //! The body type the proxy hands to hyper for responses: no boxing for the
-//! common cases (upstream passthrough, short local replies). An upstream body
-//! reports how it ended, so an exchange is recorded only once its body is
-//! through and a truncated body is never logged as a clean response.
+//! common cases (upstream passthrough, short local replies). An upstream
+//! body carries its progress timer and its place in the connection's share,
+//! and reports how it ended, so an exchange is recorded once its body is
+//! through and a truncated or cut body is never logged as a clean response.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use lacewing_core::body::{BoxBody, BoxError};
+use lacewing_core::{ProxyError, ResponseFlag};
+use tokio::time::{Instant, Sleep};
+
+use super::progress::{HeldShare, OpenExchange};
+use super::proxy::ConnContext;
 
 /// A response body: an upstream's, a local one, or a filtered stream.
 pub enum ProxyBody {
@@ -92,82 +101,14 @@ impl Body for ProxyBody {
 pub enum BodyEnd {
     /// Every byte its framing announced arrived.
     Complete,
-    /// The upstream broke it: closed early, bad chunking, a reset stream.
-    Failed,
-    /// Dropped before its end: the client went away.
-    Abandoned,
+    /// It did not arrive whole; the flag says why: `UPE` the upstream broke
+    /// it (closed early, bad chunking, a reset stream), `DC` the client left
+    /// first, `UT` or `SI` a timer cut it.
+    Cut(ResponseFlag),
 }
 
 /// Called once with how an upstream body ended.
 pub type OnBodyEnd = Box<dyn FnOnce(BodyEnd)>;
-
-/// An upstream response body on its way downstream. Its error goes on to
-/// hyper, which then closes the HTTP/1 connection before the body's end
-/// (no last chunk, fewer bytes than `Content-Length`) or resets the h2
-/// stream: a broken body never reaches the client as a complete one.
-pub struct UpstreamBody {
-    inner: Incoming,
-    on_end: Option<OnBodyEnd>,
-}
-
-impl UpstreamBody {
-    /// Wraps `inner`; `on_end` (if any) learns how it ended.
-    pub fn new(inner: Incoming, on_end: Option<OnBodyEnd>) -> Self {
-        Self { inner, on_end }
-    }
-
-    /// Sets what learns how the body ended.
-    pub fn on_end(&mut self, on_end: OnBodyEnd) {
-        self.on_end = Some(on_end);
-    }
-
-    fn end(&mut self, how: BodyEnd) {
-        if let Some(on_end) = self.on_end.take() {
-            on_end(how);
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.end(BodyEnd::Complete),
-            Poll::Ready(Some(Err(_))) => this.end(BodyEnd::Failed),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                this.end(BodyEnd::Complete);
-            }
-            _ => {}
-        }
-        polled.map(|f| f.map(|r| r.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        let how = if self.inner.is_end_stream() {
-            BodyEnd::Complete
-        } else {
-            BodyEnd::Abandoned
-        };
-        self.end(how);
-    }
-}
 
 /// The client's request body on its way upstream, remembering whether the
 /// client broke it (bad chunk framing, early close) so the failure is blamed
@@ -209,5 +150,187 @@ impl Body for DownstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// An upstream response body on its way to the client, with the timer that
+/// cuts it when the upstream stalls (`upstream_body_timeout`), and what the
+/// connection's write timer needs to tell a client that does not read.
+///
+/// Costs: nothing for a body that is complete when first polled; the timer
+/// is allocated on the first wait for the upstream and re-armed (one clock
+/// read) only on a wait that follows progress, never per frame.
+pub struct UpstreamBody {
+    /// `None` once the body ended or was cut: dropping it releases the
+    /// upstream connection.
+    inner: Option<Incoming>,
+    conn: Rc<ConnContext>,
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// `max_stream_duration`, when set: allocated with the body, only then.
+    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// A frame went out since the timer was last armed.
+    progressed: bool,
+    /// Counted in the connection's bodies waiting on the client.
+    waiting_on_client: bool,
+    /// Held until the body ends.
+    share: Option<HeldShare>,
+    /// The exchange is open until the body ends.
+    open: Option<OpenExchange>,
+    /// Learns how the body ended (records the exchange).
+    on_end: Option<OnBodyEnd>,
+}
+
+impl UpstreamBody {
+    /// Wraps an upstream body that must make progress within `limit`.
+    pub fn new(
+        inner: Incoming,
+        conn: Rc<ConnContext>,
+        limit: Duration,
+        share: Option<HeldShare>,
+        open: OpenExchange,
+    ) -> Self {
+        let mut body = Self {
+            inner: None,
+            conn,
+            limit,
+            timer: None,
+            deadline: None,
+            progressed: false,
+            waiting_on_client: false,
+            share,
+            open: Some(open),
+            on_end: None,
+        };
+        if !inner.is_end_stream() {
+            body.inner = Some(inner);
+            // Until the client asks for data, the data waits on the client.
+            body.set_waiting_on_client(true);
+        }
+        body
+    }
+
+    /// Cuts the body at `at` (the request's start plus `max_stream_duration`),
+    /// checked whenever the body is polled: a client that takes nothing is
+    /// cut by the write timer instead.
+    pub fn with_deadline(mut self, max: Duration, at: Instant) -> Self {
+        if self.inner.is_some() {
+            self.deadline = Some((max, Box::pin(tokio::time::sleep_until(at))));
+        }
+        self
+    }
+
+    /// Sets what learns how the body ended.
+    pub fn on_end(&mut self, on_end: OnBodyEnd) {
+        self.on_end = Some(on_end);
+    }
+
+    fn set_waiting_on_client(&mut self, waiting: bool) {
+        if self.waiting_on_client != waiting {
+            self.waiting_on_client = waiting;
+            self.conn.progress.set_waiting_on_client(waiting);
+        }
+    }
+
+    /// The body is over: the upstream connection and the share go back,
+    /// and the exchange is recorded with how it ended.
+    fn finish(&mut self, how: BodyEnd) {
+        self.inner = None;
+        self.deadline = None;
+        self.share = None;
+        self.open = None;
+        self.set_waiting_on_client(false);
+        if let Some(on_end) = self.on_end.take() {
+            on_end(how);
+        }
+    }
+
+    fn cut_by(&mut self, flag: ResponseFlag) {
+        self.finish(BodyEnd::Cut(flag));
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some((max, deadline)) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            let max = *max;
+            this.cut_by(ResponseFlag::UpstreamRequestTimeout);
+            return Poll::Ready(Some(Err(ProxyError::StreamDuration(max).into())));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.progressed = true;
+                this.conn.progress.frame_sent();
+                this.set_waiting_on_client(true);
+                if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+                    this.finish(BodyEnd::Complete);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // The error goes on to hyper, which closes the HTTP/1
+                // connection before the body's end (no last chunk, fewer
+                // bytes than Content-Length) or resets the h2 stream: a
+                // broken body never reaches the client as a complete one.
+                this.cut_by(ResponseFlag::UpstreamProtocolError);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.finish(BodyEnd::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                this.set_waiting_on_client(false);
+                let limit = this.limit;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if std::mem::take(&mut this.progressed) {
+                    timer.as_mut().reset(Instant::now() + limit);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.cut_by(ResponseFlag::UpstreamRequestTimeout);
+                Poll::Ready(Some(Err(ProxyError::UpstreamBodyTimeout(limit).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            // Not finished: a connection closed by one of its timers records
+            // the cut on each exchange it ends; otherwise the client left.
+            let flag = self
+                .conn
+                .progress
+                .cut_flag()
+                .unwrap_or(ResponseFlag::DownstreamConnectionTermination);
+            self.cut_by(flag);
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod body;
 pub mod headers;
 pub mod io;
 pub mod local_reply;
+pub mod progress;
 pub mod proxy;
 pub mod server;
 pub mod tls;

@@ -24,6 +24,7 @@ use super::headers::{
     X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, one_authority, strip_hop_by_hop,
 };
 use super::local_reply::{self, Answer};
+use super::progress::{self, ConnProgress};
 use crate::access_log::{Entry, epoch_seconds};
 use crate::chain::{ChainLimits, HttpChain, Stop, http::ResponseBody};
 use crate::snapshot::{HttpListenerState, RouteState, Target};
@@ -35,6 +36,8 @@ pub struct ConnContext {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub slot: Arc<ArcSwap<HttpListenerState>>,
+    /// What the connection's timers and fair-share limit look at.
+    pub progress: ConnProgress,
 }
 
 /// The stream was reset by a filter: hyper closes the connection (HTTP/1) or resets the stream (HTTP/2).
@@ -75,6 +78,7 @@ pub async fn handle(
     conn: Rc<ConnContext>,
 ) -> Result<Response<ProxyBody>, StreamReset> {
     let start = Instant::now();
+    let open = progress::exchange_started(&conn);
     let listener = conn.slot.load_full();
     let (mut parts, body) = req.into_parts();
     // Ambiguous framing is how requests get smuggled: refuse it outright.
@@ -170,6 +174,13 @@ pub async fn handle(
     let connect = req.method() == http::Method::CONNECT;
     let downstream_upgrade =
         (hop.upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
+    let limits = &listener.config.limits;
+    // One connection may hold only its share of the cluster, until the
+    // response body ends.
+    let Some(share) = progress::hold(&conn, &target.cluster, limits.max_upstream_share) else {
+        let reply = local_reply::from_error(&target.cluster.share_overflow());
+        return exchange.reply(chain, reply).await;
+    };
     let send = target.cluster.send(req, &route.policy);
     let result = if chain.is_empty() {
         send.await
@@ -215,11 +226,21 @@ pub async fn handle(
         endpoint: up.endpoint,
         attempts: up.attempts,
     };
+    let mut body = UpstreamBody::new(
+        body,
+        conn.clone(),
+        limits.upstream_body_timeout.0,
+        Some(share),
+        open,
+    );
+    if let Some(max) = limits.max_stream_duration {
+        body = body.with_deadline(max.0, (facts.start + max.0).into());
+    }
     exchange
         .respond(
             chain,
             head,
-            ProxyBody::Upstream(UpstreamBody::new(body, None)),
+            ProxyBody::Upstream(body),
             None,
             Some(upstream),
         )
@@ -389,8 +410,7 @@ impl Exchange<'_> {
         Box::new(move |how| {
             let flag = match how {
                 BodyEnd::Complete => None,
-                BodyEnd::Failed => Some(ResponseFlag::UpstreamProtocolError),
-                BodyEnd::Abandoned => Some(ResponseFlag::DownstreamConnectionTermination),
+                BodyEnd::Cut(flag) => Some(flag),
             };
             let route = route.as_deref();
             record(
@@ -453,6 +473,39 @@ pub fn record(
         target.stats.count(outcome.status);
         target.stats.duration.observe(elapsed.as_secs_f64());
     }
+    write_line(
+        listener,
+        conn,
+        facts,
+        &Line {
+            status: outcome.status,
+            flag: outcome.flag,
+            route: outcome.route.map(|r| &*r.name),
+            cluster: outcome.target.map(|t| &*t.cluster_name),
+            upstream: outcome.upstream,
+            attempts: outcome.attempts,
+        },
+    );
+}
+
+/// The outcome fields of one access-log line.
+struct Line<'a> {
+    status: u16,
+    flag: Option<ResponseFlag>,
+    route: Option<&'a str>,
+    cluster: Option<&'a str>,
+    upstream: Option<SocketAddr>,
+    attempts: u32,
+}
+
+/// Writes one access-log line, when the listener has a log.
+fn write_line(
+    listener: &HttpListenerState,
+    conn: &ConnContext,
+    facts: &RequestFacts,
+    line: &Line<'_>,
+) {
+    let elapsed = facts.start.elapsed();
     if let Some(log) = &listener.access_log {
         let authority = facts
             .authority
@@ -467,14 +520,12 @@ pub fn record(
             method: facts.method.as_str(),
             authority,
             path: facts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            status: outcome.status,
-            flag: outcome.flag.map_or("-", |f| f.code()),
-            route: outcome.route.map_or("-", |r| &r.name),
-            cluster: outcome.target.map_or("-", |t| &t.cluster_name),
-            upstream: outcome
-                .upstream
-                .map_or_else(|| "-".into(), |a| a.to_string()),
-            attempts: outcome.attempts,
+            status: line.status,
+            flag: line.flag.map_or("-", |f| f.code()),
+            route: line.route.unwrap_or("-"),
+            cluster: line.cluster.unwrap_or("-"),
+            upstream: line.upstream.map_or_else(|| "-".into(), |a| a.to_string()),
+            attempts: line.attempts,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             request_id: facts.request_id.to_str().unwrap_or("-"),
             user_agent: facts

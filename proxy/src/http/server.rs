@@ -1,6 +1,12 @@
 //! Serving one downstream HTTP connection: HTTP/1.1 or h2c (prior knowledge),
 //! with limits, timeouts and graceful drain. The connection may be any byte
 //! stream ([`serve_io`]), so a TLS stream is served the same way as a socket.
+//!
+//! Each connection has up to four timers, each one timer-wheel entry re-armed
+//! when it fires (nothing per request): the first request's head (from
+//! accept, covering HTTP/1.1 heads and the HTTP/2 preface, SETTINGS and first
+//! HEADERS), write progress (response data waiting and the client taking
+//! none), idleness, and, when configured, the connection's age.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -11,11 +17,14 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use lacewing_core::ResponseFlag;
 use lacewing_core::drain::DrainWatch;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::io::{CountingIo, IoStats};
+use super::progress::ConnProgress;
 use super::proxy::{ConnContext, handle};
 use crate::snapshot::HttpListenerState;
 
@@ -70,8 +79,12 @@ pub async fn serve_io<I>(
         remote,
         local,
         slot: slot.clone(),
+        progress: ConnProgress::default(),
     });
-    let service = service_fn(move |req| handle(req, ctx.clone()));
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, ctx.clone()))
+    };
 
     let mut builder = auto::Builder::new(LocalExec);
     builder
@@ -92,15 +105,34 @@ pub async fn serve_io<I>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_request_headers.0).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
-    // Idle detection: a connection that moved no byte over a whole
-    // `idle_timeout` window is asked to close (so idle for between one and two windows).
+    // Idle detection: a connection that moved no byte, or had no exchange,
+    // over a whole `idle_timeout` window is asked to close (so idle for
+    // between one and two windows).
     let idle_timeout = limits.idle_timeout.0.max(Duration::from_millis(10));
     let mut moved_at_last_look = io_stats.moved();
+    let mut exchanges_at_last_look = ctx.progress.exchange_view();
+    let idle_look = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_look);
+    let max_age = limits.max_connection_duration.map(|d| d.0);
+    let aged = tokio::time::sleep(max_age.unwrap_or_default());
+    tokio::pin!(aged);
     let mut draining = false;
+    // The first request head must come within `header_read_timeout` of
+    // accept: hyper's own HTTP/1.1 timer starts only once the protocol is
+    // known, and HTTP/2 has none.
+    let first_head = tokio::time::sleep(limits.header_read_timeout.0);
+    tokio::pin!(first_head);
+    let mut awaiting_first_head = true;
+    // Write progress: response data waiting on the client at two looks one
+    // `write_timeout` apart, and none taken in between, closes the connection.
+    let write_timeout = limits.write_timeout.0.max(Duration::from_millis(10));
+    let write_look = tokio::time::sleep(write_timeout);
+    tokio::pin!(write_look);
+    let mut write_at_last_look = (0, 0);
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -113,13 +145,49 @@ pub async fn serve_io<I>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep(idle_timeout), if !draining => {
+            _ = &mut first_head, if awaiting_first_head => {
+                awaiting_first_head = false;
+                if !ctx.progress.has_request() {
+                    tracing::debug!(%remote, "no request head within header_read_timeout; closing");
+                    break;
+                }
+            }
+            _ = &mut write_look => {
+                let (waiting, sent) = ctx.progress.write_view();
+                let (waited, sent_before) = write_at_last_look;
+                if waiting > 0 && waited > 0 && sent == sent_before {
+                    tracing::debug!(%remote, "the client took no response data within write_timeout; closing");
+                    ctx.progress.cut(ResponseFlag::StreamIdleTimeout);
+                    break;
+                }
+                write_at_last_look = (waiting, sent);
+                write_look.as_mut().reset(Instant::now() + write_timeout);
+            }
+            _ = &mut aged, if max_age.is_some() && !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle_look => {
+                // Idle: no byte moved, or (bytes such as pings did move but)
+                // no exchange was open at either look nor started in between.
                 let moved = io_stats.moved();
-                if moved == moved_at_last_look {
+                let exchanges = ctx.progress.exchange_view();
+                let no_exchange = exchanges.0 == exchanges_at_last_look.0
+                    && exchanges.1 == 0
+                    && exchanges_at_last_look.1 == 0;
+                if moved == moved_at_last_look || no_exchange {
+                    if draining {
+                        // Still idle a window after being asked to close
+                        // (an HTTP/2 client that never acknowledges the
+                        // shutdown's PING): close it outright.
+                        break;
+                    }
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
                 moved_at_last_look = moved;
+                exchanges_at_last_look = exchanges;
+                idle_look.as_mut().reset(Instant::now() + idle_timeout);
             }
         }
     }

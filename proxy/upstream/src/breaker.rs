@@ -17,6 +17,8 @@ pub(crate) enum Limit {
     Connections,
     PendingRequests,
     Requests,
+    /// One downstream connection's share (counted by the HTTP server).
+    DownstreamShare,
 }
 
 impl Limit {
@@ -25,6 +27,7 @@ impl Limit {
             Self::Connections => "max_connections",
             Self::PendingRequests => "max_pending_requests",
             Self::Requests => "max_requests",
+            Self::DownstreamShare => "max_upstream_share",
         }
     }
 }
@@ -64,6 +67,11 @@ impl ConnectionCount {
     /// Open connections now.
     pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// `max_connections`.
+    pub(crate) fn max(&self) -> usize {
+        self.max
     }
 }
 
@@ -141,6 +149,11 @@ impl Limits {
             .budget_min
             .max((self.budget_ratio * active as f64) as usize);
         acquire(&self.retries, allowed).then(|| Held(&self.retries))
+    }
+
+    /// `max_pending_requests` and `max_requests`.
+    pub(crate) fn maxima(&self) -> (usize, usize) {
+        (self.max_pending, self.max_requests)
     }
 
     /// Requests in flight now.

@@ -1,9 +1,7 @@
 //! The access log: one JSON line per HTTP request and per TCP connection,
 //! written to a file by the log's writer thread.
 
-use std::path::PathBuf;
-
-use lacewing_tests::eventually;
+use lacewing_tests::access_log::LogFile;
 use lacewing_tests::{client, proxy, servers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,44 +22,12 @@ clusters:
   - { name: dead, endpoints: ['{dead}'], connect_timeout: 1s }
 ";
 
-/// The access log file of one test, removed at the end.
-struct LogFile(PathBuf);
-
-impl LogFile {
-    fn new(name: &str) -> Self {
-        Self(
-            std::env::temp_dir().join(format!("lacewing-access-{name}-{}.log", std::process::id())),
-        )
-    }
-
-    /// Every line written so far, parsed.
-    fn lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.0)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-            .collect()
-    }
-
-    /// The one line of `kind` from `listener`, once it is there.
-    async fn line(&self, kind: &str, listener: &str) -> serde_json::Value {
-        let find = || {
-            self.lines()
-                .into_iter()
-                .find(|l| l["kind"] == kind && l["listener"] == listener)
-        };
-        eventually(&format!("a {kind} line from {listener}"), || async {
-            find().is_some()
-        })
-        .await;
-        find().unwrap()
-    }
-}
-
-impl Drop for LogFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// The one line of `kind` from `listener`, once it is there.
+async fn line(log: &LogFile, kind: &str, listener: &str) -> serde_json::Value {
+    log.find(&format!("a {kind} line from {listener}"), |l| {
+        l["kind"] == kind && l["listener"] == listener
+    })
+    .await
 }
 
 #[tokio::test]
@@ -73,7 +39,7 @@ async fn http_requests_and_tcp_connections_are_logged() {
     let handle = proxy::start(&proxy::fill(
         CONFIG,
         &[
-            ("log", &log.0.display()),
+            ("log", &log.path().display()),
             ("web", &web.addr),
             ("echo", &echo.addr),
             ("dead", &dead),
@@ -101,7 +67,7 @@ async fn http_requests_and_tcp_connections_are_logged() {
     let mut nothing = Vec::new();
     let _ = tokio::time::timeout(client::RAW_READ_TIMEOUT, refused.read_to_end(&mut nothing)).await;
 
-    let http = log.line("http", "web").await;
+    let http = line(&log, "http", "web").await;
     assert_eq!(http["path"], "/logged?x=1");
     assert_eq!(http["method"], "GET");
     assert_eq!(http["status"], 200);
@@ -110,7 +76,7 @@ async fn http_requests_and_tcp_connections_are_logged() {
     assert_eq!(http["upstream"], web.addr.to_string());
     assert_eq!(http["flag"], "-");
 
-    let tcp = log.line("tcp", "raw").await;
+    let tcp = line(&log, "tcp", "raw").await;
     assert_eq!(tcp["cluster"], "echo");
     assert_eq!(tcp["upstream"], echo.addr.to_string());
     assert_eq!(tcp["bytes_received"], 5);
@@ -124,7 +90,7 @@ async fn http_requests_and_tcp_connections_are_logged() {
             .starts_with("127.0.0.1:")
     );
 
-    let failed = log.line("tcp", "nowhere").await;
+    let failed = line(&log, "tcp", "nowhere").await;
     assert_eq!(failed["flag"], "UF");
     assert_eq!(failed["upstream"], "-");
     assert_eq!(failed["bytes_received"], 0);

@@ -11,6 +11,7 @@ mod drain;
 mod edge;
 mod edge_descriptors;
 mod edge_framing;
+mod edge_timers;
 mod forwarding;
 mod grpc;
 mod mesh_control;

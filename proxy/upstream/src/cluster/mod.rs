@@ -95,6 +95,7 @@ struct ClusterMetrics {
     overflow_connections: IntCounter,
     overflow_pending: IntCounter,
     overflow_requests: IntCounter,
+    overflow_share: IntCounter,
 }
 
 /// A named group of endpoints with its balancer, limits, outlier detection and pools.
@@ -166,6 +167,7 @@ impl Cluster {
                 overflow_connections: overflow(Limit::Connections),
                 overflow_pending: overflow(Limit::PendingRequests),
                 overflow_requests: overflow(Limit::Requests),
+                overflow_share: overflow(Limit::DownstreamShare),
             },
         }
     }
@@ -224,6 +226,27 @@ impl Cluster {
     /// Requests in flight (waiting for their response head), across all workers.
     pub fn requests_in_flight(&self) -> usize {
         self.limits.requests_in_flight()
+    }
+
+    /// The most exchanges one downstream connection may hold on this cluster
+    /// at once, given its `share` (0 to 1) of the cluster: of the smaller of
+    /// `max_connections` and `max_pending_requests` for HTTP/1.1 (an exchange
+    /// holds one connection, or one pending slot while it waits for one), of
+    /// `max_requests` for HTTP/2 (exchanges share connections). At least one.
+    pub fn downstream_share(&self, share: f64) -> usize {
+        let (max_pending, max_requests) = self.limits.maxima();
+        let base = match self.protocol {
+            UpstreamProtocol::Http1 => self.connections.max().min(max_pending),
+            UpstreamProtocol::H2 => max_requests,
+        };
+        ((base as f64 * share) as usize).max(1)
+    }
+
+    /// The error of an exchange refused because its downstream connection
+    /// already holds its [`Cluster::downstream_share`] (counted in the
+    /// overflow metric as `max_upstream_share`).
+    pub fn share_overflow(&self) -> ProxyError {
+        self.overflow(Limit::DownstreamShare)
     }
 
     /// Sends one request and waits for the response head.
@@ -331,6 +354,7 @@ impl Cluster {
             Limit::Connections => &self.metrics.overflow_connections,
             Limit::PendingRequests => &self.metrics.overflow_pending,
             Limit::Requests => &self.metrics.overflow_requests,
+            Limit::DownstreamShare => &self.metrics.overflow_share,
         }
         .inc();
         ProxyError::Overflow {

@@ -125,6 +125,7 @@ fn flag_bits(flag: Option<ResponseFlag>) -> i64 {
         Some(ResponseFlag::UpstreamOverflow) => 0x80,
         Some(ResponseFlag::NoRouteFound) => 0x100,
         Some(ResponseFlag::DownstreamConnectionTermination) => 0x4000,
+        Some(ResponseFlag::StreamIdleTimeout) => 0x10000,
         Some(ResponseFlag::DownstreamProtocolError) => 0x40000,
         Some(ResponseFlag::UpstreamProtocolError) => 0x800000,
         // No Envoy equivalent: bits above Envoy's range.
