@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use lacewing_control_agent::identity::ExpiryCollector;
 use lacewing_control_agent::metrics::AgentMetrics;
 use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
 use lacewing_proxy::{Proxy, ProxyHandle, StartOptions};
@@ -93,10 +94,15 @@ pub fn start(options: AgentOptions, wasm_cache_dir: Option<PathBuf>) -> anyhow::
         StartOptions {
             wasm_cache_dir,
             source: Some(source),
+            identity: Some(options.identity.clone()),
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let metrics = AgentMetrics::register(&handle.metrics().registry)?;
+    handle
+        .metrics()
+        .registry
+        .register(Box::new(ExpiryCollector::new(options.identity.clone())?))?;
     let publisher = handle.publisher();
     let source = format!("control:{}", options.control);
     let publish: Publish = Arc::new(move |config| {
@@ -149,6 +155,7 @@ pub fn options(
         control: control.to_string(),
         token,
         state_dir: state_dir.unwrap_or_else(|| default_state_dir(&node_id)),
+        identity: lacewing_tls::LiveIdentity::new(),
         spec: SidecarSpec {
             node_id,
             service: service.to_string(),

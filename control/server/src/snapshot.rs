@@ -153,6 +153,7 @@ impl Index {
                 })
                 .map(|(_, _, p)| p.clone())
                 .collect(),
+            ..Default::default()
         }
     }
 }
@@ -194,6 +195,7 @@ fn service(name: &str, ns: &str, s: &kinds::ServiceSpec, endpoints: Vec<String>)
         outlier_consecutive_failures: s.outlier.consecutive_failures,
         outlier_base_ejection_ms: s.outlier.base_ejection_time.0.as_millis() as u64,
         outlier_max_ejection_percent: s.outlier.max_ejection_percent,
+        ..Default::default()
     }
 }
 

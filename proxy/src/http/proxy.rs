@@ -34,6 +34,8 @@ pub struct ConnContext {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub slot: Arc<ArcSwap<HttpListenerState>>,
+    /// What the TLS handshake established, for a TLS connection.
+    pub tls: Option<Arc<lacewing_core::stream::TlsFacts>>,
 }
 
 /// The stream was reset by a filter: hyper closes the connection (HTTP/1) or resets the stream (HTTP/2).
@@ -229,6 +231,7 @@ fn new_stream(
     info.start_instant = facts.start;
     info.route_name = Some(route.name.clone());
     info.cluster_name = Some(target.cluster_name.clone());
+    info.tls = conn.tls.clone();
     HttpStream::new(info, parts).shared()
 }
 

@@ -15,6 +15,7 @@ mod mesh_control;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;
+mod mesh_tls;
 mod reload;
 mod resilience;
 mod routing;
