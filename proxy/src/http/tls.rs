@@ -16,7 +16,6 @@ use lacewing_config::ListenerTlsMode;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::TlsFacts;
-use lacewing_tls::rustls::{self, CertificateError};
 use lacewing_tls::{ConnectionTls, LiveIdentity};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -121,7 +120,7 @@ pub async fn serve_tcp(
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
-            let reason = failure_reason(&error);
+            let reason = lacewing_tls::failure_reason(&error);
             tls.count(reason);
             tracing::debug!(%remote, listener = %tls.listener, %error, reason, "TLS handshake failed");
             return;
@@ -180,27 +179,6 @@ async fn starts_with_tls(stream: &TcpStream) -> std::io::Result<Option<bool>> {
     let mut head = [0u8; 1];
     let n = stream.peek(&mut head).await?;
     Ok((n > 0).then_some(head[0] == 0x16))
-}
-
-/// The counter label for a failed handshake.
-fn failure_reason(error: &std::io::Error) -> &'static str {
-    let Some(tls) = error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return "io";
-    };
-    match tls {
-        rustls::Error::NoCertificatesPresented => "no_client_certificate",
-        rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        ) => "untrusted_certificate",
-        rustls::Error::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
-        rustls::Error::InvalidCertificate(_) => "bad_certificate",
-        rustls::Error::AlertReceived(_) => "alert_received",
-        rustls::Error::NoApplicationProtocol => "no_application_protocol",
-        _ => "protocol",
-    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ mod spiffe;
 
 pub use ca::{CsrError, Issued, MeshCa};
 pub use config::{ALPN_H2, ALPN_HTTP11, client_config, server_config, server_name_for};
-pub use error::{IdentityMismatch, TlsError};
+pub use error::{IdentityMismatch, TlsError, failure_reason};
 pub use identity::{Identity, TrustBundle};
 pub use key::WorkloadKey;
 pub use live::{LiveClientConfig, LiveIdentity, Material};

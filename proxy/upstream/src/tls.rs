@@ -87,7 +87,7 @@ impl UpstreamTls {
                 Ok(Conn::Tls(Box::new(stream)))
             }
             Err(e) => {
-                self.count(failure_reason(&e));
+                self.count(lacewing_tls::failure_reason(&e));
                 Err(format!("TLS handshake: {}", describe(&e)))
             }
         }
@@ -108,27 +108,6 @@ fn describe(error: &io::Error) -> String {
     match mismatch {
         Some(mismatch) => mismatch.to_string(),
         None => error.to_string(),
-    }
-}
-
-/// The counter label for a failed client handshake.
-fn failure_reason(error: &io::Error) -> &'static str {
-    let Some(tls) = error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return "io";
-    };
-    match tls {
-        rustls::Error::InvalidCertificate(CertificateError::Other(_)) => "wrong_peer_identity",
-        rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        ) => "untrusted_certificate",
-        rustls::Error::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
-        rustls::Error::InvalidCertificate(_) => "bad_certificate",
-        rustls::Error::AlertReceived(_) => "alert_received",
-        rustls::Error::NoApplicationProtocol => "no_application_protocol",
-        _ => "protocol",
     }
 }
 

@@ -96,6 +96,26 @@ fn tls_config(
     cluster
 }
 
+/// One request through a fresh cluster `config` presenting `identity`: the
+/// outcome, and the cluster's metrics.
+async fn send_once(
+    config: lacewing_config::ClusterConfig,
+    identity: &Arc<LiveIdentity>,
+) -> (Result<String, String>, Metrics) {
+    let metrics = Metrics::new();
+    let upstreams = Upstreams::build(&[config], &metrics, None, None, Some(identity)).unwrap();
+    let sent = upstreams
+        .cluster("orders")
+        .unwrap()
+        .send(get("/"), &policy(0))
+        .await;
+    let outcome = match sent {
+        Ok(answer) => Ok(body_text(answer.response).await),
+        Err(error) => Err(error.to_string()),
+    };
+    (outcome, metrics)
+}
+
 fn handshakes(metrics: &Metrics, outcome: &str) -> u64 {
     metrics
         .upstream_tls_handshakes
@@ -140,48 +160,26 @@ async fn a_server_with_another_identity_or_from_another_ca_is_refused() {
     let (ca, _) = MeshCa::generate("mesh.local").unwrap();
     let server = tls_server(&ca, "orders").await;
     let identity = live(&ca, "frontend");
-    let metrics = Metrics::new();
-    let upstreams = Upstreams::build(
-        &[tls_config(server, "payments", UpstreamProtocol::Http1)],
-        &metrics,
-        None,
-        None,
-        Some(&identity),
+    let (outcome, metrics) = send_once(
+        tls_config(server, "payments", UpstreamProtocol::Http1),
+        &identity,
     )
-    .unwrap();
-    let error = upstreams
-        .cluster("orders")
-        .unwrap()
-        .send(get("/"), &policy(0))
-        .await
-        .unwrap_err();
+    .await;
+    let error = outcome.unwrap_err();
     assert!(
-        error
-            .to_string()
-            .contains("peer identity is spiffe://mesh.local/ns/default/sa/orders"),
+        error.contains("peer identity is spiffe://mesh.local/ns/default/sa/orders"),
         "{error}"
     );
     assert_eq!(handshakes(&metrics, "wrong_peer_identity"), 1);
 
     let (foreign, _) = MeshCa::generate("mesh.local").unwrap();
     let stranger = tls_server(&foreign, "orders").await;
-    let metrics = Metrics::new();
-    let upstreams = Upstreams::build(
-        &[tls_config(stranger, "orders", UpstreamProtocol::Http1)],
-        &metrics,
-        None,
-        None,
-        Some(&identity),
+    let (outcome, metrics) = send_once(
+        tls_config(stranger, "orders", UpstreamProtocol::Http1),
+        &identity,
     )
-    .unwrap();
-    assert!(
-        upstreams
-            .cluster("orders")
-            .unwrap()
-            .send(get("/"), &policy(0))
-            .await
-            .is_err()
-    );
+    .await;
+    assert!(outcome.is_err());
     assert_eq!(handshakes(&metrics, "untrusted_certificate"), 1);
 }
 
@@ -199,25 +197,9 @@ async fn tls_needs_an_identity_and_is_never_the_plaintext_cluster() {
     );
 
     // An identity not installed yet: connecting fails, and says why.
-    let empty = LiveIdentity::new();
-    let upstreams = Upstreams::build(
-        std::slice::from_ref(&tls),
-        &metrics,
-        None,
-        None,
-        Some(&empty),
-    )
-    .unwrap();
-    let error = upstreams
-        .cluster("orders")
-        .unwrap()
-        .send(get("/"), &policy(0))
-        .await
-        .unwrap_err();
-    assert!(
-        error.to_string().contains("no workload certificate yet"),
-        "{error}"
-    );
+    let (outcome, _) = send_once(tls.clone(), &LiveIdentity::new()).await;
+    let error = outcome.unwrap_err();
+    assert!(error.contains("no workload certificate yet"), "{error}");
 
     // Turning TLS on or off makes a new cluster (with its own pools).
     let identity = live(&ca, "frontend");
