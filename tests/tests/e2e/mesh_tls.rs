@@ -388,3 +388,74 @@ clusters:
         .await
         .unwrap();
 }
+
+/// A sidecar registered as `web` asking for `payments`' identity gets no
+/// certificate: the request is refused, counted, and the stream goes on
+/// (its snapshots name the trust domain); asking for its own then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_for_another_services_identity_is_refused_and_counted() {
+    use lacewing_control_api as api;
+    use tokio_stream::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Plane::start(&dir.path().join("control")).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", plane.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut discovery = api::discovery_client::DiscoveryClient::new(channel);
+    let key = lacewing_tls::WorkloadKey::generate().unwrap();
+    let csr = |service: &str| api::CertificateRequest {
+        csr_pem: key
+            .csr_pem(&lacewing_tls::SpiffeId::new("lacewing.local", "default", service).unwrap())
+            .unwrap(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(api::SidecarMessage {
+        message: Some(api::sidecar_message::Message::Hello(api::Hello {
+            node_id: "web-1".into(),
+            service: "web".into(),
+            namespace: "default".into(),
+            inbound: "127.0.0.1:1".into(),
+            certificate_request: Some(csr("payments")),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    lacewing_control::token::authorize(&mut request, &plane.bootstrap_token()).unwrap();
+    let mut snapshots = discovery.stream(request).await.unwrap().into_inner();
+    let first = snapshots.next().await.unwrap().unwrap();
+    assert!(first.certificate.is_none());
+    assert_eq!(first.trust_domain, "lacewing.local");
+    let metrics = plane.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "lacewing_control_certificates_total",
+            &[("result", "refused")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    // Its own identity, on the same stream.
+    tx.send(api::SidecarMessage {
+        message: Some(api::sidecar_message::Message::CertificateRequest(csr(
+            "web",
+        ))),
+    })
+    .await
+    .unwrap();
+    let second = snapshots.next().await.unwrap().unwrap();
+    let certificate = second.certificate.unwrap();
+    assert_eq!(
+        certificate.spiffe_id,
+        "spiffe://lacewing.local/ns/default/sa/web"
+    );
+    assert!(key.identity(&certificate.chain_pem).is_ok());
+    drop(tx);
+    plane.stop().await;
+}
