@@ -14,6 +14,40 @@ pub struct ControlArgs {
     /// Where the store and the tokens live (created 0700 on first start).
     #[arg(long)]
     pub state_dir: PathBuf,
+    /// The mesh's trust domain: workload SPIFFE IDs are
+    /// spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE.
+    #[arg(long, default_value = lacewing_control::ca::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates (`24h`, `10m`; at least `1m`);
+    /// sidecars renew them at two thirds of it.
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    pub cert_ttl: std::time::Duration,
+    /// A root CA certificate (PEM) to sign with instead of a generated one
+    /// (with --ca-key); copied into the state directory.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// The MeshTLS mode of services no MeshTLS document names.
+    #[arg(long, default_value = "PERMISSIVE", value_parser = parse_mode)]
+    pub default_tls: lacewing_mesh::kinds::TlsMode,
+}
+
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    lacewing_config::units::Dur::parse(text)
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_mode(text: &str) -> Result<lacewing_mesh::kinds::TlsMode, String> {
+    use lacewing_mesh::kinds::TlsMode;
+    match text.to_ascii_uppercase().as_str() {
+        "STRICT" => Ok(TlsMode::Strict),
+        "PERMISSIVE" => Ok(TlsMode::Permissive),
+        "DISABLE" => Ok(TlsMode::Disable),
+        _ => Err(format!("`{text}` is not STRICT, PERMISSIVE or DISABLE")),
+    }
 }
 
 pub fn run(args: &ControlArgs) -> anyhow::Result<()> {
@@ -22,7 +56,13 @@ pub fn run(args: &ControlArgs) -> anyhow::Result<()> {
         .thread_name("lacewing-control")
         .build()?;
     runtime.block_on(async {
-        let plane = ControlPlane::bind(args.listen, &args.state_dir)
+        let ca = lacewing_control::ca::CaOptions {
+            trust_domain: args.trust_domain.clone(),
+            lifetime: args.cert_ttl,
+            supplied: args.ca_cert.clone().zip(args.ca_key.clone()),
+            default_mode: args.default_tls,
+        };
+        let plane = ControlPlane::bind_with(args.listen, &args.state_dir, &ca)
             .await
             .context("control plane")?;
         let address = plane.local_addr()?;

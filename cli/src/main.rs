@@ -260,6 +260,7 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
         StartOptions {
             wasm_cache_dir: args.wasm_cache_dir.clone(),
             source: Some(source.clone()),
+            identity: None,
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -205,6 +205,25 @@ fn ago(ms: u64) -> String {
     }
 }
 
+/// When a certificate expires (Unix ms), from now: `in 23h59m`, or `-`.
+fn expires(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if ms <= now {
+        return "expired".into();
+    }
+    let secs = (ms - now) / 1000;
+    match secs {
+        0..60 => format!("in {secs}s"),
+        60..3600 => format!("in {}m{}s", secs / 60, secs % 60),
+        _ => format!("in {}h{}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
 fn answer(s: &api::SidecarStatus) -> String {
     if s.nacked_version > s.acked_version {
         format!("NACK v{}: {}", s.nacked_version, s.nack_reason)
@@ -232,12 +251,12 @@ pub fn print_status(reply: &api::StatusReply) {
         reply.sidecars.len()
     );
     println!(
-        "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} LAST ANSWER",
-        "NODE", "SERVICE", "INBOUND", "OUTBOUND", "VERSION", "STATE", "SINCE"
+        "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} {:<16} LAST ANSWER",
+        "NODE", "SERVICE", "INBOUND", "OUTBOUND", "VERSION", "STATE", "SINCE", "CERT EXPIRES"
     );
     for s in &reply.sidecars {
         println!(
-            "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} {} ({})",
+            "{:<24} {:<16} {:<22} {:<22} {:<8} {:<14} {:<14} {:<16} {} ({})",
             s.node_id,
             format!("{}/{}", s.namespace, s.service),
             s.inbound,
@@ -249,6 +268,7 @@ pub fn print_status(reply: &api::StatusReply) {
                 "disconnected"
             },
             ago(s.connected_since_ms),
+            expires(s.cert_not_after_ms),
             answer(s),
             ago(s.last_answer_ms),
         );

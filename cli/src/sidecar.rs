@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use lacewing_control_agent::identity::ExpiryCollector;
 use lacewing_control_agent::metrics::AgentMetrics;
 use lacewing_control_agent::translate::{INBOUND, OUTBOUND};
 use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
@@ -92,6 +93,7 @@ pub fn start(
         StartOptions {
             wasm_cache_dir,
             source: Some(source),
+            identity: Some(options.identity.clone()),
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -107,6 +109,10 @@ pub fn start(
     }
     let spec = options.spec.clone();
     let metrics = AgentMetrics::register(&handle.metrics().registry)?;
+    handle
+        .metrics()
+        .registry
+        .register(Box::new(ExpiryCollector::new(options.identity.clone())?))?;
     let publisher = handle.publisher();
     let source = format!("control:{}", options.control);
     let publish: Publish = Arc::new(move |config| {
@@ -166,6 +172,7 @@ pub fn options(
         control: control.to_string(),
         token,
         state_dir,
+        identity: lacewing_tls::LiveIdentity::new(),
         spec: SidecarSpec {
             node_id: node_id.unwrap_or_default(),
             service: service.to_string(),

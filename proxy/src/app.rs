@@ -44,6 +44,9 @@ pub struct StartOptions {
     /// Where the first generation's configuration came from (shown by
     /// `/config_dump`); `start` when `None`.
     pub source: Option<String>,
+    /// The mesh identity (kept current by its owner, the sidecar's agent)
+    /// that listeners and clusters with `tls` present.
+    pub identity: Option<Arc<lacewing_tls::LiveIdentity>>,
 }
 
 /// The Lacewing proxy.
@@ -141,7 +144,7 @@ impl Proxy {
             }
             commands.push(tx);
         }
-        let publisher = Publisher::new(metrics.clone(), wasm, commands)?;
+        let publisher = Publisher::new(metrics.clone(), wasm, commands, options.identity)?;
         let source = options.source.unwrap_or_else(|| "start".into());
         if let Err(e) = publisher.publish(config, source) {
             stop(threads, &trigger);

@@ -26,6 +26,7 @@ use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::callout::{self, LocalFuture};
 use lacewing_core::metrics::Metrics;
+use lacewing_tls::LiveIdentity;
 use lacewing_upstream::{Resolver, Upstreams};
 use lacewing_wasm::{WasmHost, WasmPlugin};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
@@ -117,6 +118,8 @@ struct Live {
     callouts: Arc<LiveUpstreams>,
     resolver: Resolver,
     stats: PublishStats,
+    /// The mesh identity TLS listeners and clusters present.
+    identity: Option<Arc<LiveIdentity>>,
 }
 
 struct Inner {
@@ -218,6 +221,7 @@ impl Publisher {
         metrics: Metrics,
         wasm: Arc<WasmHost>,
         workers: Vec<CommandSender>,
+        identity: Option<Arc<LiveIdentity>>,
     ) -> Result<Self, BuildError> {
         let empty =
             Upstreams::new(&[], &metrics).map_err(|e| BuildError::Upstream(e.to_string()))?;
@@ -238,6 +242,7 @@ impl Publisher {
                 wasm,
                 callouts: Arc::new(LiveUpstreams(ArcSwap::new(empty))),
                 resolver,
+                identity,
             }),
         })
     }
@@ -346,6 +351,7 @@ impl Live {
             inner.snapshot.as_ref(),
             self.callouts.clone(),
             Some(&self.resolver),
+            self.identity.as_ref(),
         )?;
 
         // Listeners, keyed by name: kept (same protocol, and the address it

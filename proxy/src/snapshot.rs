@@ -15,7 +15,9 @@ use prometheus::{Histogram, IntCounter};
 use rand::Rng;
 
 use crate::access_log::AccessLog;
+use crate::http::tls::DownstreamTls;
 use crate::router::{RouteError, RouteTable};
+use lacewing_tls::LiveIdentity;
 
 /// Why a configuration could not be made live.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +167,9 @@ pub struct HttpListenerState {
     pub routes: RouteTable<RouteState>,
     pub stats: ListenerStats,
     pub access_log: Option<AccessLog>,
+    /// Mutual TLS, when the listener has it; read per accepted connection,
+    /// so a new generation changes the mode of the next connections.
+    pub tls: Option<Arc<DownstreamTls>>,
 }
 
 /// A TCP listener's compiled state.
@@ -232,6 +237,7 @@ impl Snapshot {
     /// taken over from it with their state (see [`Upstreams::build`] and
     /// [`WasmHost::reload_plugin`]). Plugins call out through `callouts`.
     /// Host names are answered from `resolver` (see [`Upstreams::build`]).
+    /// Listeners and clusters with `tls` present `identity`.
     pub fn build(
         config: Arc<ProxyConfig>,
         metrics: &Metrics,
@@ -239,12 +245,14 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         callouts: Arc<dyn lacewing_core::callout::Upstreams>,
         resolver: Option<&Resolver>,
+        identity: Option<&Arc<LiveIdentity>>,
     ) -> Result<Self, BuildError> {
         let upstreams = Upstreams::build(
             &config.clusters,
             metrics,
             previous.map(|p| &*p.upstreams),
             resolver,
+            identity,
         )
         .map_err(|e| BuildError::Upstream(e.to_string()))?;
         let mut plugins = HashMap::new();
@@ -273,6 +281,22 @@ impl Snapshot {
                     let routes = RouteTable::new(&l.routes, |r| {
                         build_route(l, r, &upstreams, &plugins, metrics)
                     })?;
+                    let tls = match (&l.tls, identity) {
+                        (None, _) => None,
+                        (Some(tls), Some(identity)) => Some(Arc::new(DownstreamTls::new(
+                            &l.name,
+                            identity.clone(),
+                            tls.mode,
+                            tls.handshake_timeout.0,
+                            metrics,
+                        ))),
+                        (Some(_), None) => {
+                            return Err(BuildError::Reference(format!(
+                                "listener `{}`: tls needs a mesh identity (given by the control plane)",
+                                l.name
+                            )));
+                        }
+                    };
                     http.insert(
                         l.name.clone(),
                         Arc::new(HttpListenerState {
@@ -280,6 +304,7 @@ impl Snapshot {
                             routes,
                             stats,
                             access_log: access_log.clone(),
+                            tls,
                         }),
                     );
                 }

@@ -272,8 +272,20 @@ async fn accept_loop(
         match &slot {
             ListenerSlot::Http(state) => {
                 let state = state.clone();
+                let tls = state.load().tls.clone();
                 tokio::task::spawn_local(async move {
-                    crate::http::server::serve(stream, remote, local, id, state, drain).await;
+                    match tls {
+                        Some(tls) => {
+                            crate::http::tls::serve_tcp(
+                                stream, tls, remote, local, id, state, drain,
+                            )
+                            .await;
+                        }
+                        None => {
+                            crate::http::server::serve(stream, remote, local, id, state, drain)
+                                .await;
+                        }
+                    }
                     drop(guard);
                 });
             }

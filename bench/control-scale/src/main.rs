@@ -197,6 +197,8 @@ async fn simulated(
             inbound: format!("127.0.0.{}:{}", 1 + index / 60000, 1024 + index % 60000),
             outbound: String::new(),
             serving_version: 0,
+            // Simulated sidecars ask for no certificate.
+            certificate_request: None,
         })),
     })
     .await?;

@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::cache::{Cache, CacheError, sha256_hex};
+use crate::identity::WorkloadIdentity;
 use crate::metrics::AgentMetrics;
 use crate::translate::{SidecarSpec, bootstrap_config, translate};
 
@@ -37,6 +38,8 @@ pub struct AgentOptions {
     pub spec: SidecarSpec,
     /// Where modules and the last good snapshot are kept.
     pub state_dir: PathBuf,
+    /// Where the workload certificate goes; the proxy's TLS reads it.
+    pub identity: Arc<lacewing_tls::LiveIdentity>,
 }
 
 /// Why a snapshot was refused: a short code (metrics) and the reason.
@@ -64,6 +67,7 @@ pub struct Agent {
     /// The snapshot being served (version 0: none).
     serving: api::Snapshot,
     served_config: Option<ProxyConfig>,
+    identity: WorkloadIdentity,
 }
 
 impl std::fmt::Debug for Agent {
@@ -72,6 +76,14 @@ impl std::fmt::Debug for Agent {
             .field("options", &self.options)
             .field("serving", &self.serving.version)
             .finish_non_exhaustive()
+    }
+}
+
+/// Waits until `at`, or for ever.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -116,6 +128,10 @@ impl Agent {
         if serving.version > 0 {
             metrics.last_update.set(unix_now());
         }
+        let mut identity = WorkloadIdentity::new(options.identity.clone());
+        // The trust domain of the saved snapshot: the first hello can ask for a certificate.
+        identity.learn(&serving);
+        identity.restore(&cache);
         Ok(Self {
             options,
             cache,
@@ -123,6 +139,7 @@ impl Agent {
             metrics,
             serving,
             served_config: Some(initial.clone()),
+            identity,
         })
     }
 
@@ -188,6 +205,7 @@ impl Agent {
             inbound: spec.inbound.to_string(),
             outbound: spec.outbound.to_string(),
             serving_version: self.serving.version,
+            certificate_request: self.certificate_request(),
         };
         let (tx, rx) = mpsc::channel(8);
         let _ = tx
@@ -201,8 +219,24 @@ impl Agent {
         tracing::info!(control = %self.options.control, "connected to the control plane");
         let mut got = false;
         let mut saving = false;
-        while let Some(snapshot) = snapshots.next().await {
-            let snapshot = snapshot?;
+        loop {
+            let rotate_at = self.identity.rotate_at();
+            let snapshot = tokio::select! {
+                snapshot = snapshots.next() => match snapshot {
+                    Some(snapshot) => snapshot?,
+                    None => break,
+                },
+                () = sleep_until(rotate_at) => {
+                    if let Some(request) = self.certificate_request()
+                        && tx.send(api::SidecarMessage {
+                            message: Some(api::sidecar_message::Message::CertificateRequest(request)),
+                        }).await.is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            };
             got = true;
             let (version, revision) = (snapshot.version, snapshot.revision);
             let answer = match self.take(&mut client, snapshot).await {
@@ -240,8 +274,31 @@ impl Agent {
             if std::mem::take(&mut saving) {
                 self.save_serving().await;
             }
+            // The first snapshot told the trust domain: ask for a certificate.
+            if self.identity.wants_certificate()
+                && let Some(request) = self.certificate_request()
+            {
+                let message = api::SidecarMessage {
+                    message: Some(api::sidecar_message::Message::CertificateRequest(request)),
+                };
+                if tx.send(message).await.is_err() {
+                    break;
+                }
+            }
         }
         Ok(got)
+    }
+
+    /// A CSR for this sidecar's identity, once the trust domain is known.
+    fn certificate_request(&mut self) -> Option<api::CertificateRequest> {
+        let spec = &self.options.spec;
+        match self.identity.request(&spec.namespace, &spec.service) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(%error, "cannot make a certificate request");
+                None
+            }
+        }
     }
 
     /// Fetches what is missing, builds and publishes a snapshot.
@@ -250,6 +307,10 @@ impl Agent {
         client: &mut DiscoveryClient<Channel>,
         snapshot: api::Snapshot,
     ) -> Result<(), Refusal> {
+        // The identity first: the configuration may need it for its TLS.
+        self.identity
+            .take(&snapshot, &self.cache)
+            .map_err(|e| Refusal::new("certificate", e.to_string()))?;
         for plugin in &snapshot.plugins {
             if !self.cache.has_module(&plugin.sha256) {
                 self.fetch_module(client, &plugin.sha256).await?;

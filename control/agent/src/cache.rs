@@ -89,6 +89,27 @@ impl Cache {
         write_atomically(&self.snapshot_path(), &snapshot.encode_to_vec())
     }
 
+    /// Keeps the workload key (PEM) and the certificate issued for it, so a
+    /// restarted sidecar serves with them while the control plane is away.
+    pub fn save_identity(
+        &self,
+        key_pem: &str,
+        certificate: &api::WorkloadCertificate,
+    ) -> Result<(), CacheError> {
+        write_atomically(&self.dir.join("identity.key"), key_pem.as_bytes())?;
+        write_atomically(&self.dir.join("identity.pb"), &certificate.encode_to_vec())
+    }
+
+    /// The kept workload key and certificate, if both are there.
+    pub fn load_identity(&self) -> Option<(String, api::WorkloadCertificate)> {
+        let key = std::fs::read_to_string(self.dir.join("identity.key")).ok()?;
+        let bytes = std::fs::read(self.dir.join("identity.pb")).ok()?;
+        Some((
+            key,
+            api::WorkloadCertificate::decode(bytes.as_slice()).ok()?,
+        ))
+    }
+
     /// The last good snapshot, if there is one and every module it names is here.
     pub fn load_snapshot(&self) -> Option<api::Snapshot> {
         let bytes = std::fs::read(self.snapshot_path()).ok()?;

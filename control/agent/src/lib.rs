@@ -6,9 +6,11 @@
 //! hands it to the proxy's publish, and ACKs or NACKs with the reason. The
 //! last good snapshot is kept on disk so a restarted sidecar serves while the
 //! control plane is away; lost streams are retried with backoff and jitter.
+//! The sidecar's workload [`identity`] is certified over the same stream.
 
 pub mod agent;
 pub mod cache;
+pub mod identity;
 pub mod metrics;
 pub mod translate;
 

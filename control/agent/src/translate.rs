@@ -9,7 +9,10 @@
 //!   the plugins whose direction is outbound or both run there;
 //! - one cluster per service: `svc.<namespace>.<name>`; a service with no
 //!   endpoints yet keeps its route, and its calls get 503 (flag UH); a host
-//!   no service has gets 404 (flag NR).
+//!   no service has gets 404 (flag NR);
+//! - TLS from `MeshTLS`: the inbound listener STRICT or PERMISSIVE (plaintext
+//!   when DISABLE), and every cluster the snapshot says to call over mTLS
+//!   with the service's SPIFFE ID as the expected peer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,9 +20,9 @@ use std::time::Duration;
 
 use lacewing_config::units::{Dur, Size};
 use lacewing_config::{
-    ClusterConfig, FailPolicy, LbPolicy, ListenerConfig, OutlierDetection, PluginConfig,
-    PluginLimits, ProxyConfig, RetryPolicy, RouteConfig, RouteMatch, UpstreamProtocol,
-    WeightedCluster,
+    ClusterConfig, ClusterTls, FailPolicy, LbPolicy, ListenerConfig, ListenerTls, ListenerTlsMode,
+    OutlierDetection, PluginConfig, PluginLimits, ProxyConfig, RetryPolicy, RouteConfig,
+    RouteMatch, UpstreamProtocol, WeightedCluster,
 };
 use lacewing_control_api as api;
 
@@ -157,6 +160,17 @@ fn build(
         ListenerConfig::http(INBOUND, spec.inbound, vec![route])
     };
     inbound.filters = inbound_filters;
+    if !is_tcp(own.protocol) {
+        inbound.tls = match api::MeshTlsMode::try_from(snapshot.inbound_tls) {
+            Ok(api::MeshTlsMode::MeshTlsStrict) => Some(ListenerTlsMode::Strict),
+            Ok(api::MeshTlsMode::MeshTlsDisable) => None,
+            _ => Some(ListenerTlsMode::Permissive),
+        }
+        .map(|mode| ListenerTls {
+            mode,
+            handshake_timeout: lacewing_config::defaults::tls_handshake_timeout(),
+        });
+    }
     config.listeners.push(inbound);
 
     // Clusters of every routable service.
@@ -187,6 +201,13 @@ fn build(
             },
             max_ejection_percent: s.outlier_max_ejection_percent,
         };
+        let tls = api::MeshTlsMode::try_from(s.client_tls)
+            .is_ok_and(|m| m != api::MeshTlsMode::MeshTlsDisable);
+        if tls && !s.spiffe_id.is_empty() {
+            cluster.tls = Some(ClusterTls {
+                peer: s.spiffe_id.clone(),
+            });
+        }
         config.clusters.push(cluster);
         clusters.insert((s.namespace.clone(), s.name.clone()), name);
     }

@@ -11,7 +11,7 @@ use lacewing_tls::{MeshCa, TlsError};
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 /// The trust domain of a mesh that names none.
-pub const DEFAULT_TRUST_DOMAIN: &str = "lacewing.local";
+pub const DEFAULT_TRUST_DOMAIN: &str = lacewing_tls::DEFAULT_TRUST_DOMAIN;
 
 /// How the CA is set up.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct CaOptions {
     /// A root the operator supplies (certificate and key files, PEM),
     /// copied into the state directory; otherwise the stored or a new one.
     pub supplied: Option<(PathBuf, PathBuf)>,
+    /// The `MeshTLS` mode of a destination no document names.
+    pub default_mode: lacewing_mesh::kinds::TlsMode,
 }
 
 impl Default for CaOptions {
@@ -30,6 +32,7 @@ impl Default for CaOptions {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
             lifetime: lacewing_tls::ca::DEFAULT_LIFETIME,
             supplied: None,
+            default_mode: lacewing_mesh::kinds::TlsMode::Permissive,
         }
     }
 }
@@ -135,6 +138,7 @@ mod tests {
             trust_domain: "corp.example".to_string(),
             lifetime: Duration::from_secs(600),
             supplied: Some((cert_file, key_file.clone())),
+            ..CaOptions::default()
         };
         let ca = open(state.path(), &options).unwrap();
         assert_eq!(ca.root_pem(), root.root_pem());

@@ -1,5 +1,7 @@
 //! The `Discovery` service: each sidecar's stream (hello, then snapshots
-//! down and ACK/NACKs up) and module downloads.
+//! down and ACK/NACKs up) and module downloads. A CSR in the hello, or sent
+//! later on the stream, is signed by the mesh CA and the certificate travels
+//! in the next snapshot with the trust bundle.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,6 +14,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::mesh_tls::{MeshTlsSettings, TlsRules};
 use crate::push::Built;
 use crate::snapshot::Index;
 use crate::state::{Shared, now_ms};
@@ -22,6 +25,86 @@ pub struct Discovery {
     shared: Arc<Shared>,
     /// The index of the latest change, built by the first stream that needs it.
     index: Arc<Mutex<Arc<Index>>>,
+    identity: Arc<StreamIdentity>,
+}
+
+/// What the streams need to hand out identities and TLS modes.
+struct StreamIdentity {
+    ca: Arc<lacewing_tls::MeshCa>,
+    settings: MeshTlsSettings,
+    /// The `MeshTLS` rules of the latest change (by epoch).
+    rules: Mutex<Option<(u64, Arc<TlsRules>)>>,
+}
+
+impl StreamIdentity {
+    fn rules_at(&self, shared: &Shared, epoch: u64) -> Arc<TlsRules> {
+        let mut cached = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, rules)) = &*cached
+            && *at == epoch
+        {
+            return rules.clone();
+        }
+        let rules = Arc::new(TlsRules::build(
+            &shared.mesh(),
+            &shared.sidecar_endpoints(),
+            &self.settings,
+        ));
+        *cached = Some((epoch, rules.clone()));
+        rules
+    }
+
+    /// Signs `csr_pem` for the sidecar of `hello`, counted by result. A
+    /// refused request is logged and the stream goes on without a new
+    /// certificate (its snapshots name the trust domain, so a sidecar that
+    /// guessed it wrong can ask again).
+    fn sign(
+        &self,
+        shared: &Shared,
+        hello: &api::Hello,
+        csr_pem: &str,
+    ) -> Option<api::WorkloadCertificate> {
+        let result = lacewing_tls::SpiffeId::new(
+            &self.settings.trust_domain,
+            &hello.namespace,
+            &hello.service,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|caller| {
+            self.ca
+                .sign(csr_pem, &caller)
+                .map(|issued| (caller, issued))
+                .map_err(|e| e.to_string())
+        });
+        let (caller, issued) = match result {
+            Ok(ok) => ok,
+            Err(reason) => {
+                shared
+                    .metrics
+                    .certificates
+                    .with_label_values(&["refused"])
+                    .inc();
+                tracing::warn!(node = %hello.node_id, %reason, "certificate request refused");
+                return None;
+            }
+        };
+        shared
+            .metrics
+            .certificates
+            .with_label_values(&["issued"])
+            .inc();
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        tracing::info!(node = %hello.node_id, id = %caller, "workload certificate issued");
+        Some(api::WorkloadCertificate {
+            chain_pem: issued.cert_pem,
+            trust_bundle_pem: self.ca.root_pem().to_string(),
+            not_before_ms: now_ms(),
+            not_after_ms: ms(issued.not_after),
+            spiffe_id: caller.uri(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Discovery {
@@ -31,10 +114,19 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        ca: Arc<lacewing_tls::MeshCa>,
+        settings: MeshTlsSettings,
+    ) -> Self {
         Self {
             shared,
             index: Arc::new(Mutex::new(Arc::new(Index::unbuilt()))),
+            identity: Arc::new(StreamIdentity {
+                ca,
+                settings,
+                rules: Mutex::new(None),
+            }),
         }
     }
 }
@@ -45,7 +137,7 @@ impl Discovery {
     pub(crate) async fn open<T: Send + 'static>(
         &self,
         request: Request<Streaming<api::SidecarMessage>>,
-        message: fn(&Built, u64) -> T,
+        message: SnapshotMessage<T>,
     ) -> Result<Response<BoxStream<T>>, Status> {
         let mut incoming = request.into_inner();
         let hello = match incoming.next().await {
@@ -60,13 +152,25 @@ impl Discovery {
             }
         };
         check_hello(&hello)?;
+        let identity = self.identity.clone();
+        let certificate = hello
+            .certificate_request
+            .as_ref()
+            .and_then(|request| identity.sign(&self.shared, &hello, &request.csr_pem));
         let shared = self.shared.clone();
         let cache = self.index.clone();
         let session = shared.register(hello.clone());
         tracing::info!(node = %hello.node_id, service = %hello.service, inbound = %hello.inbound, "sidecar connected");
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            serve_sidecar(&shared, &cache, &hello, session, incoming, tx, message).await;
+            let stream = SidecarStream {
+                shared: &shared,
+                cache: &cache,
+                identity: &identity,
+                hello: &hello,
+                session,
+            };
+            stream.serve(certificate, incoming, tx, message).await;
             shared.unregister(&hello.node_id, session);
             tracing::info!(node = %hello.node_id, "sidecar disconnected");
         });
@@ -128,8 +232,9 @@ impl api::discovery_server::Discovery for Discovery {
         &self,
         request: Request<Streaming<api::SidecarMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        self.open(request, |built, revision| api::Snapshot {
+        self.open(request, |built, revision, certificate| api::Snapshot {
             revision,
+            certificate: certificate.cloned(),
             ..built.snapshot.clone()
         })
         .await
@@ -164,64 +269,112 @@ impl api::discovery_server::Discovery for Discovery {
     }
 }
 
-/// Sends a snapshot whenever what the sidecar should have changes, and
-/// records its answers, until either side ends the stream.
-async fn serve_sidecar<T>(
-    shared: &Shared,
-    cache: &Mutex<Arc<Index>>,
-    hello: &api::Hello,
+/// How a stream turns a shared snapshot, its revision and the sidecar's own
+/// certificate into the message it sends.
+pub(crate) type SnapshotMessage<T> =
+    fn(&Built, u64, Option<&api::WorkloadCertificate>) -> T;
+
+/// One sidecar's stream.
+struct SidecarStream<'a> {
+    shared: &'a Shared,
+    cache: &'a Mutex<Arc<Index>>,
+    identity: &'a StreamIdentity,
+    hello: &'a api::Hello,
     session: u64,
-    mut incoming: Streaming<api::SidecarMessage>,
-    tx: mpsc::Sender<Result<T, Status>>,
-    message: fn(&Built, u64) -> T,
-) {
-    let mut changes = shared.changes.subscribe();
-    let mut closing = shared.closing.subscribe();
-    let mut last_sent: Option<Arc<Built>> = None;
-    let mut revision = 0;
-    loop {
-        let epoch = *changes.borrow_and_update();
-        let snapshot = index_at(shared, cache, epoch).snapshot_for(hello);
-        let same = last_sent
-            .as_ref()
-            .is_some_and(|last| Arc::ptr_eq(last, &snapshot) || last.bytes == snapshot.bytes);
-        if !same {
-            revision += 1;
-            let numbered = message(&snapshot, revision);
-            {
-                let mut sidecars = shared.sidecars();
-                match sidecars.get_mut(&hello.node_id) {
-                    Some(r) if r.session == session => {
-                        r.sent_version = snapshot.snapshot.version;
-                        r.sent_revision = revision;
-                        r.sent_at = Some(Instant::now());
-                    }
-                    // A newer stream of the same node took over.
-                    _ => return,
-                }
-            }
-            if tx.send(Ok(numbered)).await.is_err() {
-                return;
-            }
-            shared.metrics.pushes.inc();
-            last_sent = Some(snapshot);
+}
+
+impl SidecarStream<'_> {
+    /// Records the certificate issued to the sidecar (for `lacewing status`).
+    fn record_certificate(&self, certificate: &api::WorkloadCertificate) {
+        let mut sidecars = self.shared.sidecars();
+        if let Some(r) = sidecars
+            .get_mut(&self.hello.node_id)
+            .filter(|r| r.session == self.session)
+        {
+            r.cert_not_after_ms = certificate.not_after_ms;
+            r.spiffe_id = certificate.spiffe_id.clone();
         }
-        tokio::select! {
-            _ = async { let _ = closing.wait_for(|closed| *closed).await; } => {
-                let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
-                return;
-            }
-            changed = changes.changed() => if changed.is_err() { return },
-            message = incoming.next() => match message {
-                Some(Ok(api::SidecarMessage { message: Some(api::sidecar_message::Message::Answer(answer)) })) => {
-                    record_answer(shared, &hello.node_id, session, &answer);
+    }
+
+    /// Sends a snapshot whenever what the sidecar should have changes (the
+    /// mesh, its `MeshTLS` modes, its certificate), and records its answers
+    /// and signs its certificate requests, until either side ends the
+    /// stream. The snapshot itself is shared by the sidecars of a service;
+    /// only the revision and the certificate are the stream's own.
+    async fn serve<T>(
+        &self,
+        mut certificate: Option<api::WorkloadCertificate>,
+        mut incoming: Streaming<api::SidecarMessage>,
+        tx: mpsc::Sender<Result<T, Status>>,
+        message: SnapshotMessage<T>,
+    ) {
+        let (shared, cache, hello, session) = (self.shared, self.cache, self.hello, self.session);
+        if let Some(c) = &certificate {
+            self.record_certificate(c);
+        }
+        let mut changes = shared.changes.subscribe();
+        let mut closing = shared.closing.subscribe();
+        let mut last_sent: Option<Arc<Built>> = None;
+        let mut certificate_sent = false;
+        let mut revision = 0;
+        loop {
+            let epoch = *changes.borrow_and_update();
+            let snapshot = index_at(shared, cache, epoch).snapshot_with(hello, |snapshot| {
+                self.identity
+                    .rules_at(shared, epoch)
+                    .apply(snapshot, hello);
+            });
+            let same = certificate_sent
+                && last_sent.as_ref().is_some_and(|last| {
+                    Arc::ptr_eq(last, &snapshot) || last.bytes == snapshot.bytes
+                });
+            if !same {
+                revision += 1;
+                let numbered = message(&snapshot, revision, certificate.as_ref());
+                {
+                    let mut sidecars = shared.sidecars();
+                    match sidecars.get_mut(&hello.node_id) {
+                        Some(r) if r.session == session => {
+                            r.sent_version = snapshot.snapshot.version;
+                            r.sent_revision = revision;
+                            r.sent_at = Some(Instant::now());
+                        }
+                        // A newer stream of the same node took over.
+                        _ => return,
+                    }
                 }
-                Some(Ok(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("only answers may follow the hello"))).await;
+                if tx.send(Ok(numbered)).await.is_err() {
                     return;
                 }
-                Some(Err(_)) | None => return,
-            },
+                shared.metrics.pushes.inc();
+                last_sent = Some(snapshot);
+                certificate_sent = true;
+            }
+            use api::sidecar_message::Message;
+            tokio::select! {
+                _ = async { let _ = closing.wait_for(|closed| *closed).await; } => {
+                    let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                    return;
+                }
+                changed = changes.changed() => if changed.is_err() { return },
+                message = incoming.next() => match message {
+                    Some(Ok(api::SidecarMessage { message: Some(Message::Answer(answer)) })) => {
+                        record_answer(shared, &hello.node_id, session, &answer);
+                    }
+                    Some(Ok(api::SidecarMessage { message: Some(Message::CertificateRequest(request)) })) => {
+                        if let Some(issued) = self.identity.sign(shared, hello, &request.csr_pem) {
+                            self.record_certificate(&issued);
+                            certificate = Some(issued);
+                            certificate_sent = false;
+                        }
+                    }
+                    Some(Ok(_)) => {
+                        let _ = tx.send(Err(Status::invalid_argument("only answers and certificate requests may follow the hello"))).await;
+                        return;
+                    }
+                    Some(Err(_)) | None => return,
+                },
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod ca;
 pub mod client;
 pub mod discovery;
+pub mod mesh_tls;
 pub mod metrics;
 pub mod operator;
 pub mod push;
@@ -63,6 +64,7 @@ pub struct ControlPlane {
     operator_token: String,
     bootstrap_token: String,
     ca: Arc<lacewing_tls::MeshCa>,
+    tls: mesh_tls::MeshTlsSettings,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -120,6 +122,10 @@ impl ControlPlane {
             operator_token,
             bootstrap_token,
             ca,
+            tls: mesh_tls::MeshTlsSettings {
+                trust_domain: ca_options.trust_domain.clone(),
+                default_mode: ca_options.default_mode,
+            },
         })
     }
 
@@ -147,7 +153,11 @@ impl ControlPlane {
             RequireToken::new(&self.operator_token, "operator"),
         );
         let discovery = tonic::service::interceptor::InterceptedService::new(
-            push::DiscoveryService::new(discovery::Discovery::new(self.shared.clone())),
+            push::DiscoveryService::new(discovery::Discovery::new(
+                self.shared.clone(),
+                self.ca.clone(),
+                self.tls.clone(),
+            )),
             RequireToken::new(&self.bootstrap_token, "bootstrap"),
         );
         let metrics = self.shared.metrics.clone();

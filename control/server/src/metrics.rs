@@ -23,6 +23,8 @@ pub struct ControlMetrics {
     pub push_latency: Histogram,
     /// Applies by result (`stored`, `unchanged`, `refused`).
     pub applies: IntCounterVec,
+    /// Certificate requests by result (`issued`, `refused`).
+    pub certificates: IntCounterVec,
 }
 
 impl std::fmt::Debug for ControlMetrics {
@@ -70,6 +72,14 @@ impl ControlMetrics {
             &["result"],
         )
         .expect("valid metric");
+        let certificates = IntCounterVec::new(
+            Opts::new(
+                "lacewing_control_certificates_total",
+                "Workload certificate requests by result (issued, refused).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(version.clone()),
@@ -77,6 +87,7 @@ impl ControlMetrics {
             Box::new(answers.clone()),
             Box::new(push_latency.clone()),
             Box::new(applies.clone()),
+            Box::new(certificates.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -88,6 +99,7 @@ impl ControlMetrics {
             answers,
             push_latency,
             applies,
+            certificates,
         }
     }
 

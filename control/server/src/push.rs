@@ -1,6 +1,6 @@
 //! Snapshots go out encoded once: every stream whose sidecar gets the same
 //! snapshot sends the same bytes ([`Encoded`]), with only its own revision
-//! appended. The `Discovery` service as mounted ([`DiscoveryService`]) serves
+//! and its sidecar's certificate appended. The `Discovery` service as mounted ([`DiscoveryService`]) serves
 //! its `Stream` method with them and every other method as generated.
 
 use std::convert::Infallible;
@@ -22,6 +22,8 @@ use crate::discovery::{self, Discovery};
 
 /// The `Snapshot.revision` field's tag (see the .proto).
 const REVISION_TAG: u32 = 2;
+/// The `Snapshot.certificate` field's tag (see the .proto).
+const CERTIFICATE_TAG: u32 = 20;
 
 /// A snapshot (revision 0, so the field is absent) encoded once.
 #[derive(Debug, PartialEq)]
@@ -39,20 +41,27 @@ impl Built {
 }
 
 /// One stream's copy of a [`Built`] snapshot: the shared bytes, then its
-/// revision as one more field. Protobuf fields may come in any order, so a
+/// revision and its sidecar's certificate as more fields. Protobuf fields may come in any order, so a
 /// sidecar decodes exactly the `Snapshot` it would have been sent field by
 /// field.
 #[derive(Debug, Clone, Default)]
 pub struct Encoded {
     bytes: Bytes,
     revision: u64,
+    certificate: Option<api::WorkloadCertificate>,
 }
 
 impl Encoded {
-    pub fn new(built: &Built, revision: u64) -> Self {
+    pub fn new(
+        built: &Built,
+        revision: u64,
+        certificate: Option<&api::WorkloadCertificate>,
+    ) -> Self {
+        debug_assert!(built.snapshot.certificate.is_none());
         Self {
             bytes: built.bytes.clone(),
             revision,
+            certificate: certificate.cloned(),
         }
     }
 }
@@ -62,6 +71,9 @@ impl Message for Encoded {
         buf.put_slice(&self.bytes);
         if self.revision != 0 {
             prost::encoding::uint64::encode(REVISION_TAG, &self.revision, buf);
+        }
+        if let Some(certificate) = &self.certificate {
+            prost::encoding::message::encode(CERTIFICATE_TAG, certificate, buf);
         }
     }
 
@@ -83,6 +95,9 @@ impl Message for Encoded {
             } else {
                 0
             }
+            + self.certificate.as_ref().map_or(0, |certificate| {
+                prost::encoding::message::encoded_len(CERTIFICATE_TAG, certificate)
+            })
     }
 
     fn clear(&mut self) {
@@ -165,7 +180,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shared_bytes_and_revision_decode_as_the_snapshot() {
+    fn shared_bytes_revision_and_certificate_decode_as_the_snapshot() {
         let snapshot = api::Snapshot {
             version: 9,
             services: vec![api::Service {
@@ -176,18 +191,27 @@ mod tests {
             ..Default::default()
         };
         let built = Built::new(snapshot.clone());
+        let certificate = api::WorkloadCertificate {
+            chain_pem: "chain".into(),
+            spiffe_id: "spiffe://mesh.local/ns/default/sa/orders".into(),
+            not_after_ms: 7,
+            ..Default::default()
+        };
         for revision in [0, 1, 300, u64::MAX] {
-            let encoded = Encoded::new(&built, revision);
-            let bytes = encoded.encode_to_vec();
-            assert_eq!(bytes.len(), encoded.encoded_len());
-            let decoded = api::Snapshot::decode(bytes.as_slice()).unwrap();
-            assert_eq!(
-                decoded,
-                api::Snapshot {
-                    revision,
-                    ..snapshot.clone()
-                }
-            );
+            for certificate in [None, Some(&certificate)] {
+                let encoded = Encoded::new(&built, revision, certificate);
+                let bytes = encoded.encode_to_vec();
+                assert_eq!(bytes.len(), encoded.encoded_len());
+                let decoded = api::Snapshot::decode(bytes.as_slice()).unwrap();
+                assert_eq!(
+                    decoded,
+                    api::Snapshot {
+                        revision,
+                        certificate: certificate.cloned(),
+                        ..snapshot.clone()
+                    }
+                );
+            }
         }
     }
 }

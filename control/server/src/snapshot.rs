@@ -122,11 +122,26 @@ impl Index {
     /// The snapshot for one sidecar (revision left 0; the stream numbers it),
     /// shared with the other sidecars of its service.
     pub fn snapshot_for(&self, hello: &api::Hello) -> Arc<Built> {
+        self.snapshot_with(hello, |_| {})
+    }
+
+    /// [`Index::snapshot_for`], with `finish` applied once when the
+    /// service's snapshot is built (it may depend only on the sidecar's
+    /// namespace and service, as the result is shared).
+    pub fn snapshot_with(
+        &self,
+        hello: &api::Hello,
+        finish: impl FnOnce(&mut api::Snapshot),
+    ) -> Arc<Built> {
         let key = (hello.namespace.clone(), hello.service.clone());
         let mut built = self.built.lock().unwrap_or_else(PoisonError::into_inner);
         built
             .entry(key)
-            .or_insert_with(|| Arc::new(Built::new(self.build_for(hello))))
+            .or_insert_with(|| {
+                let mut snapshot = self.build_for(hello);
+                finish(&mut snapshot);
+                Arc::new(Built::new(snapshot))
+            })
             .clone()
     }
 
@@ -155,6 +170,7 @@ impl Index {
                 })
                 .map(|(_, _, p)| p.clone())
                 .collect(),
+            ..Default::default()
         }
     }
 }
@@ -196,6 +212,7 @@ fn service(name: &str, ns: &str, s: &kinds::ServiceSpec, endpoints: Vec<String>)
         outlier_consecutive_failures: s.outlier.consecutive_failures,
         outlier_base_ejection_ms: s.outlier.base_ejection_time.0.as_millis() as u64,
         outlier_max_ejection_percent: s.outlier.max_ejection_percent,
+        ..Default::default()
     }
 }
 

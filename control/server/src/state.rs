@@ -56,6 +56,9 @@ pub struct SidecarRecord {
     pub nacked_version: u64,
     pub nack_reason: String,
     pub last_answer_ms: u64,
+    /// The workload certificate last issued to it (Unix ms; 0: none).
+    pub cert_not_after_ms: u64,
+    pub spiffe_id: String,
 }
 
 impl SidecarRecord {
@@ -73,6 +76,8 @@ impl SidecarRecord {
             nacked_version: self.nacked_version,
             nack_reason: self.nack_reason.clone(),
             last_answer_ms: self.last_answer_ms,
+            cert_not_after_ms: self.cert_not_after_ms,
+            spiffe_id: self.spiffe_id.clone(),
         }
     }
 }
@@ -166,6 +171,8 @@ impl Shared {
             nacked_version: 0,
             nack_reason: String::new(),
             last_answer_ms: 0,
+            cert_not_after_ms: 0,
+            spiffe_id: String::new(),
         };
         sidecars.insert(hello.node_id.clone(), record);
         self.metrics

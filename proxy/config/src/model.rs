@@ -104,6 +104,39 @@ pub struct ListenerConfig {
     pub filters: Vec<String>,
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// Mutual TLS with the proxy's mesh identity; plaintext when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's mutual TLS: the proxy presents its mesh identity and asks
+/// every TLS client for a certificate chaining to the mesh trust bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub mode: ListenerTlsMode,
+    /// Time allowed for the first bytes and the handshake.
+    #[serde(default = "defaults::tls_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+/// Whether a TLS listener also serves plaintext.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTlsMode {
+    /// TLS only: a plaintext connection is closed.
+    Strict,
+    /// TLS, or plaintext when the first byte is not a TLS handshake record.
+    Permissive,
+}
+
+/// A cluster's mutual TLS: the proxy presents its mesh identity and accepts
+/// only a server whose certificate carries `peer` as its URI SAN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`.
+    pub peer: String,
 }
 
 /// What a listener speaks.
@@ -370,6 +403,10 @@ pub struct ClusterConfig {
     pub retry_budget: RetryBudget,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// Mutual TLS to the endpoints; plaintext when absent. A cluster's
+    /// connections are pooled per cluster, so TLS and plaintext never mix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTls>,
 }
 
 /// The protocol spoken to a cluster's endpoints.
@@ -541,6 +578,7 @@ impl ListenerConfig {
             cluster: None,
             filters: Vec::new(),
             limits: ListenerLimits::default(),
+            tls: None,
         }
     }
 
@@ -554,6 +592,7 @@ impl ListenerConfig {
             cluster: Some(cluster.into()),
             filters: Vec::new(),
             limits: ListenerLimits::default(),
+            tls: None,
         }
     }
 }
@@ -586,6 +625,7 @@ impl ClusterConfig {
             circuit_breaker: CircuitBreaker::default(),
             retry_budget: RetryBudget::default(),
             outlier_detection: OutlierDetection::default(),
+            tls: None,
         }
     }
 }
@@ -653,6 +693,10 @@ impl ProxyConfig {
 /// Defaults, named so `/config_dump` and the docs agree.
 pub mod defaults {
     use super::*;
+
+    pub fn tls_handshake_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
 
     pub fn drain_timeout() -> Dur {
         Dur(Duration::from_secs(10))

@@ -69,6 +69,25 @@ pub fn split_host_port(endpoint: &str) -> Result<(&str, u16), String> {
     Ok((host, port))
 }
 
+/// The shape of a mesh SPIFFE ID: `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`.
+fn check_spiffe_id(id: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{id:?} is not a mesh SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service>)"
+        )
+    };
+    let rest = id.strip_prefix("spiffe://").ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [domain, "ns", namespace, "sa", service]
+            if [domain, namespace, service].iter().all(|p| !p.is_empty()) =>
+        {
+            Ok(())
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// An HTTP token (RFC 9110 `tchar`s), as used for methods and header names.
 fn is_token(text: &str) -> bool {
     !text.is_empty()
@@ -282,6 +301,18 @@ impl Checker<'_> {
             }
         }
         self.plugins_exist(&format!("{path}.filters"), &listener.filters);
+        if let Some(tls) = &listener.tls {
+            if listener.protocol == ListenerProtocol::Tcp {
+                self.report(
+                    format!("{path}.tls"),
+                    "TLS is served on http listeners only (not yet on tcp listeners)",
+                );
+            }
+            self.positive(
+                format!("{path}.tls.handshake_timeout"),
+                tls.handshake_timeout,
+            );
+        }
 
         let limits = &listener.limits;
         if limits.max_request_headers.0 < MIN_REQUEST_HEADERS {
@@ -460,6 +491,11 @@ impl Checker<'_> {
             }
         }
         self.positive(format!("{path}.connect_timeout"), cluster.connect_timeout);
+        if let Some(tls) = &cluster.tls
+            && let Err(reason) = check_spiffe_id(&tls.peer)
+        {
+            self.report(format!("{path}.tls.peer"), reason);
+        }
 
         let breaker = &cluster.circuit_breaker;
         for (field, value) in [

@@ -904,3 +904,45 @@ fn edge_timers_and_shares_are_checked_where_they_are_written() {
     assert_eq!(limits.max_connection_duration, None);
     assert_eq!(limits.max_stream_duration, None);
 }
+
+#[test]
+fn tls_sections_parse_and_bad_values_name_their_line_and_field() {
+    let good = "\
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    tls: { mode: strict }
+    routes: [{ name: all, cluster: orders }]
+clusters:
+  - name: orders
+    endpoints: [\"127.0.0.1:3000\"]
+    tls: { peer: \"spiffe://mesh.local/ns/default/sa/orders\" }
+";
+    let config = load(good).unwrap();
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.mode, lacewing_config::ListenerTlsMode::Strict);
+    assert_eq!(tls.handshake_timeout.0, Duration::from_secs(10));
+    assert_eq!(
+        config.clusters[0].tls.as_ref().unwrap().peer,
+        "spiffe://mesh.local/ns/default/sa/orders"
+    );
+
+    let bad_peer = good.replace("sa/orders\" }", "orders\" }");
+    assert_issue(
+        &bad_peer,
+        9,
+        12,
+        "clusters[0].tls.peer",
+        "is not a mesh SPIFFE ID",
+    );
+    let bad_timeout = good.replace("mode: strict }", "mode: strict, handshake_timeout: 0s }");
+    assert_issue(
+        &bad_timeout,
+        4,
+        26,
+        "listeners[0].tls.handshake_timeout",
+        "must be longer than zero",
+    );
+    let bad_mode = good.replace("mode: strict", "mode: sometimes");
+    assert!(error_lines(&bad_mode)[0].contains("listeners[0].tls.mode"));
+}

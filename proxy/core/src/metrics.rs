@@ -32,6 +32,8 @@ pub struct Metrics {
     pub downstream_tls_handshakes: IntCounterVec,
     /// Downstream connections by listener and transport (`tls`, `plaintext`).
     pub downstream_connections_by_transport: IntCounterVec,
+    /// Upstream TLS handshakes by cluster and outcome (`ok` or the failure reason).
+    pub upstream_tls_handshakes: IntCounterVec,
     /// Bytes read from downstream by listener.
     pub downstream_bytes_received: IntCounterVec,
     /// Bytes written to downstream by listener.
@@ -179,6 +181,12 @@ impl Metrics {
                 "downstream_connections_by_transport_total",
                 "Downstream connections by listener and transport (tls, plaintext).",
                 &["listener", "transport"],
+            ),
+            upstream_tls_handshakes: counter(
+                &r,
+                "upstream_tls_handshakes_total",
+                "Upstream TLS handshakes by cluster and outcome (ok or the failure reason).",
+                &["cluster", "outcome"],
             ),
             access_log_dropped: counter(
                 &r,

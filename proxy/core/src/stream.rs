@@ -54,6 +54,28 @@ pub struct StreamInfo {
     pub response_body_bytes: u64,
     /// Number of upstream attempts made.
     pub attempt_count: u32,
+    /// What the downstream TLS handshake established; `None` for plaintext.
+    pub tls: Option<Arc<TlsFacts>>,
+}
+
+/// What a downstream TLS handshake established, in the encodings of Envoy's
+/// `connection.*` properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFacts {
+    /// `TLSv1.3`.
+    pub version: String,
+    /// The SNI the client sent (empty when none).
+    pub requested_server_name: String,
+    /// Whether the client presented a verified certificate.
+    pub mtls: bool,
+    /// URI SANs of the client's certificate (its SPIFFE ID first).
+    pub peer_uri_sans: Vec<String>,
+    /// The client certificate's subject, RFC 2253.
+    pub peer_subject: String,
+    /// SHA-256 of the client certificate's DER, lowercase hex.
+    pub peer_sha256: String,
+    /// URI SANs of this proxy's own certificate.
+    pub local_uri_sans: Vec<String>,
 }
 
 impl StreamInfo {
@@ -81,6 +103,7 @@ impl StreamInfo {
             request_body_bytes: 0,
             response_body_bytes: 0,
             attempt_count: 0,
+            tls: None,
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct ConnContext {
     pub slot: Arc<ArcSwap<HttpListenerState>>,
     /// What the connection's timers and fair-share limit look at.
     pub progress: ConnProgress,
+    /// What the TLS handshake established, for a TLS connection.
+    pub tls: Option<Arc<lacewing_core::stream::TlsFacts>>,
 }
 
 /// The stream was reset by a filter: hyper closes the connection (HTTP/1) or resets the stream (HTTP/2).
@@ -267,6 +269,7 @@ fn new_stream(
     info.start_instant = facts.start;
     info.route_name = Some(route.name.clone());
     info.cluster_name = Some(target.cluster_name.clone());
+    info.tls = conn.tls.clone();
     HttpStream::new(info, parts).shared()
 }
 

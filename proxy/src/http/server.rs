@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use lacewing_core::ResponseFlag;
 use lacewing_core::drain::DrainWatch;
+use lacewing_core::stream::TlsFacts;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -51,12 +52,13 @@ pub async fn serve(
     drain: DrainWatch,
 ) {
     let _ = stream.set_nodelay(true);
-    serve_io(stream, remote, local, id, slot, drain).await;
+    serve_io(stream, remote, local, id, slot, drain, None).await;
 }
 
 /// Serves one connection over any byte stream (a socket, a TLS stream, an
 /// in-memory pipe) until it closes, idles out or drains. `Send` because an
 /// upgraded connection (`CONNECT`, WebSocket) may be handed to another task.
+/// `tls` is what the handshake of a TLS connection established.
 pub async fn serve_io<I>(
     stream: I,
     remote: SocketAddr,
@@ -64,6 +66,7 @@ pub async fn serve_io<I>(
     id: u64,
     slot: Arc<ArcSwap<HttpListenerState>>,
     mut drain: DrainWatch,
+    tls: Option<Arc<TlsFacts>>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -80,6 +83,7 @@ pub async fn serve_io<I>(
         local,
         slot: slot.clone(),
         progress: ConnProgress::default(),
+        tls,
     });
     let service = {
         let ctx = ctx.clone();
@@ -250,9 +254,10 @@ clusters:
         })
         .unwrap();
         let callouts =
-            lacewing_upstream::Upstreams::build(&config.clusters, metrics, None, None).unwrap();
+            lacewing_upstream::Upstreams::build(&config.clusters, metrics, None, None, None)
+                .unwrap();
         let snapshot =
-            Snapshot::build(Arc::new(config), metrics, &wasm, None, callouts, None).unwrap();
+            Snapshot::build(Arc::new(config), metrics, &wasm, None, callouts, None, None).unwrap();
         snapshot.http["main"].clone()
     }
 
@@ -270,7 +275,7 @@ clusters:
             let (_trigger, drain) = lacewing_core::drain::channel();
             let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
             let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-            tokio::task::spawn_local(serve_io(proxy_end, peer, local, 1, slot, drain));
+            tokio::task::spawn_local(serve_io(proxy_end, peer, local, 1, slot, drain, None));
 
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(TokioIo::new(client_end))

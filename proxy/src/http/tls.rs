@@ -1,42 +1,35 @@
 //! Downstream mutual TLS: a connection completes a TLS 1.3 handshake (the
 //! client's chain checked against the mesh trust bundle, ALPN `h2` or
 //! `http/1.1`) before it is served by [`serve_io`] like any other stream.
-//! In [`TlsMode::Permissive`] a connection whose first bytes are not a TLS
-//! handshake record is served as plaintext; in [`TlsMode::Strict`] it is
-//! closed. Every handshake is counted by outcome.
+//! In PERMISSIVE mode a connection whose first bytes are not a TLS
+//! handshake record is served as plaintext; in STRICT mode it is closed.
+//! Every handshake is counted by outcome. The certificate presented is the
+//! one the proxy's [`LiveIdentity`] holds when the client connects, so a
+//! rotation never touches established connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use lacewing_config::ListenerTlsMode;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
-use lacewing_tls::rustls::{self, CertificateError};
-use lacewing_tls::{ConnectionTls, Identity, TlsError, TrustBundle};
+use lacewing_core::stream::TlsFacts;
+use lacewing_tls::{ConnectionTls, LiveIdentity};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::server::serve_io;
 use crate::snapshot::HttpListenerState;
 
-/// Whether plaintext is served beside TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// Only TLS: a plaintext connection is closed.
-    Strict,
-    /// TLS, or plaintext when the first bytes are not a TLS handshake.
-    Permissive,
-}
-
-/// One listener's TLS: the acceptor, the mode, and its counters.
+/// One listener's TLS: the proxy's live identity, the mode, and its counters.
 pub struct DownstreamTls {
-    acceptor: TlsAcceptor,
-    mode: TlsMode,
+    identity: Arc<LiveIdentity>,
+    mode: ListenerTlsMode,
     handshake_timeout: Duration,
     listener: Arc<str>,
     metrics: Metrics,
-    local_leaf: rustls::pki_types::CertificateDer<'static>,
 }
 
 impl std::fmt::Debug for DownstreamTls {
@@ -49,22 +42,26 @@ impl std::fmt::Debug for DownstreamTls {
 }
 
 impl DownstreamTls {
+    /// TLS for `listener` presenting whatever identity `identity` holds when
+    /// a client connects (a rotation applies to the next handshake).
     pub fn new(
         listener: &str,
-        identity: &Identity,
-        trust: &TrustBundle,
-        mode: TlsMode,
+        identity: Arc<LiveIdentity>,
+        mode: ListenerTlsMode,
         handshake_timeout: Duration,
         metrics: &Metrics,
-    ) -> Result<Self, TlsError> {
-        Ok(Self {
-            acceptor: TlsAcceptor::from(lacewing_tls::server_config(identity, trust)?),
+    ) -> Self {
+        Self {
+            identity,
             mode,
             handshake_timeout,
             listener: listener.into(),
             metrics: metrics.clone(),
-            local_leaf: identity.leaf().clone(),
-        })
+        }
+    }
+
+    pub fn mode(&self) -> ListenerTlsMode {
+        self.mode
     }
 
     fn count(&self, outcome: &str) {
@@ -104,20 +101,26 @@ pub async fn serve_tcp(
             }
         };
     if !looks_like_tls {
-        if tls.mode == TlsMode::Strict {
+        if tls.mode == ListenerTlsMode::Strict {
             tls.count("plaintext_refused");
             tracing::debug!(%remote, listener = %tls.listener, "plaintext refused (STRICT)");
             return;
         }
         tls.transport("plaintext");
-        serve_io(stream, remote, local, id, slot, drain).await;
+        serve_io(stream, remote, local, id, slot, drain, None).await;
         return;
     }
-    let accepted = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await;
+    let Some(material) = tls.identity.current() else {
+        tls.count("no_identity");
+        tracing::debug!(%remote, listener = %tls.listener, "TLS refused: no workload certificate yet");
+        return;
+    };
+    let acceptor = TlsAcceptor::from(material.server_config().clone());
+    let accepted = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)).await;
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
-            let reason = failure_reason(&error);
+            let reason = lacewing_tls::failure_reason(&error);
             tls.count(reason);
             tracing::debug!(%remote, listener = %tls.listener, %error, reason, "TLS handshake failed");
             return;
@@ -130,7 +133,7 @@ pub async fn serve_tcp(
     tls.count("ok");
     tls.transport("tls");
     let (_, conn) = stream.get_ref();
-    let info = ConnectionTls::from_state(conn, conn.server_name(), Some(&tls.local_leaf));
+    let info = ConnectionTls::from_state(conn, conn.server_name(), Some(material.identity.leaf()));
     tracing::debug!(
         %remote,
         listener = %tls.listener,
@@ -138,7 +141,35 @@ pub async fn serve_tcp(
         alpn = ?info.alpn,
         "TLS connection established"
     );
-    serve_io(stream, remote, local, id, slot, drain).await;
+    serve_io(
+        stream,
+        remote,
+        local,
+        id,
+        slot,
+        drain,
+        Some(Arc::new(facts(info))),
+    )
+    .await;
+}
+
+/// The facts plugins read, from what the handshake established.
+fn facts(info: ConnectionTls) -> TlsFacts {
+    let peer = info.peer.unwrap_or_else(|| lacewing_tls::PeerCertificate {
+        uri_sans: Vec::new(),
+        subject: String::new(),
+        sha256_digest: String::new(),
+        spiffe: None,
+    });
+    TlsFacts {
+        version: info.version,
+        requested_server_name: info.requested_server_name.unwrap_or_default(),
+        mtls: !peer.sha256_digest.is_empty(),
+        peer_uri_sans: peer.uri_sans,
+        peer_subject: peer.subject,
+        peer_sha256: peer.sha256_digest,
+        local_uri_sans: info.local_uri_sans,
+    }
 }
 
 /// Whether the first byte is that of a TLS handshake record (content type
@@ -150,33 +181,13 @@ async fn starts_with_tls(stream: &TcpStream) -> std::io::Result<Option<bool>> {
     Ok((n > 0).then_some(head[0] == 0x16))
 }
 
-/// The counter label for a failed handshake.
-fn failure_reason(error: &std::io::Error) -> &'static str {
-    let Some(tls) = error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return "io";
-    };
-    match tls {
-        rustls::Error::NoCertificatesPresented => "no_client_certificate",
-        rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        ) => "untrusted_certificate",
-        rustls::Error::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
-        rustls::Error::InvalidCertificate(_) => "bad_certificate",
-        rustls::Error::AlertReceived(_) => "alert_received",
-        rustls::Error::NoApplicationProtocol => "no_application_protocol",
-        _ => "protocol",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::TokioIo;
-    use lacewing_tls::{MeshCa, SpiffeId, WorkloadKey};
+    use lacewing_config::ListenerTlsMode as TlsMode;
+    use lacewing_tls::{Identity, MeshCa, SpiffeId, TrustBundle, WorkloadKey};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -208,17 +219,21 @@ mod tests {
         let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
         let metrics = Metrics::new();
         let slot = Arc::new(ArcSwap::new(listener_state(upstream().await, &metrics)));
-        let tls = Arc::new(
-            DownstreamTls::new(
-                "main",
-                &issue(&ca, "orders"),
-                &trust,
-                mode,
-                Duration::from_secs(10),
-                &metrics,
+        let identity = LiveIdentity::new();
+        identity
+            .install(
+                issue(&ca, "orders"),
+                trust.clone(),
+                std::time::SystemTime::now() + ca.lifetime(),
             )
-            .unwrap(),
-        );
+            .unwrap();
+        let tls = Arc::new(DownstreamTls::new(
+            "main",
+            identity,
+            mode,
+            Duration::from_secs(10),
+            &metrics,
+        ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (trigger, drain) = lacewing_core::drain::channel();

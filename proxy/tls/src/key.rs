@@ -1,5 +1,6 @@
 //! A workload's own key pair and the CSR that asks the mesh CA to certify it.
-//! The private key is generated here and never serialized for the network.
+//! The private key is generated here and never serialized for the network
+//! (a sidecar keeps it in its own state directory, readable by it only).
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PublicKeyData, SanType};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -20,6 +21,17 @@ impl std::fmt::Debug for WorkloadKey {
 impl WorkloadKey {
     pub fn generate() -> Result<Self, TlsError> {
         let key = KeyPair::generate().map_err(|e| TlsError::Key(e.to_string()))?;
+        Ok(Self { key })
+    }
+
+    /// The key as PEM (PKCS#8), for the sidecar's own state directory only.
+    pub fn to_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// A key kept by [`WorkloadKey::to_pem`].
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(pem).map_err(|e| TlsError::Key(e.to_string()))?;
         Ok(Self { key })
     }
 

@@ -3,7 +3,8 @@
 //! configurations that authenticate mesh peers in both directions
 //! ([`server_config`], [`client_config`]), and what a verified peer
 //! certificate says ([`PeerCertificate`], [`ConnectionTls`]) for plugins; and
-//! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates.
+//! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates; and
+//! the [`LiveIdentity`] a sidecar rotates while it serves.
 //!
 //! Every configuration is TLS 1.3 only, offers ALPN `h2` and `http/1.1`, and
 //! uses the `ring` provider explicitly (no process-wide default is installed).
@@ -13,15 +14,20 @@ mod config;
 mod error;
 mod identity;
 mod key;
+mod live;
 mod peer;
 mod spiffe;
 
 pub use ca::{CsrError, Issued, MeshCa};
 pub use config::{ALPN_H2, ALPN_HTTP11, client_config, server_config, server_name_for};
-pub use error::{IdentityMismatch, TlsError};
+pub use error::{IdentityMismatch, TlsError, failure_reason};
 pub use identity::{Identity, TrustBundle};
 pub use key::WorkloadKey;
+pub use live::{LiveClientConfig, LiveIdentity, Material};
 pub use peer::{ConnectionTls, PeerCertificate, uri_sans};
 pub use spiffe::SpiffeId;
 
 pub use rustls;
+
+/// The trust domain of a mesh that names none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "lacewing.local";

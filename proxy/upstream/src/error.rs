@@ -10,6 +10,9 @@ pub enum UpstreamError {
         endpoint: String,
         reason: String,
     },
+    /// A cluster's TLS cannot be set up.
+    #[error("cluster `{cluster}`: tls: {reason}")]
+    Tls { cluster: String, reason: String },
     /// Two clusters share a name.
     #[error("cluster `{0}` is defined more than once")]
     DuplicateCluster(String),

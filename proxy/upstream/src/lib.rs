@@ -4,7 +4,8 @@
 //! [`Upstreams`] is built once per configuration generation from the cluster
 //! configs, carrying unchanged clusters over; a cluster's endpoint set can
 //! change in place; host names are resolved by a [`Resolver`] thread; the data plane and the wasm host send requests through a
-//! [`Cluster`]. Counters that several workers must agree on (active requests,
+//! [`Cluster`]. A cluster with `tls` opens mutual TLS connections with the
+//! proxy's live mesh identity. Counters that several workers must agree on (active requests,
 //! circuit-breaker limits, ejections) are shared atomics; connection pools are
 //! per worker thread, so the request path takes no lock.
 
@@ -17,6 +18,7 @@ mod error;
 mod lb;
 mod outlier;
 mod pool;
+mod tls;
 mod upstreams;
 
 pub use cluster::{Cluster, RequestPolicy, UpstreamResponse};

@@ -15,6 +15,8 @@ use lacewing_core::metrics::Metrics;
 use crate::cluster::{Cluster, RequestPolicy};
 use crate::dns::{self, Resolver, Watched};
 use crate::error::UpstreamError;
+use crate::tls::UpstreamTls;
+use lacewing_tls::LiveIdentity;
 
 /// The clusters of a configuration, by name.
 #[derive(Debug)]
@@ -31,7 +33,7 @@ impl Upstreams {
     /// Builds every cluster, resolving each endpoint (`host:port`; a host
     /// name is resolved now, blocking, and all its addresses used).
     pub fn new(clusters: &[ClusterConfig], metrics: &Metrics) -> Result<Arc<Self>, UpstreamError> {
-        Self::build(clusters, metrics, None, None)
+        Self::build(clusters, metrics, None, None, None)
     }
 
     /// [`Upstreams::new`] for the next generation.
@@ -42,11 +44,13 @@ impl Upstreams {
     /// [`Upstreams::activate`], where endpoints it keeps keep their state.
     /// Host names are answered from `resolver` (call [`Resolver::prepare`]
     /// first; nothing is resolved here), or resolved now without one.
+    /// Clusters with `tls` present `identity` (an error without one).
     pub fn build(
         clusters: &[ClusterConfig],
         metrics: &Metrics,
         previous: Option<&Upstreams>,
         resolver: Option<&Resolver>,
+        identity: Option<&Arc<LiveIdentity>>,
     ) -> Result<Arc<Self>, UpstreamError> {
         let mut built = HashMap::with_capacity(clusters.len());
         let mut built_from = HashMap::with_capacity(clusters.len());
@@ -90,7 +94,16 @@ impl Upstreams {
                     }
                     cluster
                 }
-                None => Arc::new(Cluster::new(config, addrs, metrics)),
+                None => {
+                    let tls = config
+                        .tls
+                        .as_ref()
+                        .map(|tls| {
+                            UpstreamTls::new(&config.name, config.protocol, tls, identity, metrics)
+                        })
+                        .transpose()?;
+                    Arc::new(Cluster::new(config, addrs, metrics, tls))
+                }
             };
             if built.insert(config.name.clone(), cluster).is_some() {
                 return Err(UpstreamError::DuplicateCluster(config.name.clone()));
@@ -212,6 +225,7 @@ mod tests {
             circuit_breaker: Default::default(),
             retry_budget: Default::default(),
             outlier_detection: Default::default(),
+            tls: None,
         };
         let built = Upstreams::new(&[config(&["127.0.0.1:80", "localhost:81"])], &metrics).unwrap();
         let endpoints = built.cluster("backend").unwrap().endpoints();

@@ -70,6 +70,7 @@ async fn the_next_generation_carries_clusters_over_and_changes_endpoints_on_acti
         &metrics,
         Some(&first),
         None,
+        None,
     )
     .unwrap();
     assert!(std::sync::Arc::ptr_eq(next.cluster("web").unwrap(), &web));

@@ -19,6 +19,7 @@ mod mesh_demo;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;
+mod mesh_tls;
 mod reload;
 mod resilience;
 mod routing;

@@ -293,6 +293,7 @@ async fn mesh_sidecars_reconnect_and_restart_from_their_saved_snapshot() {
         token: "unused".into(),
         spec: orders.spec.clone(),
         state_dir: sidecar_dir.clone(),
+        identity: lacewing_tls::LiveIdentity::new(),
     };
     let (config, version) = lacewing_control_agent::Agent::initial_config(&options).unwrap();
     assert_eq!(version, v1.version);

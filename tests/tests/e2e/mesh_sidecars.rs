@@ -561,6 +561,8 @@ async fn mesh_operator_commands_print_versions_acks_status_and_located_errors() 
         line.contains("connected") && line.contains("ACK v1"),
         "{out}"
     );
+    // Its workload certificate, issued for 24 hours.
+    assert!(line.contains("in 23h"), "{out}");
 
     let (ok, out, _) = run(&["get", "service", "orders"]);
     assert!(ok);

@@ -219,6 +219,7 @@ impl RecordingSidecar {
             token: token.to_string(),
             spec: spec.clone(),
             state_dir: state_dir.to_path_buf(),
+            identity: lacewing_tls::LiveIdentity::new(),
         };
         let (initial, version) = Agent::initial_config(&options).unwrap();
         let registry = prometheus::Registry::new_custom(Some("lacewing".into()), None).unwrap();

@@ -1,6 +1,6 @@
 //! Connecting to an endpoint: the one place a connection to an upstream is
-//! made (under the connection limit, within the connect timeout). A
-//! transport such as TLS wraps the stream here.
+//! made (under the connection limit, within the connect timeout). A cluster
+//! with TLS wraps the stream here (the handshake has its own connect timeout).
 
 use lacewing_core::ProxyError;
 use tokio::net::TcpStream;
@@ -9,20 +9,47 @@ use super::Cluster;
 use super::attempt::OpenError;
 use crate::breaker::{ConnectionSlot, Limit};
 use crate::endpoint::Endpoint;
+use crate::tls::Conn;
 
 impl Cluster {
     /// Reserves a connection under `max_connections` and connects.
     pub(super) async fn open_connection(
         &self,
         endpoint: &Endpoint,
-    ) -> Result<(TcpStream, ConnectionSlot), OpenError> {
+    ) -> Result<(Conn, ConnectionSlot), OpenError> {
         let mut slot = self
             .connections
             .reserve()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::Connections)))?;
         let stream = self.connect(endpoint).await.map_err(OpenError::Connect)?;
+        let conn = match &self.tls {
+            None => Conn::Plain(stream),
+            Some(tls) => {
+                let handshake = tls.handshake(stream);
+                let result = if self.connect_timeout.is_zero() {
+                    handshake.await
+                } else {
+                    tokio::time::timeout(self.connect_timeout, handshake)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!(
+                                "TLS handshake timed out after {:?}",
+                                self.connect_timeout
+                            ))
+                        })
+                };
+                result.map_err(|reason| {
+                    self.metrics.connect_failures.inc();
+                    tracing::debug!(cluster = %self.name, endpoint = %endpoint.addr, %reason, "upstream TLS failed");
+                    OpenError::Connect(ProxyError::Connect {
+                        endpoint: endpoint.addr.to_string(),
+                        reason,
+                    })
+                })?
+            }
+        };
         slot.established();
-        Ok((stream, slot))
+        Ok((conn, slot))
     }
 
     /// One TCP connect within the connect timeout, with TCP_NODELAY.

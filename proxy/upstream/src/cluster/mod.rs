@@ -38,6 +38,7 @@ use crate::endpoint::{Endpoint, EndpointSet};
 use crate::lb::Balancer;
 use crate::outlier::OutlierDetector;
 use crate::pool::{self, PoolKey};
+use crate::tls::UpstreamTls;
 
 /// Connect retries of [`Cluster::connect_tcp`] (the route default for HTTP).
 const TCP_CONNECT_RETRIES: u32 = 2;
@@ -112,6 +113,8 @@ pub struct Cluster {
     connections: Arc<ConnectionCount>,
     outlier: OutlierDetector,
     pool: PoolKey,
+    /// Mutual TLS to the endpoints, when the cluster has it.
+    tls: Option<UpstreamTls>,
     /// Held only here: per-thread pools of this cluster are dropped once it is.
     _alive: Arc<()>,
     metrics: ClusterMetrics,
@@ -121,7 +124,12 @@ static NEXT_CLUSTER_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Cluster {
     /// Builds a cluster over resolved endpoint addresses.
-    pub(crate) fn new(config: &ClusterConfig, addrs: Vec<SocketAddr>, metrics: &Metrics) -> Self {
+    pub(crate) fn new(
+        config: &ClusterConfig,
+        addrs: Vec<SocketAddr>,
+        metrics: &Metrics,
+        tls: Option<UpstreamTls>,
+    ) -> Self {
         let name = config.name.as_str();
         let overflow = |limit: Limit| {
             metrics
@@ -149,6 +157,7 @@ impl Cluster {
                 idle_timeout: config.idle_timeout.0,
             },
             _alive: alive,
+            tls,
             name: config.name.clone(),
             protocol: config.protocol,
             endpoints: ArcSwap::from_pointee(endpoints),
@@ -175,6 +184,11 @@ impl Cluster {
     /// The cluster's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether connections to the endpoints are mutual TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The protocol spoken to the endpoints.

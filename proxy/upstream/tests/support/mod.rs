@@ -133,6 +133,7 @@ pub fn config(name: &str, endpoints: &[SocketAddr]) -> ClusterConfig {
         circuit_breaker: CircuitBreaker::default(),
         retry_budget: RetryBudget::default(),
         outlier_detection: OutlierDetection::default(),
+        tls: None,
     }
 }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{HOST, REFERER, USER_AGENT};
 use lacewing_abi::{Status, pairs, property};
 use lacewing_core::ResponseFlag;
-use lacewing_core::stream::{HttpStream, StreamInfo};
+use lacewing_core::stream::{HttpStream, StreamInfo, TlsFacts};
 use wasmtime::{Caller, Linker};
 
 use super::ENV;
@@ -216,8 +216,15 @@ fn info_property(info: &StreamInfo, segments: &[&[u8]]) -> Result<Option<Vec<u8>
         [b"destination", b"address"] => text(&info.downstream_local.to_string()),
         [b"destination", b"port"] => int(i64::from(info.downstream_local.port())),
         [b"connection", b"id"] => int(info.connection_id as i64),
-        [b"connection", b"mtls"] => vec![0],
-        [b"connection", b"requested_server_name"] => Vec::new(),
+        [b"connection", b"mtls"] => vec![u8::from(info.tls.as_ref().is_some_and(|t| t.mtls))],
+        [b"connection", b"requested_server_name"] => {
+            text(info.tls.as_ref().map_or("", |t| &t.requested_server_name))
+        }
+        [b"connection", field] => return tls_property(info, field),
+        [b"source", b"principal" | b"uri_san_peer_certificate"] => {
+            text(first(info, |t| &t.peer_uri_sans)?)
+        }
+        [b"destination", b"principal"] => text(first(info, |t| &t.local_uri_sans)?),
         [b"upstream", b"address"] => {
             text(&info.upstream_address.ok_or(Status::NotFound)?.to_string())
         }
@@ -235,6 +242,46 @@ fn info_property(info: &StreamInfo, segments: &[&[u8]]) -> Result<Option<Vec<u8>
         _ => return Ok(None),
     };
     Ok(Some(v))
+}
+
+/// The first of a list of the connection's TLS facts; not found on a
+/// plaintext connection or when the list is empty.
+fn first(info: &StreamInfo, list: impl Fn(&TlsFacts) -> &Vec<String>) -> Result<&str, Status> {
+    info.tls
+        .as_deref()
+        .and_then(|t| list(t).first())
+        .map(String::as_str)
+        .ok_or(Status::NotFound)
+}
+
+/// `connection.<field>` from the TLS handshake: not found on plaintext, or
+/// when the client sent no certificate (the peer fields).
+fn tls_property(info: &StreamInfo, field: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    let Some(tls) = info.tls.as_deref() else {
+        return match field {
+            b"tls_version"
+            | b"subject_peer_certificate"
+            | b"uri_san_peer_certificate"
+            | b"uri_san_local_certificate"
+            | b"sha256_peer_certificate_digest" => Err(Status::NotFound),
+            _ => Ok(None),
+        };
+    };
+    let peer = |value: &str| {
+        if tls.mtls {
+            Ok(Some(text(value)))
+        } else {
+            Err(Status::NotFound)
+        }
+    };
+    match field {
+        b"tls_version" => Ok(Some(text(&tls.version))),
+        b"subject_peer_certificate" => peer(&tls.peer_subject),
+        b"uri_san_peer_certificate" => first(info, |t| &t.peer_uri_sans).map(|v| Some(text(v))),
+        b"uri_san_local_certificate" => first(info, |t| &t.local_uri_sans).map(|v| Some(text(v))),
+        b"sha256_peer_certificate_digest" => peer(&tls.peer_sha256),
+        _ => Ok(None),
+    }
 }
 
 /// A request property; `complete` says whether the stream has ended (the

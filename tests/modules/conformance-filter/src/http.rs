@@ -14,6 +14,7 @@
 //! | `request-body` | buffers the request body to the end, rewrites it | upstream sees `<BODY>-REWRITTEN`; `x-request-body-len` |
 //! | `response-body` | buffers the response body to the end, replaces it | body `response-rewritten:<len>` |
 //! | `properties` | reads well-known properties | `x-prop-*`, `x-status-unknown-property` |
+//! | `identity` | reads the mesh identity properties (`source.principal`, `connection.mtls`, ...) | `x-id-<path with - for .>` (`status:NotFound` when absent) |
 //! | `set-property` | sets then reads a property | `x-status-set-property`, `x-prop-roundtrip` |
 //! | `local-reply` | answers 418 itself | status 418, `x-local: yes`, body `short-circuit` |
 //! | `callout` / `callout-local` | HTTP call to `x-callout-cluster` (default `callout`), resumes / answers with it | `x-callout-*` |
@@ -226,6 +227,31 @@ impl ConformanceHttp {
         self.report("x-map-dropped", dropped.to_string());
         let set = self.request_header_or("x-map-set", "<absent>");
         self.report("x-check-map-set", set);
+    }
+
+    fn run_identity(&mut self) {
+        const PATHS: [&[&str]; 10] = [
+            &["source", "principal"],
+            &["source", "uri_san_peer_certificate"],
+            &["destination", "principal"],
+            &["connection", "mtls"],
+            &["connection", "tls_version"],
+            &["connection", "subject_peer_certificate"],
+            &["connection", "uri_san_peer_certificate"],
+            &["connection", "uri_san_local_certificate"],
+            &["connection", "sha256_peer_certificate_digest"],
+            &["connection", "requested_server_name"],
+        ];
+        for path in PATHS {
+            let header = format!("x-id-{}", path.join("-").replace('_', "-"));
+            let (status, value) = raw::get_property(path);
+            let text = match (status, path) {
+                (0, ["connection", "mtls"]) => (value.first() == Some(&1)).to_string(),
+                (0, _) => header_safe(&value),
+                _ => format!("status:{}", raw::status_name(status)),
+            };
+            self.report(&header, text);
+        }
     }
 
     fn run_properties(&mut self) {
@@ -767,6 +793,9 @@ impl HttpContext for ConformanceHttp {
         }
         if self.has("request-map") {
             self.run_request_map();
+        }
+        if self.has("identity") {
+            self.run_identity();
         }
         if self.has("properties") {
             self.run_properties();

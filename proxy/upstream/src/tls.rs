@@ -1,0 +1,177 @@
+//! Mutual TLS to a cluster's endpoints: the connector presents the proxy's
+//! live mesh identity, offers the ALPN protocol the cluster speaks (`h2` or
+//! `http/1.1`), and accepts only a server whose SPIFFE ID is the cluster's
+//! `tls.peer`. [`Conn`] is what the pool drives: a plain or a TLS stream.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use lacewing_config::{ClusterTls, UpstreamProtocol};
+use lacewing_core::metrics::Metrics;
+use lacewing_tls::rustls::pki_types::ServerName;
+use lacewing_tls::rustls::{self, CertificateError};
+use lacewing_tls::{IdentityMismatch, LiveClientConfig, LiveIdentity, SpiffeId};
+use prometheus::IntCounterVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::error::UpstreamError;
+
+/// A cluster's TLS: the client configuration following the live identity.
+#[derive(Debug)]
+pub(crate) struct UpstreamTls {
+    client: LiveClientConfig,
+    server_name: ServerName<'static>,
+    cluster: String,
+    handshakes: IntCounterVec,
+}
+
+impl UpstreamTls {
+    /// The TLS of cluster `cluster`; `identity` is the proxy's, `None` when it has none.
+    pub(crate) fn new(
+        cluster: &str,
+        protocol: UpstreamProtocol,
+        tls: &ClusterTls,
+        identity: Option<&Arc<LiveIdentity>>,
+        metrics: &Metrics,
+    ) -> Result<Self, UpstreamError> {
+        let error = |reason: String| UpstreamError::Tls {
+            cluster: cluster.to_string(),
+            reason,
+        };
+        let identity = identity.ok_or_else(|| {
+            error("the proxy has no mesh identity (it is given by the control plane)".into())
+        })?;
+        let peer: SpiffeId = tls.peer.parse().map_err(|e| error(format!("{e}")))?;
+        let alpn = match protocol {
+            UpstreamProtocol::H2 => lacewing_tls::ALPN_H2,
+            UpstreamProtocol::Http1 => lacewing_tls::ALPN_HTTP11,
+        };
+        Ok(Self {
+            server_name: lacewing_tls::server_name_for(&peer),
+            client: LiveClientConfig::new(identity.clone(), peer, vec![alpn.to_vec()]),
+            cluster: cluster.to_string(),
+            handshakes: metrics.upstream_tls_handshakes.clone(),
+        })
+    }
+
+    fn count(&self, outcome: &str) {
+        self.handshakes
+            .with_label_values(&[&self.cluster, outcome])
+            .inc();
+    }
+
+    /// The TLS handshake over `tcp`; the error is the reason.
+    pub(crate) async fn handshake(&self, tcp: TcpStream) -> Result<Conn, String> {
+        let config = match self.client.get() {
+            Some(Ok(config)) => config,
+            Some(Err(e)) => {
+                self.count("config");
+                return Err(format!("TLS configuration: {e}"));
+            }
+            None => {
+                self.count("no_identity");
+                return Err("no workload certificate yet".to_string());
+            }
+        };
+        match TlsConnector::from(config)
+            .connect(self.server_name.clone(), tcp)
+            .await
+        {
+            Ok(stream) => {
+                self.count("ok");
+                Ok(Conn::Tls(Box::new(stream)))
+            }
+            Err(e) => {
+                self.count(lacewing_tls::failure_reason(&e));
+                Err(format!("TLS handshake: {}", describe(&e)))
+            }
+        }
+    }
+}
+
+/// A handshake failure in words: the identity found when it was the wrong one.
+fn describe(error: &io::Error) -> String {
+    let mismatch = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                other.0.downcast_ref::<IdentityMismatch>()
+            }
+            _ => None,
+        });
+    match mismatch {
+        Some(mismatch) => mismatch.to_string(),
+        None => error.to_string(),
+    }
+}
+
+/// A connection to an endpoint: plain TCP, or mutual TLS over it.
+#[derive(Debug)]
+pub(crate) enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
