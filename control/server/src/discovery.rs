@@ -271,8 +271,7 @@ impl api::discovery_server::Discovery for Discovery {
 
 /// How a stream turns a shared snapshot, its revision and the sidecar's own
 /// certificate into the message it sends.
-pub(crate) type SnapshotMessage<T> =
-    fn(&Built, u64, Option<&api::WorkloadCertificate>) -> T;
+pub(crate) type SnapshotMessage<T> = fn(&Built, u64, Option<&api::WorkloadCertificate>) -> T;
 
 /// One sidecar's stream.
 struct SidecarStream<'a> {
@@ -320,9 +319,7 @@ impl SidecarStream<'_> {
         loop {
             let epoch = *changes.borrow_and_update();
             let snapshot = index_at(shared, cache, epoch).snapshot_with(hello, |snapshot| {
-                self.identity
-                    .rules_at(shared, epoch)
-                    .apply(snapshot, hello);
+                self.identity.rules_at(shared, epoch).apply(snapshot, hello);
             });
             let same = certificate_sent
                 && last_sent.as_ref().is_some_and(|last| {

@@ -148,7 +148,11 @@ pub fn one_authority(parts: &mut Parts) -> Result<(), AuthorityError> {
     if let Ok(value) = HeaderValue::from_str(chosen.as_str()) {
         parts.headers.insert(header::HOST, value);
     }
-    if parts.uri.authority().is_some_and(|a| a.as_str() != chosen.as_str()) {
+    if parts
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str() != chosen.as_str())
+    {
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.authority = Some(chosen.clone());
         parts.uri =

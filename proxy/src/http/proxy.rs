@@ -239,13 +239,7 @@ pub async fn handle(
         body = body.with_deadline(max.0, (facts.start + max.0).into());
     }
     exchange
-        .respond(
-            chain,
-            head,
-            ProxyBody::Upstream(body),
-            None,
-            Some(upstream),
-        )
+        .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
         .await
 }
 
