@@ -251,6 +251,7 @@ impl api::discovery_server::Discovery for Discovery {
             .module(&sha256)
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no module with sha256 {sha256}")))?;
+        self.shared.metrics.module_downloads.inc();
         let chunks: Vec<Result<api::ModuleChunk, Status>> = bytes
             .chunks(api::MODULE_CHUNK)
             .enumerate()

@@ -25,6 +25,8 @@ pub struct ControlMetrics {
     pub applies: IntCounterVec,
     /// Certificate requests by result (`issued`, `refused`).
     pub certificates: IntCounterVec,
+    /// Modules sent to sidecars (each asks only for those its cache lacks).
+    pub module_downloads: IntCounter,
 }
 
 impl std::fmt::Debug for ControlMetrics {
@@ -80,6 +82,11 @@ impl ControlMetrics {
             &["result"],
         )
         .expect("valid metric");
+        let module_downloads = IntCounter::new(
+            "lacewing_control_module_downloads_total",
+            "Modules sent to sidecars.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(version.clone()),
@@ -88,6 +95,7 @@ impl ControlMetrics {
             Box::new(push_latency.clone()),
             Box::new(applies.clone()),
             Box::new(certificates.clone()),
+            Box::new(module_downloads.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -100,6 +108,7 @@ impl ControlMetrics {
             push_latency,
             applies,
             certificates,
+            module_downloads,
         }
     }
 

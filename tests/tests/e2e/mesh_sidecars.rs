@@ -500,6 +500,53 @@ async fn mesh_sidecars_restarted_while_the_control_plane_is_down_serve_their_sav
     );
 }
 
+/// A sidecar asks only for the modules its cache lacks: restarted on its
+/// state directory it fetches none again, and a module it never had is
+/// fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_a_sidecar_fetches_only_the_modules_its_cache_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("control");
+    let plane = Plane::start(&state).await;
+    let control = plane.addr.to_string();
+    let orders_app = servers::http_echo_named("orders").await;
+    let orders_dir = dir.path().join("orders");
+    let mut orders = sidecar_process(&control, &state, "orders", orders_app.addr, &orders_dir);
+    let mut operator = plane.client().await;
+    until_connected(&operator, 1).await;
+    let conformance = module("conformance-filter");
+    let header_echo = module("header-echo");
+    let downloads = |metrics: String| {
+        lacewing_tests::client::metric_value(&metrics, "lacewing_control_module_downloads_total")
+    };
+    let acked =
+        |progress: lacewing_control_api::WaitProgress| progress.total == 1 && progress.acked == 1;
+
+    let (text, _) = round(1, &conformance, &header_echo);
+    let (_, progress) = apply_and_wait(&mut operator, dir.path(), "mesh.yaml", &text).await;
+    assert!(acked(progress));
+    assert_eq!(downloads(plane.metrics().await), Some(1.0));
+
+    orders.kill();
+    until_connected(&operator, 0).await;
+    let _orders = sidecar_process(&control, &state, "orders", orders_app.addr, &orders_dir);
+    until_connected(&operator, 1).await;
+    // The same module under a new configuration: built from the cache.
+    let (text, _) = round(3, &conformance, &header_echo);
+    let (_, progress) = apply_and_wait(&mut operator, dir.path(), "mesh.yaml", &text).await;
+    assert!(acked(progress));
+    assert_eq!(
+        downloads(plane.metrics().await),
+        Some(1.0),
+        "the restarted sidecar had the module"
+    );
+    // A module it never had.
+    let (text, _) = round(2, &conformance, &header_echo);
+    let (_, progress) = apply_and_wait(&mut operator, dir.path(), "mesh.yaml", &text).await;
+    assert!(acked(progress));
+    assert_eq!(downloads(plane.metrics().await), Some(2.0));
+}
+
 /// `lacewing ARGS` to the end: (success, stdout, stderr).
 fn lacewing(args: &[&str]) -> (bool, String, String) {
     let output = std::process::Command::new(lacewing_tests::process::lacewing_binary())
