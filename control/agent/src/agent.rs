@@ -30,6 +30,32 @@ const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The waits between reconnection attempts: doubling from [`FIRST_BACKOFF`]
+/// up to [`MAX_BACKOFF`], each drawn from [half, all] of its step so that
+/// sidecars that lost the same control plane do not all come back at the
+/// same instant.
+#[derive(Debug)]
+struct Backoff {
+    step: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            step: FIRST_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// The next wait; the step after it doubles, up to the cap.
+    fn next_wait(&mut self) -> Duration {
+        let wait = self.step.mul_f64(rand::rng().random_range(0.5..=1.0));
+        self.step = (self.step * 2).min(MAX_BACKOFF);
+        wait
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// The control plane, `http://HOST:PORT` (or `HOST:PORT`).
@@ -145,13 +171,13 @@ impl Agent {
 
     /// Keeps a stream to the control plane open for ever.
     pub async fn run(mut self) {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::default();
         loop {
             match self.session().await {
                 Ok(got_snapshot) => {
                     tracing::warn!("control plane ended the stream");
                     if got_snapshot {
-                        backoff = FIRST_BACKOFF;
+                        backoff = Backoff::default();
                     }
                 }
                 Err(status) => {
@@ -159,11 +185,7 @@ impl Agent {
                 }
             }
             self.metrics.connected.set(0);
-            // Full jitter over [backoff/2, backoff]: sidecars that lost the
-            // same control plane do not all come back at the same instant.
-            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_wait()).await;
         }
     }
 
@@ -386,5 +408,29 @@ impl Agent {
         })?;
         tracing::info!(sha256, size = bytes.len(), digest = %sha256_hex(&bytes), "module fetched");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_double_from_the_first_step_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::default();
+        let mut step = FIRST_BACKOFF;
+        for _ in 0..12 {
+            let wait = backoff.next_wait();
+            assert!(
+                wait >= step / 2 && wait <= step,
+                "{wait:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+            step = (step * 2).min(MAX_BACKOFF);
+        }
+        assert_eq!(backoff.step, MAX_BACKOFF);
+        let waits: std::collections::HashSet<Duration> =
+            (0..20).map(|_| Backoff::default().next_wait()).collect();
+        assert!(waits.len() > 1, "jittered: {waits:?}");
     }
 }
