@@ -26,7 +26,8 @@ pub enum BuildError {
     Route(#[from] RouteError),
     #[error("{0}")]
     Upstream(String),
-    #[error("plugin `{name}`: {reason}")]
+    /// `reason` already names the plugin.
+    #[error("{reason}")]
     Plugin { name: String, reason: String },
     #[error("{0}")]
     Reference(String),

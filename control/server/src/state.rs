@@ -9,6 +9,7 @@ use lacewing_control_api as api;
 use lacewing_mesh::Document;
 use tokio::sync::watch;
 
+use crate::first_party::FirstParty;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError};
 
@@ -100,6 +101,8 @@ pub struct Shared {
     /// Set when the control plane shuts down: every stream ends.
     pub closing: watch::Sender<bool>,
     pub metrics: ControlMetrics,
+    /// The first-party filters shipped with this binary.
+    pub first_party: FirstParty,
     /// Applies run one at a time.
     pub apply_lock: tokio::sync::Mutex<()>,
     sessions: std::sync::atomic::AtomicU64,
@@ -112,7 +115,11 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn Store>, metrics: ControlMetrics) -> Result<Arc<Self>, StoreError> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: ControlMetrics,
+        first_party: FirstParty,
+    ) -> Result<Arc<Self>, StoreError> {
         let view = MeshView::load(&*store)?;
         metrics.version.set(view.version as i64);
         Ok(Arc::new(Self {
@@ -123,6 +130,7 @@ impl Shared {
             answers: watch::channel(0).0,
             closing: watch::channel(false).0,
             metrics,
+            first_party,
             apply_lock: tokio::sync::Mutex::new(()),
             sessions: std::sync::atomic::AtomicU64::new(1),
         }))
