@@ -274,6 +274,13 @@ pub fn check_references<'d>(
     let mut out = Vec::new();
     for doc in docs {
         let ns = doc.namespace();
+        if matches!(doc.spec, Spec::TrafficTarget(_)) && !catalog.builtins.contains(&"authz") {
+            out.push(MeshIssue::new(
+                doc.key(),
+                "spec",
+                "this control plane was built without the first-party `authz` filter that enforces TrafficTargets (`cargo xtask build-filters`, then build `lacewing` again)",
+            ));
+        }
         let mut bad =
             |field: String, reason: String| out.push(MeshIssue::new(doc.key(), field, reason));
         let mut service = |field: String, name: &str| {
@@ -435,6 +442,62 @@ mod tests {
         );
         let all = |_: &str| true;
         assert!(check_references(&docs, &Catalog::new(&docs, &all)).is_empty());
+    }
+
+    #[test]
+    fn first_party_filters_must_be_shipped() {
+        let docs = docs(
+            "apiVersion: lacewing.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {port: 80}\n---\n\
+             apiVersion: lacewing.dev/v1alpha1\nkind: WasmPlugin\nmetadata: {name: h}\nspec: {module: 'builtin:headers'}\n---\n\
+             kind: TrafficTarget\napiVersion: access.smi-spec.io/v1alpha3\nmetadata: {name: t}\n\
+             spec: {destination: {kind: ServiceAccount, name: web}, sources: [{kind: ServiceAccount, name: web}]}\n",
+        );
+        let none = |_: &str| false;
+        let shipped = ["authz", "headers"];
+        let with = Catalog::new(&docs, &none).with_builtins(&shipped);
+        assert!(check_references(&docs, &with).is_empty());
+        let without = Catalog::new(&docs, &none);
+        let issues = check_references(&docs, &without);
+        let fields: Vec<(&str, &str)> = issues
+            .iter()
+            .map(|i| (i.key.as_str(), i.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("WasmPlugin/default/h", "spec.module"),
+                ("TrafficTarget/default/t", "spec")
+            ],
+            "{issues:?}"
+        );
+        assert!(
+            issues[1]
+                .reason
+                .contains("without the first-party `authz` filter")
+        );
+    }
+
+    #[test]
+    fn route_group_regexes_compile_and_headers_take_both_forms() {
+        let text = |headers: &str, path: &str| {
+            format!(
+                "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: g}}\n\
+                 spec:\n  matches:\n  - name: m\n    pathRegex: '{path}'\n    headers: {headers}\n"
+            )
+        };
+        let listed = docs(&text("[{x-a: 'v.*'}, {x-b: b}]", "/api/.*")).remove(0);
+        let Spec::HttpRouteGroup(g) = &listed.spec else {
+            panic!()
+        };
+        assert_eq!(g.matches[0].headers.len(), 2);
+        let bad = parse_str(&text("{x-a: '(v'}", "/api/(x"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("spec.matches[0].pathRegex: invalid regex `/api/(x`")
+                && bad.contains("spec.matches[0].headers.x-a: invalid regex `(v`"),
+            "{bad}"
+        );
     }
 
     #[test]

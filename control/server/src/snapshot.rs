@@ -225,14 +225,9 @@ fn service(name: &str, ns: &str, s: &kinds::ServiceSpec, endpoints: Vec<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lacewing_mesh::parse_str;
 
     fn view(text: &str) -> MeshView {
-        let mut docs = BTreeMap::new();
-        for d in parse_str(text, "t.yaml").unwrap() {
-            docs.insert(d.document.key(), (d.document, 1));
-        }
-        MeshView { version: 7, docs }
+        MeshView::parse(text, 7)
     }
 
     fn hello(service: &str) -> api::Hello {

@@ -40,6 +40,17 @@ impl MeshView {
     pub fn documents(&self) -> impl Iterator<Item = &Document> {
         self.docs.values().map(|(d, _)| d)
     }
+
+    /// The documents of `text` (a mesh file) as version `version`, each
+    /// written by version 1.
+    #[cfg(test)]
+    pub(crate) fn parse(text: &str, version: u64) -> Self {
+        let mut docs = BTreeMap::new();
+        for d in lacewing_mesh::parse_str(text, "t.yaml").unwrap() {
+            docs.insert(d.document.key(), (d.document, 1));
+        }
+        MeshView { version, docs }
+    }
 }
 
 /// What the control plane knows of one sidecar.

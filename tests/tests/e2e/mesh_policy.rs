@@ -262,13 +262,7 @@ async fn mesh_policy_bad_documents_are_refused_and_bad_plugin_configurations_nac
     let bad_config = format!(
         "{base}apiVersion: lacewing.dev/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: tag}}\nspec:\n  module: builtin:headers\n  selector: {{service: orders}}\n  configuration: {{request: {{sett: {{x-a: b}}}}}}\n"
     );
-    let applied = apply(&mut operator, mesh.dir.path(), "mesh.yaml", &bad_config)
-        .await
-        .unwrap();
-    let done = operator
-        .wait(applied.version, Duration::from_secs(30), |_| {})
-        .await
-        .unwrap();
+    let (_, done) = apply_and_wait(&mut operator, mesh.dir.path(), "mesh.yaml", &bad_config).await;
     assert_eq!(done.nacked.len(), 1, "{done:?}");
     let reason = &done.nacked[0].nack_reason;
     assert!(
