@@ -1,12 +1,13 @@
 //! Live generations: a running proxy takes a whole new configuration, under
 //! load, with no failed request; a generation that does not build is rejected
 //! with its reason while the live one keeps serving; plugins' VMs run (and
-//! tick) from the moment they are published; SIGHUP re-reads the file.
+//! tick) from the moment they are published; every listener moves to a new
+//! generation at once; SIGHUP re-reads the file.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -138,6 +139,87 @@ async fn reloads_under_load_fail_no_request_and_mix_no_generations() {
         ),
         Some(RELOADS as f64)
     );
+}
+
+/// `yaml` (a [`Generations`] configuration) with a second listener,
+/// `second`, the same as `main` but on a port of its own.
+fn two_listeners(yaml: &str) -> String {
+    let start = yaml.find("  - name: main").expect("listener main");
+    let end = yaml.find("clusters:").expect("clusters");
+    let second = yaml[start..end].replace("name: main", "name: second");
+    format!("{}{second}{}", &yaml[..end], &yaml[end..])
+}
+
+const SWAP_CLIENTS: usize = 4;
+const SWAPS: u64 = 20;
+
+/// One publish moves every listener to the new generation at once. Each
+/// generation tags its responses with its own number; clients alternate
+/// between keep-alive connections to listeners `main` and `second` while
+/// generations are published, and none gets, on one listener, a generation
+/// older than one the other listener already served it. Each publish waits
+/// until a client has seen it, so every generation is observed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_listener_serves_an_older_generation_after_another_served_a_newer_one() {
+    let up = Generations::start().await;
+    let handle = proxy::start(&two_listeners(&up.yaml("a", "1", 2)));
+    let urls = [
+        proxy::url(&handle, "main", "/"),
+        proxy::url(&handle, "second", "/"),
+    ];
+    let newest = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..SWAP_CLIENTS)
+        .map(|i| {
+            let (urls, newest, stop) = (urls.clone(), newest.clone(), stop.clone());
+            tokio::spawn(async move {
+                // HTTP/1.1 to `main`; HTTP/1.1 or h2 to `second`.
+                let second = if i % 2 == 0 {
+                    ReusingClient::http1()
+                } else {
+                    ReusingClient::h2()
+                };
+                let clients = [ReusingClient::http1(), second];
+                let mut last = (1, "main");
+                while !stop.load(Ordering::Relaxed) {
+                    for (client, (url, listener)) in
+                        clients.iter().zip(urls.iter().zip(["main", "second"]))
+                    {
+                        let response = client.get(url).await;
+                        assert_eq!(response.status, StatusCode::OK);
+                        let (_, tag) = generation_of(&response);
+                        let number: u64 = tag
+                            .parse()
+                            .unwrap_or_else(|_| panic!("a generation number, not `{tag}`"));
+                        assert!(
+                            number >= last.0,
+                            "listener `{listener}` served generation {number} after `{}` served generation {}",
+                            last.1,
+                            last.0
+                        );
+                        last = (number, listener);
+                        newest.fetch_max(number, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    for number in 2..=SWAPS + 1 {
+        let config = parse(&two_listeners(&up.yaml("a", &number.to_string(), 2)));
+        let generation = publish(&handle, config).await.expect("publish");
+        assert_eq!(generation.number, number);
+        let newest = newest.clone();
+        eventually(&format!("a client sees generation {number}"), || {
+            let newest = newest.clone();
+            async move { newest.load(Ordering::Relaxed) >= number }
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("every client saw generations in order");
+    }
 }
 
 /// Asserts that the proxy still answers from cluster `a` with tag `A`.
