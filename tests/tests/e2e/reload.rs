@@ -692,7 +692,8 @@ async fn sighup_reloads_the_file_and_a_bad_file_keeps_the_live_generation() {
 
 /// The real binary with `--watch`: a change of the file's content is
 /// reloaded with no signal; a bad file is logged with file, line and field,
-/// the live generation stays, and the file once fixed is reloaded.
+/// the live generation stays, and the file once fixed is reloaded; a file
+/// missing for a while changes nothing.
 #[tokio::test]
 async fn watch_reloads_the_file_when_it_changes_and_a_bad_file_keeps_the_live_generation() {
     let proxy = FileProxy::start("watch", &["--watch"]).await;
@@ -710,6 +711,18 @@ async fn watch_reloads_the_file_when_it_changes_and_a_bad_file_keeps_the_live_ge
     proxy.write("a", "C");
     eventually("the fixed file is live", || proxy.serves(pair("a", "C"))).await;
     proxy.assert_generation(3).await;
+
+    // A file missing for a while (two looks) is not a reload: its next
+    // content is the next generation and no failure is counted.
+    std::fs::remove_file(&proxy.file).expect("remove config");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.write("b", "D");
+    eventually("the file written again is live", || {
+        proxy.serves(pair("b", "D"))
+    })
+    .await;
+    proxy.assert_generation(4).await;
+    proxy.failed_reloads(1.0).await;
     proxy.stop_and_check_log().await;
 }
 
