@@ -298,6 +298,50 @@ async fn upstream_bytes_beyond_its_length_never_reach_the_client() {
 }
 
 #[tokio::test]
+async fn an_upstream_connection_that_sent_bytes_beyond_a_length_is_not_reused() {
+    // Each response carries 10 bytes more than its length, on a connection
+    // the upstream keeps open.
+    let up = super::edge_timers::Upstream::start(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            if tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                client::read_head(&mut stream),
+            )
+            .await
+            .is_err()
+            {
+                return;
+            }
+            let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello, and more";
+            if stream.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let handle = proxy::start(&proxy::simple_yaml(&[up.addr], "http1"));
+    let url = proxy::url(&handle, "main", "/long");
+    // An HTTP/1.1 client, then an h2 one: each gets the length's bytes,
+    // never the rest, and the second goes over a new upstream connection.
+    let first = client::get(&url).await;
+    assert_eq!(
+        (first.status, &first.body[..]),
+        (StatusCode::OK, &b"hello"[..])
+    );
+    let second = client::get_h2(&url).await;
+    assert_eq!(
+        (second.status, &second.body[..]),
+        (StatusCode::OK, &b"hello"[..])
+    );
+    assert_eq!(
+        up.opened(),
+        2,
+        "the first upstream connection is not reused"
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_mid_body_is_logged_dc() {
     // More than loopback socket buffers hold, so the body is still coming
     // from the upstream when the client goes.
