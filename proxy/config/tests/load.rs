@@ -929,7 +929,10 @@ fn the_connection_buffer_is_an_http2_window_size() {
         );
     }
     let config = load(&listener("256KiB")).unwrap();
-    assert_eq!(config.listeners[0].limits.max_connection_buffer.0, 256 * 1024);
+    assert_eq!(
+        config.listeners[0].limits.max_connection_buffer.0,
+        256 * 1024
+    );
     let defaults = lacewing_config::ListenerLimits::default();
     assert_eq!(defaults.max_connection_buffer.0, 1024 * 1024);
 }

@@ -99,14 +99,14 @@ impl Body for ProxyBody {
 }
 
 /// How an upstream response body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyEnd {
     /// Every byte its framing announced arrived.
     Complete,
     /// It did not arrive whole; the flag says why: `UPE` the upstream broke
     /// it (closed early, bad chunking, a reset stream), `DC` the client left
-    /// first, `UT` or `SI` a timer cut it.
-    Cut(ResponseFlag),
+    /// first, `UT` or `SI` a timer cut it. `details` says it in words.
+    Cut { flag: ResponseFlag, details: String },
 }
 
 /// Called once with how an upstream body ended.
@@ -316,8 +316,14 @@ impl UpstreamBody {
         }
     }
 
-    fn cut_by(&mut self, flag: ResponseFlag) {
-        self.finish(BodyEnd::Cut(flag));
+    fn cut_by(&mut self, flag: ResponseFlag, details: String) {
+        self.finish(BodyEnd::Cut { flag, details });
+    }
+
+    /// Cuts the body for `err`, which goes on to hyper.
+    fn cut(&mut self, err: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.cut_by(err.flag(), err.to_string());
+        Poll::Ready(Some(Err(err.into())))
     }
 }
 
@@ -334,8 +340,7 @@ impl Body for UpstreamBody {
             && deadline.as_mut().poll(cx).is_ready()
         {
             let max = *max;
-            this.cut_by(ResponseFlag::UpstreamRequestTimeout);
-            return Poll::Ready(Some(Err(ProxyError::StreamDuration(max).into())));
+            return this.cut(ProxyError::StreamDuration(max));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -355,7 +360,8 @@ impl Body for UpstreamBody {
                 // connection before the body's end (no last chunk, fewer
                 // bytes than Content-Length) or resets the h2 stream: a
                 // broken body never reaches the client as a complete one.
-                this.cut_by(ResponseFlag::UpstreamProtocolError);
+                let details = format!("upstream response body: {e}");
+                this.cut_by(ResponseFlag::UpstreamProtocolError, details);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
@@ -378,15 +384,8 @@ impl Body for UpstreamBody {
                     match this.idle.as_mut().map(StreamIdle::request_moved) {
                         // The client still sends its body: not idle.
                         Some(true) => timer.as_mut().reset(Instant::now() + limit),
-                        Some(false) => {
-                            this.cut_by(ResponseFlag::StreamIdleTimeout);
-                            return Poll::Ready(Some(Err(ProxyError::StreamIdle(limit).into())));
-                        }
-                        None => {
-                            this.cut_by(ResponseFlag::UpstreamRequestTimeout);
-                            let err = ProxyError::UpstreamBodyTimeout(limit);
-                            return Poll::Ready(Some(Err(err.into())));
-                        }
+                        Some(false) => return this.cut(ProxyError::StreamIdle(limit)),
+                        None => return this.cut(ProxyError::UpstreamBodyTimeout(limit)),
                     }
                 }
             }
@@ -409,12 +408,14 @@ impl Drop for UpstreamBody {
         if self.inner.is_some() {
             // Not finished: a connection closed by one of its timers records
             // the cut on each exchange it ends; otherwise the client left.
-            let flag = self
-                .conn
-                .progress
-                .cut_flag()
-                .unwrap_or(ResponseFlag::DownstreamConnectionTermination);
-            self.cut_by(flag);
+            let (flag, details) = match self.conn.progress.cut_flag() {
+                Some(flag) => (flag, "the connection was closed by its write_timeout"),
+                None => (
+                    ResponseFlag::DownstreamConnectionTermination,
+                    "the client left before the response body's end",
+                ),
+            };
+            self.cut_by(flag, details.to_string());
         }
     }
 }

@@ -185,3 +185,47 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_reads_what_the_client_still_sends_up_to_the_bound() {
+        let (client, server) = tokio::io::duplex(4096);
+        let mut io = CountingIo::new(server, IoStats::new());
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        // A client still sending a large request body, and never closing.
+        let writer = tokio::spawn(async move {
+            let chunk = [b'x'; 1024];
+            let mut written = 0usize;
+            while client_write.write_all(&chunk).await.is_ok() {
+                written += chunk.len();
+            }
+            written
+        });
+        io.shutdown().await.unwrap();
+        // The client saw the end of the stream, and its writes were read
+        // until the bound.
+        let mut rest = Vec::new();
+        client_read.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (_, drained) = io.linger.as_ref().unwrap();
+        assert_eq!(*drained, LINGER_BYTES);
+        drop(io);
+        assert!(writer.await.unwrap() >= LINGER_BYTES);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_when_the_client_closes_too() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut io = CountingIo::new(server, IoStats::new());
+        client.write_all(b"the rest of a body").await.unwrap();
+        client.shutdown().await.unwrap();
+        io.shutdown().await.unwrap();
+        let (_, drained) = io.linger.as_ref().unwrap();
+        assert_eq!(*drained, 18);
+    }
+}

@@ -426,11 +426,15 @@ impl Exchange<'_> {
         Box::new(move |how| {
             let flag = match how {
                 BodyEnd::Complete => None,
-                BodyEnd::Cut(flag) => Some(flag),
+                BodyEnd::Cut { flag, details } => {
+                    if let Some(stream) = stream {
+                        let info = &mut stream.borrow_mut().info;
+                        info.response_flag = Some(flag);
+                        info.response_code_details = Some(details);
+                    }
+                    Some(flag)
+                }
             };
-            if let (Some(stream), Some(flag)) = (stream, flag) {
-                stream.borrow_mut().info.response_flag = Some(flag);
-            }
             let route = route.as_deref();
             record(
                 &listener,

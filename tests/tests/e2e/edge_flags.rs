@@ -1,6 +1,7 @@
 //! Filters learn how an exchange ended: a body cut after its head (the
 //! upstream stalled, `UT`; the upstream broke its framing, `UPE`) is known to
-//! a filter's `on_log` as `response.flags`, with Envoy's bit for the flag.
+//! a filter's `on_log` as `response.flags`, with Envoy's bit for the flag,
+//! and in words as `response.code_details`.
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -48,7 +49,10 @@ async fn a_filters_on_log_sees_the_flag_of_a_body_cut_after_its_head() {
     )
     .await;
     // Envoy's bits: UpstreamRequestTimeout 0x4, UpstreamProtocolError 0x800000.
-    for (path, flags) in [("/stall", 0x4), ("/short", 0x80_0000)] {
+    for (path, flags, details) in [
+        ("/stall", 0x4, "upstream response body stalled"),
+        ("/short", 0x80_0000, "upstream response body: "),
+    ] {
         let tag = format!("flags{}", &path[1..]);
         let request = Request::get(fixture.url(path))
             .header("x-log-tag", &tag)
@@ -70,6 +74,11 @@ async fn a_filters_on_log_sees_the_flag_of_a_body_cut_after_its_head() {
             shared(&fixture, &flags_key).await,
             Some(flags.to_string()),
             "{path}: response.flags in on_log"
+        );
+        let logged = shared(&fixture, &format!("conformance-log-details-{tag}")).await;
+        assert!(
+            logged.as_deref().is_some_and(|d| d.contains(details)),
+            "{path}: response.code_details in on_log: {logged:?}"
         );
     }
 }

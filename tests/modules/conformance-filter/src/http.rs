@@ -40,8 +40,9 @@
 //! | `reset` | resets the stream | (connection reset) |
 //!
 //! With an `x-log-tag: T` request header, `on_log` stores the `response.code`
-//! property in shared key `conformance-log-T` and `response.flags` in
-//! `conformance-log-flags-T`, and `on_done` sets `conformance-done-T`.
+//! property in shared key `conformance-log-T`, `response.flags` in
+//! `conformance-log-flags-T` and `response.code_details` in
+//! `conformance-log-details-T`, and `on_done` sets `conformance-done-T`.
 //! With a `tag=` in the plugin configuration, every request gets the chain
 //! order in `x-chain` (request) and `x-response-chain` (response).
 
@@ -969,6 +970,10 @@ impl HttpContext for ConformanceHttp {
             (
                 ["response", "flags"],
                 format!("conformance-log-flags-{tag}"),
+            ),
+            (
+                ["response", "code_details"],
+                format!("conformance-log-details-{tag}"),
             ),
         ] {
             let (status, value) = raw::get_property(&path);
