@@ -19,8 +19,10 @@ use super::h2_watch::FrameWatch;
 
 /// Longest a shut-down connection reads what the client still sends.
 pub const LINGER_TIME: Duration = Duration::from_secs(1);
-/// Most bytes a shut-down connection reads and discards.
-pub const LINGER_BYTES: usize = 256 * 1024;
+/// Most bytes a shut-down connection reads and discards: as much as a
+/// filter may buffer by default (`max_buffered_body`), so a client whose
+/// body was refused at that limit can finish sending it and read the answer.
+pub const LINGER_BYTES: usize = 1024 * 1024;
 
 /// [`IoStats::header_blocks`] once the connection is known not to be HTTP/2.
 pub const NOT_H2: u64 = u64::MAX;
