@@ -21,7 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::edge_timers::{
-    HANG_GUARD, Upstream, closed_by_peer, flagged, get_cut, get_on_stream, h2_connect, stream_frame,
+    HANG_GUARD, Upstream, closed_by_peer, flagged, get_cut, get_on_stream, h2_connect,
+    stream_frame, write_until_broken,
 };
 
 /// One listener `main` whose streams idle out after `{idle}`, to cluster `up`,
@@ -151,26 +152,16 @@ async fn a_stream_idle_after_its_response_head_is_cut_and_its_upstream_released(
     }
 }
 
-/// Sends a frame header announcing `len` payload bytes, then trickles the
+/// Sends a frame header announcing 1,000 payload bytes, then trickles the
 /// payload one byte every 20 ms until the connection breaks.
 fn trickle_payload(
-    mut write: tokio::net::tcp::OwnedWriteHalf,
+    write: tokio::net::tcp::OwnedWriteHalf,
     kind: u8,
     flags: u8,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut head = stream_frame(kind, flags, 3, &[]);
-        head[..3].copy_from_slice(&1000u32.to_be_bytes()[1..]);
-        if write.write_all(&head).await.is_err() {
-            return;
-        }
-        for _ in 0..1000 {
-            if write.write_all(b"p").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let mut head = stream_frame(kind, flags, 3, &[]);
+    head[..3].copy_from_slice(&1000u32.to_be_bytes()[1..]);
+    write_until_broken(write, head, b"p".to_vec(), Duration::from_millis(20))
 }
 
 #[tokio::test]

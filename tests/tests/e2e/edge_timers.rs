@@ -196,13 +196,28 @@ pub(crate) async fn closed_by_peer(read: &mut (impl AsyncReadExt + Unpin)) -> bo
 }
 
 /// Pings every 50 ms until the connection breaks.
-fn ping_forever(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+fn ping_forever(write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+    write_until_broken(
+        write,
+        Vec::new(),
+        frame(0x6, &[7; 8]),
+        Duration::from_millis(50),
+    )
+}
+
+/// Writes `first`, then `each` every `every` until the connection breaks.
+pub(crate) fn write_until_broken(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    first: Vec<u8>,
+    each: Vec<u8>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        loop {
-            if write.write_all(&frame(0x6, &[7; 8])).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if write.write_all(&first).await.is_err() {
+            return;
+        }
+        while write.write_all(&each).await.is_ok() {
+            tokio::time::sleep(every).await;
         }
     })
 }
