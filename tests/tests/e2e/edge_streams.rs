@@ -152,15 +152,16 @@ async fn a_stream_idle_after_its_response_head_is_cut_and_its_upstream_released(
     }
 }
 
-/// Sends a frame header announcing 1,000 payload bytes, then trickles the
-/// payload one byte every 20 ms until the connection breaks.
+/// Sends a frame header announcing 16,000 payload bytes (within the
+/// default largest frame), then trickles the payload one byte every 20 ms
+/// until the connection breaks: the frame would take over five minutes.
 fn trickle_payload(
     write: tokio::net::tcp::OwnedWriteHalf,
     kind: u8,
     flags: u8,
 ) -> tokio::task::JoinHandle<()> {
     let mut head = stream_frame(kind, flags, 3, &[]);
-    head[..3].copy_from_slice(&1000u32.to_be_bytes()[1..]);
+    head[..3].copy_from_slice(&16_000u32.to_be_bytes()[1..]);
     write_until_broken(write, head, b"p".to_vec(), Duration::from_millis(20))
 }
 
