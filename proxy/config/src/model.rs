@@ -207,7 +207,25 @@ pub struct ListenerLimits {
     /// this long after its request came is cut (flag `UT`). Off by default.
     #[serde(default)]
     pub max_stream_duration: Option<Dur>,
+    /// Longest an exchange may go with no progress either way (no request
+    /// body byte from the client, no response head or body byte from the
+    /// upstream): before the response head it gets 408 (flag `SI`), after it
+    /// the stream is cut. `0s` turns it off.
+    #[serde(default = "defaults::stream_idle_timeout")]
+    pub stream_idle_timeout: Dur,
+    /// Most bytes one HTTP/2 connection may make the proxy hold for it:
+    /// its receive window (request body bytes the client may send ahead of
+    /// the proxy), and the response bytes queued for its streams, shared
+    /// among `max_concurrent_streams` (at least 16 KiB a stream). From
+    /// [`MIN_CONNECTION_BUFFER`] to [`MAX_CONNECTION_BUFFER`].
+    #[serde(default = "defaults::max_connection_buffer")]
+    pub max_connection_buffer: Size,
 }
+
+/// The smallest `limits.max_connection_buffer`: HTTP/2's initial window.
+pub const MIN_CONNECTION_BUFFER: u64 = 65_535;
+/// The largest `limits.max_connection_buffer`: HTTP/2's largest window.
+pub const MAX_CONNECTION_BUFFER: u64 = (1 << 31) - 1;
 
 impl Default for ListenerLimits {
     fn default() -> Self {
@@ -224,6 +242,8 @@ impl Default for ListenerLimits {
             max_upstream_share: defaults::max_upstream_share(),
             max_connection_duration: None,
             max_stream_duration: None,
+            stream_idle_timeout: defaults::stream_idle_timeout(),
+            max_connection_buffer: defaults::max_connection_buffer(),
         }
     }
 }
@@ -736,6 +756,12 @@ pub mod defaults {
     }
     pub fn max_upstream_share() -> f64 {
         0.5
+    }
+    pub fn stream_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn max_connection_buffer() -> Size {
+        Size(1024 * 1024)
     }
     pub fn route_timeout() -> Dur {
         Dur(Duration::from_secs(15))

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::error::ConfigIssue;
 use crate::model::{
-    ClusterConfig, HeaderMatch, ListenerConfig, ListenerProtocol, MIN_REQUEST_HEADERS, PathMatch,
-    PluginConfig, ProxyConfig, RouteConfig,
+    ClusterConfig, HeaderMatch, ListenerConfig, ListenerProtocol, MAX_CONNECTION_BUFFER,
+    MIN_CONNECTION_BUFFER, MIN_REQUEST_HEADERS, PathMatch, PluginConfig, ProxyConfig, RouteConfig,
 };
 use crate::units::Dur;
 
@@ -356,6 +356,16 @@ impl Checker<'_> {
             self.report(
                 format!("{path}.limits.max_concurrent_streams"),
                 "must be at least 1",
+            );
+        }
+        let buffer = limits.max_connection_buffer.0;
+        if !(MIN_CONNECTION_BUFFER..=MAX_CONNECTION_BUFFER).contains(&buffer) {
+            self.report(
+                format!("{path}.limits.max_connection_buffer"),
+                format!(
+                    "{} is out of range: from {MIN_CONNECTION_BUFFER} to {MAX_CONNECTION_BUFFER} bytes (HTTP/2 window sizes)",
+                    limits.max_connection_buffer
+                ),
             );
         }
         let share = limits.max_upstream_share;

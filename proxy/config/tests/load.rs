@@ -903,6 +903,38 @@ fn edge_timers_and_shares_are_checked_where_they_are_written() {
     assert_eq!(limits.max_upstream_share, 0.5);
     assert_eq!(limits.max_connection_duration, None);
     assert_eq!(limits.max_stream_duration, None);
+    assert_eq!(limits.stream_idle_timeout.0, Duration::from_secs(300));
+    // Zero turns the stream idle timer off: accepted as written.
+    let off = load(&format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits: {{ stream_idle_timeout: 0s }}\n{CLUSTERS}"
+    ))
+    .unwrap();
+    assert!(off.listeners[0].limits.stream_idle_timeout.0.is_zero());
+}
+
+#[test]
+fn the_connection_buffer_is_an_http2_window_size() {
+    let listener = |buffer: &str| {
+        format!(
+            "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    routes: [{{ name: a, cluster: orders }}]\n    limits:\n      max_connection_buffer: {buffer}\n{CLUSTERS}"
+        )
+    };
+    for buffer in ["1KiB", "2GiB"] {
+        assert_issue(
+            &listener(buffer),
+            6,
+            7,
+            "listeners[0].limits.max_connection_buffer",
+            "is out of range: from 65535 to 2147483647 bytes",
+        );
+    }
+    let config = load(&listener("256KiB")).unwrap();
+    assert_eq!(
+        config.listeners[0].limits.max_connection_buffer.0,
+        256 * 1024
+    );
+    let defaults = lacewing_config::ListenerLimits::default();
+    assert_eq!(defaults.max_connection_buffer.0, 1024 * 1024);
 }
 
 #[test]

@@ -43,7 +43,8 @@ pub enum ResponseFlag {
     /// UPE: the upstream's response framing is ambiguous, or its body ended
     /// before its framing said it would.
     UpstreamProtocolError,
-    /// SI: the client took no response data within the listener's
+    /// SI: the exchange made no progress within the listener's
+    /// `stream_idle_timeout`, or the client took no response data within its
     /// `write_timeout` (it stopped reading, or opened no HTTP/2 window).
     StreamIdleTimeout,
 }
@@ -88,6 +89,9 @@ pub enum ProxyError {
     /// `max_stream_duration`.
     #[error("exchange still streaming after max_stream_duration {0:?}")]
     StreamDuration(Duration),
+    /// Neither the client nor the upstream moved the exchange on for this long.
+    #[error("stream idle for {0:?}")]
+    StreamIdle(Duration),
     #[error("upstream connection failed: {0}")]
     UpstreamReset(String),
     #[error("circuit breaker open on cluster `{cluster}`: {limit}")]
@@ -124,9 +128,10 @@ impl ProxyError {
             | Self::BodyTooLarge { .. }
             | Self::Filter { .. }
             | Self::FilterTimeout { .. } => ErrorOrigin::Internal,
-            Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
-                ErrorOrigin::Downstream
-            }
+            Self::DownstreamBody
+            | Self::AmbiguousFraming
+            | Self::InvalidAuthority(_)
+            | Self::StreamIdle(_) => ErrorOrigin::Downstream,
             Self::MethodNotAllowed(_) => ErrorOrigin::Internal,
             Self::Overflow { .. } => ErrorOrigin::Internal,
             Self::NoHealthyUpstream(_)
@@ -164,6 +169,7 @@ impl ProxyError {
                 S::BAD_REQUEST
             }
             Self::MethodNotAllowed(_) => S::METHOD_NOT_ALLOWED,
+            Self::StreamIdle(_) => S::REQUEST_TIMEOUT,
         }
     }
 
@@ -187,6 +193,7 @@ impl ProxyError {
             }
             Self::MethodNotAllowed(_) => ResponseFlag::NoRouteFound,
             Self::UpstreamFraming(_) => ResponseFlag::UpstreamProtocolError,
+            Self::StreamIdle(_) => ResponseFlag::StreamIdleTimeout,
         }
     }
 }

@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -97,31 +99,53 @@ impl Body for ProxyBody {
 }
 
 /// How an upstream response body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyEnd {
     /// Every byte its framing announced arrived.
     Complete,
     /// It did not arrive whole; the flag says why: `UPE` the upstream broke
     /// it (closed early, bad chunking, a reset stream), `DC` the client left
-    /// first, `UT` or `SI` a timer cut it.
-    Cut(ResponseFlag),
+    /// first, `UT` or `SI` a timer cut it. `details` says it in words.
+    Cut { flag: ResponseFlag, details: String },
 }
 
 /// Called once with how an upstream body ended.
 pub type OnBodyEnd = Box<dyn FnOnce(BodyEnd)>;
 
+/// What the proxy learns of a request body as it streams: whether the
+/// client broke it, and how many frames came (what the stream idle timer
+/// looks at). Atomics because the body may travel to an upstream connection
+/// task; only one thread touches them, so they stay uncontended.
+#[derive(Debug, Default)]
+pub struct RequestBodyState {
+    failed: AtomicBool,
+    frames: AtomicU64,
+}
+
+impl RequestBodyState {
+    /// Whether reading the body from the client failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Frames read from the client so far.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(Ordering::Relaxed)
+    }
+}
+
 /// The client's request body on its way upstream, remembering whether the
 /// client broke it (bad chunk framing, early close) so the failure is blamed
-/// on the right side.
+/// on the right side, and counting its frames as progress of the exchange.
 pub struct DownstreamBody {
     inner: Incoming,
-    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<RequestBodyState>,
 }
 
 impl DownstreamBody {
-    /// Wraps a body; `failed` turns true if reading it from the client fails.
-    pub fn new(inner: Incoming, failed: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        Self { inner, failed }
+    /// Wraps a body whose progress and failure `state` records.
+    pub fn new(inner: Incoming, state: Arc<RequestBodyState>) -> Self {
+        Self { inner, state }
     }
 }
 
@@ -135,12 +159,16 @@ impl Body for DownstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.state.frames.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(Some(Err(e))) => {
-                this.failed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                this.state.failed.store(true, Ordering::Relaxed);
                 Poll::Ready(Some(Err(e.into())))
             }
-            other => other.map(|f| f.map(|r| r.map_err(Into::into))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -150,6 +178,23 @@ impl Body for DownstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The per-stream idle timer's view of an exchange whose response head has
+/// come: the timeout and the request body still streaming, if any.
+struct StreamIdle {
+    limit: Duration,
+    request: Option<Arc<RequestBodyState>>,
+    /// Request body frames at the last look.
+    seen: u64,
+}
+
+impl StreamIdle {
+    /// Whether the request body moved since the last look (and looks again).
+    fn request_moved(&mut self) -> bool {
+        let frames = self.request.as_ref().map_or(0, |r| r.frames());
+        std::mem::replace(&mut self.seen, frames) != frames
     }
 }
 
@@ -169,6 +214,10 @@ pub struct UpstreamBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// `max_stream_duration`, when set: allocated with the body, only then.
     deadline: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// `stream_idle_timeout`, when it is shorter than `limit`: then the
+    /// timer waits for it instead, and a request body that still streams
+    /// counts as progress.
+    idle: Option<StreamIdle>,
     /// A frame went out since the timer was last armed.
     progressed: bool,
     /// Counted in the connection's bodies waiting on the client.
@@ -196,6 +245,7 @@ impl UpstreamBody {
             limit,
             timer: None,
             deadline: None,
+            idle: None,
             progressed: false,
             waiting_on_client: false,
             share,
@@ -220,6 +270,26 @@ impl UpstreamBody {
         self
     }
 
+    /// Ends the exchange with flag `SI` when neither the upstream body nor
+    /// the `request` body moves for `limit` (`0` is off). Only a limit
+    /// shorter than the upstream body timeout changes anything: the longer
+    /// timer could never fire first.
+    pub fn with_stream_idle(
+        mut self,
+        limit: Duration,
+        request: Option<Arc<RequestBodyState>>,
+    ) -> Self {
+        if !limit.is_zero() && limit < self.limit && self.inner.is_some() {
+            let seen = request.as_ref().map_or(0, |r| r.frames());
+            self.idle = Some(StreamIdle {
+                limit,
+                request,
+                seen,
+            });
+        }
+        self
+    }
+
     /// Sets what learns how the body ended.
     pub fn on_end(&mut self, on_end: OnBodyEnd) {
         self.on_end = Some(on_end);
@@ -237,6 +307,7 @@ impl UpstreamBody {
     fn finish(&mut self, how: BodyEnd) {
         self.inner = None;
         self.deadline = None;
+        self.idle = None;
         self.share = None;
         self.open = None;
         self.set_waiting_on_client(false);
@@ -245,8 +316,14 @@ impl UpstreamBody {
         }
     }
 
-    fn cut_by(&mut self, flag: ResponseFlag) {
-        self.finish(BodyEnd::Cut(flag));
+    fn cut_by(&mut self, flag: ResponseFlag, details: String) {
+        self.finish(BodyEnd::Cut { flag, details });
+    }
+
+    /// Cuts the body for `err`, which goes on to hyper.
+    fn cut(&mut self, err: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.cut_by(err.flag(), err.to_string());
+        Poll::Ready(Some(Err(err.into())))
     }
 }
 
@@ -263,8 +340,7 @@ impl Body for UpstreamBody {
             && deadline.as_mut().poll(cx).is_ready()
         {
             let max = *max;
-            this.cut_by(ResponseFlag::UpstreamRequestTimeout);
-            return Poll::Ready(Some(Err(ProxyError::StreamDuration(max).into())));
+            return this.cut(ProxyError::StreamDuration(max));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -284,7 +360,8 @@ impl Body for UpstreamBody {
                 // connection before the body's end (no last chunk, fewer
                 // bytes than Content-Length) or resets the h2 stream: a
                 // broken body never reaches the client as a complete one.
-                this.cut_by(ResponseFlag::UpstreamProtocolError);
+                let details = format!("upstream response body: {e}");
+                this.cut_by(ResponseFlag::UpstreamProtocolError, details);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
@@ -293,18 +370,24 @@ impl Body for UpstreamBody {
             }
             Poll::Pending => {
                 this.set_waiting_on_client(false);
-                let limit = this.limit;
+                let limit = this.idle.as_ref().map_or(this.limit, |i| i.limit);
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                 if std::mem::take(&mut this.progressed) {
                     timer.as_mut().reset(Instant::now() + limit);
                 }
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                loop {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    match this.idle.as_mut().map(StreamIdle::request_moved) {
+                        // The client still sends its body: not idle.
+                        Some(true) => timer.as_mut().reset(Instant::now() + limit),
+                        Some(false) => return this.cut(ProxyError::StreamIdle(limit)),
+                        None => return this.cut(ProxyError::UpstreamBodyTimeout(limit)),
+                    }
                 }
-                this.cut_by(ResponseFlag::UpstreamRequestTimeout);
-                Poll::Ready(Some(Err(ProxyError::UpstreamBodyTimeout(limit).into())))
             }
         }
     }
@@ -325,12 +408,14 @@ impl Drop for UpstreamBody {
         if self.inner.is_some() {
             // Not finished: a connection closed by one of its timers records
             // the cut on each exchange it ends; otherwise the client left.
-            let flag = self
-                .conn
-                .progress
-                .cut_flag()
-                .unwrap_or(ResponseFlag::DownstreamConnectionTermination);
-            self.cut_by(flag);
+            let (flag, details) = match self.conn.progress.cut_flag() {
+                Some(flag) => (flag, "the connection was closed by its write_timeout"),
+                None => (
+                    ResponseFlag::DownstreamConnectionTermination,
+                    "the client left before the response body's end",
+                ),
+            };
+            self.cut_by(flag, details.to_string());
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (through the route's filter chain), local replies.
 
 pub mod body;
+pub mod h2_watch;
 pub mod headers;
 pub mod io;
 pub mod local_reply;

@@ -7,8 +7,7 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as _;
@@ -18,7 +17,7 @@ use lacewing_core::body::BoxBody;
 use lacewing_core::stream::{HttpStream, LocalReply, StreamInfo};
 use lacewing_core::{ProxyError, ResponseFlag};
 
-use super::body::{BodyEnd, DownstreamBody, OnBodyEnd, ProxyBody, UpstreamBody};
+use super::body::{BodyEnd, DownstreamBody, OnBodyEnd, ProxyBody, RequestBodyState, UpstreamBody};
 use super::headers::{
     X_FORWARDED_PROTO, append_forwarded_for, ensure_request_id, one_authority, strip_hop_by_hop,
 };
@@ -60,7 +59,6 @@ pub struct Outcome<'a> {
 }
 
 /// Everything [`record`] needs from the request.
-#[derive(Clone)]
 pub struct RequestFacts {
     pub start: Instant,
     pub start_time: SystemTime,
@@ -108,7 +106,7 @@ pub async fn handle(
     let unrouted = Exchange {
         listener: &listener,
         conn: &conn,
-        facts: &facts,
+        facts,
         route: None,
         target: None,
     };
@@ -153,7 +151,7 @@ pub async fn handle(
     let (chain, plain_head) = if route.filters.is_empty() {
         (HttpChain::empty(), Some(parts))
     } else {
-        let stream = new_stream(parts, &conn, &listener, &route, target, &facts);
+        let stream = new_stream(parts, &conn, &listener, &route, target, &exchange.facts);
         let limits = ChainLimits {
             max_buffered: listener.config.limits.max_buffered_body.as_usize(),
             pause_limit: route.policy.timeout,
@@ -166,9 +164,11 @@ pub async fn handle(
     let Some(head) = plain_head.or_else(|| chain.request_head()) else {
         return Err(StreamReset);
     };
-    let (body, body_failed) = match chain.request_body(body) {
-        Ok(body) => downstream_body(body),
-        Err(pumped) => (pumped.boxed_unsync(), None),
+    // Counted as it comes from the client, before the filters see it.
+    let (body, request_body) = downstream_body(body);
+    let body = match chain.request_body(body) {
+        Ok(body) => body,
+        Err(pumped) => pumped.boxed_unsync(),
     };
     let mut req = Request::from_parts(head, body);
     // A CONNECT reaches here only through a route that names it: it becomes a tunnel.
@@ -183,12 +183,23 @@ pub async fn handle(
         return exchange.reply(chain, reply).await;
     };
     let send = target.cluster.send(req, &route.policy);
-    let result = if chain.is_empty() {
+    // The stream idle timer runs until the response head only when it can
+    // fire before the route's timeout (not with the defaults).
+    let idle = limits.stream_idle_timeout.0;
+    let timeout = route.policy.timeout;
+    let idle_timer = !idle.is_zero() && (timeout.is_zero() || idle < timeout);
+    let result = if chain.is_empty() && !idle_timer {
         send.await
     } else {
         tokio::select! {
             result = send => result,
-            stop = chain.request_stopped() => return exchange.stopped(chain, stop).await,
+            stop = chain.request_stopped(), if !chain.is_empty() => {
+                return exchange.stopped(chain, stop).await;
+            }
+            () = stream_idle(idle, request_body.as_deref()), if idle_timer => {
+                let reply = local_reply::from_error(&ProxyError::StreamIdle(idle));
+                return exchange.reply(chain, reply).await;
+            }
         }
     };
     // The request body pump may have answered (400, 413, a filter's reply)
@@ -198,7 +209,7 @@ pub async fn handle(
     }
     let up = match result {
         Ok(up) => up,
-        Err(_) if body_failed.is_some_and(|f| f.load(Ordering::Relaxed)) => {
+        Err(_) if request_body.as_ref().is_some_and(|b| b.failed()) => {
             let reply = local_reply::from_error(&ProxyError::DownstreamBody);
             return exchange.reply(chain, reply).await;
         }
@@ -233,9 +244,10 @@ pub async fn handle(
         limits.upstream_body_timeout.0,
         Some(share),
         open,
-    );
+    )
+    .with_stream_idle(idle, request_body);
     if let Some(max) = limits.max_stream_duration {
-        body = body.with_deadline(max.0, (facts.start + max.0).into());
+        body = body.with_deadline(max.0, (exchange.facts.start + max.0).into());
     }
     exchange
         .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
@@ -274,11 +286,12 @@ struct Upstream {
 }
 
 /// One request's place: where it came from and, once routed, where it goes.
-#[derive(Clone, Copy)]
+/// It owns the request's facts, so recording the exchange when its body ends
+/// moves them instead of copying them.
 struct Exchange<'a> {
     listener: &'a Arc<HttpListenerState>,
     conn: &'a Rc<ConnContext>,
-    facts: &'a RequestFacts,
+    facts: RequestFacts,
     route: Option<&'a Arc<RouteState>>,
     target: Option<&'a Target>,
 }
@@ -366,12 +379,12 @@ impl Exchange<'_> {
         match (&mut body, upstream) {
             // An upstream body still to come is recorded once it is through.
             (ProxyBody::Upstream(up), Some(upstream)) if !up.is_end_stream() => {
-                up.on_end(self.record_at_end(status, upstream));
+                up.on_end(self.record_at_end(status, upstream, chain.stream().cloned()));
             }
             _ => record(
                 self.listener,
                 self.conn,
-                self.facts,
+                &self.facts,
                 &Outcome {
                     status,
                     flag,
@@ -393,11 +406,17 @@ impl Exchange<'_> {
 impl Exchange<'_> {
     /// Records the exchange once its upstream body ends: clean when every
     /// byte arrived, `UPE` when the upstream broke it, `DC` when the client
-    /// left first.
-    fn record_at_end(self, status: u16, upstream: Upstream) -> OnBodyEnd {
+    /// left first. The filters' stream, if any, learns the flag before their
+    /// `on_log` runs (the body ends before the filters' lives do).
+    fn record_at_end(
+        self,
+        status: u16,
+        upstream: Upstream,
+        stream: Option<lacewing_core::stream::SharedStream>,
+    ) -> OnBodyEnd {
         let listener = Arc::clone(self.listener);
         let conn = Rc::clone(self.conn);
-        let facts = self.facts.clone();
+        let facts = self.facts;
         let route = self.route.cloned();
         let target = self.target.and_then(|t| {
             let route = route.as_ref()?;
@@ -406,7 +425,14 @@ impl Exchange<'_> {
         Box::new(move |how| {
             let flag = match how {
                 BodyEnd::Complete => None,
-                BodyEnd::Cut(flag) => Some(flag),
+                BodyEnd::Cut { flag, details } => {
+                    if let Some(stream) = stream {
+                        let info = &mut stream.borrow_mut().info;
+                        info.response_flag = Some(flag);
+                        info.response_code_details = Some(details);
+                    }
+                    Some(flag)
+                }
             };
             let route = route.as_deref();
             record(
@@ -427,16 +453,32 @@ impl Exchange<'_> {
 }
 
 /// The request body for the upstream: empty bodies cost nothing, others
-/// remember whether the client broke them.
-pub fn downstream_body(body: Incoming) -> (BoxBody, Option<Arc<AtomicBool>>) {
+/// count their progress and remember whether the client broke them.
+pub fn downstream_body(body: Incoming) -> (BoxBody, Option<Arc<RequestBodyState>>) {
     if body.is_end_stream() {
         return (lacewing_core::body::empty(), None);
     }
-    let failed = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(RequestBodyState::default());
     (
-        DownstreamBody::new(body, failed.clone()).boxed_unsync(),
-        Some(failed),
+        DownstreamBody::new(body, state.clone()).boxed_unsync(),
+        Some(state),
     )
+}
+
+/// Resolves once the request body (when there is one still streaming) has
+/// not moved over a whole `limit` window: so after between one and two
+/// windows of no progress. The wait for the response head is the other
+/// direction: this timer is dropped when the head comes.
+async fn stream_idle(limit: Duration, request: Option<&RequestBodyState>) {
+    let mut seen = request.map_or(0, RequestBodyState::frames);
+    loop {
+        tokio::time::sleep(limit).await;
+        let frames = request.map_or(0, RequestBodyState::frames);
+        if frames == seen {
+            return;
+        }
+        seen = frames;
+    }
 }
 
 /// Splices an upgraded downstream connection to an upgraded upstream one.

@@ -2,10 +2,11 @@
 //! with limits, timeouts and graceful drain. The connection may be any byte
 //! stream ([`serve_io`]), so a TLS stream is served the same way as a socket.
 //!
-//! Each connection has up to four timers, each one timer-wheel entry re-armed
+//! Each connection has up to five timers, each one timer-wheel entry re-armed
 //! when it fires (nothing per request): the first request's head (from
 //! accept, covering HTTP/1.1 heads and the HTTP/2 preface, SETTINGS and first
-//! HEADERS), write progress (response data waiting and the client taking
+//! HEADERS), HTTP/2 header blocks (a HEADERS frame and its CONTINUATION frames
+//! left open), write progress (response data waiting and the client taking
 //! none), idleness, and, when configured, the connection's age.
 
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::io::{CountingIo, IoStats};
+use super::io::{CountingIo, IoStats, NOT_H2};
 use super::progress::ConnProgress;
 use super::proxy::{ConnContext, handle};
 use crate::snapshot::HttpSlot;
@@ -104,11 +105,15 @@ pub async fn serve_io<I>(
         )
         .max_headers(limits.max_header_count)
         .keep_alive(true);
+    let buffer = h2_buffers(limits);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_request_headers.0).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_concurrent_streams);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_connection_window_size(buffer.window)
+        .initial_stream_window_size(buffer.window)
+        .max_send_buf_size(buffer.send_per_stream);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
@@ -130,6 +135,14 @@ pub async fn serve_io<I>(
     let first_head = tokio::time::sleep(limits.header_read_timeout.0);
     tokio::pin!(first_head);
     let mut awaiting_first_head = true;
+    // HTTP/2 header blocks: the same block open at two looks one
+    // `header_read_timeout` apart closes the connection (hyper and h2 time
+    // no HEADERS or CONTINUATION frame).
+    let header_timeout = limits.header_read_timeout.0;
+    let block_look = tokio::time::sleep(header_timeout);
+    tokio::pin!(block_look);
+    let mut block_at_last_look = 0;
+    let mut watching_blocks = true;
     // Write progress: response data waiting on the client at two looks one
     // `write_timeout` apart, and none taken in between, closes the connection.
     let write_timeout = limits.write_timeout.0.max(Duration::from_millis(10));
@@ -154,6 +167,19 @@ pub async fn serve_io<I>(
                     tracing::debug!(%remote, "no request head within header_read_timeout; closing");
                     break;
                 }
+            }
+            _ = &mut block_look, if watching_blocks => {
+                let blocks = io_stats.header_blocks();
+                if blocks == NOT_H2 {
+                    watching_blocks = false;
+                    continue;
+                }
+                if blocks & 1 == 1 && blocks == block_at_last_look {
+                    tracing::debug!(%remote, "an HTTP/2 header block stayed open for header_read_timeout; closing");
+                    break;
+                }
+                block_at_last_look = blocks;
+                block_look.as_mut().reset(Instant::now() + header_timeout);
             }
             _ = &mut write_look => {
                 let (waiting, sent) = ctx.progress.write_view();
@@ -197,6 +223,33 @@ pub async fn serve_io<I>(
     stats.connections_active.dec();
     stats.bytes_received.inc_by(io_stats.received());
     stats.bytes_sent.inc_by(io_stats.sent());
+}
+
+/// How an HTTP/2 connection's `max_connection_buffer` is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct H2Buffers {
+    /// The connection's receive window, and each stream's: request body
+    /// bytes the client may send ahead of the proxy.
+    window: u32,
+    /// Response bytes queued per stream (hyper's send buffer).
+    send_per_stream: usize,
+}
+
+/// The least queued per stream: one frame of the default size.
+const MIN_SEND_PER_STREAM: usize = 16 * 1024;
+
+fn h2_buffers(limits: &lacewing_config::ListenerLimits) -> H2Buffers {
+    let cap = limits.max_connection_buffer.0.clamp(
+        lacewing_config::MIN_CONNECTION_BUFFER,
+        lacewing_config::MAX_CONNECTION_BUFFER,
+    );
+    let streams = u64::from(limits.max_concurrent_streams.max(1));
+    H2Buffers {
+        window: u32::try_from(cap).unwrap_or(u32::MAX),
+        send_per_stream: usize::try_from(cap / streams)
+            .unwrap_or(usize::MAX)
+            .max(MIN_SEND_PER_STREAM),
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +311,27 @@ clusters:
         let snapshot =
             Snapshot::build(Arc::new(config), metrics, &wasm, None, callouts, None, None).unwrap();
         snapshot.http["main"].clone()
+    }
+
+    #[test]
+    fn the_connection_buffer_is_the_window_and_is_shared_by_the_streams() {
+        let mut limits = lacewing_config::ListenerLimits::default();
+        assert_eq!(
+            h2_buffers(&limits),
+            H2Buffers {
+                window: 1 << 20,
+                send_per_stream: MIN_SEND_PER_STREAM,
+            }
+        );
+        limits.max_connection_buffer = lacewing_config::units::Size(8 << 20);
+        limits.max_concurrent_streams = 16;
+        assert_eq!(
+            h2_buffers(&limits),
+            H2Buffers {
+                window: 8 << 20,
+                send_per_stream: 512 << 10,
+            }
+        );
     }
 
     #[test]

@@ -298,6 +298,108 @@ async fn upstream_bytes_beyond_its_length_never_reach_the_client() {
 }
 
 #[tokio::test]
+async fn an_upstream_connection_that_sent_bytes_beyond_a_length_is_not_reused() {
+    // Each response carries 10 bytes more than its length, on a connection
+    // the upstream keeps open.
+    let up = super::edge_timers::Upstream::start(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            if tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                client::read_head(&mut stream),
+            )
+            .await
+            .is_err()
+            {
+                return;
+            }
+            let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello, and more";
+            if stream.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let handle = proxy::start(&proxy::simple_yaml(&[up.addr], "http1"));
+    let url = proxy::url(&handle, "main", "/long");
+    // An HTTP/1.1 client, then an h2 one: each gets the length's bytes,
+    // never the rest, and the second goes over a new upstream connection.
+    let first = client::get(&url).await;
+    assert_eq!(
+        (first.status, &first.body[..]),
+        (StatusCode::OK, &b"hello"[..])
+    );
+    let second = client::get_h2(&url).await;
+    assert_eq!(
+        (second.status, &second.body[..]),
+        (StatusCode::OK, &b"hello"[..])
+    );
+    assert_eq!(
+        up.opened(),
+        2,
+        "the first upstream connection is not reused"
+    );
+}
+
+/// An h2 upstream whose every response says `content-length: 5` and
+/// carries 15 bytes.
+async fn h2_upstream_longer_than_its_length() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    let head = http::Response::builder()
+                        .header("content-length", "5")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ = body.send_data(Bytes::from_static(b"hello, and more"), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_h2_upstream_body_longer_than_its_length_is_cut_and_flagged_upe() {
+    let upstream = h2_upstream_longer_than_its_length().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream], "h2"));
+    let url = proxy::url(&handle, "main", "/long");
+    // h2 refuses DATA beyond `content-length`, so the body fails before its
+    // first byte: the client gets no complete response (the HTTP/1.1 head
+    // is not even flushed before the connection closes; the h2 stream is
+    // reset), and both exchanges are flagged.
+    for h2 in [false, true] {
+        let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+        builder.http2_only(h2);
+        let client = builder.build_http::<Empty<Bytes>>();
+        let request = Request::get(&url).body(Empty::new()).unwrap();
+        let complete = match client.request(request).await {
+            Ok(response) => response.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!complete, "h2 client: {h2}: the response is not complete");
+    }
+    let admin = proxy::admin_addr(&handle);
+    eventually("two exchanges flagged UPE", || async {
+        let text = client::metrics(admin).await;
+        client::metric_sum(
+            &text,
+            "lacewing_http_local_replies_total",
+            &[("listener", "main"), ("flag", "UPE")],
+        ) == Some(2.0)
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_mid_body_is_logged_dc() {
     // More than loopback socket buffers hold, so the body is still coming
     // from the upstream when the client goes.

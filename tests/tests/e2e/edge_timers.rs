@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Bounds a wait that should end after a sub-second timer, so a regression
 /// fails instead of hanging.
-const HANG_GUARD: Duration = Duration::from_secs(30);
+pub(crate) const HANG_GUARD: Duration = Duration::from_secs(30);
 
 /// One listener `main` with short timers to cluster `up`, access log to `{log}`.
 const CONFIG: &str = "admin: { address: 127.0.0.1:0 }
@@ -55,7 +55,7 @@ clusters:
 ";
 
 /// Waits for an access-log line with `flag`, and returns it.
-async fn flagged(log: &LogFile, flag: &str) -> serde_json::Value {
+pub(crate) async fn flagged(log: &LogFile, flag: &str) -> serde_json::Value {
     log.find(&format!("an access-log line flagged {flag}"), |l| {
         l["flag"] == flag
     })
@@ -63,15 +63,20 @@ async fn flagged(log: &LogFile, flag: &str) -> serde_json::Value {
 }
 
 /// An upstream that counts its connections as they open and close.
-struct Upstream {
-    addr: SocketAddr,
+pub(crate) struct Upstream {
+    pub(crate) addr: SocketAddr,
     opened: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
 }
 
 impl Upstream {
+    /// Connections the upstream accepted so far.
+    pub(crate) fn opened(&self) -> usize {
+        self.opened.load(Ordering::SeqCst)
+    }
+
     /// Waits until every connection the upstream accepted has closed.
-    async fn all_released(&self) {
+    pub(crate) async fn all_released(&self) {
         eventually("the upstream's connections are released", || async {
             let opened = self.opened.load(Ordering::SeqCst);
             opened > 0 && self.closed.load(Ordering::SeqCst) == opened
@@ -80,7 +85,7 @@ impl Upstream {
     }
 
     /// Accepts connections, each served by `serve` on this runtime.
-    async fn start<F, Fut>(serve: F) -> Self
+    pub(crate) async fn start<F, Fut>(serve: F) -> Self
     where
         F: Fn(TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -110,7 +115,7 @@ impl Upstream {
 
     /// Sends a response head promising 1 MB, 10 bytes of it, then nothing
     /// until the proxy closes the connection.
-    async fn stalling() -> Self {
+    pub(crate) async fn stalling() -> Self {
         Self::start(|mut stream| async move {
             let _ = client::read_head(&mut stream).await;
             let _ = stream
@@ -143,7 +148,7 @@ impl Upstream {
     }
 
     /// Answers every request with `size` bytes (HTTP/1.1, keep-alive).
-    async fn large(size: usize) -> Self {
+    pub(crate) async fn large(size: usize) -> Self {
         let body = Bytes::from(vec![b'x'; size]);
         Self::start(move |stream| {
             let body = body.clone();
@@ -176,7 +181,7 @@ fn start_with(log: &LogFile, up: SocketAddr, more: &str) -> lacewing_proxy::Prox
 }
 
 /// Reads until the peer closes; `false` if it has not within [`HANG_GUARD`].
-async fn closed_by_peer(read: &mut (impl AsyncReadExt + Unpin)) -> bool {
+pub(crate) async fn closed_by_peer(read: &mut (impl AsyncReadExt + Unpin)) -> bool {
     let mut buf = [0u8; 4096];
     tokio::time::timeout(HANG_GUARD, async {
         loop {
@@ -191,13 +196,28 @@ async fn closed_by_peer(read: &mut (impl AsyncReadExt + Unpin)) -> bool {
 }
 
 /// Pings every 50 ms until the connection breaks.
-fn ping_forever(mut write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+fn ping_forever(write: tokio::net::tcp::OwnedWriteHalf) -> tokio::task::JoinHandle<()> {
+    write_until_broken(
+        write,
+        Vec::new(),
+        frame(0x6, &[7; 8]),
+        Duration::from_millis(50),
+    )
+}
+
+/// Writes `first`, then `each` every `every` until the connection breaks.
+pub(crate) fn write_until_broken(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    first: Vec<u8>,
+    each: Vec<u8>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        loop {
-            if write.write_all(&frame(0x6, &[7; 8])).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if write.write_all(&first).await.is_err() {
+            return;
+        }
+        while write.write_all(&each).await.is_ok() {
+            tokio::time::sleep(every).await;
         }
     })
 }
@@ -224,27 +244,24 @@ async fn a_connection_that_sends_no_request_head_is_closed_after_header_read_tim
     assert_eq!(response.status, StatusCode::OK);
 }
 
-/// An HTTP/2 frame header: length, type, flags, stream 0.
-fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+/// An HTTP/2 frame on stream 0 with no flags.
+pub(crate) fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    stream_frame(kind, 0, 0, payload)
+}
+
+/// An HTTP/2 frame: its 9-byte header (length, type, flags, stream), then `payload`.
+pub(crate) fn stream_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
-    let mut out = vec![
-        (len >> 16) as u8,
-        (len >> 8) as u8,
-        len as u8,
-        kind,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ];
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
     out.extend_from_slice(payload);
     out
 }
 
 /// A raw connection to listener `main` that has sent the HTTP/2 preface and
 /// an empty SETTINGS frame.
-async fn h2_connect(handle: &lacewing_proxy::ProxyHandle) -> TcpStream {
+pub(crate) async fn h2_connect(handle: &lacewing_proxy::ProxyHandle) -> TcpStream {
     let mut stream = TcpStream::connect(proxy::listener_addr(handle, "main"))
         .await
         .unwrap();
@@ -283,19 +300,20 @@ async fn an_h2_client_that_only_pings_is_closed_after_header_read_timeout() {
     assert!(closed, "the pinging connection is closed");
 }
 
+/// HEADERS on `stream`, END_STREAM | END_HEADERS: GET http://a/ in HPACK
+/// (indexed :method GET, :scheme http, :path /; literal :authority a).
+pub(crate) fn get_on_stream(stream: u32) -> Vec<u8> {
+    let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+    stream_frame(0x1, 0x5, stream, &block)
+}
+
 #[tokio::test]
 async fn an_h2_client_that_only_pings_after_its_request_is_closed_when_idle() {
     let log = LogFile::new("edge-timers-pings-after");
     let up = Upstream::large(10).await;
     let handle = start_with(&log, up.addr, "      idle_timeout: 300ms\n");
     let (mut read, mut write) = h2_connect(&handle).await.into_split();
-    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://a/ in HPACK
-    // (indexed :method GET, :scheme http, :path /; literal :authority a).
-    let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
-    let mut headers = frame(0x1, &block);
-    headers[4] = 0x5;
-    headers[8] = 1;
-    write.write_all(&headers).await.unwrap();
+    write.write_all(&get_on_stream(1)).await.unwrap();
     eventually("the request is answered", || async {
         log.lines().iter().any(|l| l["status"] == 200)
     })
@@ -330,7 +348,7 @@ async fn max_connection_duration_closes_a_connection_after_its_response() {
 
 /// GETs `url` (over h2 when `h2`): the head says 200, then the body fails
 /// (a truncated HTTP/1.1 body, a reset h2 stream), never completes.
-async fn get_cut(url: &str, h2: bool) {
+pub(crate) async fn get_cut(url: &str, h2: bool) {
     let request = Request::get(url).body(Empty::<Bytes>::new()).unwrap();
     let response = if h2 {
         client::send_streaming_h2(request).await

@@ -40,7 +40,9 @@
 //! | `reset` | resets the stream | (connection reset) |
 //!
 //! With an `x-log-tag: T` request header, `on_log` stores the `response.code`
-//! property in shared key `conformance-log-T` and `on_done` sets `conformance-done-T`.
+//! property in shared key `conformance-log-T`, `response.flags` in
+//! `conformance-log-flags-T` and `response.code_details` in
+//! `conformance-log-details-T`, and `on_done` sets `conformance-done-T`.
 //! With a `tag=` in the plugin configuration, every request gets the chain
 //! order in `x-chain` (request) and `x-response-chain` (response).
 
@@ -110,7 +112,7 @@ fn from_hex(text: &str) -> Vec<u8> {
 fn property_text(path: &[&str], value: &[u8]) -> String {
     let integer = matches!(
         path,
-        ["destination", "port"] | ["source", "port"] | ["response", "code"]
+        ["destination", "port"] | ["source", "port"] | ["response", "code"] | ["response", "flags"]
     );
     match <[u8; 8]>::try_from(value) {
         Ok(bytes) if integer => u64::from_le_bytes(bytes).to_string(),
@@ -963,14 +965,24 @@ impl HttpContext for ConformanceHttp {
         let Some(tag) = self.log_tag.clone() else {
             return;
         };
-        let path = ["response", "code"];
-        let (status, value) = raw::get_property(&path);
-        let text = if status == 0 {
-            property_text(&path, &value)
-        } else {
-            format!("status:{}", raw::status_name(status))
-        };
-        let key = format!("conformance-log-{tag}");
-        let _ = hostcalls::set_shared_data(&key, Some(text.as_bytes()), None);
+        for (path, key) in [
+            (["response", "code"], format!("conformance-log-{tag}")),
+            (
+                ["response", "flags"],
+                format!("conformance-log-flags-{tag}"),
+            ),
+            (
+                ["response", "code_details"],
+                format!("conformance-log-details-{tag}"),
+            ),
+        ] {
+            let (status, value) = raw::get_property(&path);
+            let text = if status == 0 {
+                property_text(&path, &value)
+            } else {
+                format!("status:{}", raw::status_name(status))
+            };
+            let _ = hostcalls::set_shared_data(&key, Some(text.as_bytes()), None);
+        }
     }
 }
