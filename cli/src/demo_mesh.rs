@@ -97,6 +97,7 @@ where
         let _ = stopped.await;
     }));
     let token = |name: &str| lacewing_control::token::read(&state.join("control").join(name));
+    let trust = lacewing_tls::api::ApiTrust::from_file(&state.join("control/ca.pem"))?;
     println!();
     println!(
         "== The mesh: control plane {control}, state {} ==",
@@ -116,6 +117,7 @@ where
         let options = sidecar::options(
             &control,
             token(lacewing_control::BOOTSTRAP_TOKEN)?,
+            trust.clone(),
             service,
             [any, app_addr, any],
             Placement {
@@ -136,7 +138,8 @@ where
         tokio::spawn(started.agent.run());
         sidecars.push(started.handle);
     }
-    let mut client = Client::connect(&control, &token(lacewing_control::OPERATOR_TOKEN)?).await?;
+    let mut client =
+        Client::connect(&control, &token(lacewing_control::OPERATOR_TOKEN)?, &trust).await?;
     for _ in 0..100 {
         if client
             .status()

@@ -16,6 +16,7 @@ mod forwarding;
 mod grpc;
 mod mesh_control;
 mod mesh_demo;
+mod mesh_operator_tls;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;

@@ -326,6 +326,7 @@ clusters:
     let agent_options = lacewing_control_agent::AgentOptions {
         control: control.to_string(),
         token: lacewing_control::token::read(&state.join("bootstrap.token")).unwrap(),
+        trust: trust(&state),
         spec: spec("orders", 0),
         state_dir: dir.path().join("orders"),
         identity: live.clone(),
@@ -405,11 +406,7 @@ async fn a_csr_for_another_services_identity_is_refused_and_counted() {
 
     let dir = tempfile::tempdir().unwrap();
     let plane = Plane::start(&dir.path().join("control")).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", plane.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = plane.channel().await;
     let mut discovery = api::discovery_client::DiscoveryClient::new(channel);
     let key = lacewing_tls::WorkloadKey::generate().unwrap();
     let csr = |service: &str| api::CertificateRequest {
