@@ -21,6 +21,7 @@ mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;
 mod mesh_tls;
+mod mesh_tls_bad_input;
 mod reload;
 mod resilience;
 mod routing;

@@ -40,7 +40,7 @@ fn path(p: &Path) -> &str {
 
 /// A control plane process and what its clients hold.
 pub(crate) struct Control {
-    _process: Process,
+    process: Process,
     pub(crate) addr: String,
     pub(crate) state: std::path::PathBuf,
     pub(crate) dir: tempfile::TempDir,
@@ -62,11 +62,15 @@ impl Control {
         let process = Process::spawn(&args);
         let addr = process.words.last().unwrap().clone();
         Self {
-            _process: process,
+            process,
             addr,
             state,
             dir,
         }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// Whether `lacewing status` lists a connected sidecar.
