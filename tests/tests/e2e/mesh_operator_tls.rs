@@ -186,6 +186,28 @@ async fn mesh_operator_commands_and_sidecars_reach_the_control_plane_over_tls() 
 /// Bytes through a TCP relay, by direction: (client → server, server → client).
 type Captured = Arc<Mutex<(Vec<u8>, Vec<u8>)>>;
 
+/// Copies `from` to `to` until either ends, recording the bytes on the
+/// client's side of `captured` when `up`, else on the server's.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    captured: Captured,
+    up: bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        {
+            let mut both = captured.lock().unwrap_or_else(PoisonError::into_inner);
+            let side = if up { &mut both.0 } else { &mut both.1 };
+            side.extend_from_slice(&buf[..n]);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
 /// A relay on 127.0.0.1:0 to `target` that records what crosses it.
 async fn tap(target: String) -> (std::net::SocketAddr, Captured) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -195,35 +217,10 @@ async fn tap(target: String) -> (std::net::SocketAddr, Captured) {
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let server = TcpStream::connect(&target).await.unwrap();
-            let (mut client_read, mut client_write) = client.into_split();
-            let (mut server_read, mut server_write) = server.into_split();
-            let (up, down) = (record.clone(), record.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-                    up.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                        .extend_from_slice(&buf[..n]);
-                    if server_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = server_write.shutdown().await;
-            });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n @ 1..) = server_read.read(&mut buf).await {
-                    down.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .1
-                        .extend_from_slice(&buf[..n]);
-                    if client_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = client_write.shutdown().await;
-            });
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(relay(client_read, server_write, record.clone(), true));
+            tokio::spawn(relay(server_read, client_write, record.clone(), false));
         }
     });
     (addr, captured)
@@ -340,27 +337,14 @@ async fn mesh_a_client_trusting_another_ca_is_refused_with_a_clear_message() {
     let app = servers::http_echo_named("orders").await;
     let sidecar_state = control.dir.path().join("orders");
     let bootstrap = control.state.join("bootstrap.token");
-    let _orders = Process::spawn(&[
-        "proxy",
-        "--control",
+    let _orders = sidecar_process_with(
         &control.addr,
-        "--service",
+        &bootstrap,
         "orders",
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--app",
-        &app.addr.to_string(),
-        "--token-file",
-        path(&bootstrap),
-        "--ca-file",
-        path(&other_ca),
-        "--state-dir",
-        path(&sidecar_state),
-        "--workers",
-        "1",
-    ]);
+        app.addr,
+        &sidecar_state,
+        &["--ca-file", path(&other_ca)],
+    );
     control
         .until_counted(
             "lacewing_control_tls_handshakes_total",

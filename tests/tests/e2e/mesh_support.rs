@@ -378,27 +378,51 @@ pub fn sidecar_process_at(
     state: &Path,
     inbound: &str,
 ) -> Process {
-    Process::spawn(&[
+    sidecar_process_with(
+        control,
+        &control_state.join("bootstrap.token"),
+        service,
+        app,
+        state,
+        &["--inbound", inbound],
+    )
+}
+
+/// `lacewing proxy --control`: a sidecar for `service` holding `token_file`,
+/// one worker, with `extra` flags (`--inbound` defaults to 127.0.0.1:0).
+pub fn sidecar_process_with(
+    control: &str,
+    token_file: &Path,
+    service: &str,
+    app: SocketAddr,
+    state: &Path,
+    extra: &[&str],
+) -> Process {
+    let app = app.to_string();
+    let mut args = vec![
         "proxy",
         "--control",
         control,
         "--service",
         service,
-        "--inbound",
-        inbound,
         "--outbound",
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
         "--app",
-        &app.to_string(),
+        &app,
         "--token-file",
-        control_state.join("bootstrap.token").to_str().unwrap(),
+        token_file.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
         "--workers",
         "1",
-    ])
+    ];
+    if !extra.contains(&"--inbound") {
+        args.extend_from_slice(&["--inbound", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    Process::spawn(&args)
 }
 
 /// Waits until `count` sidecars have an open stream.

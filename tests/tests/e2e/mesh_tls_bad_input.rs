@@ -173,29 +173,14 @@ async fn mesh_hostile_handshakes_are_refused_counted_and_leak_nothing() {
     let control = Control::start(&["--tls-handshake-timeout", "1s"]);
     let app = servers::http_echo_named("orders").await;
     let orders_state = control.dir.path().join("orders");
-    let orders = Process::spawn(&[
-        "proxy",
-        "--control",
+    let orders = sidecar_process_with(
         &control.addr,
-        "--service",
+        &control.state.join("bootstrap.token"),
         "orders",
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--app",
-        &app.addr.to_string(),
-        "--token-file",
-        control.state.join("bootstrap.token").to_str().unwrap(),
-        "--state-dir",
-        orders_state.to_str().unwrap(),
-        "--workers",
-        "1",
-        "--tls-handshake-timeout",
-        "1s",
-    ]);
+        app.addr,
+        &orders_state,
+        &["--tls-handshake-timeout", "1s"],
+    );
     let mesh = write(
         control.dir.path(),
         "mesh.yaml",
@@ -270,25 +255,14 @@ async fn mesh_hostile_handshakes_are_refused_counted_and_leak_nothing() {
         control.dir.path().join("ca.pem"),
     )
     .unwrap();
-    let _intruder = Process::spawn(&[
-        "proxy",
-        "--control",
+    let intruder = sidecar_process_with(
         &control.addr,
-        "--service",
+        &wrong,
         "orders",
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--app",
-        &app.addr.to_string(),
-        "--token-file",
-        wrong.to_str().unwrap(),
-        "--state-dir",
-        control.dir.path().join("intruder").to_str().unwrap(),
-        "--workers",
-        "1",
-    ]);
+        app.addr,
+        &control.dir.path().join("intruder"),
+        &[],
+    );
     control
         .until_counted(
             "lacewing_control_token_refusals_total",
@@ -298,7 +272,7 @@ async fn mesh_hostile_handshakes_are_refused_counted_and_leak_nothing() {
         .await;
     let (ok, out, _) = control.operator("status", &[]);
     assert!(ok && out.contains("1 sidecar(s)"), "{out}");
-    drop(_intruder);
+    drop(intruder);
     lacewing_tests::eventually("the control plane holds no descriptor more", || async {
         fds(control.pid()) <= control_fds
     })
