@@ -1,6 +1,5 @@
-//! `lacewing demo`: demo services and a proxy with a proxy-wasm filter on
-//! loopback; sends requests through it and shows responses and metrics; then
-//! the mesh (see `demo_mesh`).
+//! `lacewing demo`: first a standalone proxy (a config file, a proxy-wasm
+//! filter, demo services on loopback), then the whole mesh (see `demo_mesh`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,9 +18,10 @@ pub struct DemoArgs {
     /// The header-echo filter module; the demo runs without a filter when absent.
     #[arg(long, default_value = "target/wasm32-wasip1/wasm/header_echo.wasm")]
     filter: PathBuf,
-    /// Keep the services and the proxy running after the scripted requests (Ctrl-C stops).
-    #[arg(long)]
-    serve: bool,
+    /// After the script, keep traffic flowing through the mesh this many
+    /// seconds, printing counts (Ctrl-C stops at any point).
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
 }
 
 /// Starts a demo service that answers with its name and what it received.
@@ -38,6 +38,7 @@ async fn service(name: &'static str) -> anyhow::Result<SocketAddr> {
                     move |req: http::Request<hyper::body::Incoming>| async move {
                         let body = serde_json::json!({
                             "service": name,
+                            "method": req.method().as_str(),
                             "path": req.uri().path(),
                             "x-request-id": req.headers().get("x-request-id").and_then(|v| v.to_str().ok()),
                             "x-forwarded-for": req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()),
@@ -159,12 +160,6 @@ clusters:
     }) {
         println!("{line}");
     }
-    crate::demo_mesh::run(filter.is_some().then_some(args.filter.as_path()), service).await?;
-    if args.serve {
-        println!();
-        println!("serving; try: curl -i http://{proxy}/orders/1   (Ctrl-C to stop)");
-        tokio::signal::ctrl_c().await?;
-    }
     tokio::task::spawn_blocking(move || handle.shutdown()).await?;
-    Ok(())
+    crate::demo_mesh::run(args.duration.map(Duration::from_secs), service).await
 }

@@ -6,6 +6,7 @@ mod demo;
 mod demo_mesh;
 mod mesh;
 mod sidecar;
+mod watch;
 
 /// mimalloc: the proxy allocates many small, short-lived objects per request
 /// across worker threads; measured faster than the system allocator here.
@@ -64,6 +65,10 @@ struct ProxyArgs {
     /// YAML config file (see docs/config.md).
     #[arg(long, short = 'c', conflicts_with_all = ["listen", "upstream"])]
     config: Option<PathBuf>,
+    /// Also reload the config file when its content changes (looked at every
+    /// second), as SIGHUP does.
+    #[arg(long, requires = "config")]
+    watch: bool,
     /// Quick start: address to listen on.
     #[arg(long, requires = "upstream")]
     listen: Option<SocketAddr>,
@@ -248,6 +253,12 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
             args.wasm_cache_dir.clone(),
         );
     }
+    // Read before the configuration, so a change made while starting is seen.
+    let watched = args
+        .config
+        .as_ref()
+        .filter(|_| args.watch)
+        .map(|file| (file.clone(), std::fs::read(file).ok()));
     let config = proxy_config(args, matches)?;
     let signals = Signals::install()?;
     let workers = config.worker_count();
@@ -268,32 +279,60 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
         tracing::info!(%admin, "admin listening");
     }
     tracing::info!(workers, "lacewing started");
-    let publisher = handle.publisher();
-    let args = args.clone();
-    let matches = matches.cloned();
-    signals.wait(move || reload(&publisher, &args, matches.as_ref(), &source))?;
+    let reloader = std::sync::Arc::new(Reloader {
+        publisher: handle.publisher(),
+        args: args.clone(),
+        matches: matches.cloned(),
+        source,
+        one_at_a_time: std::sync::Mutex::new(()),
+    });
+    let stop_watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some((file, seen)) = watched {
+        let reloader = reloader.clone();
+        watch::spawn(file, seen, stop_watching.clone(), move || {
+            reloader.reload("file change");
+        })
+        .context("cannot start the file watcher")?;
+    }
+    signals.wait(move || reloader.reload("SIGHUP"))?;
+    stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("draining");
     handle.shutdown();
     tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGHUP: reads the configuration file again and publishes it. A file that
-/// does not load, or a generation that does not build, is logged with its
-/// reason and the live generation stays.
-fn reload(publisher: &Publisher, args: &ProxyArgs, matches: Option<&ArgMatches>, source: &str) {
-    if args.config.is_none() {
-        tracing::warn!("SIGHUP: started from flags, there is no file to reload");
-        return;
-    }
-    match proxy_config(args, matches) {
-        Ok(config) => {
-            // A rejected generation is logged, with its reason, by the publisher.
-            if let Ok(generation) = publisher.publish(config, source) {
-                tracing::info!(generation = generation.number, %source, "SIGHUP: configuration reloaded");
-            }
+/// Reloads the configuration file, on SIGHUP or (with `--watch`) when it changes.
+struct Reloader {
+    publisher: Publisher,
+    args: ProxyArgs,
+    matches: Option<ArgMatches>,
+    source: String,
+    /// A SIGHUP and a file change at once reload one after the other, so an
+    /// older read of the file is never published after a newer one.
+    one_at_a_time: std::sync::Mutex<()>,
+}
+
+impl Reloader {
+    /// Reads the file again and publishes it. A file that does not load, or
+    /// a generation that does not build, is logged with its reason and the
+    /// live generation stays. `trigger` names what asked for it in the log.
+    fn reload(&self, trigger: &str) {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        let source = &self.source;
+        if self.args.config.is_none() {
+            tracing::warn!("{trigger}: started from flags, there is no file to reload");
+            return;
         }
-        Err(e) => publisher.reload_failed(source, &format_args!("{e:#}")),
+        match proxy_config(&self.args, self.matches.as_ref()) {
+            Ok(config) => {
+                // A rejected generation is logged, with its reason, by the publisher.
+                if let Ok(generation) = self.publisher.publish(config, source) {
+                    tracing::info!(generation = generation.number, %source, "{trigger}: configuration reloaded");
+                }
+            }
+            Err(e) => self.publisher.reload_failed(source, &format_args!("{e:#}")),
+        }
     }
 }
 

@@ -8,10 +8,14 @@
 //! validate ─▶ build (clusters, plugins, routes) ─▶ bind new listeners ─▶ start plugin VMs on every worker
 //!     │ any failure: the generation is dropped, the live one stays, the error says why
 //!     ▼
-//! swap: store each kept listener's state, workers open new / close removed listeners,
-//!       callouts go to the new clusters, the old generation is released
+//! swap: one store makes every listener's new state live at once, workers open new /
+//!       close removed listeners, callouts go to the new clusters, the old generation
+//!       is released
 //! ```
-//! A request reads its listener's state once, so it runs wholly on one
+//! Every listener's state of the live generation sits in one table behind
+//! one `ArcSwap` ([`LiveListeners`]): no request on one listener sees the new
+//! generation while a later one on another listener still sees the old. A
+//! request reads its listener's state once, so it runs wholly on one
 //! generation; what it holds (routes, clusters, plugins) lives until it ends.
 
 use std::collections::HashMap;
@@ -33,7 +37,9 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use serde::Serialize;
 
 use crate::listener::{BindError, bind_listener};
-use crate::snapshot::{BuildError, ListenerSlot, Snapshot};
+use crate::snapshot::{
+    BuildError, ListenerKey, ListenerRef, ListenerTable, LiveListeners, Snapshot,
+};
 use crate::worker::{Command, CommandSender, PluginStartFailure, WorkerListener};
 
 /// How often host-name endpoints are resolved again.
@@ -112,6 +118,8 @@ pub struct Publisher {
 struct Live {
     inner: Mutex<Inner>,
     current: ArcSwapOption<LiveGeneration>,
+    /// Every listener's state in the live generation; stored once per publish.
+    listeners: LiveListeners,
     addresses: ArcSwap<HashMap<String, SocketAddr>>,
     metrics: Metrics,
     wasm: Arc<WasmHost>,
@@ -127,6 +135,8 @@ struct Inner {
     listeners: HashMap<String, LiveListener>,
     workers: Vec<CommandSender>,
     next: u64,
+    /// The id the next opened listener gets ([`ListenerKey::id`]).
+    next_listener: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -146,7 +156,7 @@ struct LiveListener {
     address: SocketAddr,
     bound: SocketAddr,
     protocol: ListenerProtocol,
-    slot: ListenerSlot,
+    key: ListenerKey,
 }
 
 /// Publish metrics.
@@ -234,8 +244,10 @@ impl Publisher {
                     listeners: HashMap::new(),
                     workers,
                     next: 1,
+                    next_listener: 1,
                 }),
                 current: ArcSwapOption::empty(),
+                listeners: LiveListeners::default(),
                 addresses: ArcSwap::default(),
                 stats: PublishStats::new(&metrics),
                 metrics,
@@ -358,16 +370,21 @@ impl Live {
         // was configured with or the one it is bound to: a port-0 listener
         // keeps its port whether the new generation says 0 or that port; only
         // its state changes) or opened anew.
-        let mut kept = Vec::new();
+        let (kept, to_open): (Vec<_>, Vec<_>) = config.listeners.iter().partition(|l| {
+            inner.listeners.get(&l.name).is_some_and(|old| {
+                (old.address == l.address || old.bound == l.address) && old.protocol == l.protocol
+            })
+        });
+        let kept: Vec<String> = kept.into_iter().map(|l| l.name.clone()).collect();
+        // Table indices: kept listeners keep theirs; opened ones take the
+        // lowest free, so the table is as long as the most listeners open at once.
+        let mut taken: Vec<usize> = kept
+            .iter()
+            .filter_map(|name| inner.listeners.get(name))
+            .map(|l| l.key.index)
+            .collect();
         let mut opened = Vec::new();
-        for l in &config.listeners {
-            if let Some(old) = inner.listeners.get(&l.name)
-                && (old.address == l.address || old.bound == l.address)
-                && old.protocol == l.protocol
-            {
-                kept.push(l.name.clone());
-                continue;
-            }
+        for l in to_open {
             // An address one of our listeners holds is joined (SO_REUSEPORT), not refused.
             let ours = l.address.port() != 0
                 && inner
@@ -375,13 +392,20 @@ impl Live {
                     .values()
                     .any(|o| o.address == l.address || o.bound == l.address);
             let (bound, sockets) = bind_listener(&l.name, l.address, workers, !ours)?;
+            let index = (0..).find(|i| !taken.contains(i)).unwrap_or_default();
+            taken.push(index);
+            let key = ListenerKey {
+                index,
+                id: inner.next_listener,
+            };
+            inner.next_listener += 1;
             opened.push((
                 l.name.clone(),
                 LiveListener {
                     address: l.address,
                     bound,
                     protocol: l.protocol,
-                    slot: new_slot(&snapshot, &l.name, l.protocol),
+                    key,
                 },
                 sockets,
             ));
@@ -412,12 +436,15 @@ impl Live {
             }
         }
 
-        // The swap.
-        for name in &kept {
-            if let Some(old) = inner.listeners.get(name) {
-                store(&old.slot, &snapshot, name);
-            }
-        }
+        // The swap: one store makes every listener's new state live.
+        let table = config.listeners.iter().filter_map(|l| {
+            let key = match inner.listeners.get(&l.name) {
+                Some(old) if kept.contains(&l.name) => old.key,
+                _ => opened.iter().find(|(name, ..)| name == &l.name)?.1.key,
+            };
+            Some((key, snapshot.listener(&l.name)?))
+        });
+        self.listeners.store(Arc::new(ListenerTable::new(table)));
         let mut per_worker: Vec<Vec<(String, WorkerListener)>> =
             (0..workers).map(|_| Vec::new()).collect();
         for (name, listener, sockets) in opened {
@@ -427,7 +454,10 @@ impl Live {
                     WorkerListener {
                         socket,
                         local: listener.bound,
-                        slot: listener.slot.clone(),
+                        listener: ListenerRef {
+                            live: self.listeners.clone(),
+                            key: listener.key,
+                        },
                     },
                 ));
             }
@@ -488,34 +518,6 @@ fn fixed<T: PartialEq + std::fmt::Debug>(
         live: format!("{live:?}"),
         new: format!("{new:?}"),
     })
-}
-
-/// A slot holding the new generation's state of a listener.
-fn new_slot(snapshot: &Snapshot, name: &str, protocol: ListenerProtocol) -> ListenerSlot {
-    match protocol {
-        ListenerProtocol::Http => {
-            ListenerSlot::Http(Arc::new(ArcSwap::new(snapshot.http[name].clone())))
-        }
-        ListenerProtocol::Tcp => {
-            ListenerSlot::Tcp(Arc::new(ArcSwap::new(snapshot.tcp[name].clone())))
-        }
-    }
-}
-
-/// Puts the new generation's state of a kept listener in its slot.
-fn store(slot: &ListenerSlot, snapshot: &Snapshot, name: &str) {
-    match slot {
-        ListenerSlot::Http(s) => {
-            if let Some(state) = snapshot.http.get(name) {
-                s.store(state.clone());
-            }
-        }
-        ListenerSlot::Tcp(s) => {
-            if let Some(state) = snapshot.tcp.get(name) {
-                s.store(state.clone());
-            }
-        }
-    }
 }
 
 /// Sends each worker its command and waits for every answer.

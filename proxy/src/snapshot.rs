@@ -26,7 +26,8 @@ pub enum BuildError {
     Route(#[from] RouteError),
     #[error("{0}")]
     Upstream(String),
-    #[error("plugin `{name}`: {reason}")]
+    /// `reason` already names the plugin.
+    #[error("{reason}")]
     Plugin { name: String, reason: String },
     #[error("{0}")]
     Reference(String),
@@ -189,34 +190,144 @@ impl std::fmt::Debug for TcpListenerState {
     }
 }
 
-/// One listener's live state, swappable on reload.
+/// One listener's state in one generation.
 #[derive(Debug, Clone)]
-pub enum ListenerSlot {
-    Http(Arc<ArcSwap<HttpListenerState>>),
-    Tcp(Arc<ArcSwap<TcpListenerState>>),
+pub enum ListenerState {
+    Http(Arc<HttpListenerState>),
+    Tcp(Arc<TcpListenerState>),
 }
 
-impl ListenerSlot {
-    /// The live state's connection limit (per worker).
+impl ListenerState {
+    fn stats(&self) -> &ListenerStats {
+        match self {
+            ListenerState::Http(s) => &s.stats,
+            ListenerState::Tcp(s) => &s.stats,
+        }
+    }
+
+    /// The connection limit (per worker).
     pub fn max_connections(&self) -> usize {
         match self {
-            ListenerSlot::Http(s) => s.load().config.limits.max_connections,
-            ListenerSlot::Tcp(s) => s.load().config.limits.max_connections,
+            ListenerState::Http(s) => s.config.limits.max_connections,
+            ListenerState::Tcp(s) => s.config.limits.max_connections,
         }
     }
 
     /// The backoff state for this listener's accept loop, counting failures
     /// on the listener's `accept_failures_total`.
     pub fn accept_backoff(&self) -> crate::accept::AcceptBackoff {
-        let stats = match self {
-            ListenerSlot::Http(s) => &s.load().stats,
-            ListenerSlot::Tcp(s) => &s.load().stats,
-        };
+        let stats = self.stats();
         let failures = stats
             .metrics
             .accept_failures
             .with_label_values(&[&stats.name]);
         crate::accept::AcceptBackoff::new(&stats.name, failures)
+    }
+}
+
+/// Where a listener's state sits in every generation while the listener is
+/// open: an index into [`ListenerTable`], reused once the listener closes,
+/// and an id no other listener ever gets, so a connection of a closed
+/// listener never finds its successor's state at the same index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub index: usize,
+    pub id: u64,
+}
+
+/// Every listener's state in one generation, by [`ListenerKey::index`].
+/// One `ArcSwap` holds the live table ([`LiveListeners`]), so one store makes
+/// a whole generation visible on every listener at once: a request that
+/// loads it after the store sees the new generation whatever its listener.
+#[derive(Debug, Default)]
+pub struct ListenerTable {
+    entries: Vec<Option<(u64, ListenerState)>>,
+}
+
+impl ListenerTable {
+    /// A table holding each `(key, state)`.
+    pub fn new(listeners: impl IntoIterator<Item = (ListenerKey, ListenerState)>) -> Self {
+        let mut entries: Vec<Option<(u64, ListenerState)>> = Vec::new();
+        for (key, state) in listeners {
+            if entries.len() <= key.index {
+                entries.resize_with(key.index + 1, || None);
+            }
+            entries[key.index] = Some((key.id, state));
+        }
+        Self { entries }
+    }
+
+    /// The state of the listener `key`, if it is in this generation.
+    pub fn get(&self, key: ListenerKey) -> Option<&ListenerState> {
+        match self.entries.get(key.index) {
+            Some(Some((id, state))) if *id == key.id => Some(state),
+            _ => None,
+        }
+    }
+}
+
+/// The live generation's listeners, shared by the publisher (the only one
+/// that stores) and every accept loop and connection (which load).
+pub type LiveListeners = Arc<ArcSwap<ListenerTable>>;
+
+/// A listener as its accept loops see it.
+#[derive(Debug, Clone)]
+pub struct ListenerRef {
+    pub live: LiveListeners,
+    pub key: ListenerKey,
+}
+
+impl ListenerRef {
+    /// The listener's state in the live generation; `None` once a generation
+    /// without it went live.
+    pub fn load(&self) -> Option<ListenerState> {
+        self.live.load().get(self.key).cloned()
+    }
+}
+
+/// An HTTP connection's view of its listener: each request reads the live
+/// generation's state of it through [`HttpSlot::load_full`].
+#[derive(Debug, Clone)]
+pub struct HttpSlot {
+    live: LiveListeners,
+    key: ListenerKey,
+    /// The state the connection was accepted under: what its requests use
+    /// once the listener is no longer in the live generation (removed or
+    /// moved), as the connection finishes.
+    accepted: Arc<HttpListenerState>,
+}
+
+impl HttpSlot {
+    /// The slot of a connection accepted on `listener` under `accepted`.
+    pub fn new(listener: &ListenerRef, accepted: Arc<HttpListenerState>) -> Self {
+        Self {
+            live: listener.live.clone(),
+            key: listener.key,
+            accepted,
+        }
+    }
+
+    /// A slot that always answers `state`: a connection served outside a
+    /// running proxy.
+    pub fn fixed(state: Arc<HttpListenerState>) -> Self {
+        Self {
+            live: LiveListeners::default(),
+            key: ListenerKey { index: 0, id: 0 },
+            accepted: state,
+        }
+    }
+
+    /// The listener's state in the live generation (or, once the listener
+    /// left it, the state the connection was accepted under).
+    ///
+    /// On the request path: one `load` of the whole table (a guard, no
+    /// allocation, no lock), an index, and one reference count increment,
+    /// which is what `ArcSwap::load_full` on a slot per listener cost.
+    pub fn load_full(&self) -> Arc<HttpListenerState> {
+        match self.live.load().get(self.key) {
+            Some(ListenerState::Http(state)) => state.clone(),
+            _ => self.accepted.clone(),
+        }
     }
 }
 
@@ -346,6 +457,16 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The state of listener `name` in this generation.
+    pub fn listener(&self, name: &str) -> Option<ListenerState> {
+        match self.http.get(name) {
+            Some(state) => Some(ListenerState::Http(state.clone())),
+            None => self.tcp.get(name).cloned().map(ListenerState::Tcp),
+        }
+    }
+}
+
 fn plugin(
     plugins: &HashMap<String, Arc<WasmPlugin>>,
     owner: &str,
@@ -411,4 +532,74 @@ fn build_route(
         },
         filters,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::server::tests::listener_state;
+
+    fn state() -> Arc<HttpListenerState> {
+        listener_state("127.0.0.1:9".parse().unwrap(), &Metrics::new())
+    }
+
+    fn key(index: usize, id: u64) -> ListenerKey {
+        ListenerKey { index, id }
+    }
+
+    #[test]
+    fn one_store_moves_every_listener_to_the_next_generation() {
+        let live = LiveListeners::default();
+        let (a, b) = (key(0, 1), key(1, 2));
+        let slots = [a, b].map(|key| {
+            let listener = ListenerRef {
+                live: live.clone(),
+                key,
+            };
+            HttpSlot::new(&listener, state())
+        });
+        let old = [state(), state()];
+        let new = [state(), state()];
+        let table = |states: &[Arc<HttpListenerState>; 2]| {
+            ListenerTable::new(
+                [a, b]
+                    .into_iter()
+                    .zip(states.iter().map(|s| ListenerState::Http(s.clone()))),
+            )
+        };
+        live.store(Arc::new(table(&old)));
+        for (slot, state) in slots.iter().zip(&old) {
+            assert!(Arc::ptr_eq(&slot.load_full(), state));
+        }
+        live.store(Arc::new(table(&new)));
+        for (slot, state) in slots.iter().zip(&new) {
+            assert!(Arc::ptr_eq(&slot.load_full(), state));
+        }
+    }
+
+    #[test]
+    fn a_connection_of_a_closed_listener_keeps_its_state_not_its_successors() {
+        let live = LiveListeners::default();
+        let closed = ListenerRef {
+            live: live.clone(),
+            key: key(0, 1),
+        };
+        let accepted = state();
+        let slot = HttpSlot::new(&closed, accepted.clone());
+        // The next listener opened takes the freed index, with a new id.
+        let successor = state();
+        live.store(Arc::new(ListenerTable::new([(
+            key(0, 2),
+            ListenerState::Http(successor.clone()),
+        )])));
+        assert!(closed.load().is_none());
+        assert!(Arc::ptr_eq(&slot.load_full(), &accepted));
+        let opened = ListenerRef {
+            live: live.clone(),
+            key: key(0, 2),
+        };
+        assert!(
+            matches!(opened.load(), Some(ListenerState::Http(s)) if Arc::ptr_eq(&s, &successor))
+        );
+    }
 }

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::filter::PeerType;
@@ -26,10 +25,9 @@ pub async fn serve(
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
-    slot: Arc<ArcSwap<TcpListenerState>>,
+    state: Arc<TcpListenerState>,
     mut drain: DrainWatch,
 ) {
-    let state = slot.load_full();
     state.stats.connections_total.inc();
     state.stats.connections_active.inc();
     let _ = downstream.set_nodelay(true);

@@ -16,7 +16,7 @@ use lacewing_wasm::{WasmHost, WasmPlugin};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::snapshot::ListenerSlot;
+use crate::snapshot::{HttpSlot, ListenerRef, ListenerState};
 
 /// How often a worker drops the VMs of plugins whose last user went away.
 const RETIRE_EVERY: Duration = Duration::from_secs(1);
@@ -26,7 +26,7 @@ const RETIRE_EVERY: Duration = Duration::from_secs(1);
 pub struct WorkerListener {
     pub socket: std::net::TcpListener,
     pub local: SocketAddr,
-    pub slot: ListenerSlot,
+    pub listener: ListenerRef,
 }
 
 /// A plugin whose VM did not start on a worker.
@@ -161,7 +161,7 @@ impl Worker {
         tokio::task::spawn_local(accept_loop(
             socket,
             l.local,
-            l.slot,
+            l.listener,
             stop,
             self.drain.clone(),
             self.tracker.clone(),
@@ -232,13 +232,18 @@ pub fn run(
 async fn accept_loop(
     listener: TcpListener,
     local: SocketAddr,
-    slot: ListenerSlot,
+    live: ListenerRef,
     mut stop: oneshot::Receiver<()>,
     mut drain: DrainWatch,
     tracker: Rc<Tracker>,
     ids: Arc<AtomicU64>,
 ) {
-    let mut backoff = slot.accept_backoff();
+    // The publisher stores the generation before it asks for the listener.
+    let Some(first) = live.load() else {
+        return;
+    };
+    let mut backoff = first.accept_backoff();
+    drop(first);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -260,7 +265,13 @@ async fn accept_loop(
                 }
             }
         };
-        let max_connections = slot.max_connections();
+        // The live generation's state of this listener, read once per connection.
+        let Some(state) = live.load() else {
+            // A generation without this listener is live and the command to
+            // stop accepting is on its way: stop now.
+            break;
+        };
+        let max_connections = state.max_connections();
         if tracker.open.get() >= max_connections {
             tracing::warn!(%remote, max_connections, "connection limit reached; closing new connection");
             drop(stream);
@@ -269,28 +280,27 @@ async fn accept_loop(
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let guard = Tracked::new(&tracker);
         let drain = drain.clone();
-        match &slot {
-            ListenerSlot::Http(state) => {
-                let state = state.clone();
-                let tls = state.load().tls.clone();
+        match state {
+            ListenerState::Http(state) => {
+                let tls = state.tls.clone();
+                let slot = HttpSlot::new(&live, state);
                 tokio::task::spawn_local(async move {
                     match tls {
                         Some(tls) => {
                             crate::http::tls::serve_tcp(
-                                stream, tls, remote, local, id, state, drain,
+                                stream, tls, remote, local, id, slot, drain,
                             )
                             .await;
                         }
                         None => {
-                            crate::http::server::serve(stream, remote, local, id, state, drain)
+                            crate::http::server::serve(stream, remote, local, id, slot, drain)
                                 .await;
                         }
                     }
                     drop(guard);
                 });
             }
-            ListenerSlot::Tcp(state) => {
-                let state = state.clone();
+            ListenerState::Tcp(state) => {
                 tokio::task::spawn_local(async move {
                     crate::tcp::serve(stream, remote, local, id, state, drain).await;
                     drop(guard);

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  demo           build the proxy and the demo filter, run `lacewing demo`
+  demo           build the filters and the proxy, run `lacewing demo`
   test           build the wasm modules, then fmt check, clippy and every test
   build-filters [NAME...]
                  build the proxy-wasm modules under filters/, tests/modules/ and examples/
@@ -303,20 +303,12 @@ fn test() -> anyhow::Result<()> {
 }
 
 fn demo(extra: &[String]) -> anyhow::Result<()> {
-    ensure_wasm_target()?;
-    run(
-        &cargo(),
-        &[
-            "build",
-            "--target",
-            "wasm32-wasip1",
-            "--profile",
-            "wasm",
-            "-p",
-            "header-echo",
-        ],
-        &[],
-    )?;
+    // The filters under filters/ first: the first-party ones are embedded in
+    // `lacewing` when it is compiled, and the demo's mesh uses them.
+    let filters = std::fs::read_dir(workspace_root().join("filters"))?
+        .filter_map(|entry| Some(entry.ok()?.file_name().to_str()?.to_string()))
+        .collect::<Vec<_>>();
+    build_filters(&filters)?;
     run(
         &cargo(),
         &["run", "--release", "-p", "lacewing", "--", "demo"],

@@ -284,17 +284,16 @@ impl Agent {
                     }
                 }
             };
+            // Kept on disk before the ACK, so an ACKed version is one a
+            // sidecar restarted while the control plane is away serves.
+            if std::mem::take(&mut saving) {
+                self.save_serving().await;
+            }
             let message = api::SidecarMessage {
                 message: Some(api::sidecar_message::Message::Answer(answer)),
             };
             if tx.send(message).await.is_err() {
                 break;
-            }
-            // Kept on disk after the ACK: the sync to disk is not on the way
-            // from a change to its ACK. A crash in between restarts from the
-            // previous snapshot, and the control plane sends this one again.
-            if std::mem::take(&mut saving) {
-                self.save_serving().await;
             }
             // The first snapshot told the trust domain: ask for a certificate.
             if self.identity.wants_certificate()

@@ -20,16 +20,18 @@ pub enum Kind {
     TrafficSplit,
     TrafficTarget,
     HttpRouteGroup,
+    MeshConfig,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::WasmPlugin,
         Kind::MeshTls,
         Kind::TrafficSplit,
         Kind::TrafficTarget,
         Kind::HttpRouteGroup,
+        Kind::MeshConfig,
     ];
 
     /// The name written in `kind:`.
@@ -41,13 +43,14 @@ impl Kind {
             Kind::TrafficSplit => "TrafficSplit",
             Kind::TrafficTarget => "TrafficTarget",
             Kind::HttpRouteGroup => "HTTPRouteGroup",
+            Kind::MeshConfig => "MeshConfig",
         }
     }
 
     /// The one `apiVersion` this kind is accepted with.
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service | Kind::WasmPlugin | Kind::MeshTls => LACEWING_API,
+            Kind::Service | Kind::WasmPlugin | Kind::MeshTls | Kind::MeshConfig => LACEWING_API,
             Kind::TrafficSplit => "split.smi-spec.io/v1alpha4",
             Kind::TrafficTarget => "access.smi-spec.io/v1alpha3",
             Kind::HttpRouteGroup => "specs.smi-spec.io/v1alpha4",
@@ -95,6 +98,7 @@ pub enum Spec {
     TrafficSplit(TrafficSplitSpec),
     TrafficTarget(TrafficTargetSpec),
     HttpRouteGroup(HttpRouteGroupSpec),
+    MeshConfig(MeshConfigSpec),
 }
 
 /// One mesh document.
@@ -133,6 +137,7 @@ impl Document {
             Spec::TrafficSplit(_) => Kind::TrafficSplit,
             Spec::TrafficTarget(_) => Kind::TrafficTarget,
             Spec::HttpRouteGroup(_) => Kind::HttpRouteGroup,
+            Spec::MeshConfig(_) => Kind::MeshConfig,
         }
     }
 
@@ -168,6 +173,7 @@ impl Document {
             Spec::TrafficSplit(s) => enc(self, s),
             Spec::TrafficTarget(s) => enc(self, s),
             Spec::HttpRouteGroup(s) => enc(self, s),
+            Spec::MeshConfig(s) => enc(self, s),
         }
     }
 
@@ -231,6 +237,7 @@ where
         Kind::TrafficSplit => typed(d).map(|(m, s)| (m, Spec::TrafficSplit(s))),
         Kind::TrafficTarget => typed(d).map(|(m, s)| (m, Spec::TrafficTarget(s))),
         Kind::HttpRouteGroup => typed(d).map(|(m, s)| (m, Spec::HttpRouteGroup(s))),
+        Kind::MeshConfig => typed(d).map(|(m, s)| (m, Spec::MeshConfig(s))),
     }?;
     Ok(Document { metadata, spec })
 }

@@ -117,7 +117,10 @@ impl Default for Outlier {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WasmPluginSpec {
-    /// A file path (`apply` uploads it and stores `sha256:<hex>`), or `sha256:<hex>` of an uploaded module.
+    /// A file path (`apply` uploads it and stores `sha256:<hex>`),
+    /// `sha256:<hex>` of an uploaded module, or `builtin:<name>` for a
+    /// first-party filter the control plane ships (`authz`, `telemetry`,
+    /// `headers`, `ratelimit`, `seal`).
     pub module: String,
     /// Expected sha256 (hex) of the module; apply refuses a module that differs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,7 +255,10 @@ pub struct TypedRef {
     pub name: String,
 }
 
-/// SMI `TrafficTarget` (`access.smi-spec.io/v1alpha3`): stored and validated; enforced later.
+/// SMI `TrafficTarget` (`access.smi-spec.io/v1alpha3`): who may call a
+/// destination, through which routes. The control plane turns the targets of
+/// a destination into the configuration of the `authz` filter on its inbound
+/// listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficTargetSpec {
@@ -282,7 +288,8 @@ pub struct TargetRule {
     pub matches: Vec<String>,
 }
 
-/// SMI `HTTPRouteGroup` (`specs.smi-spec.io/v1alpha4`): stored and validated; enforced later.
+/// SMI `HTTPRouteGroup` (`specs.smi-spec.io/v1alpha4`): named request
+/// matches that TrafficTargets refer to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpRouteGroupSpec {
@@ -298,8 +305,81 @@ pub struct HttpMatch {
     pub path_regex: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Header name to a regex its whole value must match. Written as a map
+    /// or, as many SMI files do, as a list of one-entry maps.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "header_matches"
+    )]
     pub headers: BTreeMap<String, String>,
+}
+
+/// `headers` as `{name: regex, …}` or `[{name: regex}, …]`.
+fn header_matches<'de, D>(d: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Map(BTreeMap<String, String>),
+        List(Vec<BTreeMap<String, String>>),
+    }
+    match Written::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "expected a map of header name to regex, or a list of one-entry maps",
+        )
+    })? {
+        Written::Map(map) => Ok(map),
+        Written::List(list) => {
+            let mut map = BTreeMap::new();
+            for entry in list {
+                for (name, re) in entry {
+                    if map.insert(name.clone(), re).is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "header `{name}` listed twice"
+                        )));
+                    }
+                }
+            }
+            Ok(map)
+        }
+    }
+}
+
+/// `MeshConfig` (`lacewing.dev/v1alpha1`): settings for every sidecar of its
+/// namespace (at most one per namespace).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfigSpec {
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+}
+
+/// The first-party `telemetry` filter, which runs on every sidecar's
+/// inbound and outbound listeners unless turned off here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TelemetrySettings {
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// One JSON access-log line per request.
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
+    /// W3C `traceparent` propagation.
+    #[serde(default = "defaults::yes")]
+    pub trace: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            access_log: true,
+            trace: true,
+        }
+    }
 }
 
 /// Defaults, shared with the docs.
@@ -337,5 +417,8 @@ pub mod defaults {
     }
     pub fn callback_timeout() -> Dur {
         Dur(Duration::from_millis(100))
+    }
+    pub fn yes() -> bool {
+        true
     }
 }

@@ -50,7 +50,15 @@ pub fn check_document(doc: &Document) -> Vec<(String, String)> {
         }
         Spec::WasmPlugin(p) => {
             if p.module.trim().is_empty() {
-                bad("spec.module", "must name a file or `sha256:<hex>`".into());
+                bad(
+                    "spec.module",
+                    "must name a file, `sha256:<hex>` or `builtin:<name>`".into(),
+                );
+            } else if p.module.strip_prefix("builtin:").is_some_and(str::is_empty) {
+                bad(
+                    "spec.module",
+                    "`builtin:` must be followed by a filter name".into(),
+                );
             } else if let Some(hex) = p.module.strip_prefix("sha256:")
                 && !is_sha256(hex)
             {
@@ -133,6 +141,17 @@ pub fn check_document(doc: &Document) -> Vec<(String, String)> {
                     bad(&format!("{field}.kind"), "must be ServiceAccount".into());
                 }
             }
+            if let Some(dest_ns) = &t.destination.namespace
+                && *dest_ns != doc.metadata.namespace
+            {
+                bad(
+                    "spec.destination.namespace",
+                    format!(
+                        "must be the TrafficTarget's own namespace `{}`",
+                        doc.metadata.namespace
+                    ),
+                );
+            }
             for (i, r) in t.rules.iter().enumerate() {
                 if r.kind != "HTTPRouteGroup" {
                     bad(
@@ -149,12 +168,24 @@ pub fn check_document(doc: &Document) -> Vec<(String, String)> {
                     bad(&format!("spec.matches[{i}].name"), "listed twice".into());
                 }
                 if let Some(re) = &m.path_regex
-                    && let Err(e) = regex_lite_check(re)
+                    && let Err(e) = check_regex(re)
                 {
                     bad(&format!("spec.matches[{i}].pathRegex"), e);
                 }
+                for (name, re) in &m.headers {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        bad(
+                            &format!("spec.matches[{i}].headers"),
+                            format!("`{name}` is not a header name"),
+                        );
+                    }
+                    if let Err(e) = check_regex(re) {
+                        bad(&format!("spec.matches[{i}].headers.{name}"), e);
+                    }
+                }
             }
         }
+        Spec::MeshConfig(_) => {}
     }
     out
 }
@@ -195,29 +226,20 @@ pub fn is_sha256(hex: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Bracket balance of a path regex; the full check happens where it is enforced.
-fn regex_lite_check(re: &str) -> Result<(), String> {
-    let mut depth = 0i32;
-    for c in re.chars() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            _ => {}
-        }
-        if depth < 0 {
-            return Err(format!("`{re}` has an unbalanced `)`"));
-        }
-    }
-    if depth != 0 {
-        return Err(format!("`{re}` has an unbalanced `(`"));
-    }
-    Ok(())
+/// A regex as the `authz` filter compiles it: anchored to the whole value,
+/// the `regex` crate's syntax without Unicode classes.
+pub fn check_regex(re: &str) -> Result<(), String> {
+    regex::Regex::new(&format!("^(?:{re})$"))
+        .map(drop)
+        .map_err(|e| format!("invalid regex `{re}`: {e}"))
 }
 
-/// What references may point at: the documents that would be stored, and the modules held.
+/// What references may point at: the documents that would be stored, the
+/// modules held and the first-party filters shipped.
 pub struct Catalog<'a> {
     keys: BTreeSet<String>,
     has_module: &'a dyn Fn(&str) -> bool,
+    builtins: &'a [&'a str],
 }
 
 impl<'a> Catalog<'a> {
@@ -228,7 +250,14 @@ impl<'a> Catalog<'a> {
         Self {
             keys: docs.into_iter().map(Document::key).collect(),
             has_module,
+            builtins: &[],
         }
+    }
+
+    /// The first-party filters `builtin:<name>` may name.
+    pub fn with_builtins(mut self, builtins: &'a [&'a str]) -> Self {
+        self.builtins = builtins;
+        self
     }
 
     fn has(&self, kind: Kind, namespace: &str, name: &str) -> bool {
@@ -245,6 +274,13 @@ pub fn check_references<'d>(
     let mut out = Vec::new();
     for doc in docs {
         let ns = doc.namespace();
+        if matches!(doc.spec, Spec::TrafficTarget(_)) && !catalog.builtins.contains(&"authz") {
+            out.push(MeshIssue::new(
+                doc.key(),
+                "spec",
+                "this control plane was built without the first-party `authz` filter that enforces TrafficTargets (`cargo xtask build-filters`, then build `lacewing` again)",
+            ));
+        }
         let mut bad =
             |field: String, reason: String| out.push(MeshIssue::new(doc.key(), field, reason));
         let mut service = |field: String, name: &str| {
@@ -273,7 +309,30 @@ pub fn check_references<'d>(
             Spec::TrafficTarget(t) => {
                 service("spec.destination.name".into(), &t.destination.name);
                 for (i, s) in t.sources.iter().enumerate() {
-                    service(format!("spec.sources[{i}].name"), &s.name);
+                    let source_ns = s.namespace.as_deref().unwrap_or(ns);
+                    if !catalog.has(Kind::Service, source_ns, &s.name) {
+                        bad(
+                            format!("spec.sources[{i}].name"),
+                            format!("no Service `{}` in namespace `{source_ns}`", s.name),
+                        );
+                    }
+                }
+            }
+            Spec::MeshConfig(_) => {
+                let others = catalog
+                    .keys
+                    .iter()
+                    .filter(|k| {
+                        k.strip_prefix("MeshConfig/")
+                            .and_then(|rest| rest.split_once('/'))
+                            .is_some_and(|(kns, _)| kns == ns)
+                    })
+                    .count();
+                if others > 1 {
+                    bad(
+                        "metadata.name".into(),
+                        format!("namespace `{ns}` has more than one MeshConfig; keep one"),
+                    );
                 }
             }
             Spec::Service(_) | Spec::HttpRouteGroup(_) => {}
@@ -304,6 +363,23 @@ pub fn check_references<'d>(
             }
         }
         if let Spec::WasmPlugin(p) = &doc.spec {
+            if let Some(name) = p.module.strip_prefix("builtin:") {
+                if !catalog.builtins.contains(&name) {
+                    out.push(MeshIssue::new(
+                        doc.key(),
+                        "spec.module",
+                        if catalog.builtins.is_empty() {
+                            format!("no first-party filter `{name}`: this control plane was built without them (`cargo xtask build-filters` before building it)")
+                        } else {
+                            format!(
+                                "no first-party filter `{name}`; known: {}",
+                                catalog.builtins.join(", ")
+                            )
+                        },
+                    ));
+                }
+                continue;
+            }
             match p.module.strip_prefix("sha256:") {
                 Some(hex) if !(catalog.has_module)(hex) => out.push(MeshIssue::new(
                     doc.key(),
@@ -314,7 +390,7 @@ pub fn check_references<'d>(
                 None => out.push(MeshIssue::new(
                     doc.key(),
                     "spec.module",
-                    "must be `sha256:<hex>` here (apply uploads files and writes their sha256)",
+                    "must be `sha256:<hex>` or `builtin:<name>` here (apply uploads files and writes their sha256)",
                 )),
             }
         }
@@ -366,6 +442,62 @@ mod tests {
         );
         let all = |_: &str| true;
         assert!(check_references(&docs, &Catalog::new(&docs, &all)).is_empty());
+    }
+
+    #[test]
+    fn first_party_filters_must_be_shipped() {
+        let docs = docs(
+            "apiVersion: lacewing.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {port: 80}\n---\n\
+             apiVersion: lacewing.dev/v1alpha1\nkind: WasmPlugin\nmetadata: {name: h}\nspec: {module: 'builtin:headers'}\n---\n\
+             kind: TrafficTarget\napiVersion: access.smi-spec.io/v1alpha3\nmetadata: {name: t}\n\
+             spec: {destination: {kind: ServiceAccount, name: web}, sources: [{kind: ServiceAccount, name: web}]}\n",
+        );
+        let none = |_: &str| false;
+        let shipped = ["authz", "headers"];
+        let with = Catalog::new(&docs, &none).with_builtins(&shipped);
+        assert!(check_references(&docs, &with).is_empty());
+        let without = Catalog::new(&docs, &none);
+        let issues = check_references(&docs, &without);
+        let fields: Vec<(&str, &str)> = issues
+            .iter()
+            .map(|i| (i.key.as_str(), i.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("WasmPlugin/default/h", "spec.module"),
+                ("TrafficTarget/default/t", "spec")
+            ],
+            "{issues:?}"
+        );
+        assert!(
+            issues[1]
+                .reason
+                .contains("without the first-party `authz` filter")
+        );
+    }
+
+    #[test]
+    fn route_group_regexes_compile_and_headers_take_both_forms() {
+        let text = |headers: &str, path: &str| {
+            format!(
+                "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: g}}\n\
+                 spec:\n  matches:\n  - name: m\n    pathRegex: '{path}'\n    headers: {headers}\n"
+            )
+        };
+        let listed = docs(&text("[{x-a: 'v.*'}, {x-b: b}]", "/api/.*")).remove(0);
+        let Spec::HttpRouteGroup(g) = &listed.spec else {
+            panic!()
+        };
+        assert_eq!(g.matches[0].headers.len(), 2);
+        let bad = parse_str(&text("{x-a: '(v'}", "/api/(x"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("spec.matches[0].pathRegex: invalid regex `/api/(x`")
+                && bad.contains("spec.matches[0].headers.x-a: invalid regex `(v`"),
+            "{bad}"
+        );
     }
 
     #[test]

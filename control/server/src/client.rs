@@ -161,7 +161,7 @@ impl Client {
             let Spec::WasmPlugin(plugin) = &parsed.document.spec else {
                 continue;
             };
-            if plugin.module.starts_with("sha256:") {
+            if plugin.module.starts_with("sha256:") || plugin.module.starts_with("builtin:") {
                 continue;
             }
             let path = base.join(&plugin.module);

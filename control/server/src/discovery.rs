@@ -182,7 +182,12 @@ fn index_at(shared: &Shared, cache: &Mutex<Arc<Index>>, epoch: u64) -> Arc<Index
     let mut cached = cache.lock().unwrap_or_else(PoisonError::into_inner);
     if cached.epoch != epoch {
         let view = shared.mesh();
-        *cached = Arc::new(Index::build(epoch, &view, &shared.sidecar_endpoints()));
+        *cached = Arc::new(Index::build(
+            epoch,
+            &view,
+            &shared.sidecar_endpoints(),
+            &shared.first_party,
+        ));
     }
     cached.clone()
 }

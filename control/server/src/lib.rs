@@ -12,6 +12,7 @@ pub mod api_tls;
 pub mod ca;
 pub mod client;
 pub mod discovery;
+pub mod first_party;
 pub mod mesh_tls;
 pub mod metrics;
 pub mod operator;
@@ -112,7 +113,10 @@ impl ControlPlane {
         let path = state_dir.join(STORE_FILE);
         let store: Arc<dyn Store> =
             Arc::new(tokio::task::block_in_place(|| RedbStore::open(&path))?);
-        let shared = Shared::new(store, ControlMetrics::new())?;
+        let first_party = tokio::task::block_in_place(|| {
+            first_party::FirstParty::install(&*store, &ca_options.trust_domain)
+        })?;
+        let shared = Shared::new(store, ControlMetrics::new(), first_party)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Listen {

@@ -160,14 +160,9 @@ fn wire(mode: TlsMode) -> api::MeshTlsMode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lacewing_mesh::parse_str;
 
     fn view(text: &str) -> MeshView {
-        let mut docs = BTreeMap::new();
-        for d in parse_str(text, "t.yaml").unwrap() {
-            docs.insert(d.document.key(), (d.document, 1));
-        }
-        MeshView { version: 1, docs }
+        MeshView::parse(text, 1)
     }
 
     const MESH: &str = "\

@@ -59,6 +59,7 @@ fn plan(
     view: &MeshView,
     request: &api::ApplyRequest,
     has_module: &dyn Fn(&str) -> bool,
+    builtins: &[&str],
 ) -> Result<Plan, Vec<api::Issue>> {
     let mut issues = Vec::new();
     let mut incoming: BTreeMap<String, Document> = BTreeMap::new();
@@ -111,7 +112,7 @@ fn plan(
     for (key, doc) in &incoming {
         merged.insert(key, doc);
     }
-    let catalog = Catalog::new(merged.values().copied(), has_module);
+    let catalog = Catalog::new(merged.values().copied(), has_module).with_builtins(builtins);
     let problems = check_references(merged.values().copied(), &catalog);
     if !problems.is_empty() {
         return Err(problems.into_iter().map(issue).collect());
@@ -213,7 +214,12 @@ impl api::operator_server::Operator for Operator {
             changes,
             changed,
             unchanged,
-        } = match plan(&view, &request, &has_module) {
+        } = match plan(
+            &view,
+            &request,
+            &has_module,
+            self.shared.first_party.names(),
+        ) {
             Ok(plan) => plan,
             Err(issues) => {
                 self.shared

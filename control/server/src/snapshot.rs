@@ -9,6 +9,7 @@ use lacewing_control_api as api;
 use lacewing_mesh::Spec;
 use lacewing_mesh::kinds::{self, Direction, Fail, Lb, Protocol};
 
+use crate::first_party::FirstParty;
 use crate::push::Built;
 use crate::state::MeshView;
 
@@ -40,6 +41,7 @@ impl Index {
         epoch: u64,
         view: &MeshView,
         sidecar_endpoints: &BTreeMap<(String, String), Vec<String>>,
+        first_party: &FirstParty,
     ) -> Self {
         let mut index = Index {
             epoch,
@@ -73,7 +75,7 @@ impl Index {
                         .collect(),
                 }),
                 Spec::WasmPlugin(p) => {
-                    let Some(sha256) = p.module.strip_prefix("sha256:") else {
+                    let Some(sha256) = first_party.resolve(&p.module) else {
                         continue;
                     };
                     let plugin = api::Plugin {
@@ -106,9 +108,13 @@ impl Index {
                         plugin,
                     ));
                 }
-                Spec::MeshTls(_) | Spec::TrafficTarget(_) | Spec::HttpRouteGroup(_) => {}
+                Spec::MeshTls(_)
+                | Spec::TrafficTarget(_)
+                | Spec::HttpRouteGroup(_)
+                | Spec::MeshConfig(_) => {}
             }
         }
+        plugins.extend(first_party.plugins(view));
         plugins.sort_by(|a, b| {
             (a.0, std::cmp::Reverse(a.1), &a.4.name).cmp(&(b.0, std::cmp::Reverse(b.1), &b.4.name))
         });
@@ -219,14 +225,9 @@ fn service(name: &str, ns: &str, s: &kinds::ServiceSpec, endpoints: Vec<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lacewing_mesh::parse_str;
 
     fn view(text: &str) -> MeshView {
-        let mut docs = BTreeMap::new();
-        for d in parse_str(text, "t.yaml").unwrap() {
-            docs.insert(d.document.key(), (d.document, 1));
-        }
-        MeshView { version: 7, docs }
+        MeshView::parse(text, 7)
     }
 
     fn hello(service: &str) -> api::Hello {
@@ -268,7 +269,7 @@ spec: {module: 'sha256:222222222222222222222222222222222222222222222222222222222
             ("default".to_string(), "orders".to_string()),
             vec!["127.0.0.1:5".to_string()],
         );
-        let index = Index::build(1, &view(MESH), &eps);
+        let index = Index::build(1, &view(MESH), &eps, &FirstParty::default());
         let snap = &index.snapshot_for(&hello("web")).snapshot;
         assert_eq!(snap.version, 7);
         let orders = snap.services.iter().find(|s| s.name == "orders").unwrap();
@@ -281,7 +282,7 @@ spec: {module: 'sha256:222222222222222222222222222222222222222222222222222222222
 
     #[test]
     fn plugins_follow_selector_and_phase_order() {
-        let index = Index::build(1, &view(MESH), &BTreeMap::new());
+        let index = Index::build(1, &view(MESH), &BTreeMap::new(), &FirstParty::default());
         let names = |s: Arc<Built>| {
             s.snapshot
                 .plugins

@@ -9,6 +9,7 @@ use lacewing_control_api as api;
 use lacewing_mesh::Document;
 use tokio::sync::watch;
 
+use crate::first_party::FirstParty;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError};
 
@@ -38,6 +39,17 @@ impl MeshView {
 
     pub fn documents(&self) -> impl Iterator<Item = &Document> {
         self.docs.values().map(|(d, _)| d)
+    }
+
+    /// The documents of `text` (a mesh file) as version `version`, each
+    /// written by version 1.
+    #[cfg(test)]
+    pub(crate) fn parse(text: &str, version: u64) -> Self {
+        let mut docs = BTreeMap::new();
+        for d in lacewing_mesh::parse_str(text, "t.yaml").unwrap() {
+            docs.insert(d.document.key(), (d.document, 1));
+        }
+        MeshView { version, docs }
     }
 }
 
@@ -100,6 +112,8 @@ pub struct Shared {
     /// Set when the control plane shuts down: every stream ends.
     pub closing: watch::Sender<bool>,
     pub metrics: ControlMetrics,
+    /// The first-party filters shipped with this binary.
+    pub first_party: FirstParty,
     /// Applies run one at a time.
     pub apply_lock: tokio::sync::Mutex<()>,
     sessions: std::sync::atomic::AtomicU64,
@@ -112,7 +126,11 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn Store>, metrics: ControlMetrics) -> Result<Arc<Self>, StoreError> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: ControlMetrics,
+        first_party: FirstParty,
+    ) -> Result<Arc<Self>, StoreError> {
         let view = MeshView::load(&*store)?;
         metrics.version.set(view.version as i64);
         Ok(Arc::new(Self {
@@ -123,6 +141,7 @@ impl Shared {
             answers: watch::channel(0).0,
             closing: watch::channel(false).0,
             metrics,
+            first_party,
             apply_lock: tokio::sync::Mutex::new(()),
             sessions: std::sync::atomic::AtomicU64::new(1),
         }))

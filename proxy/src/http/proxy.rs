@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -27,7 +26,7 @@ use super::local_reply::{self, Answer};
 use super::progress::{self, ConnProgress};
 use crate::access_log::{Entry, epoch_seconds};
 use crate::chain::{ChainLimits, HttpChain, Stop, http::ResponseBody};
-use crate::snapshot::{HttpListenerState, RouteState, Target};
+use crate::snapshot::{HttpListenerState, HttpSlot, RouteState, Target};
 
 /// The downstream connection a request arrived on.
 #[derive(Debug)]
@@ -35,7 +34,7 @@ pub struct ConnContext {
     pub id: u64,
     pub remote: SocketAddr,
     pub local: SocketAddr,
-    pub slot: Arc<ArcSwap<HttpListenerState>>,
+    pub slot: HttpSlot,
     /// What the connection's timers and fair-share limit look at.
     pub progress: ConnProgress,
     /// What the TLS handshake established, for a TLS connection.

@@ -13,7 +13,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,7 +26,7 @@ use tokio::time::Instant;
 use super::io::{CountingIo, IoStats};
 use super::progress::ConnProgress;
 use super::proxy::{ConnContext, handle};
-use crate::snapshot::HttpListenerState;
+use crate::snapshot::HttpSlot;
 
 /// Runs hyper's HTTP/2 stream tasks on the worker thread.
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +47,7 @@ pub async fn serve(
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
-    slot: Arc<ArcSwap<HttpListenerState>>,
+    slot: HttpSlot,
     drain: DrainWatch,
 ) {
     let _ = stream.set_nodelay(true);
@@ -64,7 +63,7 @@ pub async fn serve_io<I>(
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
-    slot: Arc<ArcSwap<HttpListenerState>>,
+    slot: HttpSlot,
     mut drain: DrainWatch,
     tls: Option<Arc<TlsFacts>>,
 ) where
@@ -210,7 +209,7 @@ pub(crate) mod tests {
     use lacewing_wasm::{HostOptions, LogLevel, WasmHost};
 
     use super::*;
-    use crate::snapshot::Snapshot;
+    use crate::snapshot::{HttpListenerState, Snapshot};
 
     /// An upstream on 127.0.0.1:0 answering every request with its path.
     pub(crate) async fn upstream() -> SocketAddr {
@@ -269,7 +268,7 @@ clusters:
             .unwrap();
         tokio::task::LocalSet::new().block_on(&runtime, async {
             let state = listener_state(upstream().await, &Metrics::new());
-            let slot = Arc::new(ArcSwap::new(state));
+            let slot = HttpSlot::fixed(state);
             // An in-memory pipe stands where a TLS stream would.
             let (client_end, proxy_end) = tokio::io::duplex(64 * 1024);
             let (_trigger, drain) = lacewing_core::drain::channel();

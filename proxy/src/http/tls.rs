@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use lacewing_config::ListenerTlsMode;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
@@ -21,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::server::serve_io;
-use crate::snapshot::HttpListenerState;
+use crate::snapshot::HttpSlot;
 
 /// One listener's TLS: the proxy's live identity, the mode, and its counters.
 pub struct DownstreamTls {
@@ -86,7 +85,7 @@ pub async fn serve_tcp(
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
-    slot: Arc<ArcSwap<HttpListenerState>>,
+    slot: HttpSlot,
     drain: DrainWatch,
 ) {
     let _ = stream.set_nodelay(true);
@@ -218,7 +217,7 @@ mod tests {
         let (ca, _) = MeshCa::generate("mesh.local").unwrap();
         let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
         let metrics = Metrics::new();
-        let slot = Arc::new(ArcSwap::new(listener_state(upstream().await, &metrics)));
+        let slot = HttpSlot::fixed(listener_state(upstream().await, &metrics));
         let identity = LiveIdentity::new();
         identity
             .install(

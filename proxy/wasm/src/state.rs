@@ -148,6 +148,9 @@ pub(crate) struct HostState {
     pub failure_note: Option<String>,
     /// WASI environment, `KEY=VALUE`.
     pub env: Vec<String>,
+    /// The last error-level line the module logged (bounded), so a refused
+    /// `on_vm_start`/`on_configure` can say why.
+    pub last_error_log: Option<String>,
 }
 
 impl HostState {
@@ -179,6 +182,7 @@ impl HostState {
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect(),
+            last_error_log: None,
         }
     }
 

@@ -137,6 +137,7 @@ impl Vm {
                 "on_configure returned false",
             ),
         ];
+        self.with_state(|s| s.last_error_log = None);
         for (callback, func, config_size, refusal) in steps {
             let accepted = self.call(
                 plugin,
@@ -147,8 +148,16 @@ impl Vm {
                 |_| {},
             )?;
             if accepted == Some(0) {
-                self.with_state(|s| s.remove_context(id));
-                return Err(Failure::rejected(refusal));
+                let logged = self
+                    .with_state(|s| {
+                        s.remove_context(id);
+                        s.last_error_log.take()
+                    })
+                    .flatten();
+                return Err(Failure::rejected(match logged {
+                    Some(line) => format!("{refusal}: {line}"),
+                    None => refusal.to_string(),
+                }));
             }
         }
         self.roots.borrow_mut().insert(plugin.uid, id);

@@ -17,6 +17,7 @@ mod grpc;
 mod mesh_control;
 mod mesh_demo;
 mod mesh_operator_tls;
+mod mesh_policy;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;

@@ -180,19 +180,25 @@ async fn mesh_sidecars_get_snapshots_with_modules_and_endpoints() {
     until_acked(&client, "web-20011", applied.version).await;
 
     let config = orders.published.last().expect("orders got a configuration");
-    assert_eq!(config.plugins.len(), 1);
-    let stored = std::fs::read(&config.plugins[0].module).unwrap();
+    let tag = config
+        .plugins
+        .iter()
+        .find(|p| p.name == "default.tag")
+        .expect("orders runs the plugin");
+    let stored = std::fs::read(&tag.module).unwrap();
     assert_eq!(
         stored, module,
         "the module reached the sidecar's cache intact"
     );
     assert_eq!(
         config.listeners[0].filters,
-        ["default.tag"],
-        "inbound runs the plugin"
+        ["default.lacewing-telemetry-inbound", "default.tag"],
+        "inbound runs the default telemetry (phase stats), then the plugin"
     );
     assert!(
-        web.published.last().is_none_or(|c| c.plugins.is_empty()),
+        web.published
+            .last()
+            .is_none_or(|c| c.plugins.iter().all(|p| p.name != "default.tag")),
         "web is not selected"
     );
 

@@ -526,7 +526,8 @@ async fn mesh_a_sidecar_fetches_only_the_modules_its_cache_lacks() {
     let (text, _) = round(1, &conformance, &header_echo);
     let (_, progress) = apply_and_wait(&mut operator, dir.path(), "mesh.yaml", &text).await;
     assert!(acked(progress));
-    assert_eq!(downloads(plane.metrics().await), Some(1.0));
+    // The plugin's module and the default telemetry filter's.
+    assert_eq!(downloads(plane.metrics().await), Some(2.0));
 
     orders.kill();
     until_connected(&operator, 0).await;
@@ -538,14 +539,14 @@ async fn mesh_a_sidecar_fetches_only_the_modules_its_cache_lacks() {
     assert!(acked(progress));
     assert_eq!(
         downloads(plane.metrics().await),
-        Some(1.0),
-        "the restarted sidecar had the module"
+        Some(2.0),
+        "the restarted sidecar had the modules"
     );
     // A module it never had.
     let (text, _) = round(2, &conformance, &header_echo);
     let (_, progress) = apply_and_wait(&mut operator, dir.path(), "mesh.yaml", &text).await;
     assert!(acked(progress));
-    assert_eq!(downloads(plane.metrics().await), Some(2.0));
+    assert_eq!(downloads(plane.metrics().await), Some(3.0));
 }
 
 /// `lacewing ARGS` to the end: (success, stdout, stderr).

@@ -1,12 +1,13 @@
 //! Live generations: a running proxy takes a whole new configuration, under
 //! load, with no failed request; a generation that does not build is rejected
 //! with its reason while the live one keeps serving; plugins' VMs run (and
-//! tick) from the moment they are published; SIGHUP re-reads the file.
+//! tick) from the moment they are published; every listener moves to a new
+//! generation at once; SIGHUP re-reads the file.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -138,6 +139,87 @@ async fn reloads_under_load_fail_no_request_and_mix_no_generations() {
         ),
         Some(RELOADS as f64)
     );
+}
+
+/// `yaml` (a [`Generations`] configuration) with a second listener,
+/// `second`, the same as `main` but on a port of its own.
+fn two_listeners(yaml: &str) -> String {
+    let start = yaml.find("  - name: main").expect("listener main");
+    let end = yaml.find("clusters:").expect("clusters");
+    let second = yaml[start..end].replace("name: main", "name: second");
+    format!("{}{second}{}", &yaml[..end], &yaml[end..])
+}
+
+const SWAP_CLIENTS: usize = 4;
+const SWAPS: u64 = 20;
+
+/// One publish moves every listener to the new generation at once. Each
+/// generation tags its responses with its own number; clients alternate
+/// between keep-alive connections to listeners `main` and `second` while
+/// generations are published, and none gets, on one listener, a generation
+/// older than one the other listener already served it. Each publish waits
+/// until a client has seen it, so every generation is observed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_listener_serves_an_older_generation_after_another_served_a_newer_one() {
+    let up = Generations::start().await;
+    let handle = proxy::start(&two_listeners(&up.yaml("a", "1", 2)));
+    let urls = [
+        proxy::url(&handle, "main", "/"),
+        proxy::url(&handle, "second", "/"),
+    ];
+    let newest = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..SWAP_CLIENTS)
+        .map(|i| {
+            let (urls, newest, stop) = (urls.clone(), newest.clone(), stop.clone());
+            tokio::spawn(async move {
+                // HTTP/1.1 to `main`; HTTP/1.1 or h2 to `second`.
+                let second = if i % 2 == 0 {
+                    ReusingClient::http1()
+                } else {
+                    ReusingClient::h2()
+                };
+                let clients = [ReusingClient::http1(), second];
+                let mut last = (1, "main");
+                while !stop.load(Ordering::Relaxed) {
+                    for (client, (url, listener)) in
+                        clients.iter().zip(urls.iter().zip(["main", "second"]))
+                    {
+                        let response = client.get(url).await;
+                        assert_eq!(response.status, StatusCode::OK);
+                        let (_, tag) = generation_of(&response);
+                        let number: u64 = tag
+                            .parse()
+                            .unwrap_or_else(|_| panic!("a generation number, not `{tag}`"));
+                        assert!(
+                            number >= last.0,
+                            "listener `{listener}` served generation {number} after `{}` served generation {}",
+                            last.1,
+                            last.0
+                        );
+                        last = (number, listener);
+                        newest.fetch_max(number, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    for number in 2..=SWAPS + 1 {
+        let config = parse(&two_listeners(&up.yaml("a", &number.to_string(), 2)));
+        let generation = publish(&handle, config).await.expect("publish");
+        assert_eq!(generation.number, number);
+        let newest = newest.clone();
+        eventually(&format!("a client sees generation {number}"), || {
+            let newest = newest.clone();
+            async move { newest.load(Ordering::Relaxed) >= number }
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("every client saw generations in order");
+    }
 }
 
 /// Asserts that the proxy still answers from cluster `a` with tag `A`.
@@ -436,106 +518,212 @@ plugins:
     handle.shutdown();
 }
 
+/// The real binary, started on a configuration file of [`Generations`] with
+/// fixed listener and admin ports.
+struct FileProxy {
+    up: Generations,
+    dir: std::path::PathBuf,
+    file: std::path::PathBuf,
+    port: u16,
+    admin: u16,
+    /// Set once started.
+    child: Option<tokio::process::Child>,
+    pid: String,
+}
+
+impl FileProxy {
+    /// Writes the file for (`target`, `tag`) and starts `lacewing proxy
+    /// --config FILE` with `extra` arguments; returns once it serves.
+    async fn start(name: &str, extra: &[&str]) -> Self {
+        let up = Generations::start().await;
+        let dir = std::env::temp_dir().join(format!("lacewing-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("proxy.yaml");
+        let (port, admin) = (free_port(), free_port());
+        let mut proxy = Self {
+            up,
+            dir,
+            file,
+            port,
+            admin,
+            child: None,
+            pid: String::new(),
+        };
+        proxy.write("a", "A");
+        let child = tokio::process::Command::new(lacewing_tests::process::lacewing_binary())
+            .args(["proxy", "--config"])
+            .arg(&proxy.file)
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start lacewing");
+        proxy.pid = child.id().expect("child pid").to_string();
+        proxy.child = Some(child);
+        eventually("the proxy serves generation 1", || {
+            proxy.serves(pair("a", "A"))
+        })
+        .await;
+        proxy
+    }
+
+    /// Writes the configuration whose route goes to `target` with plugin tag `tag`.
+    fn write(&self, target: &str, tag: &str) {
+        let yaml = self
+            .up
+            .yaml(target, tag, 1)
+            .replace(
+                "address: 127.0.0.1:0 }",
+                &format!("address: 127.0.0.1:{} }}", self.admin),
+            )
+            .replace(
+                "address: 127.0.0.1:0\n",
+                &format!("address: 127.0.0.1:{}\n", self.port),
+            );
+        std::fs::write(&self.file, yaml).expect("write config");
+    }
+
+    /// Writes the live file again with a value that does not parse
+    /// (`drain_timeout`, line 3).
+    fn write_bad(&self) {
+        let good = std::fs::read_to_string(&self.file).expect("read config");
+        std::fs::write(
+            &self.file,
+            good.replace("drain_timeout: 1s", "drain_timeout: soon"),
+        )
+        .expect("write bad config");
+    }
+
+    /// Whether a new connection is answered by generation `expected`.
+    async fn serves(&self, expected: (String, String)) -> bool {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(5),
+            TcpStream::connect(("127.0.0.1", self.port)),
+        )
+        .await;
+        match connected {
+            Ok(Ok(_)) => {
+                let url = format!("http://127.0.0.1:{}/", self.port);
+                generation_of(&client::get(&url).await) == expected
+            }
+            _ => false,
+        }
+    }
+
+    fn admin(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin))
+    }
+
+    /// Asserts that the live generation is `number`, from the file.
+    async fn assert_generation(&self, number: u64) {
+        let dump = client::get(&format!("http://{}/config_dump", self.admin()))
+            .await
+            .json();
+        assert_eq!(dump["generation"]["number"], number);
+        assert_eq!(
+            dump["generation"]["source"],
+            format!("file:{}", self.file.display())
+        );
+    }
+
+    /// Waits until `count` reloads have failed.
+    async fn failed_reloads(&self, count: f64) {
+        let admin = self.admin();
+        eventually("the bad reload is counted", || async move {
+            let metrics = client::metrics(admin).await;
+            metric_value(
+                &metrics,
+                "lacewing_config_reloads_total{result=\"failure\"}",
+            ) == Some(count)
+        })
+        .await;
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "{signal} delivered");
+    }
+
+    /// Stops the proxy (SIGTERM) and returns what it logged; asserts that
+    /// the log names the bad file's file, line and field.
+    async fn stop_and_check_log(mut self) {
+        self.signal("-TERM");
+        let child = self.child.take().expect("started");
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the proxy exits")
+            .expect("wait for lacewing");
+        let log = String::from_utf8_lossy(&output.stderr);
+        let file_line = format!("{}:3", self.file.display());
+        assert!(
+            log.contains(&file_line) && log.contains("drain_timeout"),
+            "the log names file, line and field of the bad value:\n{log}"
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The real binary: SIGHUP re-reads the file; a bad file is logged with file,
 /// line and field and the live generation stays.
 #[tokio::test]
 async fn sighup_reloads_the_file_and_a_bad_file_keeps_the_live_generation() {
-    let up = Generations::start().await;
-    let dir = std::env::temp_dir().join(format!("lacewing-sighup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let port = free_port();
-    let admin = free_port();
-    let file = dir.join("proxy.yaml");
-    let write = |target: &str, tag: &str| {
-        let yaml = up
-            .yaml(target, tag, 1)
-            .replace(
-                "address: 127.0.0.1:0 }",
-                &format!("address: 127.0.0.1:{admin} }}"),
-            )
-            .replace(
-                "address: 127.0.0.1:0\n",
-                &format!("address: 127.0.0.1:{port}\n"),
-            );
-        std::fs::write(&file, yaml).expect("write config");
-    };
-    write("a", "A");
-    let child = tokio::process::Command::new(lacewing_tests::process::lacewing_binary())
-        .args(["proxy", "--config"])
-        .arg(&file)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start lacewing");
-    let pid = child.id().expect("child pid").to_string();
-    let url = format!("http://127.0.0.1:{port}/");
-    let serves = |expected: (String, String)| {
-        let url = url.clone();
-        async move {
-            match tokio::time::timeout(
-                Duration::from_secs(5),
-                TcpStream::connect(("127.0.0.1", port)),
-            )
-            .await
-            {
-                Ok(Ok(_)) => generation_of(&client::get(&url).await) == expected,
-                _ => false,
-            }
-        }
-    };
-    eventually("the proxy serves generation 1", || serves(pair("a", "A"))).await;
-
-    let hup = || {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "SIGHUP delivered");
-    };
-    write("b", "B");
-    hup();
-    eventually("SIGHUP switched to the new file", || serves(pair("b", "B"))).await;
-    let dump_url = format!("http://127.0.0.1:{admin}/config_dump");
-    let dump = client::get(&dump_url).await.json();
-    assert_eq!(dump["generation"]["number"], 2);
-    assert_eq!(
-        dump["generation"]["source"],
-        format!("file:{}", file.display())
-    );
-
-    // A file with a bad field: rejected, logged with file, line and field.
-    let good = std::fs::read_to_string(&file).expect("read config");
-    std::fs::write(
-        &file,
-        good.replace("drain_timeout: 1s", "drain_timeout: soon"),
-    )
-    .expect("write bad config");
-    hup();
-    let metrics_url = admin;
-    eventually("the bad reload is counted", || async move {
-        let metrics = client::metrics(SocketAddr::from(([127, 0, 0, 1], metrics_url))).await;
-        metric_value(
-            &metrics,
-            "lacewing_config_reloads_total{result=\"failure\"}",
-        ) == Some(1.0)
+    let proxy = FileProxy::start("sighup", &[]).await;
+    proxy.write("b", "B");
+    proxy.signal("-HUP");
+    eventually("SIGHUP switched to the new file", || {
+        proxy.serves(pair("b", "B"))
     })
     .await;
-    assert!(serves(pair("b", "B")).await, "generation 2 stays live");
+    proxy.assert_generation(2).await;
 
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("the proxy exits")
-        .expect("wait for lacewing");
-    let log = String::from_utf8_lossy(&output.stderr);
-    let file_line = format!("{}:3", file.display());
+    // A file with a bad field: rejected, logged with file, line and field.
+    proxy.write_bad();
+    proxy.signal("-HUP");
+    proxy.failed_reloads(1.0).await;
     assert!(
-        log.contains(&file_line) && log.contains("drain_timeout"),
-        "the log names file, line and field of the bad value:\n{log}"
+        proxy.serves(pair("b", "B")).await,
+        "generation 2 stays live"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    proxy.stop_and_check_log().await;
+}
+
+/// The real binary with `--watch`: a change of the file's content is
+/// reloaded with no signal; a bad file is logged with file, line and field,
+/// the live generation stays, and the file once fixed is reloaded; a file
+/// missing for a while changes nothing.
+#[tokio::test]
+async fn watch_reloads_the_file_when_it_changes_and_a_bad_file_keeps_the_live_generation() {
+    let proxy = FileProxy::start("watch", &["--watch"]).await;
+    proxy.write("b", "B");
+    eventually("the changed file is live", || proxy.serves(pair("b", "B"))).await;
+    proxy.assert_generation(2).await;
+
+    proxy.write_bad();
+    proxy.failed_reloads(1.0).await;
+    assert!(
+        proxy.serves(pair("b", "B")).await,
+        "generation 2 stays live"
+    );
+
+    proxy.write("a", "C");
+    eventually("the fixed file is live", || proxy.serves(pair("a", "C"))).await;
+    proxy.assert_generation(3).await;
+
+    // A file missing for a while (two looks) is not a reload: its next
+    // content is the next generation and no failure is counted.
+    std::fs::remove_file(&proxy.file).expect("remove config");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.write("b", "D");
+    eventually("the file written again is live", || {
+        proxy.serves(pair("b", "D"))
+    })
+    .await;
+    proxy.assert_generation(4).await;
+    proxy.failed_reloads(1.0).await;
+    proxy.stop_and_check_log().await;
 }
 
 fn free_port() -> u16 {

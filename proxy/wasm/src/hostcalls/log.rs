@@ -26,10 +26,25 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// How much of a module's last error line is kept for a refusal's reason.
+const MAX_KEPT_ERROR: usize = 512;
+
 fn log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> HostResult {
     let level = LogLevel::try_from(level as u32).map_err(|_| Status::BadArgument)?;
     let (data, state) = memory::split(caller)?;
     let message = memory::slice(data, ptr, len)?;
+    if level as u32 >= LogLevel::Error as u32 {
+        let mut line = String::from_utf8_lossy(message).into_owned();
+        if line.len() > MAX_KEPT_ERROR {
+            let mut end = MAX_KEPT_ERROR;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push('…');
+        }
+        state.last_error_log = Some(line);
+    }
     if (level as u32) < (state.plugin.host.log_level as u32) {
         return Ok(());
     }

@@ -1,0 +1,58 @@
+//! `lacewing proxy --config FILE --watch`: looks at FILE's content every
+//! second and reloads it when the content changes, as SIGHUP does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How often the file is read and compared.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Watches `file` on a thread of its own until `stop` is set; calls
+/// `reload` each time the file's bytes differ from the last ones seen.
+/// `seen` is the content the running generation was read from (`None` if it
+/// could not be read again), so a change made while the proxy started is not
+/// missed.
+///
+/// Comparing content rather than the modification time catches two writes
+/// within the clock's granularity and ignores a `touch`. A file that cannot
+/// be read (for example between an editor's delete and rename) is not a
+/// change: the live generation stays and the next readable content is
+/// compared with the last one seen.
+pub(crate) fn spawn(
+    file: PathBuf,
+    seen: Option<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+    reload: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("lacewing-watch".into())
+        .spawn(move || {
+            let mut seen = seen;
+            let mut unreadable = false;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EVERY);
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match std::fs::read(&file) {
+                    Ok(content) => {
+                        unreadable = false;
+                        if seen.as_ref() != Some(&content) {
+                            seen = Some(content);
+                            tracing::info!(file = %file.display(), "configuration file changed: reloading");
+                            reload();
+                        }
+                    }
+                    Err(e) => {
+                        if !unreadable {
+                            tracing::warn!(file = %file.display(), error = %e, "cannot read the configuration file; the live generation stays");
+                        }
+                        unreadable = true;
+                    }
+                }
+            }
+        })
+        .map(drop)
+}
