@@ -8,12 +8,21 @@ use lacewing_control::{BOOTSTRAP_TOKEN, ControlPlane, OPERATOR_TOKEN};
 
 #[derive(Debug, clap::Args)]
 pub struct ControlArgs {
-    /// Address for the gRPC services and /metrics.
+    /// Address for the gRPC services and /metrics (TLS only).
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub listen: SocketAddr,
-    /// Where the store and the tokens live (created 0700 on first start).
+    /// Where the store, the tokens and the mesh CA (ca.pem, ca.key) live
+    /// (created 0700 on first start).
     #[arg(long)]
     pub state_dir: PathBuf,
+    /// A name (DNS or IP) clients reach the control plane by, added to its
+    /// API certificate (which always names localhost, 127.0.0.1, ::1 and the
+    /// listen address); repeatable.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// The time a client has to complete its TLS handshake with the API.
+    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
+    pub tls_handshake_timeout: std::time::Duration,
     /// The mesh's trust domain: workload SPIFFE IDs are
     /// spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE.
     #[arg(long, default_value = lacewing_control::ca::DEFAULT_TRUST_DOMAIN)]
@@ -61,6 +70,8 @@ pub fn run(args: &ControlArgs) -> anyhow::Result<()> {
             lifetime: args.cert_ttl,
             supplied: args.ca_cert.clone().zip(args.ca_key.clone()),
             default_mode: args.default_tls,
+            server_names: args.server_names.clone(),
+            handshake_timeout: args.tls_handshake_timeout,
         };
         let plane = ControlPlane::bind_with(args.listen, &args.state_dir, &ca)
             .await
@@ -71,6 +82,7 @@ pub fn run(args: &ControlArgs) -> anyhow::Result<()> {
             version = plane.version(),
             operator_token = %args.state_dir.join(OPERATOR_TOKEN).display(),
             bootstrap_token = %args.state_dir.join(BOOTSTRAP_TOKEN).display(),
+            ca = %args.state_dir.join(lacewing_control::CA_CERT).display(),
             "control plane listening"
         );
         // The one line scripts and tests read to learn the bound address.

@@ -130,6 +130,7 @@ where
         let _ = stopped.await;
     }));
     let token = |name: &str| lacewing_control::token::read(&state.join("control").join(name));
+    let trust = lacewing_tls::api::ApiTrust::from_file(&state.join("control/ca.pem"))?;
     println!();
     println!(
         "== The mesh: control plane {control} (embedded store in {}) ==",
@@ -145,6 +146,7 @@ where
         let options = sidecar::options(
             &control,
             token(lacewing_control::BOOTSTRAP_TOKEN)?,
+            trust.clone(),
             service,
             [any, app_addr, any],
             Placement {
@@ -211,7 +213,9 @@ async fn script(
             .find(|m| m.service == service)
             .context("demo sidecar")
     };
-    let mut client = Client::connect(control, &token(lacewing_control::OPERATOR_TOKEN)?).await?;
+    let trust = lacewing_tls::api::ApiTrust::from_file(&state.join("control/ca.pem"))?;
+    let mut client =
+        Client::connect(control, &token(lacewing_control::OPERATOR_TOKEN)?, &trust).await?;
     for _ in 0..200 {
         let status = client.status().await?;
         if status.sidecars.iter().filter(|s| s.connected).count() == members.len() {

@@ -10,12 +10,17 @@ use lacewing_control_api as api;
 /// How to reach the control plane.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControlFlags {
-    /// The control plane's address.
+    /// The control plane's address, HOST:PORT (or https://HOST:PORT): the
+    /// API is served over TLS only.
     #[arg(long, env = "LACEWING_CONTROL", default_value = "127.0.0.1:15010")]
     pub control: String,
     /// The operator token (STATE_DIR/operator.token of `lacewing control`).
     #[arg(long, env = "LACEWING_TOKEN_FILE")]
     pub token_file: PathBuf,
+    /// The CA certificate (PEM) the control plane's certificate must chain
+    /// to; default: ca.pem beside the token file.
+    #[arg(long, env = "LACEWING_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,7 +74,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn connect(flags: &ControlFlags) -> anyhow::Result<Client> {
     let token = lacewing_control::token::read(&flags.token_file)
         .with_context(|| format!("token file {}", flags.token_file.display()))?;
-    Ok(Client::connect(&flags.control, &token).await?)
+    let trust =
+        lacewing_control::client::trust_beside(&flags.token_file, flags.ca_file.as_deref())?;
+    Ok(Client::connect(&flags.control, &token, &trust).await?)
 }
 
 /// Mesh errors are printed as they are: one located line per problem.

@@ -36,6 +36,14 @@ pub struct SidecarFlags {
     /// The bootstrap token (STATE_DIR/bootstrap.token of `lacewing control`).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the control plane's certificate must chain
+    /// to; default: ca.pem beside the token file.
+    #[arg(long, requires = "control")]
+    pub ca_file: Option<PathBuf>,
+    /// The time a caller has to complete its TLS handshake on the inbound
+    /// listener.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "control")]
+    pub tls_handshake_timeout: std::time::Duration,
     /// The sidecar's name at the control plane (default SERVICE@INBOUND).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -43,6 +51,12 @@ pub struct SidecarFlags {
     /// (default $XDG_STATE_HOME/lacewing/NODE, else ~/.local/state/lacewing/NODE).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    lacewing_config::units::Dur::parse(text)
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
 }
 
 fn default_state_dir(node: &str) -> PathBuf {
@@ -148,6 +162,7 @@ pub struct Placement {
 pub fn options(
     control: &str,
     token: String,
+    trust: lacewing_tls::api::ApiTrust,
     service: &str,
     [inbound, app, outbound]: [SocketAddr; 3],
     placement: Placement,
@@ -171,6 +186,7 @@ pub fn options(
     Ok(AgentOptions {
         control: control.to_string(),
         token,
+        trust,
         state_dir,
         identity: lacewing_tls::LiveIdentity::new(),
         spec: SidecarSpec {
@@ -182,6 +198,7 @@ pub fn options(
             app,
             admin,
             workers,
+            handshake_timeout: lacewing_config::defaults::tls_handshake_timeout().0,
         },
     })
 }
@@ -211,7 +228,16 @@ pub fn run(
         admin,
         workers: workers.unwrap_or(0),
     };
-    let options = options(control, token, service, [inbound, app, outbound], placement)?;
+    let trust = lacewing_control::client::trust_beside(token_file, flags.ca_file.as_deref())?;
+    let mut options = options(
+        control,
+        token,
+        trust,
+        service,
+        [inbound, app, outbound],
+        placement,
+    )?;
+    options.spec.handshake_timeout = flags.tls_handshake_timeout;
     let signals = crate::Signals::install()?;
     let sidecar = start(options, wasm_cache_dir)?;
     let spec = sidecar.spec.clone();

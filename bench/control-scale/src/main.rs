@@ -177,7 +177,7 @@ fn ms(d: Duration) -> String {
 /// One simulated sidecar of the control plane at (address, token): hello,
 /// then ACK every snapshot and note when each version arrived.
 async fn simulated(
-    (control, token): (String, String),
+    (control, token, trust): (String, String, lacewing_tls::api::ApiTrust),
     service: String,
     index: usize,
     arrived: Arc<Vec<AtomicU64>>,
@@ -185,9 +185,7 @@ async fn simulated(
     connected: Arc<AtomicUsize>,
     decode: Decode,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
-        .connect()
-        .await?;
+    let channel = lacewing_control::client::channel(&control, &trust).await?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(api::SidecarMessage {
         message: Some(api::sidecar_message::Message::Hello(api::Hello {
@@ -260,7 +258,8 @@ async fn sim(
     let pid = control.0.id();
     let operator = lacewing_control::token::read(&dir.join("state/operator.token"))?;
     let bootstrap = lacewing_control::token::read(&dir.join("state/bootstrap.token"))?;
-    let mut client = Client::connect(&addr, &operator).await?;
+    let trust = lacewing_control::client::trust_beside(&dir.join("state/operator.token"), None)?;
+    let mut client = Client::connect(&addr, &operator, &trust).await?;
     apply(&mut client, &dir, &mesh(services, 0)).await?;
 
     let epoch = Instant::now();
@@ -270,7 +269,7 @@ async fn sim(
     let started = Instant::now();
     for i in 0..sidecars {
         let task = simulated(
-            (addr.clone(), bootstrap.clone()),
+            (addr.clone(), bootstrap.clone(), trust.clone()),
             format!("svc-{}", i % services),
             i,
             arrived.clone(),
@@ -410,7 +409,8 @@ async fn real(binary: &Path, sidecars: usize, changes: usize) -> anyhow::Result<
         )?;
         procs.push(p);
     }
-    let mut client = Client::connect(&addr, &operator).await?;
+    let trust = lacewing_control::client::trust_beside(&token_file, None)?;
+    let mut client = Client::connect(&addr, &operator, &trust).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while client
         .status()

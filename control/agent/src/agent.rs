@@ -58,9 +58,12 @@ impl Backoff {
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// The control plane, `http://HOST:PORT` (or `HOST:PORT`).
+    /// The control plane, `HOST:PORT` (or `https://HOST:PORT`).
     pub control: String,
     pub token: String,
+    /// The CA the control plane's API certificate must chain to (its
+    /// `ca.pem`, found beside the bootstrap token).
+    pub trust: lacewing_tls::api::ApiTrust,
     pub spec: SidecarSpec,
     /// Where modules and the last good snapshot are kept.
     pub state_dir: PathBuf,
@@ -199,20 +202,17 @@ impl Agent {
     }
 
     async fn connect(&self) -> Result<Channel, Status> {
-        let uri = if self.options.control.contains("://") {
-            self.options.control.clone()
-        } else {
-            format!("http://{}", self.options.control)
-        };
-        Endpoint::from_shared(uri)
+        let bare = lacewing_tls::api::api_address(&self.options.control)
+            .map_err(Status::invalid_argument)?;
+        // The URI only names the authority: the connector does the TLS.
+        Endpoint::from_shared(format!("http://{bare}"))
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
+            .connect_with_connector(self.options.trust.connector())
             .await
-            .map_err(|e| Status::unavailable(format!("{e}: {:?}", std::error::Error::source(&e))))
+            .map_err(|e| Status::unavailable(lacewing_tls::api::describe_connect_error(&e)))
     }
 
     /// One stream; returns whether any snapshot arrived on it.

@@ -47,6 +47,9 @@ pub struct SidecarSpec {
     pub admin: Option<SocketAddr>,
     /// 0: one per core.
     pub workers: usize,
+    /// The time a caller has to complete the TLS handshake on the inbound
+    /// listener (and to send its first byte).
+    pub handshake_timeout: Duration,
 }
 
 fn ms(value: u64) -> Dur {
@@ -168,7 +171,7 @@ fn build(
         }
         .map(|mode| ListenerTls {
             mode,
-            handshake_timeout: lacewing_config::defaults::tls_handshake_timeout(),
+            handshake_timeout: Dur(spec.handshake_timeout),
         });
     }
     config.listeners.push(inbound);
@@ -298,6 +301,7 @@ mod tests {
             app: "127.0.0.1:3000".parse().unwrap(),
             admin: None,
             workers: 1,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 

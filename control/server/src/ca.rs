@@ -24,6 +24,11 @@ pub struct CaOptions {
     pub supplied: Option<(PathBuf, PathBuf)>,
     /// The `MeshTLS` mode of a destination no document names.
     pub default_mode: lacewing_mesh::kinds::TlsMode,
+    /// Names (DNS or IP) the API's server certificate carries besides
+    /// `localhost`, the loopback addresses and the listen address.
+    pub server_names: Vec<String>,
+    /// The time a client of the API has to complete its TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for CaOptions {
@@ -33,6 +38,8 @@ impl Default for CaOptions {
             lifetime: lacewing_tls::ca::DEFAULT_LIFETIME,
             supplied: None,
             default_mode: lacewing_mesh::kinds::TlsMode::Permissive,
+            server_names: Vec::new(),
+            handshake_timeout: crate::api_tls::DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }

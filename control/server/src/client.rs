@@ -1,12 +1,15 @@
 //! The operator's client: what `lacewing apply`, `delete`, `get` and `status`
 //! do, callable from code (tests, the demo) as well as from the command line.
+//! It reaches the control plane over TLS, verifying it with the mesh root
+//! (`ca.pem` beside the token file, see [`trust_beside`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lacewing_control_api as api;
 use lacewing_control_api::operator_client::OperatorClient;
 use lacewing_mesh::{Document, MeshError, MeshIssue, ParsedDocument, Spec};
+use lacewing_tls::api::ApiTrust;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -21,6 +24,11 @@ pub enum ClientError {
     Mesh(#[from] MeshError),
     #[error("cannot reach the control plane at {address}: {reason}")]
     Connect { address: String, reason: String },
+    #[error(
+        "no CA certificate at {path}: {reason} (the control plane writes ca.pem beside its \
+         tokens; --ca-file names another)"
+    )]
+    Trust { path: PathBuf, reason: String },
     /// The control plane answered with an error (its message is shown).
     #[error("control plane: {}", .0.message())]
     Status(Status),
@@ -54,30 +62,54 @@ pub struct Client {
     token: String,
 }
 
+/// The CA that authenticates the control plane to a client holding
+/// `token_file`: `ca_file` when given, else `ca.pem` in the same directory.
+pub fn trust_beside(token_file: &Path, ca_file: Option<&Path>) -> Result<ApiTrust, ClientError> {
+    let path = match ca_file {
+        Some(path) => path.to_path_buf(),
+        None => token_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(crate::CA_CERT),
+    };
+    ApiTrust::from_file(&path).map_err(|e| ClientError::Trust {
+        reason: match &e {
+            lacewing_tls::TlsError::Pem { reason, .. } => reason
+                .strip_prefix(&format!("{}: ", path.display()))
+                .unwrap_or(reason)
+                .to_string(),
+            other => other.to_string(),
+        },
+        path,
+    })
+}
+
+/// A channel to the control plane's API at `address` (`HOST:PORT` or
+/// `https://HOST:PORT`) over TLS, the server verified by `trust`.
+pub async fn channel(address: &str, trust: &ApiTrust) -> Result<Channel, ClientError> {
+    let connect_error = |reason: String| ClientError::Connect {
+        address: address.to_string(),
+        reason,
+    };
+    let bare = lacewing_tls::api::api_address(address).map_err(connect_error)?;
+    // The URI only names the authority: the connector does the TLS.
+    Endpoint::from_shared(format!("http://{bare}"))
+        .map_err(|e| connect_error(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect_with_connector(trust.connector())
+        .await
+        .map_err(|e| connect_error(lacewing_tls::api::describe_connect_error(&e)))
+}
+
 impl Client {
-    /// Connects to `address` (`HOST:PORT` or a URI) with the operator token.
-    pub async fn connect(address: &str, token: &str) -> Result<Self, ClientError> {
-        let uri = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
-        };
-        let connect_error = |reason: String| ClientError::Connect {
-            address: address.to_string(),
-            reason,
-        };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| connect_error(e.to_string()))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| {
-                connect_error(
-                    std::error::Error::source(&e)
-                        .map_or_else(|| e.to_string(), ToString::to_string),
-                )
-            })?;
+    /// Connects to `address` (`HOST:PORT` or `https://HOST:PORT`) with the
+    /// operator token, verifying the control plane by `trust`.
+    pub async fn connect(
+        address: &str,
+        token: &str,
+        trust: &ApiTrust,
+    ) -> Result<Self, ClientError> {
+        let channel = channel(address, trust).await?;
         Ok(Self {
             inner: OperatorClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
             token: token.to_string(),

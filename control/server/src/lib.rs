@@ -5,8 +5,10 @@
 //! The [`ca`] (root kept in the state directory) signs workload CSRs.
 //!
 //! One listener serves the `Operator` and `Discovery` gRPC services and
-//! `/metrics` (HTTP/1.1).
+//! `/metrics` (HTTP/1.1), over TLS only ([`api_tls`]): its certificate is
+//! issued by the mesh CA, whose root clients find in `STATE_DIR/ca.pem`.
 
+pub mod api_tls;
 pub mod ca;
 pub mod client;
 pub mod discovery;
@@ -26,7 +28,6 @@ use std::sync::Arc;
 
 use lacewing_control_api as api;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::metrics::ControlMetrics;
 use crate::state::Shared;
@@ -66,6 +67,8 @@ pub struct ControlPlane {
     bootstrap_token: String,
     ca: Arc<lacewing_tls::MeshCa>,
     tls: mesh_tls::MeshTlsSettings,
+    api_certificate: api_tls::ApiCertificate,
+    handshake_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -120,6 +123,16 @@ impl ControlPlane {
                 address: listen,
                 source,
             })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Listen {
+            address: listen,
+            source,
+        })?;
+        let api_certificate = api_tls::ApiCertificate::issue(
+            ca.clone(),
+            api_tls::server_names(bound, &ca_options.server_names),
+            api_tls::API_CERT_LIFETIME,
+        )
+        .map_err(ca::CaError::Options)?;
         Ok(Self {
             listener,
             shared,
@@ -130,6 +143,8 @@ impl ControlPlane {
                 trust_domain: ca_options.trust_domain.clone(),
                 default_mode: ca_options.default_mode,
             },
+            api_certificate,
+            handshake_timeout: ca_options.handshake_timeout,
         })
     }
 
@@ -154,7 +169,8 @@ impl ControlPlane {
     ) -> Result<(), tonic::transport::Error> {
         let operator = api::operator_server::OperatorServer::with_interceptor(
             operator::Operator::new(self.shared.clone()),
-            RequireToken::new(&self.operator_token, "operator"),
+            RequireToken::new(&self.operator_token, "operator")
+                .counted(self.shared.metrics.token_refusals.clone()),
         );
         let discovery = tonic::service::interceptor::InterceptedService::new(
             push::DiscoveryService::new(discovery::Discovery::new(
@@ -162,7 +178,8 @@ impl ControlPlane {
                 self.ca.clone(),
                 self.tls.clone(),
             )),
-            RequireToken::new(&self.bootstrap_token, "bootstrap"),
+            RequireToken::new(&self.bootstrap_token, "bootstrap")
+                .counted(self.shared.metrics.token_refusals.clone()),
         );
         let metrics = self.shared.metrics.clone();
         let shared = self.shared.clone();
@@ -185,7 +202,15 @@ impl ControlPlane {
             .accept_http1(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .add_routes(routes.into())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .serve_with_incoming_shutdown(
+                api_tls::incoming(
+                    self.listener,
+                    self.api_certificate,
+                    self.handshake_timeout,
+                    self.shared.metrics.clone(),
+                ),
+                shutdown,
+            )
             .await
     }
 }

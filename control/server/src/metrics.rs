@@ -27,6 +27,11 @@ pub struct ControlMetrics {
     pub certificates: IntCounterVec,
     /// Modules sent to sidecars (each asks only for those its cache lacks).
     pub module_downloads: IntCounter,
+    /// TLS handshakes on the API port by outcome (`ok` or why not).
+    pub tls_handshakes: IntCounterVec,
+    /// Calls refused for their bearer token, by role (`operator`,
+    /// `bootstrap`) and reason (`missing`, `wrong`).
+    pub token_refusals: IntCounterVec,
 }
 
 impl std::fmt::Debug for ControlMetrics {
@@ -87,6 +92,22 @@ impl ControlMetrics {
             "Modules sent to sidecars.",
         )
         .expect("valid metric");
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "lacewing_control_tls_handshakes_total",
+                "TLS handshakes on the API port by outcome (ok, plaintext_refused, timeout, closed, overloaded, or the TLS failure reason).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let token_refusals = IntCounterVec::new(
+            Opts::new(
+                "lacewing_control_token_refusals_total",
+                "Calls refused for their bearer token, by role (operator, bootstrap) and reason (missing, wrong).",
+            ),
+            &["role", "reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(version.clone()),
@@ -96,6 +117,8 @@ impl ControlMetrics {
             Box::new(applies.clone()),
             Box::new(certificates.clone()),
             Box::new(module_downloads.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(token_refusals.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -109,6 +132,8 @@ impl ControlMetrics {
             applies,
             certificates,
             module_downloads,
+            tls_handshakes,
+            token_refusals,
         }
     }
 

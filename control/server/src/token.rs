@@ -70,6 +70,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 pub struct RequireToken {
     token: std::sync::Arc<str>,
     role: &'static str,
+    refused: Option<prometheus::IntCounterVec>,
 }
 
 impl std::fmt::Debug for RequireToken {
@@ -85,7 +86,22 @@ impl RequireToken {
         Self {
             token: token.into(),
             role,
+            refused: None,
         }
+    }
+
+    /// Counts refusals in `refused` (labels: role, reason).
+    pub fn counted(mut self, refused: prometheus::IntCounterVec) -> Self {
+        self.refused = Some(refused);
+        self
+    }
+
+    fn refuse(&self, reason: &'static str, message: String) -> Status {
+        if let Some(refused) = &self.refused {
+            refused.with_label_values(&[self.role, reason]).inc();
+        }
+        tracing::warn!(role = self.role, reason, "call refused for its token");
+        Status::unauthenticated(message)
     }
 }
 
@@ -98,14 +114,11 @@ impl tonic::service::Interceptor for RequireToken {
             .and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(token) if same(token.as_bytes(), self.token.as_bytes()) => Ok(request),
-            Some(_) => Err(Status::unauthenticated(format!(
-                "wrong {} token",
-                self.role
-            ))),
-            None => Err(Status::unauthenticated(format!(
-                "missing {} token (authorization: Bearer ...)",
-                self.role
-            ))),
+            Some(_) => Err(self.refuse("wrong", format!("wrong {} token", self.role))),
+            None => Err(self.refuse(
+                "missing",
+                format!("missing {} token (authorization: Bearer ...)", self.role),
+            )),
         }
     }
 }

@@ -10,7 +10,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use crate::{SpiffeId, TlsError};
+use crate::{Identity, SpiffeId, TlsError};
 
 /// The default lifetime of a workload certificate.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -132,6 +132,45 @@ impl MeshCa {
     /// The root certificate, PEM: the trust bundle workloads verify against.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// A server certificate and its new key for the control plane's own API,
+    /// naming `names` (IP addresses become IP SANs, the others DNS SANs),
+    /// valid for `lifetime`. Its only extended key usage is server auth, so
+    /// it cannot pass for a workload.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Identity, SystemTime), TlsError> {
+        let key = KeyPair::generate().map_err(|e| TlsError::Key(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Lacewing control plane");
+        params.distinguished_name = name;
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|_| {
+                    TlsError::Certificate(format!("`{name}` is not a DNS name or an IP address"))
+                })?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = SystemTime::now();
+        let not_after = now + lifetime;
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        let identity = Identity::from_pem(&cert.pem(), &key.serialize_pem())?;
+        Ok((identity, not_after))
     }
 
     /// Signs `csr_pem` for `caller`, the identity the control plane knows

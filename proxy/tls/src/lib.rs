@@ -4,11 +4,13 @@
 //! ([`server_config`], [`client_config`]), and what a verified peer
 //! certificate says ([`PeerCertificate`], [`ConnectionTls`]) for plugins; and
 //! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates; and
-//! the [`LiveIdentity`] a sidecar rotates while it serves.
+//! the [`LiveIdentity`] a sidecar rotates while it serves; and the TLS of
+//! the control plane's own API ([`api`]).
 //!
 //! Every configuration is TLS 1.3 only, offers ALPN `h2` and `http/1.1`, and
 //! uses the `ring` provider explicitly (no process-wide default is installed).
 
+pub mod api;
 pub mod ca;
 mod config;
 mod error;

@@ -84,20 +84,20 @@ async fn mesh_bad_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let plane = Plane::start(&dir.path().join("state")).await;
     for token in [plane.bootstrap_token(), "guess".to_string()] {
-        let mut client = lacewing_control::client::Client::connect(&plane.addr.to_string(), &token)
-            .await
-            .unwrap();
+        let mut client = lacewing_control::client::Client::connect(
+            &plane.addr.to_string(),
+            &token,
+            &plane.trust(),
+        )
+        .await
+        .unwrap();
         match client.status().await {
             Err(ClientError::Status(status)) => assert_eq!(status.code(), Code::Unauthenticated),
             other => panic!("operator call with a wrong token: {other:?}"),
         }
     }
     // A sidecar holding the operator token, not the bootstrap one.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", plane.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = plane.channel().await;
     let mut discovery = api::discovery_client::DiscoveryClient::new(channel);
     let mut request = tonic::Request::new(tokio_stream::iter(vec![api::SidecarMessage {
         message: Some(api::sidecar_message::Message::Hello(api::Hello {
@@ -297,6 +297,7 @@ async fn mesh_sidecars_reconnect_and_restart_from_their_saved_snapshot() {
     let options = lacewing_control_agent::AgentOptions {
         control: addr.to_string(),
         token: "unused".into(),
+        trust: trust(&state),
         spec: orders.spec.clone(),
         state_dir: sidecar_dir.clone(),
         identity: lacewing_tls::LiveIdentity::new(),
@@ -349,11 +350,7 @@ async fn mesh_delete_refuses_to_break_references_and_removes_atomically() {
 async fn mesh_an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let plane = Plane::start(&dir.path().join("state")).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", plane.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = plane.channel().await;
     let mut operator = api::operator_client::OperatorClient::new(channel);
     let claimed = "ab".repeat(32);
     let chunks = vec![api::ModuleChunk {

@@ -379,7 +379,8 @@ async fn mesh_sidecars_serve_through_a_control_plane_sigkill_and_converge_after(
     );
     let web = sidecar_process(&addr, &state, "web", web_app.addr, &dir.path().join("web"));
     let token = lacewing_control::token::read(&state.join("operator.token")).unwrap();
-    let connect = || lacewing_control::client::Client::connect(&addr, &token);
+    let trust = trust(&state);
+    let connect = || lacewing_control::client::Client::connect(&addr, &token, &trust);
     let conformance = module("conformance-filter");
     let header_echo = module("header-echo");
     let mut operator = connect().await.unwrap();
@@ -423,7 +424,7 @@ async fn mesh_sidecars_serve_through_a_control_plane_sigkill_and_converge_after(
     assert!(served > 0);
 
     let (_control, addr) = control_process(&addr, &state);
-    let mut operator = lacewing_control::client::Client::connect(&addr, &token)
+    let mut operator = lacewing_control::client::Client::connect(&addr, &token, &trust)
         .await
         .unwrap();
     until_connected(&operator, 2).await;
@@ -454,7 +455,7 @@ async fn mesh_sidecars_restarted_while_the_control_plane_is_down_serve_their_sav
     let mut orders = sidecar_process(&addr, &state, "orders", orders_app.addr, &orders_dir);
     let mut web = sidecar_process(&addr, &state, "web", web_app.addr, &dir.path().join("web"));
     let token = lacewing_control::token::read(&state.join("operator.token")).unwrap();
-    let mut operator = lacewing_control::client::Client::connect(&addr, &token)
+    let mut operator = lacewing_control::client::Client::connect(&addr, &token, &trust(&state))
         .await
         .unwrap();
     until_connected(&operator, 2).await;

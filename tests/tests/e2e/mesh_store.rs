@@ -23,10 +23,15 @@ async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
     let token = lacewing_control::token::read(&state.join("operator.token")).unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let applier = {
-        let (addr, token, dir) = (addr.clone(), token.clone(), dir.path().to_path_buf());
+        let (addr, token, dir, trust) = (
+            addr.clone(),
+            token.clone(),
+            dir.path().to_path_buf(),
+            trust(&state),
+        );
         let done = done.clone();
         tokio::spawn(async move {
-            let mut client = lacewing_control::client::Client::connect(&addr, &token)
+            let mut client = lacewing_control::client::Client::connect(&addr, &token, &trust)
                 .await
                 .unwrap();
             let mut last_ok = 0;
@@ -54,7 +59,7 @@ async fn mesh_sigkill_during_applies_leaves_one_whole_version() {
 
     let listen = addr.clone();
     let (mut child, addr) = control_process(&listen, &state);
-    let mut client = lacewing_control::client::Client::connect(&addr, &token)
+    let mut client = lacewing_control::client::Client::connect(&addr, &token, &trust(&state))
         .await
         .unwrap();
     let (version, docs) = client.get(Some("Service"), None, None).await.unwrap();

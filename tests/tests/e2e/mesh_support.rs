@@ -13,6 +13,7 @@ use lacewing_control::ControlPlane;
 use lacewing_control::client::{Applied, Client, ClientError};
 use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
 use lacewing_control_api as api;
+use lacewing_tls::api::ApiTrust;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -60,10 +61,26 @@ impl Plane {
         lacewing_control::token::read(&self.state_dir.join("bootstrap.token")).unwrap()
     }
 
+    /// The mesh root clients verify the control plane with (its `ca.pem`).
+    pub fn trust(&self) -> ApiTrust {
+        trust(&self.state_dir)
+    }
+
     pub async fn client(&self) -> Client {
-        Client::connect(&self.addr.to_string(), &self.operator_token())
+        Client::connect(
+            &self.addr.to_string(),
+            &self.operator_token(),
+            &self.trust(),
+        )
+        .await
+        .expect("operator client connects")
+    }
+
+    /// A gRPC channel to the control plane (over TLS, verified).
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        lacewing_control::client::channel(&self.addr.to_string(), &self.trust())
             .await
-            .expect("operator client connects")
+            .expect("channel to the control plane")
     }
 
     /// Stops serving (open streams are cut) and waits until it has.
@@ -79,10 +96,35 @@ impl Plane {
         }
     }
 
+    /// `/metrics` of the control plane.
     pub async fn metrics(&self) -> String {
-        let url = format!("http://{}/metrics", self.addr);
-        lacewing_tests::client::get(&url).await.text()
+        control_metrics(&self.addr.to_string(), &self.trust()).await
     }
+}
+
+/// `/metrics` of the control plane at `addr` (HTTP/2 over its TLS).
+pub async fn control_metrics(addr: &str, trust: &ApiTrust) -> String {
+    use http_body_util::BodyExt;
+    let tls = trust.connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{addr}/metrics"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200, "GET /metrics");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The mesh root of the control plane whose state directory is `state`.
+pub fn trust(state: &Path) -> ApiTrust {
+    ApiTrust::from_file(&state.join(lacewing_control::CA_CERT)).expect("the control plane's ca.pem")
 }
 
 /// Writes `text` to `dir/name` and returns the path.
@@ -177,6 +219,7 @@ pub fn spec(service: &str, port: u16) -> SidecarSpec {
         app: SocketAddr::from(([127, 0, 0, 1], port + 2)),
         admin: None,
         workers: 1,
+        handshake_timeout: std::time::Duration::from_secs(10),
     }
 }
 
@@ -185,6 +228,7 @@ impl RecordingSidecar {
         Self::start_with_token(
             &plane.addr.to_string(),
             &plane.bootstrap_token(),
+            plane.trust(),
             spec,
             state_dir,
         )
@@ -193,6 +237,7 @@ impl RecordingSidecar {
     pub fn start_with_token(
         control: &str,
         token: &str,
+        trust: ApiTrust,
         spec: SidecarSpec,
         state_dir: &Path,
     ) -> Self {
@@ -217,6 +262,7 @@ impl RecordingSidecar {
         let options = AgentOptions {
             control: control.to_string(),
             token: token.to_string(),
+            trust,
             spec: spec.clone(),
             state_dir: state_dir.to_path_buf(),
             identity: lacewing_tls::LiveIdentity::new(),
@@ -282,6 +328,10 @@ impl Process {
         self.words[at + 1].parse().unwrap()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -328,27 +378,51 @@ pub fn sidecar_process_at(
     state: &Path,
     inbound: &str,
 ) -> Process {
-    Process::spawn(&[
+    sidecar_process_with(
+        control,
+        &control_state.join("bootstrap.token"),
+        service,
+        app,
+        state,
+        &["--inbound", inbound],
+    )
+}
+
+/// `lacewing proxy --control`: a sidecar for `service` holding `token_file`,
+/// one worker, with `extra` flags (`--inbound` defaults to 127.0.0.1:0).
+pub fn sidecar_process_with(
+    control: &str,
+    token_file: &Path,
+    service: &str,
+    app: SocketAddr,
+    state: &Path,
+    extra: &[&str],
+) -> Process {
+    let app = app.to_string();
+    let mut args = vec![
         "proxy",
         "--control",
         control,
         "--service",
         service,
-        "--inbound",
-        inbound,
         "--outbound",
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
         "--app",
-        &app.to_string(),
+        &app,
         "--token-file",
-        control_state.join("bootstrap.token").to_str().unwrap(),
+        token_file.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
         "--workers",
         "1",
-    ])
+    ];
+    if !extra.contains(&"--inbound") {
+        args.extend_from_slice(&["--inbound", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    Process::spawn(&args)
 }
 
 /// Waits until `count` sidecars have an open stream.
