@@ -585,7 +585,7 @@ metric_sum() { # metric_sum FILE NAME [LABEL_SUBSTRING...]: sum of a Prometheus 
 # described is n/a.
 MESH_EXPECT_TLS=""; MESH_EXPECT_CHAIN=0
 mesh_check_after() {
-  local dir=$WORK/$1 tls plain handshakes received allowed denied telemetry
+  local dir=$WORK/$1 tls plain handshakes conns allowed denied telemetry
   curl -s --max-time 2 "http://127.0.0.1:$MESH_ORDERS_ADMIN/metrics" >"$dir/orders/metrics.txt" 2>/dev/null
   curl -s --max-time 2 "http://127.0.0.1:$MESH_FRONTEND_ADMIN/metrics" >"$dir/frontend/metrics.txt" 2>/dev/null
   tls=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_connections_by_transport_total 'transport="tls"')
@@ -597,14 +597,14 @@ mesh_check_after() {
   if [ "$MESH_EXPECT_TLS" = 1 ]; then
     NOTE[$1]="orders inbound: $tls TLS, $plain plaintext connections; "
   else
-    # A plain listener counts no connections by transport: no handshake, bytes received
+    # A plain listener counts no connections by transport: connections, and no handshake
     handshakes=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_tls_handshakes_total)
-    received=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_bytes_received_total 'listener="inbound"')
-    if [ "$tls" -ne 0 ] || [ "$handshakes" -ne 0 ] || [ "$received" -eq 0 ]; then
-      NA_REASON="orders inbound: $tls TLS connections, $handshakes TLS handshakes, $received bytes received; expected plaintext only"
+    conns=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_connections_total 'listener="inbound"')
+    if [ "$tls" -ne 0 ] || [ "$handshakes" -ne 0 ] || [ "$conns" -eq 0 ]; then
+      NA_REASON="orders inbound: $conns connections, $tls of them TLS, $handshakes TLS handshakes; expected plaintext only"
       return 1
     fi
-    NOTE[$1]="orders inbound: plaintext, no TLS handshake; "
+    NOTE[$1]="orders inbound: $conns plaintext connections, no TLS handshake; "
   fi
   if [ "$MESH_EXPECT_CHAIN" = 1 ]; then
     allowed=$(metric_sum "$dir/orders/metrics.txt" lacewing_wasm_plugin_counter 'name="authz_allowed.')
@@ -615,8 +615,25 @@ mesh_check_after() {
       return 1
     fi
     NOTE[$1]+="authz allowed $allowed, telemetry counted $telemetry; "
+    CHAIN_SPLIT[$round]=$(plugin_time_split "$dir" "$telemetry")
   fi
   return 0
+}
+
+# plugin_time_split DIR REQUESTS: time spent inside each plugin's callbacks per
+# request on both sidecars (lacewing_wasm_callback_duration_seconds, start-up
+# callbacks left out), heaviest first, e.g. "orders lacewing-authz 8.1 µs"
+declare -A CHAIN_SPLIT
+plugin_time_split() {
+  local dir=$1 requests=$2 side
+  for side in frontend orders; do
+    awk -v side="$side" -v n="$requests" '
+      /^lacewing_wasm_callback_duration_seconds_sum\{/ && !/proxy_on_(configure|vm_start|tick)/ {
+        match($0, /plugin="[^"]*"/); p = substr($0, RSTART + 8, RLENGTH - 9); sub(/^[^.]*\./, "", p)
+        t[p] += $NF
+      }
+      END { for (p in t) if (t[p] * 1e6 / n >= 0.05) printf "%s %s %.1f\n", side, p, t[p] * 1e6 / n }' "$dir/$side/metrics.txt"
+  done | sort -k3,3 -rn | awk '{ printf "%s%s on %s %s µs", (NR > 1 ? ", " : ""), $2, $1, $3 }'
 }
 
 start_mesh_plain() {
@@ -1088,6 +1105,7 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   if [ -z "${RPS[$key]:-}" ] || awk -v a="$rps" -v b="${RPS[$key]}" 'BEGIN { exit !(a > b) }'; then
     RPS[$key]=$rps; P50[$key]=$p50; P99[$key]=$p99
     CPU[$key]=$cpu_pct; CORE[$key]=$core_pct
+    [ "$key" = mesh_chain ] && CHAIN_ROUND=$round
   fi
   # Requests per CPU-second: the best round too (interference only lowers it).
   if [ -z "${PER_CPU[$key]:-}" ] || [ "$per_cpu_s" -gt "${PER_CPU[$key]}" ]; then PER_CPU[$key]=$per_cpu_s; fi
@@ -1213,6 +1231,12 @@ report() {
     ratio_line "mesh mTLS / 2 Envoys mTLS" mesh_mtls envoy_mtls
     ratio_line "mesh chain / 2 Envoys chain" mesh_chain envoy_chain
     ratio_line "2 Envoys chain / 2 Envoys mTLS" envoy_chain envoy_mtls
+    if [ -n "${RPS[mesh_chain]:-}" ] && [ -n "${CHAIN_SPLIT[${CHAIN_ROUND:-1}]:-}" ]; then
+      echo
+      echo "## Where the mesh chain's time goes"
+      echo
+      echo "Time inside each plugin's wasm callbacks per request (\`lacewing_wasm_callback_duration_seconds\` sums on both sidecars' /metrics over the reported round, warm-up included, divided by the requests telemetry counted): ${CHAIN_SPLIT[${CHAIN_ROUND:-1}]}. Callback time includes the host calls a plugin makes from it (metric updates, the access-log line, header and property reads); compare the sum with the added CPU per request of mesh chain / mesh mTLS above."
+    fi
     if in_selected mesh_handshakes; then
       echo
       echo "## New mTLS handshakes (orders sidecar, STRICT inbound)"
