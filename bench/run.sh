@@ -47,7 +47,7 @@ declare -A LABEL=(
 )
 
 usage() {
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
 }
 
@@ -322,24 +322,51 @@ start_nginx() {
   launch_nginx nginx "${SUT_CORE:-0}" proxy_conf
 }
 
-envoy_bootstrap() { # envoy_bootstrap WITH_WASM
-  local with_wasm=$1 admin_port
-  admin_port=$(free_port)
+envoy_head() { # envoy_head LISTENER PORT STAT_PREFIX: admin, a listener, the start of its HTTP connection manager
   cat <<YAML
 admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: $admin_port } }
+  address: { socket_address: { address: 127.0.0.1, port_value: $(free_port) } }
 static_resources:
   listeners:
-  - name: main
-    address: { socket_address: { address: 127.0.0.1, port_value: $SUT_PORT } }
+  - name: $1
+    address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
+          stat_prefix: $3
           codec_type: HTTP1
           generate_request_id: false
+YAML
+}
+
+envoy_router() { # the last HTTP filter
+  cat <<YAML
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+YAML
+}
+
+envoy_cluster() { # envoy_cluster NAME PORT: the only cluster, one static endpoint on 127.0.0.1
+  cat <<YAML
+  clusters:
+  - name: $1
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: $1
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } }
+YAML
+}
+
+envoy_bootstrap() { # envoy_bootstrap WITH_WASM
+  local with_wasm=$1
+  envoy_head main "$SUT_PORT" bench
+  cat <<YAML
           route_config:
             name: local
             virtual_hosts:
@@ -363,20 +390,8 @@ YAML
                   code: { local: { filename: "$WASM_FILE" } }
 YAML
   fi
-  cat <<YAML
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UPSTREAM_PORT } } }
-YAML
+  envoy_router
+  envoy_cluster upstream "$UPSTREAM_PORT"
 }
 
 start_envoy_with() { # start_envoy_with NAME WITH_WASM
@@ -769,22 +784,7 @@ YAML
 # listener, plaintext cluster to the upstream).
 envoy_pair_bootstrap() {
   local role=$1 listen=$2 target=$3 chain=$4 dir=$5
-  cat <<YAML
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: $(free_port) } }
-static_resources:
-  listeners:
-  - name: $role
-    address: { socket_address: { address: 127.0.0.1, port_value: $listen } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: $role
-          codec_type: HTTP1
-          generate_request_id: false
-YAML
+  envoy_head "$role" "$listen" "$role"
   [ "$chain" = 1 ] && envoy_access_log "$dir"
   cat <<YAML
           route_config:
@@ -821,11 +821,7 @@ YAML
                     - authenticated: { principal_name: { exact: "$(spiffe_id frontend)" } }
 YAML
   fi
-  cat <<YAML
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-YAML
+  envoy_router
   if [ "$role" = orders ]; then
     cat <<YAML
       transport_socket:
@@ -836,17 +832,7 @@ YAML
 $(envoy_tls_context orders frontend "          ")
 YAML
   fi
-  cat <<YAML
-  clusters:
-  - name: next
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: next
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $target } } }
-YAML
+  envoy_cluster next "$target"
   if [ "$role" = frontend ]; then
     cat <<YAML
     transport_socket:
