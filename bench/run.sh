@@ -610,7 +610,7 @@ mesh_check_after() {
     return 1
   fi
   if [ "$MESH_EXPECT_TLS" = 1 ]; then
-    NOTE[$1]="orders inbound: $tls TLS, $plain plaintext connections; "
+    CHECK_NOTE[$1]="orders inbound: $tls TLS, $plain plaintext connections; "
   else
     # A plain listener counts no connections by transport: connections, and no handshake
     handshakes=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_tls_handshakes_total)
@@ -619,7 +619,7 @@ mesh_check_after() {
       NA_REASON="orders inbound: $conns connections, $tls of them TLS, $handshakes TLS handshakes; expected plaintext only"
       return 1
     fi
-    NOTE[$1]="orders inbound: $conns plaintext connections, no TLS handshake; "
+    CHECK_NOTE[$1]="orders inbound: $conns plaintext connections, no TLS handshake; "
   fi
   if [ "$MESH_EXPECT_CHAIN" = 1 ]; then
     allowed=$(metric_sum "$dir/orders/metrics.txt" lacewing_wasm_plugin_counter 'name="authz_allowed.')
@@ -629,7 +629,7 @@ mesh_check_after() {
       NA_REASON="orders /metrics: authz allowed $allowed and denied $denied, telemetry counted $telemetry requests"
       return 1
     fi
-    NOTE[$1]+="authz allowed $allowed, telemetry counted $telemetry; "
+    CHECK_NOTE[$1]+="authz allowed $allowed, telemetry counted $telemetry; "
     CHAIN_SPLIT[$round]=$(plugin_time_split "$dir" "$telemetry")
   fi
   return 0
@@ -883,7 +883,7 @@ envoy_check_after() { # the frontend Envoy's connections to orders were TLS; RBA
   local tls allowed denied
   tls=$(envoy_stat "$ENVOY_FRONTEND_ADMIN" cluster.next.ssl.handshake)
   if [ "${tls:-0}" -eq 0 ]; then NA_REASON="the frontend Envoy made no TLS handshake to orders"; return 1; fi
-  NOTE[$1]="frontend→orders: $tls TLS handshakes; "
+  CHECK_NOTE[$1]="frontend→orders: $tls TLS handshakes; "
   if [ "$ENVOY_EXPECT_CHAIN" = 1 ]; then
     allowed=$(envoy_stat "$ENVOY_ORDERS_ADMIN" http.orders.rbac.allowed)
     denied=$(envoy_stat "$ENVOY_ORDERS_ADMIN" http.orders.rbac.denied)
@@ -969,7 +969,7 @@ check_response() { # the probe must carry the upstream body and the filters' hea
 
 # ------------------------------------------------------------------- load
 
-declare -A RPS P50 P99 RSS READY NOTE NA ROUND_RPS CPU CORE PER_CPU
+declare -A RPS P50 P99 RSS READY NOTE CHECK_NOTE NA ROUND_RPS CPU CORE PER_CPU
 
 wrk_load() { # wrk_load DURATION OUT
   local h wrk_headers=()
@@ -1187,7 +1187,7 @@ report() {
       [ "$k" = mesh_handshakes ] && continue   # its own section below
       if [ -n "${RPS[$k]:-}" ]; then
         rows_run=$((rows_run + 1))
-        local notes="${NOTE[$k]:-}"
+        local notes="${NOTE[$k]:-}${CHECK_NOTE[$k]:-}"
         [ "$ROUNDS" -gt 1 ] && notes="rounds: ${ROUND_RPS[$k]} req/s; $notes"
         [ "$PIN" = 1 ] && notes="core $SUT_CORE busy ${CORE[$k]}%; $notes"
         [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
