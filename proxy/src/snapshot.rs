@@ -267,8 +267,44 @@ impl ListenerTable {
 }
 
 /// The live generation's listeners, shared by the publisher (the only one
-/// that stores) and every accept loop and connection (which load).
-pub type LiveListeners = Arc<ArcSwap<ListenerTable>>;
+/// that stores) and every accept loop and connection (which load). Each
+/// store is also announced, for connections that must react to a new
+/// generation (a plaintext connection whose listener turned STRICT).
+#[derive(Debug, Clone)]
+pub struct LiveListeners(Arc<LiveTable>);
+
+#[derive(Debug)]
+struct LiveTable {
+    table: ArcSwap<ListenerTable>,
+    stores: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for LiveListeners {
+    fn default() -> Self {
+        Self(Arc::new(LiveTable {
+            table: ArcSwap::default(),
+            stores: tokio::sync::watch::Sender::new(0),
+        }))
+    }
+}
+
+impl LiveListeners {
+    /// The live table.
+    pub fn load(&self) -> arc_swap::Guard<Arc<ListenerTable>> {
+        self.0.table.load()
+    }
+
+    /// Makes `table` live and announces it.
+    pub fn store(&self, table: Arc<ListenerTable>) {
+        self.0.table.store(table);
+        self.0.stores.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes on each later [`LiveListeners::store`].
+    pub fn stores(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.stores.subscribe()
+    }
+}
 
 /// A listener as its accept loops see it.
 #[derive(Debug, Clone)]
@@ -315,6 +351,11 @@ impl HttpSlot {
             key: ListenerKey { index: 0, id: 0 },
             accepted: state,
         }
+    }
+
+    /// Wakes on each new generation.
+    pub fn generations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.live.stores()
     }
 
     /// The listener's state in the live generation (or, once the listener

@@ -7,10 +7,11 @@
 mod trace;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use lacewing_sdk::http::Headers;
-use lacewing_sdk::metrics::{Counter, Family, Histogram};
+use lacewing_sdk::metrics::{Counter, Histogram};
 use lacewing_sdk::{Action, Filter, Plugin};
 use serde::Deserialize;
 
@@ -38,18 +39,68 @@ fn yes() -> bool {
 /// The plugin: configuration and metric handles defined on first use.
 pub struct Telemetry {
     config: Config,
-    counters: Family<Counter>,
-    histograms: Family<Histogram>,
+    /// One set of handles per `source.<s>.destination.<d>.route.<r>`: a
+    /// request costs one lookup, not a name built and looked up per metric.
+    series: RefCell<HashMap<String, Series>>,
     ids: RefCell<Ids>,
 }
 
-impl Telemetry {
-    fn count(&self, name: String) {
-        self.counters.with(&name, |c| c.inc());
+/// The metrics of one (source, destination, route).
+struct Series {
+    requests: Option<Counter>,
+    successes: Option<Counter>,
+    failures: Option<Counter>,
+    latency: Option<Histogram>,
+    /// By status class: none, 1xx … 5xx; defined when first seen.
+    responses: [Option<Option<Counter>>; 6],
+    labels: String,
+}
+
+impl Series {
+    fn new(labels: String) -> Self {
+        let counter = |name: &str| Counter::define(&format!("telemetry_{name}.{labels}")).ok();
+        Series {
+            requests: counter("requests"),
+            successes: counter("successes"),
+            failures: counter("failures"),
+            latency: Histogram::define(&format!("telemetry_latency_ms.{labels}")).ok(),
+            responses: [None; 6],
+            labels,
+        }
     }
 
-    fn record(&self, name: String, value: u64) {
-        self.histograms.with(&name, |h| h.record(value));
+    fn observe(&mut self, code: i64, duration_ms: u64) {
+        // Metrics must not fail requests: a host error is dropped.
+        if let Some(c) = &self.requests {
+            let _ = c.inc();
+        }
+        let class = if (100..600).contains(&code) {
+            (code / 100) as usize
+        } else {
+            0
+        };
+        let labels = &self.labels;
+        let response = self.responses[class].get_or_insert_with(|| {
+            Counter::define(&format!(
+                "telemetry_responses.{labels}.class.{}",
+                status_class(code)
+            ))
+            .ok()
+        });
+        if let Some(c) = response {
+            let _ = c.inc();
+        }
+        let outcome = if code >= 500 || code == 0 {
+            &self.failures
+        } else {
+            &self.successes
+        };
+        if let Some(c) = outcome {
+            let _ = c.inc();
+        }
+        if let Some(h) = &self.latency {
+            let _ = h.record(duration_ms);
+        }
     }
 }
 
@@ -63,8 +114,7 @@ impl Plugin for Telemetry {
         }
         Ok(Telemetry {
             config,
-            counters: Family::default(),
-            histograms: Family::default(),
+            series: RefCell::new(HashMap::new()),
             ids: RefCell::new(Ids::default()),
         })
     }
@@ -138,21 +188,18 @@ impl Filter for TelemetryFilter {
             .unwrap_or_else(|| "unknown".into());
         let route = prop("route_name").unwrap_or_else(|| "unknown".into());
         let code = int_prop("response.code").unwrap_or(0);
-        let class = status_class(code);
         let duration_ms = int_prop("request.duration").map_or(0, |ns| ns.max(0) / 1_000_000);
         let labels = format!("source.{source}.destination.{destination}.route.{route}");
-        p.count(format!("telemetry_requests.{labels}"));
-        p.count(format!("telemetry_responses.{labels}.class.{class}"));
-        let outcome = if code >= 500 || code == 0 {
-            "failures"
-        } else {
-            "successes"
-        };
-        p.count(format!("telemetry_{outcome}.{labels}"));
-        p.record(
-            format!("telemetry_latency_ms.{labels}"),
-            u64::try_from(duration_ms).unwrap_or(0),
-        );
+        {
+            let mut series = p.series.borrow_mut();
+            let entry = match series.get_mut(&labels) {
+                Some(entry) => entry,
+                None => series
+                    .entry(labels.clone())
+                    .or_insert_with(|| Series::new(labels.clone())),
+            };
+            entry.observe(code, u64::try_from(duration_ms).unwrap_or(0));
+        }
         if p.config.access_log {
             let line = serde_json::json!({
                 "type": "access",

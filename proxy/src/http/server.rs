@@ -17,6 +17,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use lacewing_config::ListenerTlsMode;
 use lacewing_core::ResponseFlag;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::stream::TlsFacts;
@@ -149,6 +150,9 @@ pub async fn serve_io<I>(
     let write_look = tokio::time::sleep(write_timeout);
     tokio::pin!(write_look);
     let mut write_at_last_look = (0, 0);
+    // A plaintext connection watches for generations that forbid it (its
+    // listener turned STRICT) and is then closed as a drain closes it.
+    let mut generations = ctx.tls.is_none().then(|| slot.generations());
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -160,6 +164,15 @@ pub async fn serve_io<I>(
             _ = drain.signaled(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            changed = next_generation(&mut generations), if generations.is_some() && !draining => {
+                if changed.is_err() {
+                    generations = None;
+                } else if slot.load_full().tls.as_ref().is_some_and(|t| t.mode() == ListenerTlsMode::Strict) {
+                    tracing::info!(%remote, "plaintext connection closed: its listener is now TLS only (STRICT)");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ = &mut first_head, if awaiting_first_head => {
                 awaiting_first_head = false;
@@ -223,6 +236,16 @@ pub async fn serve_io<I>(
     stats.connections_active.dec();
     stats.bytes_received.inc_by(io_stats.received());
     stats.bytes_sent.inc_by(io_stats.sent());
+}
+
+/// The next generation announced to `generations` (which is `Some`).
+async fn next_generation(
+    generations: &mut Option<tokio::sync::watch::Receiver<u64>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match generations {
+        Some(receiver) => receiver.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How an HTTP/2 connection's `max_connection_buffer` is spent.

@@ -460,3 +460,106 @@ async fn a_csr_for_another_services_identity_is_refused_and_counted() {
     drop(tx);
     plane.stop().await;
 }
+
+/// A plaintext HTTP/1.1 exchange on an open connection: the status line,
+/// or `None` when the proxy closed (or reset) the connection instead.
+fn plaintext_exchange(stream: &mut std::net::TcpStream) -> Option<String> {
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: orders\r\n\r\n")
+        .is_err()
+    {
+        return None;
+    }
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("no answer and no close: {e}")
+            }
+            Err(_) => return None,
+        };
+        answer.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .expect("a content-length");
+            if answer.len() >= end + 4 + length {
+                return Some(text.lines().next().unwrap_or("").to_string());
+            }
+        }
+    }
+}
+
+/// A plaintext connection that a new policy forbids is closed: orders goes
+/// from PERMISSIVE to STRICT while a plaintext keep-alive connection is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_connection_is_closed_when_its_listener_turns_strict() {
+    let mesh = Mesh::start().await;
+    mesh.apply_mode("PERMISSIVE").await;
+    let inbound = mesh.orders.addr("inbound");
+    let mut stream = std::net::TcpStream::connect(inbound).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let served = |stream: &mut std::net::TcpStream| {
+        let status = tokio::task::block_in_place(|| plaintext_exchange(stream));
+        assert!(
+            status
+                .as_deref()
+                .is_some_and(|s| s.starts_with("HTTP/1.1 200")),
+            "{status:?}"
+        );
+    };
+    served(&mut stream);
+
+    // A new generation that still allows plaintext keeps the connection.
+    let text = format!(
+        "{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: orders}}\nspec: {{destination: orders, mode: PERMISSIVE}}\n",
+        service("payments", ""),
+    );
+    let mut client = mesh.plane.client().await;
+    let (_, done) = apply_and_wait(&mut client, mesh.dir.path(), "more.yaml", &text).await;
+    assert!(done.nacked.is_empty(), "{done:?}");
+    served(&mut stream);
+
+    // STRICT: the connection is closed. Requests keep it busy meanwhile (so
+    // no idle timer can be what closes it): at most the one in flight when
+    // the generation went live is still answered.
+    mesh.apply_mode("STRICT").await;
+    let mut answered = 0;
+    let closed = (0..25).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        match tokio::task::block_in_place(|| plaintext_exchange(&mut stream)) {
+            None => true,
+            Some(status) => {
+                assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+                answered += 1;
+                false
+            }
+        }
+    });
+    assert!(
+        closed,
+        "the plaintext connection was still served {answered} times after the listener turned STRICT"
+    );
+    assert!(
+        answered <= 1,
+        "{answered} requests served after STRICT went live"
+    );
+    // And a new plaintext connection is refused.
+    assert_eq!(plaintext_get(inbound), None);
+}
