@@ -20,6 +20,7 @@ use lacewing_mesh::kinds::{self, Direction, Phase, TelemetrySettings};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::operator::hex;
 use crate::state::MeshView;
 use crate::store::{Store, StoreError};
 
@@ -275,10 +276,6 @@ fn telemetry_scopes(view: &MeshView) -> Vec<(String, Vec<String>, TelemetrySetti
         .into_iter()
         .map(|(ns, (services, settings))| (ns, services, settings))
         .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

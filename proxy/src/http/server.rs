@@ -152,7 +152,10 @@ pub async fn serve_io<I>(
     let mut write_at_last_look = (0, 0);
     // A plaintext connection watches for generations that forbid it (its
     // listener turned STRICT) and is then closed as a drain closes it.
-    let mut generations = ctx.tls.is_none().then(|| slot.generations());
+    // Pinned once: a future made per loop turn would join and leave the
+    // watch's waiter list (two lock round trips) on every wake-up.
+    let forbidden = forbids_plaintext(ctx.tls.is_none().then(|| slot.clone()));
+    tokio::pin!(forbidden);
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -165,14 +168,10 @@ pub async fn serve_io<I>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            changed = next_generation(&mut generations), if generations.is_some() && !draining => {
-                if changed.is_err() {
-                    generations = None;
-                } else if slot.load_full().tls.as_ref().is_some_and(|t| t.mode() == ListenerTlsMode::Strict) {
-                    tracing::info!(%remote, "plaintext connection closed: its listener is now TLS only (STRICT)");
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+            () = &mut forbidden, if !draining => {
+                tracing::info!(%remote, "plaintext connection closed: its listener is now TLS only (STRICT)");
+                draining = true;
+                conn.as_mut().graceful_shutdown();
             }
             _ = &mut first_head, if awaiting_first_head => {
                 awaiting_first_head = false;
@@ -238,14 +237,23 @@ pub async fn serve_io<I>(
     stats.bytes_sent.inc_by(io_stats.sent());
 }
 
-/// The next generation announced to `generations` (which is `Some`).
-async fn next_generation(
-    generations: &mut Option<tokio::sync::watch::Receiver<u64>>,
-) -> Result<(), tokio::sync::watch::error::RecvError> {
-    match generations {
-        Some(receiver) => receiver.changed().await,
-        None => std::future::pending().await,
+/// Completes when a new generation makes the listener of `slot` (a
+/// plaintext connection's) TLS only; never for `None` (a TLS connection).
+async fn forbids_plaintext(slot: Option<HttpSlot>) {
+    if let Some(slot) = slot {
+        let mut generations = slot.generations();
+        while generations.changed().await.is_ok() {
+            let state = slot.load_full();
+            if state
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode() == ListenerTlsMode::Strict)
+            {
+                return;
+            }
+        }
     }
+    std::future::pending().await
 }
 
 /// How an HTTP/2 connection's `max_connection_buffer` is spent.
