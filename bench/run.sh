@@ -6,7 +6,8 @@
 # first-party filter chain), the same two hops through two Envoys, and new mTLS
 # handshakes per second per core. Every saturation row gets the same wrk load;
 # the fixed-rate rows get the same request rate from oha (half of nginx's
-# saturation rate in the same round), latency corrected for coordinated omission.
+# saturation rate in the same round), latency corrected for coordinated omission;
+# the h2c rows get the same h2load load (HTTP/2 with prior knowledge).
 # See bench/README.md for what each row and ratio means.
 #
 # Usage: bench/run.sh [--rows a,b,...] [--rounds N] [--skip-setup] [--help]
@@ -15,7 +16,7 @@
 #              BENCH_NICE (-20) BENCH_ENVOY (path to an envoy binary)
 #              BENCH_ROUNDS (2) BENCH_ROWS (same as --rows)
 #              BENCH_RATE (fixed-rate rows: req/s instead of half of nginx's)
-#              BENCH_OHA (path to an oha binary)
+#              BENCH_OHA (path to an oha binary) BENCH_H2_STREAMS (10)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,12 +33,15 @@ ROUNDS=${BENCH_ROUNDS:-2}
 SKIP_SETUP=0
 REQUEST_ID=bench-0001
 OHA_VERSION=1.16.0
+H2_STREAMS=${BENCH_H2_STREAMS:-10}
 
 ALL_ROWS=(direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm
   rate_direct rate_nginx rate_lacewing rate_lacewing_wasm1 rate_envoy
+  h2_direct h2_nginx h2_lacewing h2_envoy
   mesh_plain mesh_mtls mesh_chain envoy_mtls envoy_chain mesh_handshakes)
 # Fixed-rate rows: the same servers as the saturation rows of the same name
 RATE_ROWS=(rate_direct rate_nginx rate_lacewing rate_lacewing_wasm1 rate_envoy)
+H2_ROWS=(h2_direct h2_nginx h2_lacewing h2_envoy)
 declare -A LABEL=(
   [direct]="direct to upstream"
   [nginx]="nginx reverse proxy"
@@ -51,6 +55,10 @@ declare -A LABEL=(
   [rate_lacewing]="lacewing"
   [rate_lacewing_wasm1]="lacewing + header-echo"
   [rate_envoy]="Envoy"
+  [h2_direct]="h2c direct to upstream"
+  [h2_nginx]="h2c nginx reverse proxy"
+  [h2_lacewing]="h2c lacewing"
+  [h2_envoy]="h2c Envoy"
   [mesh_plain]="mesh: 2 sidecars, plaintext"
   [mesh_mtls]="mesh: 2 sidecars, mTLS"
   [mesh_chain]="mesh: 2 sidecars, mTLS + authz, telemetry, headers"
@@ -60,9 +68,9 @@ declare -A LABEL=(
 )
 
 usage() {
-  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
-  echo "Groups: fixed_rate (nginx and the rate_* rows)"
+  echo "Groups: fixed_rate (nginx and the rate_* rows), h2c (the h2_* rows)"
 }
 
 while [ $# -gt 0 ]; do
@@ -207,6 +215,7 @@ setup() {
   command -v taskset >/dev/null || pkgs+=(util-linux)
   command -v pgrep >/dev/null || pkgs+=(procps)
   command -v openssl >/dev/null || pkgs+=(openssl)
+  command -v h2load >/dev/null || pkgs+=(nghttp2-client)
   if [ ${#pkgs[@]} -gt 0 ]; then
     say "installing ${pkgs[*]} with apt-get"
     apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}" \
@@ -261,6 +270,9 @@ setup() {
 # EXPECT_VALUES lists NAME=VALUE response headers the probe must carry.
 SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""
 SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=()
+# Per-row protocol settings, reset by run_row: nginx's listen options, Envoy's
+# downstream codec, and whether the probe speaks HTTP/2 with prior knowledge.
+NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0
 
 nginx_conf_common() { # nginx_conf_common DIR: main-context lines shared by both nginx roles
   local dir=$1
@@ -308,7 +320,7 @@ upstream_conf() {
 http {
 $(nginx_http_common "$dir")
   server {
-    listen 127.0.0.1:$NGINX_LISTEN_PORT;
+    listen 127.0.0.1:$NGINX_LISTEN_PORT$NGINX_LISTEN_OPTS;
     default_type text/plain;
     location / { return 200 "hello\n"; }
   }
@@ -327,7 +339,7 @@ $(nginx_http_common "$dir")
     keepalive 64;
   }
   server {
-    listen 127.0.0.1:$NGINX_LISTEN_PORT;
+    listen 127.0.0.1:$NGINX_LISTEN_PORT$NGINX_LISTEN_OPTS;
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -375,7 +387,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: $3
-          codec_type: HTTP1
+          codec_type: $ENVOY_CODEC
           generate_request_id: false
 YAML
 }
@@ -446,6 +458,17 @@ start_envoy_with() { # start_envoy_with NAME WITH_WASM
   STARTED_PIDS+=("$SUT_PID")
 }
 start_envoy() { start_envoy_with "$ROW_KEY" 0; }
+
+# h2c rows: the same servers taking HTTP/2 with prior knowledge from the
+# client; every proxy speaks HTTP/1.1 to the shared upstream, as in the
+# HTTP/1.1 rows (nginx cannot proxy HTTP/2 to an upstream). nginx 1.22's
+# `listen ... http2` without ssl takes h2c only, so the direct row's own
+# upstream instance is HTTP/2-only; lacewing and Envoy (codec AUTO) detect
+# the protocol per connection.
+start_h2_direct() { NGINX_LISTEN_OPTS=" http2"; PROBE_H2=1; start_direct; }
+start_h2_nginx() { NGINX_LISTEN_OPTS=" http2"; PROBE_H2=1; start_nginx; }
+start_h2_lacewing() { PROBE_H2=1; start_lacewing; }
+start_h2_envoy() { ENVOY_CODEC=AUTO; PROBE_H2=1; start_envoy; }
 start_envoy_wasm() {
   if [ ! -f "$WASM_FILE" ]; then NA_REASON="no filter module: ${WASM_BUILD_ERROR:-$WASM_FILE missing}"; return 1; fi
   EXPECT_HEADERS="x-echo-request-id"
@@ -958,6 +981,7 @@ wait_ready() {
   local name=$1 log=$2 start now code dir=$WORK/$1 h curl_headers=()
   mkdir -p "$dir"
   for h in "${REQUEST_HEADERS[@]}"; do curl_headers+=(-H "$h"); done
+  [ "$PROBE_H2" = 1 ] && curl_headers+=(--http2-prior-knowledge)
   start=$(date +%s%N)
   while :; do
     if sut_exited "$log"; then
@@ -988,6 +1012,10 @@ check_response() { # the probe must carry the upstream body and the filters' hea
   local dir=$WORK/$1 h value pair
   if ! grep -q '^hello$' "$dir/probe.body"; then
     NA_REASON="unexpected response body: $(head -c 80 "$dir/probe.body")"
+    return 1
+  fi
+  if [ "$PROBE_H2" = 1 ] && ! head -n 1 "$dir/probe.headers" | grep -q '^HTTP/2 200'; then
+    NA_REASON="no HTTP/2 answer to h2c with prior knowledge: $(head -n 1 "$dir/probe.headers" | tr -d '\r')"
     return 1
   fi
   for h in $EXPECT_HEADERS; do
@@ -1088,11 +1116,36 @@ print(f"{s['requestsPerSec']:.1f} {p['p50'] * 1e6:.0f} {p['p99'] * 1e6:.0f} {err
 PY
 }
 
+h2load_load() { # h2load_load DURATION OUT: h2c with prior knowledge, one client thread per BENCH_THREADS
+  local h h2_headers=()
+  for h in "${REQUEST_HEADERS[@]}"; do h2_headers+=(-H "$h"); done
+  on_core "${LOAD_CORE:-0}"
+  # --log-file: one line per request with its latency, for p50 and p99
+  # (h2load itself prints only the mean and the spread)
+  "${ON_CORE[@]}" timeout $(( $(seconds_of "$1") + 60 )) h2load -t"$THREADS" -c"$CONNECTIONS" -m"$H2_STREAMS" \
+    -D "$(seconds_of "$1")" --log-file="${2%.txt}.log" "${h2_headers[@]}" -H "x-request-id: $REQUEST_ID" \
+    "http://127.0.0.1:$SUT_PORT/" >"$2" 2>&1
+}
+
+parse_h2load() { # prints, like parse_wrk: rps p50_us p99_us errors non2xx requests
+  local p50 p99
+  # the log's third column: microseconds from the request's start to its response's end
+  read -r p50 p99 < <(cut -f3 "${1%.txt}.log" 2>/dev/null | sort -n | awk '
+    function at(q,  i) { i = int(NR * q + 0.5); if (i < 1) i = 1; return v[i] }
+    { v[NR] = $1 }
+    END { if (NR == 0) print "- -"; else print at(0.50), at(0.99) }')
+  awk -v p50="$p50" -v p99="$p99" '
+    /^finished in / { rps = $4 }
+    /^requests: / { done = $6; errs = $12 + $14 }
+    /^status codes: / { non2xx = $7 + $9 }
+    END { printf "%s %s %s %d %d %d\n", (rps == "" ? "-" : rps), p50, p99, errs, non2xx, done }' "$1"
+}
+
 run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a row
   local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_} log rss_at out rss rps p50 p99 errs non2xx wpid load parse
   SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""; READY_MS=""
   SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=(); CHECK_AFTER=""
-  ROW_KEY=$key
+  ROW_KEY=$key; NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0
   mkdir -p "$dir"
   say "row ${LABEL[$key]}$( [ "$base" != "$key" ] && echo ", fixed rate") (round $round of $ROUNDS)"
   if [ "$key" != direct ] && [ "$key" != rate_direct ] && [ -z "$UPSTREAM_PID" ]; then
@@ -1109,10 +1162,14 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
     load=oha_load; parse=parse_oha; out=$dir/oha-round$round.json
     R_RATE[$key:$round]=$RATE
   fi
+  if [ "${key#h2_}" != "$key" ]; then
+    if ! command -v h2load >/dev/null; then round_failed "$key" "h2load is not installed (Debian nghttp2-client)"; return 1; fi
+    load=h2load_load; parse=parse_h2load; out=$dir/h2load-round$round.txt
+  fi
   if ! "start_$base"; then stop_row; round_failed "$key" "$NA_REASON"; return 1; fi
   case "$base" in
-    direct|nginx) log=$dir/error.log ;;
-    envoy|envoy_wasm) log=$dir/envoy.log ;;
+    direct|nginx|h2_direct|h2_nginx) log=$dir/error.log ;;
+    envoy|envoy_wasm|h2_envoy) log=$dir/envoy.log ;;
     envoy_mtls|envoy_chain) log=$dir/orders/envoy.log ;;
     mesh_*) log=$dir/orders/stdout.log ;;
     *) log=$dir/stdout.log ;;
@@ -1252,6 +1309,42 @@ spread() {
     print s }'
 }
 
+# saturation_table DIRECT KEY...: the table of wrk or h2load rows, "vs direct"
+# against row DIRECT; counts rows_run and failed of the caller (report)
+saturation_table() {
+  local base=$1 k notes
+  shift
+  echo "| Row | Req/s | p50 (µs) | p99 (µs) | RSS (MiB) | Server CPU | Req per CPU-s | vs direct | Ready (ms) | Notes |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  for k in "$@"; do
+    if [ -n "${RPS[$k]:-}" ]; then
+      rows_run=$((rows_run + 1))
+      notes="${NOTE[$k]:-}${CHECK_NOTE[$k]:-}"
+      [ "$ROUNDS" -gt 1 ] && notes="rounds: ${ROUND_RPS[$k]} req/s; $notes"
+      [ "$PIN" = 1 ] && notes="core $SUT_CORE busy ${CORE[$k]}%; $notes"
+      [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
+      printf '| %s | %s | %s | %s | %s | %s%% | %s | %s | %s | %s |\n' "${LABEL[$k]}" "$(fmt "${RPS[$k]}" '%.0f')" \
+        "$(fmt "${P50[$k]}" '%.0f')" "$(fmt "${P99[$k]}" '%.0f')" "${RSS[$k]:-–}" "${CPU[$k]}" "${PER_CPU[$k]}" \
+        "$(ratio "${RPS[$k]}" "${RPS[$base]:-}")" "${READY[$k]:-–}" "$(printf '%s' "$notes" | sed 's/; *$//' | tr '\n|' ' /')"
+    else
+      failed=$((failed + 1))
+      printf '| %s | n/a | | | | | | | | n/a (%s) |\n' "${LABEL[$k]}" "$(printf '%s' "${NA[$k]:-not run}" | tr '\n|' ' /')"
+    fi
+  done
+}
+
+h2c_report() {
+  local k h2_rows=()
+  for k in "${H2_ROWS[@]}"; do in_selected "$k" && h2_rows+=("$k"); done
+  echo
+  echo "## HTTP/2 (h2c)"
+  echo
+  echo "- Load: \`h2load -t$THREADS -c$CONNECTIONS -m$H2_STREAMS -D $(seconds_of "$DURATION")\` (HTTP/2 with prior knowledge, $H2_STREAMS streams in flight per connection) after a $WARMUP warm-up run; p50 and p99 from h2load's per-request log (\`--log-file\`)"
+  echo "- Servers: the direct row is the upstream nginx with \`listen … http2\` (h2c only), nginx proxies h2c to the HTTP/1.1 upstream (nginx cannot proxy HTTP/2 to an upstream), and so do lacewing (HTTP/1.1 and h2c detected per connection; \`--upstream-h2\` left off, as nginx cannot do the same) and Envoy (codec \`AUTO\`); the probe must get an HTTP/2 answer"
+  echo
+  saturation_table h2_direct "${h2_rows[@]}"
+}
+
 fixed_rate_report() {
   local k offered notes r
   echo
@@ -1338,24 +1431,11 @@ report() {
       echo "- Two-hop rows: wrk → frontend (Host: orders) → orders → upstream; both proxies (two lacewing sidecars, or two Envoys \`--concurrency 1\`) are the server under test, on the same core, their CPU and RSS summed; the lacewing control plane runs on core ${LOAD_CORE:-0}, idle during the load. A round with any non-2xx response is not counted"
     fi
     echo
-    echo "| Row | Req/s | p50 (µs) | p99 (µs) | RSS (MiB) | Server CPU | Req per CPU-s | vs direct | Ready (ms) | Notes |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    local main_rows=()
     for k in "${SELECTED[@]}"; do
-      case "$k" in mesh_handshakes|rate_*) continue ;; esac   # their own sections below
-      if [ -n "${RPS[$k]:-}" ]; then
-        rows_run=$((rows_run + 1))
-        local notes="${NOTE[$k]:-}${CHECK_NOTE[$k]:-}"
-        [ "$ROUNDS" -gt 1 ] && notes="rounds: ${ROUND_RPS[$k]} req/s; $notes"
-        [ "$PIN" = 1 ] && notes="core $SUT_CORE busy ${CORE[$k]}%; $notes"
-        [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
-        printf '| %s | %s | %s | %s | %s | %s%% | %s | %s | %s | %s |\n' "${LABEL[$k]}" "$(fmt "${RPS[$k]}" '%.0f')" \
-          "$(fmt "${P50[$k]}" '%.0f')" "$(fmt "${P99[$k]}" '%.0f')" "${RSS[$k]:-–}" "${CPU[$k]}" "${PER_CPU[$k]}" \
-          "$(ratio "${RPS[$k]}" "${RPS[direct]:-}")" "${READY[$k]:-–}" "$(printf '%s' "$notes" | sed 's/; *$//' | tr '\n|' ' /')"
-      else
-        failed=$((failed + 1))
-        printf '| %s | n/a | | | | | | | | n/a (%s) |\n' "${LABEL[$k]}" "$(printf '%s' "${NA[$k]:-not run}" | tr '\n|' ' /')"
-      fi
+      case "$k" in mesh_handshakes|rate_*|h2_*) ;; *) main_rows+=("$k") ;; esac   # their own sections below
     done
+    saturation_table direct "${main_rows[@]}"
     echo
     echo "## Ratios"
     echo
@@ -1367,6 +1447,8 @@ report() {
     echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
     echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
     echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    ratio_line "h2c: lacewing / nginx" h2_lacewing h2_nginx
+    ratio_line "h2c: lacewing / Envoy" h2_lacewing h2_envoy
     ratio_line "mesh mTLS / mesh plaintext" mesh_mtls mesh_plain 0.90
     ratio_line "mesh chain / mesh mTLS" mesh_chain mesh_mtls 0.70
     ratio_line "mesh chain / mesh plaintext" mesh_chain mesh_plain
@@ -1380,6 +1462,7 @@ report() {
       echo
       echo "Time inside each plugin's wasm callbacks per request (\`lacewing_wasm_callback_duration_seconds\` sums on both sidecars' /metrics over the reported round, warm-up included, divided by the requests telemetry counted): ${CHAIN_SPLIT[${CHAIN_ROUND:-1}]}. Callback time includes the host calls a plugin makes from it (metric updates, the access-log line, header and property reads); compare the sum with the added CPU per request of mesh chain / mesh mTLS above."
     fi
+    any_selected "${H2_ROWS[@]}" && h2c_report
     if needs_oha; then
       fixed_rate_report
       for k in "${RATE_ROWS[@]}"; do
@@ -1444,6 +1527,7 @@ else
   for k in "${WANTED[@]}"; do
     case "$k" in
       fixed_rate) WANT[nginx]=1; for r in "${RATE_ROWS[@]}"; do WANT[$r]=1; done ;;
+      h2c) for r in "${H2_ROWS[@]}"; do WANT[$r]=1; done ;;
       *) [ -n "${LABEL[$k]:-}" ] || { echo "bench: unknown row '$k' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
          WANT[$k]=1 ;;
     esac
