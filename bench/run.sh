@@ -7,7 +7,8 @@
 # handshakes per second per core. Every saturation row gets the same wrk load;
 # the fixed-rate rows get the same request rate from oha (half of nginx's
 # saturation rate in the same round), latency corrected for coordinated omission;
-# the h2c rows get the same h2load load (HTTP/2 with prior knowledge).
+# the h2c rows get the same h2load load (HTTP/2 with prior knowledge); two
+# rows run lacewing and nginx with two workers each.
 # See bench/README.md for what each row and ratio means.
 #
 # Usage: bench/run.sh [--rows a,b,...] [--rounds N] [--skip-setup] [--help]
@@ -35,7 +36,7 @@ REQUEST_ID=bench-0001
 OHA_VERSION=1.16.0
 H2_STREAMS=${BENCH_H2_STREAMS:-10}
 
-ALL_ROWS=(direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm
+ALL_ROWS=(direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm nginx_w2 lacewing_w2
   rate_direct rate_nginx rate_lacewing rate_lacewing_wasm1 rate_envoy
   h2_direct h2_nginx h2_lacewing h2_envoy
   mesh_plain mesh_mtls mesh_chain envoy_mtls envoy_chain mesh_handshakes)
@@ -50,6 +51,8 @@ declare -A LABEL=(
   [lacewing_wasm1]="lacewing + header-echo"
   [lacewing_wasm3]="lacewing + 3× header-echo"
   [envoy_wasm]="Envoy + header-echo (V8)"
+  [nginx_w2]="nginx reverse proxy, 2 workers"
+  [lacewing_w2]="lacewing, 2 workers"
   [rate_direct]="direct to upstream"
   [rate_nginx]="nginx reverse proxy"
   [rate_lacewing]="lacewing"
@@ -68,9 +71,10 @@ declare -A LABEL=(
 )
 
 usage() {
-  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
-  echo "Groups: fixed_rate (nginx and the rate_* rows), h2c (the h2_* rows)"
+  echo "Groups: fixed_rate (nginx and the rate_* rows), h2c (the h2_* rows),"
+  echo "        workers2 (nginx, lacewing and their 2-worker rows)"
 }
 
 while [ $# -gt 0 ]; do
@@ -127,7 +131,9 @@ trap cleanup EXIT
 trap 'say "interrupted"; exit 130' INT TERM
 
 # Cores: with two or more, the server under test runs alone on core 1 while
-# wrk and the upstream share core 0. The same split applies to every row.
+# wrk and the upstream share core 0. The same split applies to every row but
+# the two-worker rows, whose server gets cores 0 and 1 with the load generator
+# unpinned (ROW_SUT_CORE, ROW_LOAD_CORE; set per row by run_row).
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
   SUT_CORE=1; LOAD_CORE=0
 else
@@ -137,10 +143,11 @@ fi
 # by default when root) so that other work on the machine disturbs it less.
 NICE=${BENCH_NICE:--20}
 if [ "$(id -u)" != 0 ] && [ "$NICE" -lt 0 ]; then NICE=0; fi
-on_core() { # on_core CORE: sets ON_CORE to the command prefix that pins to CORE at priority NICE
+on_core() { # on_core CORES: sets ON_CORE to the command prefix that pins to CORES (none: unpinned) at priority NICE
   ON_CORE=(nice -n "$NICE")
-  if [ "$PIN" = 1 ]; then ON_CORE+=(taskset -c "$1"); fi
+  if [ "$PIN" = 1 ] && [ -n "$1" ]; then ON_CORE+=(taskset -c "$1"); fi
 }
+ROW_SUT_CORE=${SUT_CORE:-0}; ROW_LOAD_CORE=${LOAD_CORE:-0}
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -175,8 +182,10 @@ cpu_ticks() { # user+system CPU ticks of a process (all threads) plus its childr
   done
   echo "$total"
 }
-core_ticks() { # "busy total" ticks of one CPU from /proc/stat
-  awk -v c="cpu$1" '$1 == c { total = 0; for (i = 2; i <= NF; i++) total += $i; print total - $5 - $6, total }' /proc/stat
+core_ticks() { # core_ticks CORES: "busy total" ticks of CPUs (a comma-separated list) from /proc/stat
+  awk -v cores="$1" 'BEGIN { n = split(cores, c, ","); for (i = 1; i <= n; i++) want["cpu" c[i]] = 1 }
+    $1 in want { for (i = 2; i <= NF; i++) { total += $i; if (i != 5 && i != 6) busy += $i } }
+    END { print busy + 0, total + 0 }' /proc/stat
 }
 
 log_tail() { # last lines of a server's log, or of the stdout.log beside it when that one is empty
@@ -271,13 +280,14 @@ setup() {
 SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""
 SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=()
 # Per-row protocol settings, reset by run_row: nginx's listen options, Envoy's
-# downstream codec, and whether the probe speaks HTTP/2 with prior knowledge.
-NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0
+# downstream codec, whether the probe speaks HTTP/2 with prior knowledge, and
+# the worker counts (nginx's worker_processes, lacewing's --workers).
+NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0; NGINX_WORKERS=1; LACEWING_WORKERS=1
 
 nginx_conf_common() { # nginx_conf_common DIR: main-context lines shared by both nginx roles
   local dir=$1
   cat <<CONF
-worker_processes 1;
+worker_processes $NGINX_WORKERS;
 daemon off;
 master_process on;
 pid $dir/nginx.pid;
@@ -364,14 +374,20 @@ start_direct() {
   # Its own upstream instance, on the core the proxies get in the other rows.
   SUT_PORT=$(free_port)
   NGINX_LISTEN_PORT=$SUT_PORT
-  launch_nginx "$ROW_KEY" "${SUT_CORE:-0}" upstream_conf
+  launch_nginx "$ROW_KEY" "$ROW_SUT_CORE" upstream_conf
 }
 
 start_nginx() {
   SUT_PORT=$(free_port)
   NGINX_LISTEN_PORT=$SUT_PORT
-  launch_nginx "$ROW_KEY" "${SUT_CORE:-0}" proxy_conf
+  launch_nginx "$ROW_KEY" "$ROW_SUT_CORE" proxy_conf
 }
+
+# Two workers: nginx binds one listening socket per worker with `reuseport`,
+# as lacewing binds its listener once per worker with SO_REUSEPORT, so the
+# kernel spreads connections the same way for both.
+start_nginx_w2() { NGINX_WORKERS=2; NGINX_LISTEN_OPTS=" reuseport"; start_nginx; }
+start_lacewing_w2() { LACEWING_WORKERS=2; start_lacewing; }
 
 envoy_head() { # envoy_head LISTENER PORT STAT_PREFIX: admin, a listener, the start of its HTTP connection manager
   cat <<YAML
@@ -451,7 +467,7 @@ start_envoy_with() { # start_envoy_with NAME WITH_WASM
   mkdir -p "$dir"
   SUT_PORT=$(free_port)
   envoy_bootstrap "$with_wasm" >"$dir/envoy.yaml"
-  on_core "${SUT_CORE:-0}"
+  on_core "$ROW_SUT_CORE"
   "${ON_CORE[@]}" "$ENVOY_BIN" -c "$dir/envoy.yaml" --concurrency 1 --disable-hot-restart \
     -l warning --log-path "$dir/envoy.log" >"$dir/stdout.log" 2>&1 &
   SUT_PID=$!
@@ -484,11 +500,11 @@ start_lacewing_with() { # start_lacewing_with NAME EXTRA_ARGS...
   SUT_PORT=$(free_port)
   admin_port=$(free_port)
   LACEWING_ADMIN_PORT=$admin_port
-  echo "$LACEWING_BIN proxy --listen 127.0.0.1:$SUT_PORT --upstream 127.0.0.1:$UPSTREAM_PORT --workers 1 --admin 127.0.0.1:$admin_port $*" >"$dir/command"
-  on_core "${SUT_CORE:-0}"
+  echo "$LACEWING_BIN proxy --listen 127.0.0.1:$SUT_PORT --upstream 127.0.0.1:$UPSTREAM_PORT --workers $LACEWING_WORKERS --admin 127.0.0.1:$admin_port $*" >"$dir/command"
+  on_core "$ROW_SUT_CORE"
   RUST_LOG=${RUST_LOG:-warn} "${ON_CORE[@]}" "$LACEWING_BIN" proxy \
     --listen "127.0.0.1:$SUT_PORT" --upstream "127.0.0.1:$UPSTREAM_PORT" \
-    --workers 1 --admin "127.0.0.1:$admin_port" "$@" >"$dir/stdout.log" 2>&1 &
+    --workers "$LACEWING_WORKERS" --admin "127.0.0.1:$admin_port" "$@" >"$dir/stdout.log" 2>&1 &
   SUT_PID=$!
   STARTED_PIDS+=("$SUT_PID")
 }
@@ -1036,12 +1052,12 @@ check_response() { # the probe must carry the upstream body and the filters' hea
 
 # ------------------------------------------------------------------- load
 
-declare -A RPS P50 P99 RSS READY NOTE CHECK_NOTE NA ROUND_RPS ROUND_P99 CPU CORE PER_CPU OFFERED
+declare -A RPS P50 P99 RSS READY NOTE CHECK_NOTE NA ROUND_RPS ROUND_P99 CPU CORE CORE_NAME PER_CPU OFFERED
 
 wrk_load() { # wrk_load DURATION OUT
   local h wrk_headers=()
   for h in "${REQUEST_HEADERS[@]}"; do wrk_headers+=(-H "$h"); done
-  on_core "${LOAD_CORE:-0}"
+  on_core "$ROW_LOAD_CORE"
   "${ON_CORE[@]}" timeout $(( $(seconds_of "$1") + 60 )) wrk -t"$THREADS" -c"$CONNECTIONS" -d"$1" \
     --latency --timeout 5s "${wrk_headers[@]}" -H "x-request-id: $REQUEST_ID" "http://127.0.0.1:$SUT_PORT/" >"$2" 2>&1
 }
@@ -1095,7 +1111,7 @@ round_rate() { # round_rate ROUND: sets RATE, or NA_REASON and fails
 oha_load() { # oha_load DURATION OUT: RATE requests per second for DURATION, JSON summary to OUT
   local h oha_headers=()
   for h in "${REQUEST_HEADERS[@]}"; do oha_headers+=(-H "$h"); done
-  on_core "${LOAD_CORE:-0}"
+  on_core "$ROW_LOAD_CORE"
   # --latency-correction: a request's latency counts from when the schedule
   # wanted to send it, so a stalled server is not hidden by a waiting client
   "${ON_CORE[@]}" timeout $(( $(seconds_of "$1") + 60 )) "$OHA_BIN" -z "$1" -c "$CONNECTIONS" -q "$RATE" \
@@ -1119,7 +1135,7 @@ PY
 h2load_load() { # h2load_load DURATION OUT: h2c with prior knowledge, one client thread per BENCH_THREADS
   local h h2_headers=()
   for h in "${REQUEST_HEADERS[@]}"; do h2_headers+=(-H "$h"); done
-  on_core "${LOAD_CORE:-0}"
+  on_core "$ROW_LOAD_CORE"
   # --log-file: one line per request with its latency, for p50 and p99
   # (h2load itself prints only the mean and the spread)
   "${ON_CORE[@]}" timeout $(( $(seconds_of "$1") + 60 )) h2load -t"$THREADS" -c"$CONNECTIONS" -m"$H2_STREAMS" \
@@ -1145,7 +1161,12 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_} log rss_at out rss rps p50 p99 errs non2xx wpid load parse
   SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""; READY_MS=""
   SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=(); CHECK_AFTER=""
-  ROW_KEY=$key; NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0
+  ROW_KEY=$key; NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0; NGINX_WORKERS=1; LACEWING_WORKERS=1
+  ROW_SUT_CORE=${SUT_CORE:-0}; ROW_LOAD_CORE=${LOAD_CORE:-0}
+  # Two workers on two cores: the server may use both, and the load generator
+  # (and the upstream, still on core 0) compete with it there
+  case "$key" in *_w2) ROW_SUT_CORE=0,1; ROW_LOAD_CORE="" ;; esac
+  CORE_NAME[$key]="core$( [ "${ROW_SUT_CORE#*,}" != "$ROW_SUT_CORE" ] && echo s) $ROW_SUT_CORE"
   mkdir -p "$dir"
   say "row ${LABEL[$key]}$( [ "$base" != "$key" ] && echo ", fixed rate") (round $round of $ROUNDS)"
   if [ "$key" != direct ] && [ "$key" != rate_direct ] && [ -z "$UPSTREAM_PID" ]; then
@@ -1168,7 +1189,7 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   fi
   if ! "start_$base"; then stop_row; round_failed "$key" "$NA_REASON"; return 1; fi
   case "$base" in
-    direct|nginx|h2_direct|h2_nginx) log=$dir/error.log ;;
+    direct|nginx|nginx_w2|h2_direct|h2_nginx) log=$dir/error.log ;;
     envoy|envoy_wasm|h2_envoy) log=$dir/envoy.log ;;
     envoy_mtls|envoy_chain) log=$dir/orders/envoy.log ;;
     mesh_*) log=$dir/orders/stdout.log ;;
@@ -1183,7 +1204,7 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   rss_at=$(( $(seconds_of "$DURATION") - 1 )); [ "$rss_at" -lt 1 ] && rss_at=1
   local t0 t1 cpu0 cpu1 core0 core1 cpu_pct per_cpu_s core_pct requests
   # shellcheck disable=SC2046 # sut_pids is a list of numbers
-  t0=$(date +%s%N); cpu0=$(sum_of cpu_ticks $(sut_pids)); core0=$(core_ticks "${SUT_CORE:-0}")
+  t0=$(date +%s%N); cpu0=$(sum_of cpu_ticks $(sut_pids)); core0=$(core_ticks "$ROW_SUT_CORE")
   "$load" "$DURATION" "$out" &
   wpid=$!
   sleep "$rss_at"
@@ -1191,7 +1212,7 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   rss=$(fmt "$(sum_of rss_mib $(sut_pids))" '%.1f')
   wait "$wpid"
   # shellcheck disable=SC2046
-  t1=$(date +%s%N); cpu1=$(sum_of cpu_ticks $(sut_pids)); core1=$(core_ticks "${SUT_CORE:-0}")
+  t1=$(date +%s%N); cpu1=$(sum_of cpu_ticks $(sut_pids)); core1=$(core_ticks "$ROW_SUT_CORE")
   case "$key" in lacewing*)
     curl -s --max-time 2 "http://127.0.0.1:$LACEWING_ADMIN_PORT/metrics" >"$dir/metrics.txt" 2>/dev/null ;;
   esac
@@ -1321,7 +1342,7 @@ saturation_table() {
       rows_run=$((rows_run + 1))
       notes="${NOTE[$k]:-}${CHECK_NOTE[$k]:-}"
       [ "$ROUNDS" -gt 1 ] && notes="rounds: ${ROUND_RPS[$k]} req/s; $notes"
-      [ "$PIN" = 1 ] && notes="core $SUT_CORE busy ${CORE[$k]}%; $notes"
+      [ "$PIN" = 1 ] && notes="${CORE_NAME[$k]} busy ${CORE[$k]}%; $notes"
       [ -n "${NA[$k]:-}" ] && notes+="failed ${NA[$k]}"
       printf '| %s | %s | %s | %s | %s | %s%% | %s | %s | %s | %s |\n' "${LABEL[$k]}" "$(fmt "${RPS[$k]}" '%.0f')" \
         "$(fmt "${P50[$k]}" '%.0f')" "$(fmt "${P99[$k]}" '%.0f')" "${RSS[$k]:-–}" "${CPU[$k]}" "${PER_CPU[$k]}" \
@@ -1413,6 +1434,7 @@ report() {
   cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
   if [ "$PIN" = 1 ]; then
     pin_text="server under test pinned to core $SUT_CORE; wrk and the upstream nginx pinned to core $LOAD_CORE (direct row: its own upstream instance on core $SUT_CORE)"
+    any_selected nginx_w2 lacewing_w2 && pin_text+="; two-worker rows: the server on cores 0-1, wrk unpinned, the upstream nginx on core $LOAD_CORE"
   else
     pin_text="no CPU pinning"
   fi
@@ -1447,6 +1469,9 @@ report() {
     echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
     echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
     echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    ratio_line "2 workers: lacewing / nginx" lacewing_w2 nginx_w2
+    ratio_line "lacewing 2 workers / 1 worker (scaling)" lacewing_w2 lacewing
+    ratio_line "nginx 2 workers / 1 worker (scaling)" nginx_w2 nginx
     ratio_line "h2c: lacewing / nginx" h2_lacewing h2_nginx
     ratio_line "h2c: lacewing / Envoy" h2_lacewing h2_envoy
     ratio_line "mesh mTLS / mesh plaintext" mesh_mtls mesh_plain 0.90
@@ -1528,6 +1553,7 @@ else
     case "$k" in
       fixed_rate) WANT[nginx]=1; for r in "${RATE_ROWS[@]}"; do WANT[$r]=1; done ;;
       h2c) for r in "${H2_ROWS[@]}"; do WANT[$r]=1; done ;;
+      workers2) WANT[nginx]=1; WANT[lacewing]=1; WANT[nginx_w2]=1; WANT[lacewing_w2]=1 ;;
       *) [ -n "${LABEL[$k]:-}" ] || { echo "bench: unknown row '$k' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
          WANT[$k]=1 ;;
     esac
