@@ -74,7 +74,8 @@ usage() {
   sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "Rows: ${ALL_ROWS[*]}"
   echo "Groups: fixed_rate (nginx and the rate_* rows), h2c (the h2_* rows),"
-  echo "        workers2 (nginx, lacewing and their 2-worker rows)"
+  echo "        workers2 (nginx, lacewing and their 2-worker rows),"
+  echo "        targets (direct, nginx, lacewing, lacewing_wasm1, lacewing_wasm3: the rows the speed targets judge)"
 }
 
 while [ $# -gt 0 ]; do
@@ -1298,25 +1299,22 @@ cpu_delta_us() { # cpu_delta_us A B: server CPU per request of A minus that of B
   if [ -z "${1:-}" ] || [ -z "${2:-}" ] || [ "${1:-0}" = 0 ] || [ "${2:-0}" = 0 ]; then echo "–"; return; fi
   awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.1f µs", 1e6 / a - 1e6 / b }'
 }
-verdict() { # verdict A OP B -> "met" / "missed" / "–"
-  if [ -z "${1:-}" ] || [ -z "${3:-}" ]; then echo "–"; return; fi
-  awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN {
-    ok = (op == ">=") ? (a >= b) : (a <= b); print ok ? "met" : "missed" }'
-}
-
 in_selected() { local k; for k in "${SELECTED[@]}"; do [ "$k" = "$1" ] && return 0; done; return 1; }
 any_selected() { local k; for k in "$@"; do in_selected "$k" && return 0; done; return 1; }
 needs_oha() { any_selected "${RATE_ROWS[@]}"; }
 
-# paired ARRAY A B OP: for each round in which rows A and B both ran, A - B or
-# A / B (OP) of their per-round figures in ARRAY (R_RPS, R_P50, ...), one a line
+# paired ARRAY A B OP: for each round in which rows A and B both ran, A - B,
+# A / B, or (cpu) 1e6/A - 1e6/B (the added CPU µs per request from requests
+# per CPU-second) of their per-round figures in ARRAY (R_RPS, R_P50, ...), one a line
 paired() {
   local -n per_round=$1
   local r
   for r in $(seq 1 "$ROUNDS"); do
     [ -n "${per_round[$2:$r]:-}" ] && [ -n "${per_round[$3:$r]:-}" ] || continue
     awk -v a="${per_round[$2:$r]}" -v b="${per_round[$3:$r]}" -v op="$4" 'BEGIN {
-      if (op == "/") { if (b != 0) printf "%.6f\n", a / b } else printf "%.3f\n", a - b }'
+      if (op == "/") { if (b != 0) printf "%.6f\n", a / b }
+      else if (op == "cpu") { if (a != 0 && b != 0) printf "%.3f\n", 1e6 / a - 1e6 / b }
+      else printf "%.3f\n", a - b }'
   done
 }
 # spread FORMAT UNIT: numbers on stdin -> "MEDIAN UNIT (MIN … MAX)", the
@@ -1366,6 +1364,13 @@ h2c_report() {
   saturation_table h2_direct "${h2_rows[@]}"
 }
 
+# range FORMAT [UNIT]: numbers on stdin -> " (MIN … MAXUNIT)" when there are two
+# or more, nothing otherwise: a ratio table cell's spread over the rounds
+range() {
+  sort -g | awk -v f="$1" -v u="${2:-}" '{ v[NR] = $1 } END {
+    if (NR > 1) printf " (%s … %s%s)", sprintf(f, v[1]), sprintf(f, v[NR]), u }'
+}
+
 fixed_rate_report() {
   local k offered notes r
   echo
@@ -1398,14 +1403,35 @@ fixed_rate_report() {
   done
 }
 
-ratio_line() { # ratio_line LABEL A B [MIN_RPS_RATIO]: a line of the ratio table, rows A over B
-  local a=$2 b=$3 target="(reference)" result=""
+# ratio_line LABEL A B [TARGET...]: a line of the ratio table, rows A over B.
+# Each figure is that of the rows' best rounds, followed by its range over the
+# rounds when there are several: (min … max) of the per-round figure, pairing
+# A and B by round. A TARGET (rps>=R: req/s ratio, p99<=R: p99 ratio, cpu<=US:
+# added CPU per request in µs) is met only when it holds in every round in
+# which both rows ran; otherwise the result says in how many it was missed.
+ratio_line() {
+  local label=$1 a=$2 b=$3 t kind limit fails m r verdict targets="" results=""
+  local -A name=([rps]="req/s" [p99]="p99" [cpu]="CPU")
   in_selected "$a" && in_selected "$b" || return 0
-  if [ -n "${4:-}" ]; then
-    target="req/s ≥ $(fmt "$4" '%.2f')×"
-    result=$(verdict "${RPS[$a]:-}" ">=" "$(awk -v r="${RPS[$b]:-}" -v m="$4" 'BEGIN { if (r != "") print r * m }')")
-  fi
-  echo "| $1 | $(ratio "${RPS[$a]:-}" "${RPS[$b]:-}") | $(ratio "${P99[$a]:-}" "${P99[$b]:-}") | $(delta_us "${P50[$a]:-}" "${P50[$b]:-}") | $(ratio "${PER_CPU[$a]:-}" "${PER_CPU[$b]:-}") | $(cpu_delta_us "${PER_CPU[$a]:-}" "${PER_CPU[$b]:-}") | $target | $result |"
+  shift 3
+  for t in "$@"; do
+    kind=${t%%[<>]=*}; limit=${t#*=}
+    case "$kind" in
+      rps) targets+="${targets:+, }req/s ≥ $(fmt "$limit" '%.2f')×"; r=$(paired R_RPS "$a" "$b" /) ;;
+      p99) targets+="${targets:+, }p99 ≤ $(fmt "$limit" '%.2f')×"; r=$(paired R_P99 "$a" "$b" /) ;;
+      cpu) targets+="${targets:+, }added CPU ≤ $limit µs"; r=$(paired R_PER_CPU "$a" "$b" cpu) ;;
+      *) echo "bench: unknown target '$t'" >&2; return 1 ;;
+    esac
+    read -r fails m < <(printf '%s\n' "$r" | awk -v op="${t:${#kind}:2}" -v lim="$limit" 'NF {
+      m++; if ((op == ">=" && $1 < lim) || (op == "<=" && $1 > lim)) f++ } END { print f + 0, m + 0 }')
+    if [ "$m" -eq 0 ]; then verdict="–"
+    elif [ "$fails" -eq 0 ]; then verdict="met$( [ "$m" -gt 1 ] && echo " in all $m rounds")"
+    else verdict="missed in $fails of $m round$( [ "$m" -gt 1 ] && echo s)"
+    fi
+    [ $# -gt 1 ] && verdict="${name[$kind]}: $verdict"
+    results+="${results:+; }$verdict"
+  done
+  echo "| $label | $(ratio "${RPS[$a]:-}" "${RPS[$b]:-}")$(paired R_RPS "$a" "$b" / | range '%.2f' ×) | $(ratio "${P99[$a]:-}" "${P99[$b]:-}")$(paired R_P99 "$a" "$b" / | range '%.2f' ×) | $(delta_us "${P50[$a]:-}" "${P50[$b]:-}")$(paired R_P50 "$a" "$b" - | range '%+.0f') | $(ratio "${PER_CPU[$a]:-}" "${PER_CPU[$b]:-}")$(paired R_PER_CPU "$a" "$b" / | range '%.2f' ×) | $(cpu_delta_us "${PER_CPU[$a]:-}" "${PER_CPU[$b]:-}")$(paired R_PER_CPU "$a" "$b" cpu | range '%+.1f') | ${targets:-(reference)} | $results |"
 }
 
 version_of() {
@@ -1463,19 +1489,19 @@ report() {
     echo
     echo "| Comparison | Req/s ratio | p99 ratio | Added p50 | Req per CPU-s ratio | Added CPU per request | Target | Result |"
     echo "|---|---:|---:|---:|---:|---:|---|---|"
-    echo "| lacewing / nginx | $(ratio "${RPS[lacewing]:-}" "${RPS[nginx]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[nginx]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[nginx]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[nginx]:-}") | $(cpu_delta_us "${PER_CPU[lacewing]:-}" "${PER_CPU[nginx]:-}") | req/s ≥ 1.00×, p99 ≤ 1.00× | $(verdict "${RPS[lacewing]:-}" ">=" "${RPS[nginx]:-}") / $(verdict "${P99[lacewing]:-}" "<=" "${P99[nginx]:-}") |"
-    echo "| lacewing / Envoy | $(ratio "${RPS[lacewing]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[lacewing]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[lacewing]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[lacewing]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[lacewing]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
-    echo "| lacewing + 1 filter / lacewing | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[lacewing]:-}") | req/s ≥ 0.90×, added p50 ≤ 20 µs | $(verdict "${RPS[lacewing_wasm1]:-}" ">=" "$(awk -v r="${RPS[lacewing]:-}" 'BEGIN { if (r != "") print r * 0.9 }')") / $(verdict "${P50[lacewing_wasm1]:-}" "<=" "$(awk -v p="${P50[lacewing]:-}" 'BEGIN { if (p != "") print p + 20 }')") |"
-    echo "| lacewing + 3 filters / lacewing | $(ratio "${RPS[lacewing_wasm3]:-}" "${RPS[lacewing]:-}") | $(ratio "${P99[lacewing_wasm3]:-}" "${P99[lacewing]:-}") | $(delta_us "${P50[lacewing_wasm3]:-}" "${P50[lacewing]:-}") | $(ratio "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm3]:-}" "${PER_CPU[lacewing]:-}") | (reference) | |"
-    echo "| lacewing + 1 filter / Envoy + 1 filter | $(ratio "${RPS[lacewing_wasm1]:-}" "${RPS[envoy_wasm]:-}") | $(ratio "${P99[lacewing_wasm1]:-}" "${P99[envoy_wasm]:-}") | $(delta_us "${P50[lacewing_wasm1]:-}" "${P50[envoy_wasm]:-}") | $(ratio "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | $(cpu_delta_us "${PER_CPU[lacewing_wasm1]:-}" "${PER_CPU[envoy_wasm]:-}") | (reference) | |"
-    echo "| Envoy + 1 filter / Envoy | $(ratio "${RPS[envoy_wasm]:-}" "${RPS[envoy]:-}") | $(ratio "${P99[envoy_wasm]:-}" "${P99[envoy]:-}") | $(delta_us "${P50[envoy_wasm]:-}" "${P50[envoy]:-}") | $(ratio "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | $(cpu_delta_us "${PER_CPU[envoy_wasm]:-}" "${PER_CPU[envoy]:-}") | (reference) | |"
+    ratio_line "lacewing / nginx" lacewing nginx "rps>=1.00" "p99<=1.00"
+    ratio_line "lacewing / Envoy" lacewing envoy
+    ratio_line "lacewing + 1 filter / lacewing" lacewing_wasm1 lacewing "rps>=0.90" "cpu<=2"
+    ratio_line "lacewing + 3 filters / lacewing" lacewing_wasm3 lacewing "rps>=0.80"
+    ratio_line "lacewing + 1 filter / Envoy + 1 filter" lacewing_wasm1 envoy_wasm
+    ratio_line "Envoy + 1 filter / Envoy" envoy_wasm envoy
     ratio_line "2 workers: lacewing / nginx" lacewing_w2 nginx_w2
     ratio_line "lacewing 2 workers / 1 worker (scaling)" lacewing_w2 lacewing
     ratio_line "nginx 2 workers / 1 worker (scaling)" nginx_w2 nginx
     ratio_line "h2c: lacewing / nginx" h2_lacewing h2_nginx
     ratio_line "h2c: lacewing / Envoy" h2_lacewing h2_envoy
-    ratio_line "mesh mTLS / mesh plaintext" mesh_mtls mesh_plain 0.90
-    ratio_line "mesh chain / mesh mTLS" mesh_chain mesh_mtls 0.70
+    ratio_line "mesh mTLS / mesh plaintext" mesh_mtls mesh_plain "rps>=0.90"
+    ratio_line "mesh chain / mesh mTLS" mesh_chain mesh_mtls "rps>=0.70"
     ratio_line "mesh chain / mesh plaintext" mesh_chain mesh_plain
     ratio_line "mesh plaintext / lacewing (one hop)" mesh_plain lacewing
     ratio_line "mesh mTLS / 2 Envoys mTLS" mesh_mtls envoy_mtls
@@ -1554,6 +1580,7 @@ else
       fixed_rate) WANT[nginx]=1; for r in "${RATE_ROWS[@]}"; do WANT[$r]=1; done ;;
       h2c) for r in "${H2_ROWS[@]}"; do WANT[$r]=1; done ;;
       workers2) WANT[nginx]=1; WANT[lacewing]=1; WANT[nginx_w2]=1; WANT[lacewing_w2]=1 ;;
+      targets) for r in direct nginx lacewing lacewing_wasm1 lacewing_wasm3; do WANT[$r]=1; done ;;
       *) [ -n "${LABEL[$k]:-}" ] || { echo "bench: unknown row '$k' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
          WANT[$k]=1 ;;
     esac
