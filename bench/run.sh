@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side HTTP/1.1 proxy benchmark: direct upstream, nginx, Envoy and
+# Side-by-side HTTP proxy benchmark (HTTP/1.1, and h2c in the h2_* rows): direct upstream, nginx, Envoy and
 # Lacewing (without filters, with one proxy-wasm filter, with a chain of three),
 # Envoy running the same filter on V8, and two-hop mesh rows: a Lacewing
 # sidecar pair under a control plane (plaintext, mTLS, mTLS plus the
