@@ -8,14 +8,17 @@
 //! exist whenever it creates a pool for a new one (a configuration reload).
 //!
 //! Connection drivers are plain `tokio::spawn` tasks (the runtime may be
-//! current-thread). An HTTP/1 driver closes its connection once it has sat idle
-//! in the pool for the idle timeout. A sweeper task per thread and cluster
-//! drops expired entries: an HTTP/2 connection unused for the idle timeout
+//! current-thread). An HTTP/1 connection goes back on the stack as soon as its
+//! response head arrives and is taken again once hyper reports it ready (its
+//! response body done); its idle time starts at the first sweep that finds it
+//! ready, and its driver closes it once it has sat idle for the idle timeout
+//! (so between one and one and a half idle timeouts after its last response).
+//! A sweeper task per thread and cluster drops expired entries: an HTTP/2 connection unused for the idle timeout
 //! leaves the pool and closes once its last stream ends; the pools of a
 //! removed cluster go at the next sweep.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use lacewing_core::body::BoxBody;
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::breaker::ConnectionSlot;
@@ -64,12 +68,12 @@ struct EndpointConns {
 
 struct ClusterConns {
     alive: Weak<()>,
-    /// By endpoint id.
-    endpoints: HashMap<u64, EndpointConns>,
+    /// By endpoint id (FxHash: ids are ours, and each request looks up twice).
+    endpoints: FxHashMap<u64, EndpointConns>,
 }
 
 thread_local! {
-    static POOLS: RefCell<HashMap<u64, ClusterConns>> = RefCell::new(HashMap::new());
+    static POOLS: RefCell<FxHashMap<u64, ClusterConns>> = RefCell::new(FxHashMap::default());
 }
 
 /// Names a cluster's pools on every thread.
@@ -102,7 +106,7 @@ fn with_endpoint<R>(
                     key.id,
                     ClusterConns {
                         alive: key.alive.clone(),
-                        endpoints: HashMap::new(),
+                        endpoints: FxHashMap::default(),
                     },
                 );
                 spawn_sweeper(key);
@@ -172,8 +176,19 @@ impl EndpointConns {
     /// Drops closed and expired connections.
     fn sweep(&mut self, now: u64, idle_ms: u64) {
         self.idle.retain(|conn| {
+            if conn.sender.is_closed() {
+                return false;
+            }
             let since = conn.idle_since.load(Ordering::Relaxed);
-            !conn.sender.is_closed() && (since == BUSY || now.saturating_sub(since) < idle_ms)
+            if since == BUSY {
+                // Checked in with its response still in flight: its idle time
+                // starts at the first sweep that finds it ready.
+                if conn.sender.is_ready() {
+                    conn.idle_since.store(now, Ordering::Relaxed);
+                }
+                return true;
+            }
+            now.saturating_sub(since) < idle_ms
         });
         if let H2Slot::Ready { sender, last_used } = &self.h2
             && (sender.is_closed() || now.saturating_sub(*last_used) >= idle_ms)
@@ -183,7 +198,9 @@ impl EndpointConns {
     }
 }
 
-/// The most recently used idle HTTP/1 connection that is still usable, marked busy.
+/// The most recently used HTTP/1 connection that is ready for a request,
+/// marked busy. Closed and expired connections met on the way are dropped;
+/// connections whose response is still in flight stay.
 pub(crate) fn checkout_h1(
     key: &PoolKey,
     endpoint: &Arc<Endpoint>,
@@ -192,12 +209,20 @@ pub(crate) fn checkout_h1(
     let idle_ms = millis(idle_timeout);
     with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
-        while let Some(conn) = conns.idle.pop_back() {
+        let mut at = conns.idle.len();
+        while at > 0 {
+            at -= 1;
+            let conn = &conns.idle[at];
             let since = conn.idle_since.load(Ordering::Relaxed);
             let expired = since != BUSY && now.saturating_sub(since) >= idle_ms;
-            if expired || conn.sender.is_closed() || !conn.sender.is_ready() {
+            if expired || conn.sender.is_closed() {
+                conns.idle.remove(at);
                 continue;
             }
+            if !conn.sender.is_ready() {
+                continue;
+            }
+            let conn = conns.idle.remove(at)?;
             conn.idle_since.store(BUSY, Ordering::Relaxed);
             return Some((conn.sender, conn.idle_since));
         }
@@ -206,7 +231,11 @@ pub(crate) fn checkout_h1(
     .flatten()
 }
 
-/// Puts an HTTP/1 connection that finished its exchange back on top of the stack.
+/// Puts an HTTP/1 connection back on top of the stack as soon as its response
+/// head arrived: [`checkout_h1`] takes it once hyper reports it ready (its
+/// response body done), and its idle time starts then (see `sweep`). Checking
+/// in at once, instead of from a task awaiting readiness, saves a task spawn
+/// and two wake-ups per request.
 pub(crate) fn checkin_h1(
     key: &PoolKey,
     endpoint: &Arc<Endpoint>,
@@ -224,12 +253,13 @@ pub(crate) fn checkin_h1(
         {
             conns.idle.pop_front();
         }
-        idle_since.store(now_ms(), Ordering::Relaxed);
+        let since = if sender.is_ready() { now_ms() } else { BUSY };
+        idle_since.store(since, Ordering::Relaxed);
         conns.idle.push_back(IdleH1 { sender, idle_since });
     });
 }
 
-/// Usable idle HTTP/1 connections of a cluster on this thread.
+/// Idle HTTP/1 connections of a cluster on this thread, ready for a request.
 pub(crate) fn idle_h1_count(key: &PoolKey) -> usize {
     POOLS
         .try_with(|pools| {
@@ -240,7 +270,7 @@ pub(crate) fn idle_h1_count(key: &PoolKey) -> usize {
                     .endpoints
                     .values()
                     .flat_map(|e| &e.idle)
-                    .filter(|conn| !conn.sender.is_closed())
+                    .filter(|conn| !conn.sender.is_closed() && conn.sender.is_ready())
                     .count(),
             )
         })

@@ -31,11 +31,19 @@ pub(crate) struct WasmEngine {
     ticker: OnceLock<Result<(), String>>,
 }
 
+/// Set to `1`, plugins' compiled code is listed in `/tmp/perf-<pid>.map`,
+/// so `perf report` names the guest functions (see docs/sdk.md, "Profiling").
+pub const PERFMAP_ENV: &str = "LACEWING_WASM_PERFMAP";
+
 impl WasmEngine {
     /// Builds the engine; its epoch ticker starts with the first module.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        if std::env::var_os(PERFMAP_ENV).is_some_and(|v| v == "1") {
+            // Names the JIT code of plugins in `perf report` (/tmp/perf-PID.map).
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| e.to_string())?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);

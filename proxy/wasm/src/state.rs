@@ -2,6 +2,8 @@
 //! callouts and queues, and the memory limiter. Everything hostcalls see.
 
 use std::collections::{HashMap, HashSet};
+
+use rustc_hash::FxHashMap;
 use std::rc::Weak;
 use std::sync::Arc;
 
@@ -125,21 +127,25 @@ pub(crate) struct HostState {
     pub plugin: Arc<PluginShared>,
     pub limiter: MemoryLimiter,
     pub memory: Option<Memory>,
-    pub allocate: Option<TypedFunc<i32, i32>>,
+    /// Shared so a hostcall holds it across the call without cloning the
+    /// function's type (which registers and unregisters it each time).
+    pub allocate: Option<Arc<TypedFunc<i32, i32>>>,
     pub vm: Weak<Vm>,
     /// Whether hostcalls may start tasks (false for the load-time validation instance).
     pub spawn: bool,
     pub current: Current,
-    pub contexts: HashMap<u32, Ctx>,
+    /// Keyed by host-assigned ids: FxHash, a few instructions where SipHash
+    /// took a hundred or more per lookup (several lookups per callback).
+    pub contexts: FxHashMap<u32, Ctx>,
     next_context_id: u32,
     next_token: u32,
     /// Pending HTTP calls: token to calling context.
-    pub http_calls: HashMap<u32, u32>,
-    pub grpc_calls: HashMap<u32, GrpcCall>,
+    pub http_calls: FxHashMap<u32, u32>,
+    pub grpc_calls: FxHashMap<u32, GrpcCall>,
     /// Sender of this VM's queue-ready task, created on first registration.
     pub queue_tx: Option<UnboundedSender<u32>>,
     /// Queue id to the root context that registered it.
-    pub queue_owners: HashMap<u32, u32>,
+    pub queue_owners: FxHashMap<u32, u32>,
     /// Contexts whose `proxy_on_done` returned false.
     pub pending_done: HashSet<u32>,
     /// Contexts to delete once the running callback returns.
@@ -166,13 +172,13 @@ impl HostState {
             vm: Weak::new(),
             spawn,
             current: Current::idle(),
-            contexts: HashMap::new(),
+            contexts: FxHashMap::default(),
             next_context_id: 1,
             next_token: 1,
-            http_calls: HashMap::new(),
-            grpc_calls: HashMap::new(),
+            http_calls: FxHashMap::default(),
+            grpc_calls: FxHashMap::default(),
             queue_tx: None,
-            queue_owners: HashMap::new(),
+            queue_owners: FxHashMap::default(),
             pending_done: HashSet::new(),
             deferred_delete: Vec::new(),
             failure_note: None,

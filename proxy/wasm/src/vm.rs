@@ -5,6 +5,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,7 +30,7 @@ pub(crate) struct Vm {
     /// Set when a callback failed: the instance is no longer trusted.
     pub broken: Cell<bool>,
     /// Root context of each plugin in this VM.
-    roots: RefCell<HashMap<u64, u32>>,
+    roots: RefCell<FxHashMap<u64, u32>>,
 }
 
 impl Vm {
@@ -65,14 +67,14 @@ impl Vm {
         };
         let exports = Exports::resolve(&instance, &mut store).map_err(Failure::rejected)?;
         store.data_mut().memory = memory;
-        store.data_mut().allocate = allocate;
+        store.data_mut().allocate = allocate.map(Arc::new);
         let vm = Rc::new_cyclic(|weak| {
             store.data_mut().vm = weak.clone();
             Vm {
                 store: RefCell::new(store),
                 exports,
                 broken: Cell::new(false),
-                roots: RefCell::new(HashMap::new()),
+                roots: RefCell::new(FxHashMap::default()),
             }
         });
         if vm.exports.initialize.is_some() {

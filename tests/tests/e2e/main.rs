@@ -32,4 +32,5 @@ mod tcp;
 mod wasm_conformance;
 mod wasm_hostile;
 mod wasm_pausing;
+mod wasm_profiling;
 mod wasm_sdks;

@@ -62,7 +62,9 @@ impl Cluster {
                 },
             }
         }
-        let (mut sender, idle_since) = match self.open_h1(endpoint).await {
+        // Boxed: the connect and handshake future is large and needed only on a
+        // pool miss; inline, every request's future would carry (and move) it.
+        let (mut sender, idle_since) = match Box::pin(self.open_h1(endpoint)).await {
             Ok(connection) => connection,
             Err(error) => return Err(error.attempt_error(request)),
         };
@@ -78,25 +80,20 @@ impl Cluster {
         }
     }
 
-    /// Returns an HTTP/1 connection to the pool once its response body is done.
-    /// Upgraded connections (`101`) belong to the caller and are never pooled.
+    /// Returns an HTTP/1 connection to the pool; it is reused once its
+    /// response body is done. Upgraded connections (`101`) belong to the
+    /// caller and are never pooled.
     pub(super) fn release_h1(
         &self,
         endpoint: &Arc<Endpoint>,
-        mut sender: H1Sender,
+        sender: H1Sender,
         idle_since: IdleSince,
         response: &Response<Incoming>,
     ) {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             return;
         }
-        let key = self.pool.clone();
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pool::checkin_h1(&key, &endpoint, sender, idle_since);
-            }
-        });
+        pool::checkin_h1(&self.pool, endpoint, sender, idle_since);
     }
 
     pub(super) async fn open_h1(

@@ -71,14 +71,18 @@ impl Cluster {
                     // Bounded: a connect that never reports back must not strand us.
                     let _ = tokio::time::timeout(self.wait_for_connect(), notified).await;
                 }
-                H2Lookup::Wait(_) | H2Lookup::Unpooled => return self.open_h2(endpoint).await,
+                H2Lookup::Wait(_) | H2Lookup::Unpooled => {
+                    return Box::pin(self.open_h2(endpoint)).await;
+                }
                 H2Lookup::Connect(claim) => {
                     let claim = H2Claim {
                         key: &self.pool,
                         endpoint,
                         notify: Some(claim),
                     };
-                    let sender = self.open_h2(endpoint).await?;
+                    // Boxed: the connect and handshake future is large and rare;
+                    // inline, every request's future would carry (and move) it.
+                    let sender = Box::pin(self.open_h2(endpoint)).await?;
                     pool::h2_install(&self.pool, endpoint, sender.clone());
                     claim.installed();
                     return Ok(sender);
