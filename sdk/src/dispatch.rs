@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::thread::LocalKey;
 
@@ -20,18 +21,40 @@ struct Slot<F> {
     response_started: bool,
 }
 
+/// Hashes the context ids the host assigns with one multiplication: every
+/// callback looks its context up, and SipHash (std's default, keyed against
+/// untrusted input these ids are not) costs a few hundred wasm instructions.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
 /// Contexts of one plugin type on this thread.
 pub struct Dispatcher<P: Plugin> {
-    roots: HashMap<u32, Option<Rc<P>>>,
+    roots: IdMap<Option<Rc<P>>>,
     /// A stream's filter; `None` while its callback runs or when the plugin was never configured.
-    streams: HashMap<u32, Option<Slot<P::Filter>>>,
+    streams: IdMap<Option<Slot<P::Filter>>>,
 }
 
 impl<P: Plugin> Default for Dispatcher<P> {
     fn default() -> Self {
         Self {
-            roots: HashMap::new(),
-            streams: HashMap::new(),
+            roots: IdMap::default(),
+            streams: IdMap::default(),
         }
     }
 }

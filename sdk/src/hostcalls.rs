@@ -154,8 +154,7 @@ pub fn remove_header(map: MapType, name: &str) -> Result<()> {
 
 /// A property's raw bytes (`source.principal`, `request.path`, ...); `Ok(None)` when absent.
 pub fn property(path: &str) -> Result<Option<Vec<u8>>> {
-    let segments: Vec<&str> = path.split('.').collect();
-    let encoded = lacewing_abi::property::join_path(&segments);
+    let encoded = encode_path(path);
     let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
     // SAFETY: `encoded` is alive for the call; out-pointers are valid locals.
     let r = check("proxy_get_property", unsafe {
@@ -164,15 +163,24 @@ pub fn property(path: &str) -> Result<Option<Vec<u8>>> {
     optional(r.map(|()| owned(ptr, len)))
 }
 
+/// `a.b.c` as the ABI's `a\0b\0c`, in one allocation.
+fn encode_path(path: &str) -> Vec<u8> {
+    path.bytes()
+        .map(|b| if b == b'.' { 0 } else { b })
+        .collect()
+}
+
 /// A property as UTF-8 text (lossy).
 pub fn property_string(path: &str) -> Result<Option<String>> {
-    Ok(property(path)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    // Valid UTF-8, the usual case, is kept without a second copy.
+    Ok(property(path)?.map(|v| {
+        String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }))
 }
 
 /// Sets a property for the current stream.
 pub fn set_property(path: &str, value: &[u8]) -> Result<()> {
-    let segments: Vec<&str> = path.split('.').collect();
-    let encoded = lacewing_abi::property::join_path(&segments);
+    let encoded = encode_path(path);
     // SAFETY: both slices are alive for the call.
     check("proxy_set_property", unsafe {
         raw::proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len())
@@ -341,4 +349,19 @@ pub fn metric(id: u32) -> Result<u64> {
         raw::proxy_get_metric(id, &mut v)
     })?;
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_path;
+
+    #[test]
+    fn a_dotted_path_is_encoded_with_nul_separators() {
+        assert_eq!(encode_path("source.principal"), b"source\0principal");
+        assert_eq!(encode_path("a..b"), b"a\0\0b");
+        assert_eq!(
+            encode_path("request.duration"),
+            lacewing_abi::property::join_path(&["request", "duration"])
+        );
+    }
 }

@@ -39,9 +39,13 @@ fn yes() -> bool {
 /// The plugin: configuration and metric handles defined on first use.
 pub struct Telemetry {
     config: Config,
-    /// One set of handles per `source.<s>.destination.<d>.route.<r>`: a
-    /// request costs one lookup, not a name built and looked up per metric.
+    /// One set of handles per (source, destination, route), keyed by
+    /// `source\0destination\0route`: a request costs one lookup, not a name
+    /// built and looked up per metric.
     series: RefCell<HashMap<String, Series>>,
+    /// Scratch for the series key and the access-log line, reused by every
+    /// request (saves two allocations per request).
+    scratch: RefCell<(String, String)>,
     ids: RefCell<Ids>,
 }
 
@@ -115,6 +119,7 @@ impl Plugin for Telemetry {
         Ok(Telemetry {
             config,
             series: RefCell::new(HashMap::new()),
+            scratch: RefCell::new((String::new(), String::new())),
             ids: RefCell::new(Ids::default()),
         })
     }
@@ -138,10 +143,15 @@ pub struct TelemetryFilter {
 }
 
 fn prop(path: &str) -> Option<String> {
-    lacewing_sdk::property(path)
-        .ok()
-        .flatten()
-        .filter(|s| !s.is_empty())
+    let bytes = lacewing_sdk::hostcalls::property(path).ok().flatten()?;
+    if bytes.is_empty() {
+        return None;
+    }
+    // Valid UTF-8 (the usual case) is taken as it is, without a second copy.
+    Some(
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 fn int_prop(path: &str) -> Option<i64> {
@@ -160,8 +170,10 @@ fn status_class(code: i64) -> String {
 
 impl Filter for TelemetryFilter {
     fn on_request_headers(&mut self, headers: &Headers, _end_of_stream: bool) -> Action {
-        self.method = headers.get(":method").ok().flatten().unwrap_or_default();
-        self.path = headers.get(":path").ok().flatten().unwrap_or_default();
+        if self.plugin.config.access_log {
+            self.method = headers.get(":method").ok().flatten().unwrap_or_default();
+            self.path = headers.get(":path").ok().flatten().unwrap_or_default();
+        }
         if self.plugin.config.trace {
             let incoming = headers
                 .get("traceparent")
@@ -179,42 +191,157 @@ impl Filter for TelemetryFilter {
 
     fn on_log(&mut self) {
         let p = &self.plugin;
-        let source = prop("source.principal").unwrap_or_else(|| "unknown".into());
-        let destination = p
-            .config
-            .destination
-            .clone()
-            .or_else(|| prop("cluster_name"))
-            .unwrap_or_else(|| "unknown".into());
-        let route = prop("route_name").unwrap_or_else(|| "unknown".into());
+        let source = prop("source.principal");
+        let source = source.as_deref().unwrap_or("unknown");
+        let cluster;
+        let destination = match &p.config.destination {
+            Some(d) => d.as_str(),
+            None => {
+                cluster = prop("cluster_name");
+                cluster.as_deref().unwrap_or("unknown")
+            }
+        };
+        let route = prop("route_name");
+        let route = route.as_deref().unwrap_or("unknown");
         let code = int_prop("response.code").unwrap_or(0);
         let duration_ms = int_prop("request.duration").map_or(0, |ns| ns.max(0) / 1_000_000);
-        let labels = format!("source.{source}.destination.{destination}.route.{route}");
+        let mut scratch = p.scratch.borrow_mut();
+        let (key, line) = &mut *scratch;
+        key.clear();
+        for (i, part) in [source, destination, route].into_iter().enumerate() {
+            if i > 0 {
+                key.push('\0');
+            }
+            key.push_str(part);
+        }
         {
             let mut series = p.series.borrow_mut();
-            let entry = match series.get_mut(&labels) {
+            let entry = match series.get_mut(key.as_str()) {
                 Some(entry) => entry,
-                None => series
-                    .entry(labels.clone())
-                    .or_insert_with(|| Series::new(labels.clone())),
+                None => series.entry(key.clone()).or_insert_with(|| {
+                    Series::new(format!(
+                        "source.{source}.destination.{destination}.route.{route}"
+                    ))
+                }),
             };
             entry.observe(code, u64::try_from(duration_ms).unwrap_or(0));
         }
         if p.config.access_log {
-            let line = serde_json::json!({
-                "type": "access",
-                "method": self.method,
-                "path": self.path,
-                "status": code,
-                "duration_ms": duration_ms,
-                "source": source,
-                "destination": destination,
-                "route": route,
-                "trace_id": self.trace.as_ref().map(|t| t.trace_id.as_str()),
-                "span_id": self.trace.as_ref().map(|t| t.span_id.as_str()),
-            });
-            lacewing_sdk::info!("{line}");
+            let trace = self.trace.as_ref();
+            access_line(
+                line,
+                &AccessFields {
+                    method: &self.method,
+                    path: &self.path,
+                    status: code,
+                    duration_ms,
+                    source,
+                    destination,
+                    route,
+                    trace_id: trace.map(|t| t.trace_id.as_str()),
+                    span_id: trace.map(|t| t.span_id.as_str()),
+                },
+            );
+            lacewing_sdk::log::log(lacewing_sdk::log::LogLevel::Info, line);
         }
+    }
+}
+
+/// What one access-log line says.
+struct AccessFields<'a> {
+    method: &'a str,
+    path: &'a str,
+    status: i64,
+    duration_ms: i64,
+    source: &'a str,
+    destination: &'a str,
+    route: &'a str,
+    trace_id: Option<&'a str>,
+    span_id: Option<&'a str>,
+}
+
+/// Writes the JSON access-log line into `out` (cleared first). Written by
+/// hand into a reused buffer: building a `serde_json::Value` cost a dozen
+/// allocations per request.
+fn access_line(out: &mut String, f: &AccessFields<'_>) {
+    use std::fmt::Write as _;
+    out.clear();
+    out.push_str("{\"type\":\"access\",\"method\":");
+    json_string(out, f.method);
+    out.push_str(",\"path\":");
+    json_string(out, f.path);
+    let _ = write!(
+        out,
+        ",\"status\":{},\"duration_ms\":{}",
+        f.status, f.duration_ms
+    );
+    for (name, value) in [
+        ("source", Some(f.source)),
+        ("destination", Some(f.destination)),
+        ("route", Some(f.route)),
+        ("trace_id", f.trace_id),
+        ("span_id", f.span_id),
+    ] {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        match value {
+            Some(v) => json_string(out, v),
+            None => out.push_str("null"),
+        }
+    }
+    out.push('}');
+}
+
+/// Appends `s` as a JSON string literal (RFC 8259 escapes).
+fn json_string(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_line_is_json_with_escapes() {
+        let mut line = String::from("left over");
+        access_line(
+            &mut line,
+            &AccessFields {
+                method: "GET",
+                path: "/a\"b\\c\n\u{1}é",
+                status: 200,
+                duration_ms: 3,
+                source: "spiffe://lacewing.local/ns/default/sa/web",
+                destination: "orders",
+                route: "unknown",
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+                span_id: None,
+            },
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["type"], "access");
+        assert_eq!(v["path"], "/a\"b\\c\n\u{1}é");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["duration_ms"], 3);
+        assert_eq!(v["source"], "spiffe://lacewing.local/ns/default/sa/web");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(v["span_id"].is_null());
     }
 }
 
