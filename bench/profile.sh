@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by callgrind: a proxy's user-space work on
+# the hot path, measured exactly where req/s swings with the machine. Runs
+# nginx (single process) and Lacewing (one worker; no filter, then one
+# header-echo filter, then the telemetry filter) in front of an nginx upstream,
+# drives the same keep-alive GETs through each, and writes the totals and the
+# heaviest functions (inclusive) to bench/results/profile.md.
+#
+# Usage: bench/profile.sh [--requests N] [--skip-build] [--binary PATH]
+#                         [--wasm-dir DIR] [--out FILE]
+# Needs valgrind (installed with apt-get when missing), nginx and python3.
+# The kernel's share (syscalls, loopback) is not counted: see bench/run.sh for
+# CPU time per request.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=$ROOT/bench/work/profile
+OUT=$ROOT/bench/results/profile.md
+REQUESTS=4000
+CONNECTIONS=8
+SKIP_BUILD=0
+LACEWING=$ROOT/target/release/lacewing
+WASM=$ROOT/target/wasm32-wasip1/wasm
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --requests) REQUESTS=${2:?}; shift 2 ;;
+    --skip-build) SKIP_BUILD=1; shift ;;
+    --binary) LACEWING=${2:?}; SKIP_BUILD=1; shift 2 ;;
+    --wasm-dir) WASM=${2:?}; shift 2 ;;
+    --out) OUT=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "profile: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "profile: $*" >&2; }
+fail() { say "$*"; exit 1; }
+
+missing=()
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v nginx >/dev/null || missing+=(nginx)
+command -v python3 >/dev/null || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]} with apt-get"
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" \
+    || fail "cannot install ${missing[*]}"
+fi
+
+if [ "$SKIP_BUILD" = 0 ]; then
+  (cd "$ROOT" && cargo xtask build-filters && cargo build --release -p lacewing) \
+    || fail "build failed"
+fi
+[ -x "$LACEWING" ] || fail "no $LACEWING (run without --skip-build)"
+
+rm -rf "$WORK"
+mkdir -p "$WORK"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+nginx_conf() { # nginx_conf DIR PORT [UPSTREAM_PORT]
+  local dir=$1 port=$2 upstream=${3:-}
+  mkdir -p "$dir/tmp"
+  {
+    echo "worker_processes 1; daemon off; master_process off; pid $dir/nginx.pid;"
+    echo "error_log $dir/error.log warn; events { worker_connections 1024; }"
+    echo "http { access_log off; keepalive_requests 1000000; keepalive_timeout 75s;"
+    for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $dir/tmp/$t;"; done
+    if [ -n "$upstream" ]; then
+      echo "  upstream backend { server 127.0.0.1:$upstream; keepalive 64; }"
+      echo "  server { listen 127.0.0.1:$port; location / { proxy_pass http://backend;"
+      echo "    proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+    else
+      echo "  server { listen 127.0.0.1:$port; default_type text/plain;"
+      echo "    location / { return 200 \"hello\\n\"; } }"
+    fi
+    echo "}"
+  } >"$dir/nginx.conf"
+}
+
+# load PORT N: N keep-alive GETs over $CONNECTIONS connections; fails on any non-200.
+load() {
+  python3 - "$1" "$2" "$CONNECTIONS" <<'EOF'
+import http.client, sys, threading
+port, n, conns = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+bad = []
+def worker(count):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(count):
+        c.request("GET", "/", headers={"x-request-id": "bench-0001"})
+        r = c.getresponse(); r.read()
+        if r.status != 200: bad.append(r.status)
+threads = [threading.Thread(target=worker, args=(n // conns,)) for _ in range(conns)]
+for t in threads: t.start()
+for t in threads: t.join()
+sys.exit(1 if bad else 0)
+EOF
+}
+
+wait_ready() { # wait_ready PORT
+  for _ in $(seq 1 600); do
+    curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+UPSTREAM_PORT=$(free_port)
+nginx_conf "$WORK/upstream" "$UPSTREAM_PORT"
+nginx -c "$WORK/upstream/nginx.conf" -p "$WORK/upstream" >/dev/null 2>&1 &
+PIDS+=($!)
+wait_ready "$UPSTREAM_PORT" || fail "upstream nginx did not start"
+
+declare -A TOTAL
+ROWS=()
+# profile_row KEY LABEL PORT COMMAND...: the command runs under callgrind.
+profile_row() {
+  local key=$1 label=$2 port=$3 pid out
+  shift 3
+  out=$WORK/$key.callgrind
+  valgrind --tool=callgrind --callgrind-out-file="$out" --smc-check=all-non-file \
+    --dump-instr=no --collect-atstart=yes "$@" >"$WORK/$key.log" 2>&1 &
+  pid=$!
+  PIDS+=($pid)
+  wait_ready "$port" || fail "$label did not start under valgrind: $(tail -3 "$WORK/$key.log")"
+  load "$port" 400 || fail "$label: warm-up requests failed"
+  callgrind_control -z "$pid" >/dev/null
+  load "$port" "$REQUESTS" || fail "$label: requests failed"
+  callgrind_control -d "$pid" >/dev/null
+  sleep 1
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  local dump
+  dump=$(ls -t "$out".* 2>/dev/null | head -1)
+  [ -n "$dump" ] || fail "$label: no callgrind dump"
+  TOTAL[$key]=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1}')
+  callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null >"$WORK/$key.inclusive.txt"
+  ROWS+=("$key|$label")
+  say "$label: $(( TOTAL[$key] / REQUESTS )) instructions per request"
+}
+
+P=$(free_port); nginx_conf "$WORK/nginx" "$P" "$UPSTREAM_PORT"
+profile_row nginx "nginx reverse proxy" "$P" nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx"
+P=$(free_port)
+profile_row lacewing "lacewing" "$P" "$LACEWING" proxy --workers 1 \
+  --listen "127.0.0.1:$P" --upstream "127.0.0.1:$UPSTREAM_PORT"
+P=$(free_port)
+profile_row lacewing_wasm1 "lacewing + header-echo" "$P" "$LACEWING" proxy --workers 1 \
+  --listen "127.0.0.1:$P" --upstream "127.0.0.1:$UPSTREAM_PORT" --wasm "$WASM/header_echo.wasm"
+P=$(free_port)
+profile_row lacewing_telemetry "lacewing + telemetry" "$P" "$LACEWING" proxy --workers 1 \
+  --listen "127.0.0.1:$P" --upstream "127.0.0.1:$UPSTREAM_PORT" \
+  --wasm "$WASM/telemetry.wasm" --wasm-config '{"destination":"orders"}'
+
+# Top inclusive frames of a row, paths shortened, the runtime's outer frames skipped.
+top_frames() {
+  python3 - "$1" "$2" <<'EOF'
+import re, sys
+path, requests = sys.argv[1], int(sys.argv[2])
+seen, rows = set(), []
+for line in open(path):
+    m = re.match(r"\s*([\d,]+)\s+\(\s*([\d.]+)%\)\s+(.*)", line)
+    if not m or "PROGRAM TOTALS" in line:
+        continue
+    count, share, where = int(m.group(1).replace(",", "")), float(m.group(2)), m.group(3)
+    where = re.sub(r"\s*\[[^\]]*\]\s*$", "", where)
+    name = where.split(":", 1)[-1] if ":" in where and not where.startswith("???") else where.replace("???:", "")
+    name = re.sub(r"<[^<>]*>", "", name)
+    if share > 60 or share < 1.5 or name in seen:
+        continue
+    seen.add(name)
+    rows.append((share, count // requests, name[:110]))
+for share, per, name in rows[:25]:
+    print(f"| {share:.1f}% | {per} | `{name}` |")
+EOF
+}
+
+{
+  echo "# Instructions per request (callgrind)"
+  echo
+  echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); lacewing $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'); $(nginx -v 2>&1 | sed 's/^nginx version: //'); $(valgrind --version)"
+  echo "- $REQUESTS keep-alive GETs over $CONNECTIONS connections after 400 of warm-up; upstream nginx answers \`200 hello\\n\`; user-space instructions of the proxy process only (the kernel's loopback and syscall work is not counted); produced by \`bench/profile.sh\`"
+  echo
+  echo "| Proxy | Instructions per request | vs nginx |"
+  echo "|---|---:|---:|"
+  for row in "${ROWS[@]}"; do
+    key=${row%%|*}; label=${row#*|}
+    per=$(( TOTAL[$key] / REQUESTS ))
+    ratio=$(awk -v a="${TOTAL[$key]}" -v b="${TOTAL[nginx]}" 'BEGIN{printf "%.2f×", a/b}')
+    echo "| $label | $per | $ratio |"
+  done
+  for row in "${ROWS[@]}"; do
+    key=${row%%|*}; label=${row#*|}
+    [ "$key" = nginx ] && continue
+    echo
+    echo "## $label: heaviest functions, inclusive"
+    echo
+    echo "| Share | Instructions per request | Function |"
+    echo "|---:|---:|---|"
+    top_frames "$WORK/$key.inclusive.txt" "$REQUESTS"
+  done
+} >"$OUT"
+say "wrote $OUT"
