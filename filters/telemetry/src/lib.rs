@@ -293,23 +293,31 @@ fn access_line(out: &mut String, f: &AccessFields<'_>) {
     out.push('}');
 }
 
-/// Appends `s` as a JSON string literal (RFC 8259 escapes).
+/// Appends `s` as a JSON string literal (RFC 8259 escapes). Runs of
+/// characters that need no escape are copied at once.
 fn json_string(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let mut plain_from = 0;
+    for (at, byte) in s.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain_from..at]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", byte);
+        } else {
+            out.push_str(escape);
         }
+        plain_from = at + 1;
     }
+    out.push_str(&s[plain_from..]);
     out.push('"');
 }
 
