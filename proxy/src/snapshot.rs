@@ -444,7 +444,7 @@ impl Snapshot {
                         ))),
                         (Some(_), None) => {
                             return Err(BuildError::Reference(format!(
-                                "listener `{}`: tls needs a mesh identity (given by the control plane)",
+                                "listener `{}`: tls needs an identity (given by the control plane, or read from the top-level `tls` files)",
                                 l.name
                             )));
                         }

@@ -25,6 +25,30 @@ pub struct Material {
 }
 
 impl Material {
+    /// Checks `identity` (its leaf must carry a SPIFFE ID) and makes the
+    /// server configuration presenting it, verifying clients against `trust`.
+    /// Not installed yet: see [`LiveIdentity::store`].
+    pub fn build(
+        identity: Identity,
+        trust: TrustBundle,
+        not_after: SystemTime,
+    ) -> Result<Self, TlsError> {
+        let uris = crate::uri_sans(identity.leaf())?;
+        let id: SpiffeId = uris
+            .first()
+            .and_then(|u| u.parse().ok())
+            .ok_or_else(|| TlsError::Certificate("the leaf has no SPIFFE ID".to_string()))?;
+        let server = crate::server_config(&identity, &trust)?;
+        Ok(Self {
+            identity,
+            trust,
+            id,
+            not_after,
+            serial: 0,
+            server,
+        })
+    }
+
     /// The server configuration presenting this identity.
     pub fn server_config(&self) -> &Arc<ServerConfig> {
         &self.server
@@ -50,24 +74,17 @@ impl LiveIdentity {
         trust: TrustBundle,
         not_after: SystemTime,
     ) -> Result<Arc<Material>, TlsError> {
-        let uris = crate::uri_sans(identity.leaf())?;
-        let id: SpiffeId = uris
-            .first()
-            .and_then(|u| u.parse().ok())
-            .ok_or_else(|| TlsError::Certificate("the leaf has no SPIFFE ID".to_string()))?;
-        let server = crate::server_config(&identity, &trust)?;
+        Ok(self.store(Material::build(identity, trust, not_after)?))
+    }
+
+    /// Makes a built `material` the one new handshakes use; it gets the next serial.
+    pub fn store(&self, mut material: Material) -> Arc<Material> {
         let mut serial = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
         *serial += 1;
-        let material = Arc::new(Material {
-            identity,
-            trust,
-            id,
-            not_after,
-            serial: *serial,
-            server,
-        });
+        material.serial = *serial;
+        let material = Arc::new(material);
         self.current.store(Some(material.clone()));
-        Ok(material)
+        material
     }
 
     /// The identity in use, if one was installed.

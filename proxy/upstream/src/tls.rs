@@ -44,7 +44,11 @@ impl UpstreamTls {
             reason,
         };
         let identity = identity.ok_or_else(|| {
-            error("the proxy has no mesh identity (it is given by the control plane)".into())
+            error(
+                "the proxy has no identity (it is given by the control plane, or read from the \
+                 top-level `tls` files)"
+                    .into(),
+            )
         })?;
         let peer: SpiffeId = tls.peer.parse().map_err(|e| error(format!("{e}")))?;
         let alpn = match protocol {
