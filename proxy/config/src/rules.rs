@@ -313,12 +313,6 @@ impl Checker<'_> {
         }
         self.plugins_exist(&format!("{path}.filters"), &listener.filters);
         if let Some(tls) = &listener.tls {
-            if listener.protocol == ListenerProtocol::Tcp {
-                self.report(
-                    format!("{path}.tls"),
-                    "TLS is served on http listeners only (not yet on tcp listeners)",
-                );
-            }
             self.positive(
                 format!("{path}.tls.handshake_timeout"),
                 tls.handshake_timeout,

@@ -24,7 +24,11 @@ use crate::error::UpstreamError;
 /// A cluster's TLS: the client configuration following the live identity.
 #[derive(Debug)]
 pub(crate) struct UpstreamTls {
+    /// For HTTP: offers the ALPN of the cluster's protocol.
     client: LiveClientConfig,
+    /// For raw TCP (a `tcp` listener's connections): offers no ALPN. Built
+    /// on first use.
+    raw: LiveClientConfig,
     server_name: ServerName<'static>,
     cluster: String,
     handshakes: IntCounterVec,
@@ -57,7 +61,8 @@ impl UpstreamTls {
         };
         Ok(Self {
             server_name: lacewing_tls::server_name_for(&peer),
-            client: LiveClientConfig::new(identity.clone(), peer, vec![alpn.to_vec()]),
+            client: LiveClientConfig::new(identity.clone(), peer.clone(), vec![alpn.to_vec()]),
+            raw: LiveClientConfig::new(identity.clone(), peer, Vec::new()),
             cluster: cluster.to_string(),
             handshakes: metrics.upstream_tls_handshakes.clone(),
         })
@@ -69,9 +74,11 @@ impl UpstreamTls {
             .inc();
     }
 
-    /// The TLS handshake over `tcp`; the error is the reason.
-    pub(crate) async fn handshake(&self, tcp: TcpStream) -> Result<Conn, String> {
-        let config = match self.client.get() {
+    /// The TLS handshake over `tcp`, offering the cluster protocol's ALPN
+    /// (`raw` false) or none (`raw`, for byte streams); the error is the reason.
+    pub(crate) async fn handshake(&self, tcp: TcpStream, raw: bool) -> Result<Conn, String> {
+        let client = if raw { &self.raw } else { &self.client };
+        let config = match client.get() {
             Some(Ok(config)) => config,
             Some(Err(e)) => {
                 self.count("config");
@@ -117,7 +124,7 @@ fn describe(error: &io::Error) -> String {
 
 /// A connection to an endpoint: plain TCP, or mutual TLS over it.
 #[derive(Debug)]
-pub(crate) enum Conn {
+pub enum Conn {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }

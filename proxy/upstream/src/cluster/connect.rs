@@ -22,34 +22,47 @@ impl Cluster {
             .reserve()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::Connections)))?;
         let stream = self.connect(endpoint).await.map_err(OpenError::Connect)?;
-        let conn = match &self.tls {
-            None => Conn::Plain(stream),
-            Some(tls) => {
-                let handshake = tls.handshake(stream);
-                let result = if self.connect_timeout.is_zero() {
-                    handshake.await
-                } else {
-                    tokio::time::timeout(self.connect_timeout, handshake)
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(format!(
-                                "TLS handshake timed out after {:?}",
-                                self.connect_timeout
-                            ))
-                        })
-                };
-                result.map_err(|reason| {
-                    self.metrics.connect_failures.inc();
-                    tracing::debug!(cluster = %self.name, endpoint = %endpoint.addr, %reason, "upstream TLS failed");
-                    OpenError::Connect(ProxyError::Connect {
-                        endpoint: endpoint.addr.to_string(),
-                        reason,
-                    })
-                })?
-            }
-        };
+        let conn = self
+            .secure(stream, endpoint, false)
+            .await
+            .map_err(OpenError::Connect)?;
         slot.established();
         Ok((conn, slot))
+    }
+
+    /// Wraps a connected `stream` in the cluster's TLS, if it has any: the
+    /// handshake within the connect timeout, offering the protocol's ALPN or
+    /// (`raw`, a byte stream) none.
+    pub(super) async fn secure(
+        &self,
+        stream: TcpStream,
+        endpoint: &Endpoint,
+        raw: bool,
+    ) -> Result<Conn, ProxyError> {
+        let Some(tls) = &self.tls else {
+            return Ok(Conn::Plain(stream));
+        };
+        let handshake = tls.handshake(stream, raw);
+        let result = if self.connect_timeout.is_zero() {
+            handshake.await
+        } else {
+            tokio::time::timeout(self.connect_timeout, handshake)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "TLS handshake timed out after {:?}",
+                        self.connect_timeout
+                    ))
+                })
+        };
+        result.map_err(|reason| {
+            self.metrics.connect_failures.inc();
+            tracing::debug!(cluster = %self.name, endpoint = %endpoint.addr, %reason, "upstream TLS failed");
+            ProxyError::Connect {
+                endpoint: endpoint.addr.to_string(),
+                reason,
+            }
+        })
     }
 
     /// One TCP connect within the connect timeout, with TCP_NODELAY.

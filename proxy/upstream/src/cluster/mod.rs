@@ -29,7 +29,6 @@ use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::metrics::Metrics;
 use prometheus::IntCounter;
-use tokio::net::TcpStream;
 
 use self::attempt::{AttemptChain, Pick};
 use crate::breaker::{ConnectionCount, Limit, Limits};
@@ -38,7 +37,7 @@ use crate::endpoint::{Endpoint, EndpointSet};
 use crate::lb::Balancer;
 use crate::outlier::OutlierDetector;
 use crate::pool::{self, PoolKey};
-use crate::tls::UpstreamTls;
+use crate::tls::{Conn, UpstreamTls};
 
 /// Connect retries of [`Cluster::connect_tcp`] (the route default for HTTP).
 const TCP_CONNECT_RETRIES: u32 = 2;
@@ -299,13 +298,19 @@ impl Cluster {
     }
 
     /// Opens a raw TCP connection to an endpoint, with the balancer, ejection and
-    /// connect retries of [`Cluster::send`]. The caller owns the stream; it is
+    /// connect retries of [`Cluster::send`]; mutual TLS (no ALPN) when the
+    /// cluster has `tls`, a failed handshake retried like a failed connect.
+    /// The caller owns the stream; it is
     /// counted in `upstream_connections_total` but not in the circuit breaker.
-    pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), ProxyError> {
+    pub async fn connect_tcp(&self) -> Result<(Conn, SocketAddr), ProxyError> {
         let mut chain = AttemptChain::new(self);
         loop {
             let (index, endpoint) = chain.next_endpoint()?;
-            match self.connect(&endpoint).await {
+            let connected = match self.connect(&endpoint).await {
+                Ok(stream) => self.secure(stream, &endpoint, true).await,
+                Err(error) => Err(error),
+            };
+            match connected {
                 Ok(stream) => {
                     self.connections.count_unpooled();
                     self.outlier.success(&endpoint);
