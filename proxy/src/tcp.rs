@@ -115,7 +115,7 @@ async fn connect(
     state: &TcpListenerState,
     conn: Option<&SharedConnection>,
 ) -> std::io::Result<Conn> {
-    let (upstream, endpoint) = state
+    let (upstream, endpoint, info) = state
         .cluster
         .connect_tcp()
         .await
@@ -123,6 +123,7 @@ async fn connect(
     if let Some(conn) = conn {
         let mut c = conn.borrow_mut();
         c.info.upstream_address = Some(endpoint);
+        c.info.upstream_connection = Some(info);
         c.info.cluster_name = Some(state.cluster.name().into());
     }
     Ok(upstream)

@@ -29,7 +29,7 @@ pub use files::{FileIdentity, IdentityFileError, IdentityFiles};
 pub use identity::{Identity, TrustBundle};
 pub use key::WorkloadKey;
 pub use live::{LiveClientConfig, LiveIdentity, Material};
-pub use peer::{ConnectionTls, PeerCertificate, uri_sans};
+pub use peer::{ConnectionTls, PeerCertificate, dns_sans, uri_sans};
 pub use spiffe::SpiffeId;
 
 pub use rustls;

@@ -93,6 +93,9 @@ impl LiveIdentity {
     }
 }
 
+/// A client configuration and the identity it presents.
+pub type BuiltClientConfig = (Arc<ClientConfig>, Arc<Material>);
+
 /// A client configuration for one destination that follows the live
 /// identity: rebuilt when a new identity was installed since the last use.
 #[derive(Debug)]
@@ -121,12 +124,18 @@ impl LiveClientConfig {
 
     /// The configuration for the identity in use; `None` before any install.
     pub fn get(&self) -> Option<Result<Arc<ClientConfig>, TlsError>> {
+        self.get_with_material()
+            .map(|built| built.map(|(config, _)| config))
+    }
+
+    /// [`LiveClientConfig::get`], with the identity the configuration presents.
+    pub fn get_with_material(&self) -> Option<Result<BuiltClientConfig, TlsError>> {
         let material = self.live.current()?;
         let mut built = self.built.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((serial, config)) = &*built
             && *serial == material.serial
         {
-            return Some(Ok(config.clone()));
+            return Some(Ok((config.clone(), material)));
         }
         let config = match crate::client_config(&material.identity, &material.trust, &self.expect) {
             Ok(config) => config,
@@ -136,7 +145,7 @@ impl LiveClientConfig {
         config.alpn_protocols = self.alpn.clone();
         let config = Arc::new(config);
         *built = Some((material.serial, config.clone()));
-        Some(Ok(config))
+        Some(Ok((config, material)))
     }
 }
 

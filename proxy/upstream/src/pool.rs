@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use lacewing_core::body::BoxBody;
+use lacewing_core::stream::UpstreamConnection;
 use tokio::sync::Notify;
 
 use crate::breaker::ConnectionSlot;
@@ -31,6 +32,9 @@ use crate::endpoint::Endpoint;
 
 pub(crate) type H1Sender = http1::SendRequest<BoxBody>;
 pub(crate) type H2Sender = http2::SendRequest<BoxBody>;
+
+/// What plugins may read about a pooled connection, shared by its requests.
+pub(crate) type ConnInfo = Arc<UpstreamConnection>;
 
 /// When a pooled HTTP/1 connection went idle (clock ms), or [`BUSY`].
 pub(crate) type IdleSince = Arc<AtomicU64>;
@@ -41,6 +45,7 @@ pub(crate) const BUSY: u64 = 0;
 struct IdleH1 {
     sender: H1Sender,
     idle_since: IdleSince,
+    info: ConnInfo,
 }
 
 #[derive(Default)]
@@ -52,6 +57,7 @@ enum H2Slot {
     Ready {
         sender: H2Sender,
         last_used: u64,
+        info: ConnInfo,
     },
 }
 
@@ -175,7 +181,9 @@ impl EndpointConns {
             let since = conn.idle_since.load(Ordering::Relaxed);
             !conn.sender.is_closed() && (since == BUSY || now.saturating_sub(since) < idle_ms)
         });
-        if let H2Slot::Ready { sender, last_used } = &self.h2
+        if let H2Slot::Ready {
+            sender, last_used, ..
+        } = &self.h2
             && (sender.is_closed() || now.saturating_sub(*last_used) >= idle_ms)
         {
             self.h2 = H2Slot::Empty;
@@ -188,7 +196,7 @@ pub(crate) fn checkout_h1(
     key: &PoolKey,
     endpoint: &Arc<Endpoint>,
     idle_timeout: Duration,
-) -> Option<(H1Sender, IdleSince)> {
+) -> Option<(H1Sender, IdleSince, ConnInfo)> {
     let idle_ms = millis(idle_timeout);
     with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
@@ -199,7 +207,7 @@ pub(crate) fn checkout_h1(
                 continue;
             }
             conn.idle_since.store(BUSY, Ordering::Relaxed);
-            return Some((conn.sender, conn.idle_since));
+            return Some((conn.sender, conn.idle_since, conn.info));
         }
         None
     })
@@ -212,6 +220,7 @@ pub(crate) fn checkin_h1(
     endpoint: &Arc<Endpoint>,
     sender: H1Sender,
     idle_since: IdleSince,
+    info: ConnInfo,
 ) {
     if sender.is_closed() {
         return;
@@ -225,7 +234,11 @@ pub(crate) fn checkin_h1(
             conns.idle.pop_front();
         }
         idle_since.store(now_ms(), Ordering::Relaxed);
-        conns.idle.push_back(IdleH1 { sender, idle_since });
+        conns.idle.push_back(IdleH1 {
+            sender,
+            idle_since,
+            info,
+        });
     });
 }
 
@@ -252,7 +265,7 @@ pub(crate) fn idle_h1_count(key: &PoolKey) -> usize {
 /// What a request finds in an endpoint's HTTP/2 slot.
 pub(crate) enum H2Lookup {
     /// A live connection to multiplex on.
-    Ready(H2Sender),
+    Ready(H2Sender, ConnInfo),
     /// Another request is connecting; wait for it, then look again.
     Wait(Arc<Notify>),
     /// Nobody is connecting: this request must, then [`h2_install`] or [`h2_abandon`].
@@ -271,11 +284,13 @@ pub(crate) fn h2_lookup(
     with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
         match &mut conns.h2 {
-            H2Slot::Ready { sender, last_used }
-                if !sender.is_closed() && now.saturating_sub(*last_used) < idle_ms =>
-            {
+            H2Slot::Ready {
+                sender,
+                last_used,
+                info,
+            } if !sender.is_closed() && now.saturating_sub(*last_used) < idle_ms => {
                 *last_used = now;
-                return H2Lookup::Ready(sender.clone());
+                return H2Lookup::Ready(sender.clone(), info.clone());
             }
             H2Slot::Connecting(notify) => return H2Lookup::Wait(Arc::clone(notify)),
             _ => {}
@@ -288,13 +303,19 @@ pub(crate) fn h2_lookup(
 }
 
 /// Publishes a new HTTP/2 connection and wakes the requests waiting for it.
-pub(crate) fn h2_install(key: &PoolKey, endpoint: &Arc<Endpoint>, sender: H2Sender) {
+pub(crate) fn h2_install(
+    key: &PoolKey,
+    endpoint: &Arc<Endpoint>,
+    sender: H2Sender,
+    info: ConnInfo,
+) {
     with_endpoint(key, endpoint, true, |conns| {
         let previous = std::mem::replace(
             &mut conns.h2,
             H2Slot::Ready {
                 sender,
                 last_used: now_ms(),
+                info,
             },
         );
         if let H2Slot::Connecting(notify) = previous {

@@ -5,12 +5,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use lacewing_config::{ClusterTls, UpstreamProtocol};
 use lacewing_core::metrics::Metrics;
-use lacewing_tls::rustls::pki_types::ServerName;
+use lacewing_core::stream::{CertificateFacts, UpstreamTls as UpstreamTlsFacts};
+use lacewing_tls::rustls::pki_types::{CertificateDer, ServerName};
 use lacewing_tls::rustls::{self, CertificateError};
 use lacewing_tls::{IdentityMismatch, LiveClientConfig, LiveIdentity, SpiffeId};
 use prometheus::IntCounterVec;
@@ -75,11 +76,16 @@ impl UpstreamTls {
     }
 
     /// The TLS handshake over `tcp`, offering the cluster protocol's ALPN
-    /// (`raw` false) or none (`raw`, for byte streams); the error is the reason.
-    pub(crate) async fn handshake(&self, tcp: TcpStream, raw: bool) -> Result<Conn, String> {
+    /// (`raw` false) or none (`raw`, for byte streams): the stream and what
+    /// the handshake established, or the reason it failed.
+    pub(crate) async fn handshake(
+        &self,
+        tcp: TcpStream,
+        raw: bool,
+    ) -> Result<(Conn, ConnTls), String> {
         let client = if raw { &self.raw } else { &self.client };
-        let config = match client.get() {
-            Some(Ok(config)) => config,
+        let (config, material) = match client.get_with_material() {
+            Some(Ok(built)) => built,
             Some(Err(e)) => {
                 self.count("config");
                 return Err(format!("TLS configuration: {e}"));
@@ -95,7 +101,22 @@ impl UpstreamTls {
         {
             Ok(stream) => {
                 self.count("ok");
-                Ok(Conn::Tls(Box::new(stream)))
+                let (_, state) = stream.get_ref();
+                let facts = ConnTls {
+                    version: match state.protocol_version() {
+                        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                        _ => "",
+                    },
+                    local: material.identity.leaf().clone(),
+                    peer: state
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| leaf.clone().into_owned()),
+                    parsed_local: OnceLock::new(),
+                    parsed_peer: OnceLock::new(),
+                };
+                Ok((Conn::Tls(Box::new(stream)), facts))
             }
             Err(e) => {
                 self.count(lacewing_tls::failure_reason(&e));
@@ -103,6 +124,45 @@ impl UpstreamTls {
             }
         }
     }
+}
+
+/// What one upstream handshake established, kept as DER: certificates are
+/// parsed the first time a plugin reads one of their properties.
+#[derive(Debug)]
+pub(crate) struct ConnTls {
+    version: &'static str,
+    local: CertificateDer<'static>,
+    peer: Option<CertificateDer<'static>>,
+    parsed_local: OnceLock<Option<CertificateFacts>>,
+    parsed_peer: OnceLock<Option<CertificateFacts>>,
+}
+
+impl UpstreamTlsFacts for ConnTls {
+    fn version(&self) -> &str {
+        self.version
+    }
+
+    fn local_certificate(&self) -> Option<&CertificateFacts> {
+        self.parsed_local
+            .get_or_init(|| certificate_facts(&self.local))
+            .as_ref()
+    }
+
+    fn peer_certificate(&self) -> Option<&CertificateFacts> {
+        self.parsed_peer
+            .get_or_init(|| certificate_facts(self.peer.as_ref()?))
+            .as_ref()
+    }
+}
+
+fn certificate_facts(der: &CertificateDer<'_>) -> Option<CertificateFacts> {
+    let parsed = lacewing_tls::PeerCertificate::parse(der).ok()?;
+    Some(CertificateFacts {
+        subject: parsed.subject,
+        uri_sans: parsed.uri_sans,
+        dns_sans: lacewing_tls::dns_sans(der).unwrap_or_default(),
+        sha256: parsed.sha256_digest,
+    })
 }
 
 /// A handshake failure in words: the identity found when it was the wrong one.

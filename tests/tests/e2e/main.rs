@@ -31,6 +31,7 @@ mod routing;
 mod standalone_tls;
 mod tcp;
 mod tls_files;
+mod upstream_properties;
 mod wasm_conformance;
 mod wasm_hostile;
 mod wasm_pausing;

@@ -168,15 +168,20 @@ async fn tcp_through_two_proxies_over_mutual_tls() {
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(
         lines[0],
-        "outbound: source.principal=- connection.mtls=false connection.tls_version=- \
-         connection.uri_san_peer_certificate=- connection.uri_san_local_certificate=-",
-        "the client side's downstream is plaintext"
+        format!(
+            "outbound: source.principal=- connection.mtls=false connection.tls_version=- \
+             connection.uri_san_peer_certificate=- connection.uri_san_local_certificate=- \
+             upstream.tls_version=TLSv1.3 upstream.uri_san_peer_certificate={}",
+            spiffe("db")
+        ),
+        "the client side: plaintext downstream, mutual TLS upstream"
     );
     assert_eq!(
         lines[1],
         format!(
             "inbound: source.principal={} connection.mtls=true connection.tls_version=TLSv1.3 \
-             connection.uri_san_peer_certificate={} connection.uri_san_local_certificate={}",
+             connection.uri_san_peer_certificate={} connection.uri_san_local_certificate={} \
+             upstream.tls_version=- upstream.uri_san_peer_certificate=-",
             spiffe("app"),
             spiffe("app"),
             spiffe("db")

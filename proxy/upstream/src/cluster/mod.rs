@@ -28,6 +28,7 @@ use lacewing_config::{ClusterConfig, RetryPolicy, UpstreamProtocol};
 use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::metrics::Metrics;
+use lacewing_core::stream::UpstreamConnection;
 use prometheus::IntCounter;
 
 use self::attempt::{AttemptChain, Pick};
@@ -85,6 +86,8 @@ pub struct UpstreamResponse {
     pub endpoint: SocketAddr,
     /// Attempts made, 1 when the first one answered.
     pub attempts: u32,
+    /// The connection that carried the answer (`upstream.*` properties).
+    pub connection: Arc<UpstreamConnection>,
 }
 
 /// Metric children of one cluster, resolved once at build.
@@ -302,7 +305,9 @@ impl Cluster {
     /// cluster has `tls`, a failed handshake retried like a failed connect.
     /// The caller owns the stream; it is
     /// counted in `upstream_connections_total` but not in the circuit breaker.
-    pub async fn connect_tcp(&self) -> Result<(Conn, SocketAddr), ProxyError> {
+    pub async fn connect_tcp(
+        &self,
+    ) -> Result<(Conn, SocketAddr, Arc<UpstreamConnection>), ProxyError> {
         let mut chain = AttemptChain::new(self);
         loop {
             let (index, endpoint) = chain.next_endpoint()?;
@@ -311,10 +316,10 @@ impl Cluster {
                 Err(error) => Err(error),
             };
             match connected {
-                Ok(stream) => {
+                Ok((stream, info)) => {
                     self.connections.count_unpooled();
                     self.outlier.success(&endpoint);
-                    return Ok((stream, endpoint.addr));
+                    return Ok((stream, endpoint.addr, info));
                 }
                 Err(error) => {
                     chain.connect_failed(index);

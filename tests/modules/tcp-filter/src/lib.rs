@@ -105,6 +105,8 @@ const IDENTITY_PROPERTIES: &[&str] = &[
     "connection.tls_version",
     "connection.uri_san_peer_certificate",
     "connection.uri_san_local_certificate",
+    "upstream.tls_version",
+    "upstream.uri_san_peer_certificate",
 ];
 
 /// Properties read as one byte meaning a boolean.
