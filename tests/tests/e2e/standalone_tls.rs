@@ -12,7 +12,8 @@ use lacewing_tests::{proxy, servers};
 
 use super::tls_files::{self, Ca, Files, spiffe};
 
-const ORDERS: &str = "admin: { address: 127.0.0.1:0 }
+/// Listener `inbound` (mutual TLS, STRICT) to cluster `app`, with `{files}`.
+pub(super) const ORDERS: &str = "admin: { address: 127.0.0.1:0 }
 workers: 1
 drain_timeout: 1s
 {files}listeners:

@@ -7,20 +7,9 @@ use lacewing_tests::client::{self, Response};
 use lacewing_tests::{envoy, proxy, servers, wasm};
 use sha2::{Digest, Sha256};
 
+use super::standalone_tls::ORDERS;
 use super::tls_files::{Ca, Files, spiffe};
 use super::wasm_conformance::{conformance_yaml, get_from_both, start_envoy};
-
-const ORDERS: &str = "admin: { address: 127.0.0.1:0 }
-workers: 1
-drain_timeout: 1s
-{files}listeners:
-  - name: inbound
-    address: 127.0.0.1:0
-    tls: { mode: strict }
-    routes: [{ name: all, cluster: app }]
-clusters:
-  - { name: app, endpoints: ['{app}'] }
-";
 
 const FRONTEND: &str = "admin: { address: 127.0.0.1:0 }
 workers: 1
