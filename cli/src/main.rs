@@ -292,9 +292,23 @@ fn run_proxy(args: &ProxyArgs, matches: Option<&ArgMatches>) -> anyhow::Result<(
     let stop_watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some((file, seen)) = watched {
         let reloader = reloader.clone();
-        watch::spawn(file, seen, stop_watching.clone(), move || {
-            reloader.reload("file change");
-        })
+        let publisher = handle.publisher();
+        let identity_files = move || {
+            publisher
+                .config()
+                .and_then(|c| c.tls.clone())
+                .map(|t| vec![t.cert_file, t.key_file, t.trust_file])
+                .unwrap_or_default()
+        };
+        watch::spawn(
+            file,
+            seen,
+            stop_watching.clone(),
+            identity_files,
+            move || {
+                reloader.reload("file change");
+            },
+        )
         .context("cannot start the file watcher")?;
     }
     signals.wait(move || reloader.reload("SIGHUP"))?;

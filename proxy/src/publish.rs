@@ -30,7 +30,7 @@ use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::callout::{self, LocalFuture};
 use lacewing_core::metrics::Metrics;
-use lacewing_tls::LiveIdentity;
+use lacewing_tls::{IdentityFiles, LiveIdentity};
 use lacewing_upstream::{Resolver, Upstreams};
 use lacewing_wasm::{WasmHost, WasmPlugin};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
@@ -85,6 +85,9 @@ pub enum PublishError {
         live: String,
         new: String,
     },
+    /// The top-level `tls` files are unreadable or not a valid identity.
+    #[error(transparent)]
+    Identity(#[from] lacewing_tls::IdentityFileError),
     /// The proxy is draining or stopped.
     #[error("the proxy is shutting down")]
     Stopped,
@@ -128,6 +131,9 @@ struct Live {
     stats: PublishStats,
     /// The mesh identity TLS listeners and clusters present.
     identity: Option<Arc<LiveIdentity>>,
+    /// The identity read from the configuration's `tls` files, used when
+    /// there is no mesh identity; installed when a generation goes live.
+    files: Arc<LiveIdentity>,
 }
 
 struct Inner {
@@ -137,6 +143,8 @@ struct Inner {
     next: u64,
     /// The id the next opened listener gets ([`ListenerKey::id`]).
     next_listener: u64,
+    /// The bytes of the identity files installed last.
+    files_content: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -245,6 +253,7 @@ impl Publisher {
                     workers,
                     next: 1,
                     next_listener: 1,
+                    files_content: None,
                 }),
                 current: ArcSwapOption::empty(),
                 listeners: LiveListeners::default(),
@@ -255,6 +264,7 @@ impl Publisher {
                 callouts: Arc::new(LiveUpstreams(ArcSwap::new(empty))),
                 resolver,
                 identity,
+                files: LiveIdentity::new(),
             }),
         })
     }
@@ -352,6 +362,21 @@ impl Live {
             )?;
         }
         let workers = inner.workers.len();
+        // Identity files are read (again) on every publish, so a reload picks
+        // up replaced files; they are installed only if the generation goes live.
+        let now = std::time::SystemTime::now();
+        let (identity, files) = match (&self.identity, &config.tls) {
+            (Some(mesh), _) => (Some(mesh), None),
+            (None, Some(tls)) => {
+                let files = IdentityFiles {
+                    cert: &tls.cert_file,
+                    key: &tls.key_file,
+                    trust: &tls.trust_file,
+                };
+                (Some(&self.files), Some(files.load(now)?))
+            }
+            (None, None) => (None, None),
+        };
         let config = Arc::new(config);
         // New host names are resolved on the resolver's thread; the build only reads answers.
         self.resolver
@@ -363,7 +388,7 @@ impl Live {
             inner.snapshot.as_ref(),
             self.callouts.clone(),
             Some(&self.resolver),
-            self.identity.as_ref(),
+            identity,
         )?;
 
         // Listeners, keyed by name: kept (same protocol, and the address it
@@ -434,6 +459,16 @@ impl Live {
                 retire(&inner.workers);
                 return Err(error);
             }
+        }
+
+        // New handshakes use the files' identity from here on, unless it is
+        // the one already installed.
+        if let Some(files) = files
+            && inner.files_content.as_ref() != Some(&files.content)
+        {
+            self.files.store(files.material);
+            inner.files_content = Some(files.content);
+            tracing::info!("identity files installed");
         }
 
         // The swap: one store makes every listener's new state live.

@@ -177,6 +177,8 @@ pub struct HttpListenerState {
 pub struct TcpListenerState {
     pub config: ListenerConfig,
     pub cluster: Arc<Cluster>,
+    /// Mutual TLS, when the listener has it; read per accepted connection.
+    pub tls: Option<Arc<DownstreamTls>>,
     pub filters: Vec<Arc<dyn NetworkFilterFactory>>,
     pub stats: ListenerStats,
     pub access_log: Option<AccessLog>,
@@ -433,22 +435,7 @@ impl Snapshot {
                     let routes = RouteTable::new(&l.routes, |r| {
                         build_route(l, r, &upstreams, &plugins, metrics)
                     })?;
-                    let tls = match (&l.tls, identity) {
-                        (None, _) => None,
-                        (Some(tls), Some(identity)) => Some(Arc::new(DownstreamTls::new(
-                            &l.name,
-                            identity.clone(),
-                            tls.mode,
-                            tls.handshake_timeout.0,
-                            metrics,
-                        ))),
-                        (Some(_), None) => {
-                            return Err(BuildError::Reference(format!(
-                                "listener `{}`: tls needs a mesh identity (given by the control plane)",
-                                l.name
-                            )));
-                        }
-                    };
+                    let tls = downstream_tls(l, identity, metrics)?;
                     http.insert(
                         l.name.clone(),
                         Arc::new(HttpListenerState {
@@ -480,6 +467,7 @@ impl Snapshot {
                         Arc::new(TcpListenerState {
                             config: l.clone(),
                             cluster,
+                            tls: downstream_tls(l, identity, metrics)?,
                             filters,
                             stats,
                             access_log: access_log.clone(),
@@ -505,6 +493,29 @@ impl Snapshot {
             Some(state) => Some(ListenerState::Http(state.clone())),
             None => self.tcp.get(name).cloned().map(ListenerState::Tcp),
         }
+    }
+}
+
+/// The TLS of listener `l`, presenting `identity`; an error when `l` has
+/// `tls` and the proxy no identity.
+fn downstream_tls(
+    l: &ListenerConfig,
+    identity: Option<&Arc<LiveIdentity>>,
+    metrics: &Metrics,
+) -> Result<Option<Arc<DownstreamTls>>, BuildError> {
+    match (&l.tls, identity) {
+        (None, _) => Ok(None),
+        (Some(tls), Some(identity)) => Ok(Some(Arc::new(DownstreamTls::new(
+            &l.name,
+            identity.clone(),
+            tls.mode,
+            tls.handshake_timeout.0,
+            metrics,
+        )))),
+        (Some(_), None) => Err(BuildError::Reference(format!(
+            "listener `{}`: tls needs an identity (given by the control plane, or read from the top-level `tls` files)",
+            l.name
+        ))),
     }
 }
 

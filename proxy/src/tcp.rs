@@ -1,6 +1,9 @@
 //! Raw TCP proxying: each accepted connection is spliced to an endpoint of
 //! the listener's cluster, through the listener's network filters if any
-//! (see [`crate::chain::network`] for how they pause and resume).
+//! (see [`crate::chain::network`] for how they pause and resume). A listener
+//! with `tls` first completes the downstream handshake as HTTP listeners do
+//! ([`crate::http::tls::accept`]); a cluster with `tls` hands over a mutual
+//! TLS stream to its endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,32 +11,64 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::filter::PeerType;
+use lacewing_core::stream::TlsFacts;
 use lacewing_core::stream::{ConnectionStream, SharedConnection, StreamInfo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use lacewing_upstream::Conn;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::access_log::TcpEntry;
 use crate::chain::NetworkChain;
 use crate::chain::network::Flow;
+use crate::http::tls::{Accepted, accept};
 use crate::snapshot::TcpListenerState;
 
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Serves one accepted TCP connection.
+/// Serves one accepted TCP connection: through the listener's TLS first
+/// when it has any.
 pub async fn serve(
-    mut downstream: TcpStream,
+    downstream: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    state: Arc<TcpListenerState>,
+    drain: DrainWatch,
+) {
+    let Some(tls) = state.tls.clone() else {
+        let _ = downstream.set_nodelay(true);
+        return splice(downstream, remote, local, id, state, drain, None).await;
+    };
+    match accept(downstream, &tls, remote).await {
+        None => {}
+        Some(Accepted::Plain(stream)) => {
+            splice(stream, remote, local, id, state, drain, None).await;
+        }
+        Some(Accepted::Tls(stream, facts)) => {
+            splice(*stream, remote, local, id, state, drain, Some(facts)).await;
+        }
+    }
+}
+
+/// Splices one connection (a socket or a TLS stream; `tls` is what its
+/// handshake established) to the cluster.
+async fn splice<S>(
+    mut downstream: S,
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
     state: Arc<TcpListenerState>,
     mut drain: DrainWatch,
-) {
+    tls: Option<Arc<TlsFacts>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     state.stats.connections_total.inc();
     state.stats.connections_active.inc();
-    let _ = downstream.set_nodelay(true);
     // The connection's facts exist only when filters or the access log read them.
     let conn = (!state.filters.is_empty() || state.access_log.is_some()).then(|| {
-        let info = StreamInfo::new(id, remote, local, state.stats.name.clone());
+        let mut info = StreamInfo::new(id, remote, local, state.stats.name.clone());
+        info.tls = tls;
         ConnectionStream::new(info).shared()
     });
     let result = match conn.as_ref() {
@@ -79,16 +114,16 @@ pub async fn serve(
 async fn connect(
     state: &TcpListenerState,
     conn: Option<&SharedConnection>,
-) -> std::io::Result<TcpStream> {
-    let (upstream, endpoint) = state
+) -> std::io::Result<Conn> {
+    let (upstream, endpoint, info) = state
         .cluster
         .connect_tcp()
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let _ = upstream.set_nodelay(true);
     if let Some(conn) = conn {
         let mut c = conn.borrow_mut();
         c.info.upstream_address = Some(endpoint);
+        c.info.upstream_connection = Some(info);
         c.info.cluster_name = Some(state.cluster.name().into());
     }
     Ok(upstream)
@@ -116,11 +151,10 @@ impl Splice<'_> {
     /// Copies both directions, every chunk through the filters, holding what
     /// they hold, until both sides end, a filter closes the connection or the
     /// proxy drains.
-    async fn run(
-        self,
-        downstream: &mut TcpStream,
-        drain: &mut DrainWatch,
-    ) -> std::io::Result<(u64, u64)> {
+    async fn run<S>(self, downstream: &mut S, drain: &mut DrainWatch) -> std::io::Result<(u64, u64)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let Self { state, conn, chain } = self;
         let resumed = conn.borrow().resumed();
         let mut upstream = if chain.new_connection() && !chain.closing() {
@@ -186,10 +220,7 @@ impl Splice<'_> {
     }
 }
 
-async fn read_upstream(
-    upstream: Option<&mut TcpStream>,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
+async fn read_upstream(upstream: Option<&mut Conn>, buf: &mut BytesMut) -> std::io::Result<usize> {
     match upstream {
         Some(u) => u.read_buf(buf).await,
         None => std::future::pending().await,
@@ -203,7 +234,7 @@ async fn flush(
     chain: &NetworkChain,
     flow: Flow,
     side: &mut Side,
-    to: &mut TcpStream,
+    to: &mut (impl AsyncWrite + Unpin),
 ) -> std::io::Result<()> {
     if chain.holds(flow) {
         return Ok(());

@@ -108,6 +108,7 @@ fn build(
         listeners: Vec::new(),
         clusters: Vec::new(),
         plugins: Vec::new(),
+        tls: None,
     };
     config.admin.address = spec.admin;
 

@@ -33,6 +33,24 @@ pub struct ProxyConfig {
     /// proxy-wasm plugins that listeners and routes name in their `filters`.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+    /// The proxy's own identity from files, for listeners and clusters with
+    /// `tls` when no control plane gives one (a standalone proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<IdentityFilesConfig>,
+}
+
+/// Where a standalone proxy reads its identity: PEM files, read again on
+/// every reload so they can be replaced while the proxy runs. Paths are
+/// relative to the working directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFilesConfig {
+    /// The certificate chain, leaf first; the leaf carries a SPIFFE ID as URI SAN.
+    pub cert_file: std::path::PathBuf,
+    /// The leaf's private key (PKCS#8, SEC1 or PKCS#1).
+    pub key_file: std::path::PathBuf,
+    /// Root certificate(s) that peers' chains must lead to.
+    pub trust_file: std::path::PathBuf,
 }
 
 /// The admin endpoint.
@@ -104,13 +122,14 @@ pub struct ListenerConfig {
     pub filters: Vec<String>,
     #[serde(default)]
     pub limits: ListenerLimits,
-    /// Mutual TLS with the proxy's mesh identity; plaintext when absent.
+    /// Mutual TLS with the proxy's identity; plaintext when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
 }
 
-/// A listener's mutual TLS: the proxy presents its mesh identity and asks
-/// every TLS client for a certificate chaining to the mesh trust bundle.
+/// A listener's mutual TLS: the proxy presents its identity (the mesh's, or
+/// the top-level `tls` files') and asks every TLS client for a certificate
+/// chaining to the trust bundle.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
@@ -130,7 +149,7 @@ pub enum ListenerTlsMode {
     Permissive,
 }
 
-/// A cluster's mutual TLS: the proxy presents its mesh identity and accepts
+/// A cluster's mutual TLS: the proxy presents its identity and accepts
 /// only a server whose certificate carries `peer` as its URI SAN.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -100,6 +100,7 @@ impl QuickStart {
             listeners: vec![listener],
             clusters,
             plugins,
+            tls: None,
         };
         match validate(&config) {
             Ok(()) => Ok(config),

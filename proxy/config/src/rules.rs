@@ -167,6 +167,17 @@ impl Checker<'_> {
                 "must not be empty (stdout, stderr or a file path)",
             );
         }
+        if let Some(tls) = &config.tls {
+            for (field, path) in [
+                ("tls.cert_file", &tls.cert_file),
+                ("tls.key_file", &tls.key_file),
+                ("tls.trust_file", &tls.trust_file),
+            ] {
+                if path.as_os_str().is_empty() {
+                    self.report(field, "must not be empty (a PEM file path)");
+                }
+            }
+        }
         for (i, listener) in config.listeners.iter().enumerate() {
             self.listener(&format!("listeners[{i}]"), listener);
         }
@@ -302,12 +313,6 @@ impl Checker<'_> {
         }
         self.plugins_exist(&format!("{path}.filters"), &listener.filters);
         if let Some(tls) = &listener.tls {
-            if listener.protocol == ListenerProtocol::Tcp {
-                self.report(
-                    format!("{path}.tls"),
-                    "TLS is served on http listeners only (not yet on tcp listeners)",
-                );
-            }
             self.positive(
                 format!("{path}.tls.handshake_timeout"),
                 tls.handshake_timeout,

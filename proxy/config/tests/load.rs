@@ -978,3 +978,31 @@ clusters:
     let bad_mode = good.replace("mode: strict", "mode: sometimes");
     assert!(error_lines(&bad_mode)[0].contains("listeners[0].tls.mode"));
 }
+
+#[test]
+fn identity_files_parse_and_an_empty_path_names_its_field() {
+    let good = "\
+tls:
+  cert_file: certs/proxy.pem
+  key_file: certs/proxy.key
+  trust_file: certs/ca.pem
+listeners:
+  - { name: inbound, address: 127.0.0.1:0, tls: { mode: strict }, routes: [{ name: all, cluster: orders }] }
+clusters:
+  - { name: orders, endpoints: [\"127.0.0.1:3000\"] }
+";
+    let config = load(good).unwrap();
+    let files = config.tls.as_ref().unwrap();
+    assert_eq!(files.cert_file, std::path::Path::new("certs/proxy.pem"));
+    assert_eq!(files.trust_file, std::path::Path::new("certs/ca.pem"));
+    let empty = good.replace("certs/proxy.key", "\"\"");
+    assert!(
+        error_lines(&empty)
+            .iter()
+            .any(|l| l.contains("tls.key_file") && l.contains("must not be empty")),
+        "{:?}",
+        error_lines(&empty)
+    );
+    let unknown = good.replace("trust_file", "ca_file");
+    assert!(error_lines(&unknown)[0].contains("ca_file"));
+}

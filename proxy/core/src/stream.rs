@@ -56,6 +56,42 @@ pub struct StreamInfo {
     pub attempt_count: u32,
     /// What the downstream TLS handshake established; `None` for plaintext.
     pub tls: Option<Arc<TlsFacts>>,
+    /// The upstream connection of the last attempt, once one answered (HTTP)
+    /// or was made (TCP).
+    pub upstream_connection: Option<Arc<UpstreamConnection>>,
+}
+
+/// One upstream connection as plugins see it (`upstream.*`): made once per
+/// connection and shared by every request it carries.
+#[derive(Debug)]
+pub struct UpstreamConnection {
+    /// This proxy's address on the connection.
+    pub local_address: Option<SocketAddr>,
+    /// What the TLS handshake established; `None` for plaintext.
+    pub tls: Option<Box<dyn UpstreamTls>>,
+}
+
+/// What an upstream TLS handshake established, in the encodings of Envoy's
+/// `upstream.*` properties. Certificates are parsed on first use, when a
+/// plugin asks, not per connection.
+pub trait UpstreamTls: std::fmt::Debug + Send + Sync {
+    /// `TLSv1.3`.
+    fn version(&self) -> &str;
+    /// This proxy's certificate on the connection.
+    fn local_certificate(&self) -> Option<&CertificateFacts>;
+    /// The server's certificate.
+    fn peer_certificate(&self) -> Option<&CertificateFacts>;
+}
+
+/// What one certificate says, as Envoy encodes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertificateFacts {
+    /// RFC 2253.
+    pub subject: String,
+    pub uri_sans: Vec<String>,
+    pub dns_sans: Vec<String>,
+    /// SHA-256 of the DER, lowercase hex.
+    pub sha256: String,
 }
 
 /// What a downstream TLS handshake established, in the encodings of Envoy's
@@ -104,6 +140,7 @@ impl StreamInfo {
             response_body_bytes: 0,
             attempt_count: 0,
             tls: None,
+            upstream_connection: None,
         }
     }
 }

@@ -238,6 +238,10 @@ pub async fn handle(
         endpoint: up.endpoint,
         attempts: up.attempts,
     };
+    // What `upstream.*` properties read from the response phase on.
+    if let Some(stream) = chain.stream() {
+        stream.borrow_mut().info.upstream_connection = Some(up.connection);
+    }
     let mut body = UpstreamBody::new(
         body,
         conn.clone(),

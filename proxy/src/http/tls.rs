@@ -1,6 +1,7 @@
 //! Downstream mutual TLS: a connection completes a TLS 1.3 handshake (the
 //! client's chain checked against the mesh trust bundle, ALPN `h2` or
-//! `http/1.1`) before it is served by [`serve_io`] like any other stream.
+//! `http/1.1`) before it is served by [`serve_io`] like any other stream
+//! (or, on a `tcp` listener, spliced by [`crate::tcp`]: [`accept`] is shared).
 //! In PERMISSIVE mode a connection whose first bytes are not a TLS
 //! handshake record is served as plaintext; in STRICT mode it is closed.
 //! Every handshake is counted by outcome. The certificate presented is the
@@ -18,6 +19,7 @@ use lacewing_core::stream::TlsFacts;
 use lacewing_tls::{ConnectionTls, LiveIdentity};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::server::serve_io;
 use crate::snapshot::HttpSlot;
@@ -78,41 +80,45 @@ impl DownstreamTls {
     }
 }
 
-/// Serves one accepted TCP connection through `tls`.
-pub async fn serve_tcp(
+/// A connection past [`accept`]: plaintext (PERMISSIVE), or TLS with the
+/// facts its handshake established.
+pub(crate) enum Accepted {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>, Arc<TlsFacts>),
+}
+
+/// Detects TLS on an accepted connection and completes the handshake, each
+/// outcome counted; `None` when the connection is refused or closed.
+/// Shared by HTTP and TCP listeners.
+pub(crate) async fn accept(
     stream: TcpStream,
-    tls: Arc<DownstreamTls>,
+    tls: &DownstreamTls,
     remote: SocketAddr,
-    local: SocketAddr,
-    id: u64,
-    slot: HttpSlot,
-    drain: DrainWatch,
-) {
+) -> Option<Accepted> {
     let _ = stream.set_nodelay(true);
     let looks_like_tls =
         match tokio::time::timeout(tls.handshake_timeout, starts_with_tls(&stream)).await {
             Ok(Ok(Some(is_tls))) => is_tls,
             // Closed before sending anything, or a read error: nothing to serve.
-            Ok(Ok(None) | Err(_)) => return,
+            Ok(Ok(None) | Err(_)) => return None,
             Err(_) => {
                 tls.count("timeout");
-                return;
+                return None;
             }
         };
     if !looks_like_tls {
         if tls.mode == ListenerTlsMode::Strict {
             tls.count("plaintext_refused");
             tracing::debug!(%remote, listener = %tls.listener, "plaintext refused (STRICT)");
-            return;
+            return None;
         }
         tls.transport("plaintext");
-        serve_io(stream, remote, local, id, slot, drain, None).await;
-        return;
+        return Some(Accepted::Plain(stream));
     }
     let Some(material) = tls.identity.current() else {
         tls.count("no_identity");
         tracing::debug!(%remote, listener = %tls.listener, "TLS refused: no workload certificate yet");
-        return;
+        return None;
     };
     let acceptor = TlsAcceptor::from(material.server_config().clone());
     let accepted = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)).await;
@@ -122,11 +128,11 @@ pub async fn serve_tcp(
             let reason = lacewing_tls::failure_reason(&error);
             tls.count(reason);
             tracing::debug!(%remote, listener = %tls.listener, %error, reason, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tls.count("timeout");
-            return;
+            return None;
         }
     };
     tls.count("ok");
@@ -140,16 +146,28 @@ pub async fn serve_tcp(
         alpn = ?info.alpn,
         "TLS connection established"
     );
-    serve_io(
-        stream,
-        remote,
-        local,
-        id,
-        slot,
-        drain,
-        Some(Arc::new(facts(info))),
-    )
-    .await;
+    Some(Accepted::Tls(Box::new(stream), Arc::new(facts(info))))
+}
+
+/// Serves one accepted TCP connection through `tls`.
+pub async fn serve_tcp(
+    stream: TcpStream,
+    tls: Arc<DownstreamTls>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    slot: HttpSlot,
+    drain: DrainWatch,
+) {
+    match accept(stream, &tls, remote).await {
+        None => {}
+        Some(Accepted::Plain(stream)) => {
+            serve_io(stream, remote, local, id, slot, drain, None).await;
+        }
+        Some(Accepted::Tls(stream, facts)) => {
+            serve_io(*stream, remote, local, id, slot, drain, Some(facts)).await;
+        }
+    }
 }
 
 /// The facts plugins read, from what the handshake established.

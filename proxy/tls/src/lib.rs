@@ -4,7 +4,8 @@
 //! ([`server_config`], [`client_config`]), and what a verified peer
 //! certificate says ([`PeerCertificate`], [`ConnectionTls`]) for plugins; and
 //! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates; and
-//! the [`LiveIdentity`] a sidecar rotates while it serves; and the TLS of
+//! the [`LiveIdentity`] a sidecar rotates while it serves, or a standalone
+//! proxy reads from [`IdentityFiles`]; and the TLS of
 //! the control plane's own API ([`api`]).
 //!
 //! Every configuration is TLS 1.3 only, offers ALPN `h2` and `http/1.1`, and
@@ -14,6 +15,7 @@ pub mod api;
 pub mod ca;
 mod config;
 mod error;
+mod files;
 mod identity;
 mod key;
 mod live;
@@ -23,10 +25,11 @@ mod spiffe;
 pub use ca::{CsrError, Issued, MeshCa};
 pub use config::{ALPN_H2, ALPN_HTTP11, client_config, server_config, server_name_for};
 pub use error::{IdentityMismatch, TlsError, failure_reason};
+pub use files::{FileIdentity, IdentityFileError, IdentityFiles};
 pub use identity::{Identity, TrustBundle};
 pub use key::WorkloadKey;
 pub use live::{LiveClientConfig, LiveIdentity, Material};
-pub use peer::{ConnectionTls, PeerCertificate, uri_sans};
+pub use peer::{ConnectionTls, PeerCertificate, dns_sans, uri_sans};
 pub use spiffe::SpiffeId;
 
 pub use rustls;

@@ -25,6 +25,30 @@ pub struct Material {
 }
 
 impl Material {
+    /// Checks `identity` (its leaf must carry a SPIFFE ID) and makes the
+    /// server configuration presenting it, verifying clients against `trust`.
+    /// Not installed yet: see [`LiveIdentity::store`].
+    pub fn build(
+        identity: Identity,
+        trust: TrustBundle,
+        not_after: SystemTime,
+    ) -> Result<Self, TlsError> {
+        let uris = crate::uri_sans(identity.leaf())?;
+        let id: SpiffeId = uris
+            .first()
+            .and_then(|u| u.parse().ok())
+            .ok_or_else(|| TlsError::Certificate("the leaf has no SPIFFE ID".to_string()))?;
+        let server = crate::server_config(&identity, &trust)?;
+        Ok(Self {
+            identity,
+            trust,
+            id,
+            not_after,
+            serial: 0,
+            server,
+        })
+    }
+
     /// The server configuration presenting this identity.
     pub fn server_config(&self) -> &Arc<ServerConfig> {
         &self.server
@@ -50,24 +74,17 @@ impl LiveIdentity {
         trust: TrustBundle,
         not_after: SystemTime,
     ) -> Result<Arc<Material>, TlsError> {
-        let uris = crate::uri_sans(identity.leaf())?;
-        let id: SpiffeId = uris
-            .first()
-            .and_then(|u| u.parse().ok())
-            .ok_or_else(|| TlsError::Certificate("the leaf has no SPIFFE ID".to_string()))?;
-        let server = crate::server_config(&identity, &trust)?;
+        Ok(self.store(Material::build(identity, trust, not_after)?))
+    }
+
+    /// Makes a built `material` the one new handshakes use; it gets the next serial.
+    pub fn store(&self, mut material: Material) -> Arc<Material> {
         let mut serial = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
         *serial += 1;
-        let material = Arc::new(Material {
-            identity,
-            trust,
-            id,
-            not_after,
-            serial: *serial,
-            server,
-        });
+        material.serial = *serial;
+        let material = Arc::new(material);
         self.current.store(Some(material.clone()));
-        Ok(material)
+        material
     }
 
     /// The identity in use, if one was installed.
@@ -75,6 +92,9 @@ impl LiveIdentity {
         self.current.load_full()
     }
 }
+
+/// A client configuration and the identity it presents.
+pub type BuiltClientConfig = (Arc<ClientConfig>, Arc<Material>);
 
 /// A client configuration for one destination that follows the live
 /// identity: rebuilt when a new identity was installed since the last use.
@@ -104,12 +124,18 @@ impl LiveClientConfig {
 
     /// The configuration for the identity in use; `None` before any install.
     pub fn get(&self) -> Option<Result<Arc<ClientConfig>, TlsError>> {
+        self.get_with_material()
+            .map(|built| built.map(|(config, _)| config))
+    }
+
+    /// [`LiveClientConfig::get`], with the identity the configuration presents.
+    pub fn get_with_material(&self) -> Option<Result<BuiltClientConfig, TlsError>> {
         let material = self.live.current()?;
         let mut built = self.built.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((serial, config)) = &*built
             && *serial == material.serial
         {
-            return Some(Ok(config.clone()));
+            return Some(Ok((config.clone(), material)));
         }
         let config = match crate::client_config(&material.identity, &material.trust, &self.expect) {
             Ok(config) => config,
@@ -119,7 +145,7 @@ impl LiveClientConfig {
         config.alpn_protocols = self.alpn.clone();
         let config = Arc::new(config);
         *built = Some((material.serial, config.clone()));
-        Some(Ok(config))
+        Some(Ok((config, material)))
     }
 }
 

@@ -82,6 +82,23 @@ impl ConnectionTls {
     }
 }
 
+/// The DNS SANs of a certificate.
+pub fn dns_sans(der: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    let cert = parse(der)?;
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some((*dns).to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The URI SANs of a certificate.
 pub fn uri_sans(der: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
     Ok(uris_of(&parse(der)?))

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use lacewing_core::body::BoxBody;
+use lacewing_core::stream::UpstreamConnection;
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
@@ -36,6 +37,9 @@ use crate::endpoint::Endpoint;
 pub(crate) type H1Sender = http1::SendRequest<BoxBody>;
 pub(crate) type H2Sender = http2::SendRequest<BoxBody>;
 
+/// What plugins may read about a pooled connection, shared by its requests.
+pub(crate) type ConnInfo = Arc<UpstreamConnection>;
+
 /// When a pooled HTTP/1 connection went idle (clock ms), or [`BUSY`].
 pub(crate) type IdleSince = Arc<AtomicU64>;
 
@@ -45,6 +49,7 @@ pub(crate) const BUSY: u64 = 0;
 struct IdleH1 {
     sender: H1Sender,
     idle_since: IdleSince,
+    info: ConnInfo,
 }
 
 #[derive(Default)]
@@ -56,6 +61,7 @@ enum H2Slot {
     Ready {
         sender: H2Sender,
         last_used: u64,
+        info: ConnInfo,
     },
 }
 
@@ -190,7 +196,9 @@ impl EndpointConns {
             }
             now.saturating_sub(since) < idle_ms
         });
-        if let H2Slot::Ready { sender, last_used } = &self.h2
+        if let H2Slot::Ready {
+            sender, last_used, ..
+        } = &self.h2
             && (sender.is_closed() || now.saturating_sub(*last_used) >= idle_ms)
         {
             self.h2 = H2Slot::Empty;
@@ -205,7 +213,7 @@ pub(crate) fn checkout_h1(
     key: &PoolKey,
     endpoint: &Arc<Endpoint>,
     idle_timeout: Duration,
-) -> Option<(H1Sender, IdleSince)> {
+) -> Option<(H1Sender, IdleSince, ConnInfo)> {
     let idle_ms = millis(idle_timeout);
     with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
@@ -224,7 +232,7 @@ pub(crate) fn checkout_h1(
             }
             let conn = conns.idle.remove(at)?;
             conn.idle_since.store(BUSY, Ordering::Relaxed);
-            return Some((conn.sender, conn.idle_since));
+            return Some((conn.sender, conn.idle_since, conn.info));
         }
         None
     })
@@ -241,6 +249,7 @@ pub(crate) fn checkin_h1(
     endpoint: &Arc<Endpoint>,
     sender: H1Sender,
     idle_since: IdleSince,
+    info: ConnInfo,
 ) {
     if sender.is_closed() {
         return;
@@ -255,7 +264,11 @@ pub(crate) fn checkin_h1(
         }
         let since = if sender.is_ready() { now_ms() } else { BUSY };
         idle_since.store(since, Ordering::Relaxed);
-        conns.idle.push_back(IdleH1 { sender, idle_since });
+        conns.idle.push_back(IdleH1 {
+            sender,
+            idle_since,
+            info,
+        });
     });
 }
 
@@ -282,7 +295,7 @@ pub(crate) fn idle_h1_count(key: &PoolKey) -> usize {
 /// What a request finds in an endpoint's HTTP/2 slot.
 pub(crate) enum H2Lookup {
     /// A live connection to multiplex on.
-    Ready(H2Sender),
+    Ready(H2Sender, ConnInfo),
     /// Another request is connecting; wait for it, then look again.
     Wait(Arc<Notify>),
     /// Nobody is connecting: this request must, then [`h2_install`] or [`h2_abandon`].
@@ -301,11 +314,13 @@ pub(crate) fn h2_lookup(
     with_endpoint(key, endpoint, true, |conns| {
         let now = now_ms();
         match &mut conns.h2 {
-            H2Slot::Ready { sender, last_used }
-                if !sender.is_closed() && now.saturating_sub(*last_used) < idle_ms =>
-            {
+            H2Slot::Ready {
+                sender,
+                last_used,
+                info,
+            } if !sender.is_closed() && now.saturating_sub(*last_used) < idle_ms => {
                 *last_used = now;
-                return H2Lookup::Ready(sender.clone());
+                return H2Lookup::Ready(sender.clone(), info.clone());
             }
             H2Slot::Connecting(notify) => return H2Lookup::Wait(Arc::clone(notify)),
             _ => {}
@@ -318,13 +333,19 @@ pub(crate) fn h2_lookup(
 }
 
 /// Publishes a new HTTP/2 connection and wakes the requests waiting for it.
-pub(crate) fn h2_install(key: &PoolKey, endpoint: &Arc<Endpoint>, sender: H2Sender) {
+pub(crate) fn h2_install(
+    key: &PoolKey,
+    endpoint: &Arc<Endpoint>,
+    sender: H2Sender,
+    info: ConnInfo,
+) {
     with_endpoint(key, endpoint, true, |conns| {
         let previous = std::mem::replace(
             &mut conns.h2,
             H2Slot::Ready {
                 sender,
                 last_used: now_ms(),
+                info,
             },
         );
         if let H2Slot::Connecting(notify) = previous {

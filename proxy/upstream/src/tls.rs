@@ -5,12 +5,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use lacewing_config::{ClusterTls, UpstreamProtocol};
 use lacewing_core::metrics::Metrics;
-use lacewing_tls::rustls::pki_types::ServerName;
+use lacewing_core::stream::{CertificateFacts, UpstreamTls as UpstreamTlsFacts};
+use lacewing_tls::rustls::pki_types::{CertificateDer, ServerName};
 use lacewing_tls::rustls::{self, CertificateError};
 use lacewing_tls::{IdentityMismatch, LiveClientConfig, LiveIdentity, SpiffeId};
 use prometheus::IntCounterVec;
@@ -24,7 +25,11 @@ use crate::error::UpstreamError;
 /// A cluster's TLS: the client configuration following the live identity.
 #[derive(Debug)]
 pub(crate) struct UpstreamTls {
+    /// For HTTP: offers the ALPN of the cluster's protocol.
     client: LiveClientConfig,
+    /// For raw TCP (a `tcp` listener's connections): offers no ALPN. Built
+    /// on first use.
+    raw: LiveClientConfig,
     server_name: ServerName<'static>,
     cluster: String,
     handshakes: IntCounterVec,
@@ -44,7 +49,11 @@ impl UpstreamTls {
             reason,
         };
         let identity = identity.ok_or_else(|| {
-            error("the proxy has no mesh identity (it is given by the control plane)".into())
+            error(
+                "the proxy has no identity (it is given by the control plane, or read from the \
+                 top-level `tls` files)"
+                    .into(),
+            )
         })?;
         let peer: SpiffeId = tls.peer.parse().map_err(|e| error(format!("{e}")))?;
         let alpn = match protocol {
@@ -53,7 +62,8 @@ impl UpstreamTls {
         };
         Ok(Self {
             server_name: lacewing_tls::server_name_for(&peer),
-            client: LiveClientConfig::new(identity.clone(), peer, vec![alpn.to_vec()]),
+            client: LiveClientConfig::new(identity.clone(), peer.clone(), vec![alpn.to_vec()]),
+            raw: LiveClientConfig::new(identity.clone(), peer, Vec::new()),
             cluster: cluster.to_string(),
             handshakes: metrics.upstream_tls_handshakes.clone(),
         })
@@ -65,10 +75,17 @@ impl UpstreamTls {
             .inc();
     }
 
-    /// The TLS handshake over `tcp`; the error is the reason.
-    pub(crate) async fn handshake(&self, tcp: TcpStream) -> Result<Conn, String> {
-        let config = match self.client.get() {
-            Some(Ok(config)) => config,
+    /// The TLS handshake over `tcp`, offering the cluster protocol's ALPN
+    /// (`raw` false) or none (`raw`, for byte streams): the stream and what
+    /// the handshake established, or the reason it failed.
+    pub(crate) async fn handshake(
+        &self,
+        tcp: TcpStream,
+        raw: bool,
+    ) -> Result<(Conn, ConnTls), String> {
+        let client = if raw { &self.raw } else { &self.client };
+        let (config, material) = match client.get_with_material() {
+            Some(Ok(built)) => built,
             Some(Err(e)) => {
                 self.count("config");
                 return Err(format!("TLS configuration: {e}"));
@@ -84,7 +101,22 @@ impl UpstreamTls {
         {
             Ok(stream) => {
                 self.count("ok");
-                Ok(Conn::Tls(Box::new(stream)))
+                let (_, state) = stream.get_ref();
+                let facts = ConnTls {
+                    version: match state.protocol_version() {
+                        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                        _ => "",
+                    },
+                    local: material.identity.leaf().clone(),
+                    peer: state
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| leaf.clone().into_owned()),
+                    parsed_local: OnceLock::new(),
+                    parsed_peer: OnceLock::new(),
+                };
+                Ok((Conn::Tls(Box::new(stream)), facts))
             }
             Err(e) => {
                 self.count(lacewing_tls::failure_reason(&e));
@@ -92,6 +124,45 @@ impl UpstreamTls {
             }
         }
     }
+}
+
+/// What one upstream handshake established, kept as DER: certificates are
+/// parsed the first time a plugin reads one of their properties.
+#[derive(Debug)]
+pub(crate) struct ConnTls {
+    version: &'static str,
+    local: CertificateDer<'static>,
+    peer: Option<CertificateDer<'static>>,
+    parsed_local: OnceLock<Option<CertificateFacts>>,
+    parsed_peer: OnceLock<Option<CertificateFacts>>,
+}
+
+impl UpstreamTlsFacts for ConnTls {
+    fn version(&self) -> &str {
+        self.version
+    }
+
+    fn local_certificate(&self) -> Option<&CertificateFacts> {
+        self.parsed_local
+            .get_or_init(|| certificate_facts(&self.local))
+            .as_ref()
+    }
+
+    fn peer_certificate(&self) -> Option<&CertificateFacts> {
+        self.parsed_peer
+            .get_or_init(|| certificate_facts(self.peer.as_ref()?))
+            .as_ref()
+    }
+}
+
+fn certificate_facts(der: &CertificateDer<'_>) -> Option<CertificateFacts> {
+    let parsed = lacewing_tls::PeerCertificate::parse(der).ok()?;
+    Some(CertificateFacts {
+        subject: parsed.subject,
+        uri_sans: parsed.uri_sans,
+        dns_sans: lacewing_tls::dns_sans(der).unwrap_or_default(),
+        sha256: parsed.sha256_digest,
+    })
 }
 
 /// A handshake failure in words: the identity found when it was the wrong one.
@@ -113,7 +184,7 @@ fn describe(error: &io::Error) -> String {
 
 /// A connection to an endpoint: plain TCP, or mutual TLS over it.
 #[derive(Debug)]
-pub(crate) enum Conn {
+pub enum Conn {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }

@@ -503,7 +503,7 @@ async fn connect_tcp_reaches_an_echo_server() {
         stream.write_all(&buf[..n]).await.unwrap();
     });
     let (cluster, _) = build(config("tcp", &[dead_addr(), addr]));
-    let (mut stream, endpoint) = cluster.connect_tcp().await.unwrap();
+    let (mut stream, endpoint, _) = cluster.connect_tcp().await.unwrap();
     assert_eq!(endpoint, addr);
     stream.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];

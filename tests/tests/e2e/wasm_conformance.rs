@@ -100,7 +100,7 @@ fn conformance_module() -> String {
 
 /// Listener `main`: `/plain` without plugins, `/trailers` to the echo server over
 /// h2 with the plugin, everything else to the echo server with the plugin.
-fn conformance_yaml(echo: SocketAddr, grpc: SocketAddr, configuration: &str) -> String {
+pub(super) fn conformance_yaml(echo: SocketAddr, grpc: SocketAddr, configuration: &str) -> String {
     wasm::echo_proxy_yaml(
         echo,
         PluginRoutes {
@@ -1267,7 +1267,7 @@ plugins:
 
 /// Envoy with the conformance module as an HTTP filter in front of `echo`,
 /// configured like [`conformance_yaml`]'s plugin.
-async fn start_envoy(binary: &Path, echo: SocketAddr) -> Envoy {
+pub(super) async fn start_envoy(binary: &Path, echo: SocketAddr) -> Envoy {
     let module = wasm::module("conformance-filter");
     let config = proxy::fill(
         r#"
@@ -1324,7 +1324,7 @@ static_resources:
 }
 
 /// The same GET (`path`, `headers`) sent to Envoy and to Lacewing: `(from_envoy, from_lacewing)`.
-async fn get_from_both(
+pub(super) async fn get_from_both(
     envoy: SocketAddr,
     lacewing: SocketAddr,
     path: &str,

@@ -15,21 +15,21 @@ use super::Cluster;
 use super::attempt::{AttemptError, OpenError, reset};
 use crate::breaker::Limit;
 use crate::endpoint::Endpoint;
-use crate::pool::{self, H1Sender, IdleSince};
+use crate::pool::{self, ConnInfo, H1Sender, IdleSince};
 
 impl Cluster {
     pub(super) async fn attempt_h1(
         &self,
         endpoint: &Arc<Endpoint>,
         mut request: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), AttemptError> {
         if !request.headers().contains_key(header::HOST) {
             let host = endpoint.host.clone();
             request.headers_mut().insert(header::HOST, host);
         }
         let mut yielded = false;
         loop {
-            let Some((mut sender, idle_since)) =
+            let Some((mut sender, idle_since, info)) =
                 pool::checkout_h1(&self.pool, endpoint, self.idle_timeout)
             else {
                 if yielded {
@@ -43,8 +43,8 @@ impl Cluster {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.release_h1(endpoint, sender, idle_since, &response);
-                    return Ok(response);
+                    self.release_h1(endpoint, sender, idle_since, info.clone(), &response);
+                    return Ok((response, info));
                 }
                 Err(mut error) => match error.take_message() {
                     // The pooled connection closed under us before anything was written.
@@ -64,14 +64,14 @@ impl Cluster {
         }
         // Boxed: the connect and handshake future is large and needed only on a
         // pool miss; inline, every request's future would carry (and move) it.
-        let (mut sender, idle_since) = match Box::pin(self.open_h1(endpoint)).await {
+        let (mut sender, idle_since, info) = match Box::pin(self.open_h1(endpoint)).await {
             Ok(connection) => connection,
             Err(error) => return Err(error.attempt_error(request)),
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
-                self.release_h1(endpoint, sender, idle_since, &response);
-                Ok(response)
+                self.release_h1(endpoint, sender, idle_since, info.clone(), &response);
+                Ok((response, info))
             }
             Err(mut error) => {
                 let unsent = error.take_message();
@@ -88,23 +88,24 @@ impl Cluster {
         endpoint: &Arc<Endpoint>,
         sender: H1Sender,
         idle_since: IdleSince,
+        info: ConnInfo,
         response: &Response<Incoming>,
     ) {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             return;
         }
-        pool::checkin_h1(&self.pool, endpoint, sender, idle_since);
+        pool::checkin_h1(&self.pool, endpoint, sender, idle_since, info);
     }
 
     pub(super) async fn open_h1(
         &self,
         endpoint: &Endpoint,
-    ) -> Result<(H1Sender, IdleSince), OpenError> {
+    ) -> Result<(H1Sender, IdleSince, ConnInfo), OpenError> {
         let _pending = self
             .limits
             .pending()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::PendingRequests)))?;
-        let (stream, slot) = self.open_connection(endpoint).await?;
+        let (stream, slot, info) = self.open_connection(endpoint).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -116,6 +117,6 @@ impl Cluster {
             self.idle_timeout,
             slot,
         );
-        Ok((sender, idle_since))
+        Ok((sender, idle_since, info))
     }
 }

@@ -17,14 +17,14 @@ use super::Cluster;
 use super::attempt::{AttemptError, OpenError};
 use crate::breaker::Limit;
 use crate::endpoint::Endpoint;
-use crate::pool::{self, H2Lookup, H2Sender, PoolKey};
+use crate::pool::{self, ConnInfo, H2Lookup, H2Sender, PoolKey};
 
 impl Cluster {
     pub(super) async fn attempt_h2(
         &self,
         endpoint: &Arc<Endpoint>,
         mut request: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), AttemptError> {
         if request.uri().authority().is_none()
             && let Err(error) = Authority::try_from(endpoint.host.as_bytes())
                 .map_err(|e| invalid_target(&e))
@@ -34,12 +34,12 @@ impl Cluster {
         }
         let mut fresh = false;
         loop {
-            let mut sender = match self.h2_sender(endpoint).await {
+            let (mut sender, info) = match self.h2_sender(endpoint).await {
                 Ok(sender) => sender,
                 Err(error) => return Err(error.attempt_error(request)),
             };
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => return Ok((response, info)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if !fresh => {
                         // The shared connection closed before the stream opened: replace it once.
@@ -55,11 +55,14 @@ impl Cluster {
 
     /// The shared HTTP/2 connection to an endpoint on this thread, opened by the
     /// first request that needs it while the others wait.
-    pub(super) async fn h2_sender(&self, endpoint: &Arc<Endpoint>) -> Result<H2Sender, OpenError> {
+    pub(super) async fn h2_sender(
+        &self,
+        endpoint: &Arc<Endpoint>,
+    ) -> Result<(H2Sender, ConnInfo), OpenError> {
         let mut waited = false;
         loop {
             match pool::h2_lookup(&self.pool, endpoint, self.idle_timeout) {
-                H2Lookup::Ready(sender) => return Ok(sender),
+                H2Lookup::Ready(sender, info) => return Ok((sender, info)),
                 H2Lookup::Wait(notify) if !waited => {
                     waited = true;
                     let _pending = self.limits.pending().ok_or_else(|| {
@@ -82,28 +85,31 @@ impl Cluster {
                     };
                     // Boxed: the connect and handshake future is large and rare;
                     // inline, every request's future would carry (and move) it.
-                    let sender = Box::pin(self.open_h2(endpoint)).await?;
-                    pool::h2_install(&self.pool, endpoint, sender.clone());
+                    let (sender, info) = Box::pin(self.open_h2(endpoint)).await?;
+                    pool::h2_install(&self.pool, endpoint, sender.clone(), info.clone());
                     claim.installed();
-                    return Ok(sender);
+                    return Ok((sender, info));
                 }
             }
         }
     }
 
-    pub(super) async fn open_h2(&self, endpoint: &Endpoint) -> Result<H2Sender, OpenError> {
+    pub(super) async fn open_h2(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<(H2Sender, ConnInfo), OpenError> {
         let _pending = self
             .limits
             .pending()
             .ok_or_else(|| OpenError::Overflow(self.overflow(Limit::PendingRequests)))?;
-        let (stream, slot) = self.open_connection(endpoint).await?;
+        let (stream, slot, info) = self.open_connection(endpoint).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| OpenError::Connect(self.handshake_failed(endpoint, &e)))?;
         pool::spawn_h2_driver(conn, slot);
-        Ok(sender)
+        Ok((sender, info))
     }
 
     pub(super) fn wait_for_connect(&self) -> Duration {

@@ -28,8 +28,8 @@ use lacewing_config::{ClusterConfig, RetryPolicy, UpstreamProtocol};
 use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::metrics::Metrics;
+use lacewing_core::stream::UpstreamConnection;
 use prometheus::IntCounter;
-use tokio::net::TcpStream;
 
 use self::attempt::{AttemptChain, Pick};
 use crate::breaker::{ConnectionCount, Limit, Limits};
@@ -38,7 +38,7 @@ use crate::endpoint::{Endpoint, EndpointSet};
 use crate::lb::Balancer;
 use crate::outlier::OutlierDetector;
 use crate::pool::{self, PoolKey};
-use crate::tls::UpstreamTls;
+use crate::tls::{Conn, UpstreamTls};
 
 /// Connect retries of [`Cluster::connect_tcp`] (the route default for HTTP).
 const TCP_CONNECT_RETRIES: u32 = 2;
@@ -86,6 +86,8 @@ pub struct UpstreamResponse {
     pub endpoint: SocketAddr,
     /// Attempts made, 1 when the first one answered.
     pub attempts: u32,
+    /// The connection that carried the answer (`upstream.*` properties).
+    pub connection: Arc<UpstreamConnection>,
 }
 
 /// Metric children of one cluster, resolved once at build.
@@ -299,17 +301,25 @@ impl Cluster {
     }
 
     /// Opens a raw TCP connection to an endpoint, with the balancer, ejection and
-    /// connect retries of [`Cluster::send`]. The caller owns the stream; it is
+    /// connect retries of [`Cluster::send`]; mutual TLS (no ALPN) when the
+    /// cluster has `tls`, a failed handshake retried like a failed connect.
+    /// The caller owns the stream; it is
     /// counted in `upstream_connections_total` but not in the circuit breaker.
-    pub async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), ProxyError> {
+    pub async fn connect_tcp(
+        &self,
+    ) -> Result<(Conn, SocketAddr, Arc<UpstreamConnection>), ProxyError> {
         let mut chain = AttemptChain::new(self);
         loop {
             let (index, endpoint) = chain.next_endpoint()?;
-            match self.connect(&endpoint).await {
-                Ok(stream) => {
+            let connected = match self.connect(&endpoint).await {
+                Ok(stream) => self.secure(stream, &endpoint, true).await,
+                Err(error) => Err(error),
+            };
+            match connected {
+                Ok((stream, info)) => {
                     self.connections.count_unpooled();
                     self.outlier.success(&endpoint);
-                    return Ok((stream, endpoint.addr));
+                    return Ok((stream, endpoint.addr, info));
                 }
                 Err(error) => {
                     chain.connect_failed(index);

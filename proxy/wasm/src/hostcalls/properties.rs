@@ -231,6 +231,7 @@ fn info_property(info: &StreamInfo, segments: &[&[u8]]) -> Result<Option<Vec<u8>
         [b"upstream", b"port"] => int(i64::from(
             info.upstream_address.ok_or(Status::NotFound)?.port(),
         )),
+        [b"upstream", field] => return upstream_property(info, field),
         [b"cluster_name"] | [b"xds", b"cluster_name"] => {
             text(info.cluster_name.as_deref().ok_or(Status::NotFound)?)
         }
@@ -282,6 +283,50 @@ fn tls_property(info: &StreamInfo, field: &[u8]) -> Result<Option<Vec<u8>>, Stat
         b"sha256_peer_certificate_digest" => peer(&tls.peer_sha256),
         _ => Ok(None),
     }
+}
+
+/// `upstream.<field>` of the connection that answered (HTTP, from the
+/// response phase on) or that was made (TCP): not found before, and the TLS
+/// fields not found on plaintext. Certificates are parsed on first read.
+fn upstream_property(info: &StreamInfo, field: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    let known = matches!(
+        field,
+        b"local_address"
+            | b"tls_version"
+            | b"subject_local_certificate"
+            | b"subject_peer_certificate"
+            | b"uri_san_local_certificate"
+            | b"uri_san_peer_certificate"
+            | b"dns_san_local_certificate"
+            | b"dns_san_peer_certificate"
+            | b"sha256_peer_certificate_digest"
+    );
+    if !known {
+        return Ok(None);
+    }
+    let connection = info
+        .upstream_connection
+        .as_deref()
+        .ok_or(Status::NotFound)?;
+    if field == b"local_address" {
+        let local = connection.local_address.ok_or(Status::NotFound)?;
+        return Ok(Some(text(&local.to_string())));
+    }
+    let tls = connection.tls.as_deref().ok_or(Status::NotFound)?;
+    let first = |list: &[String]| list.first().map(|v| text(v)).ok_or(Status::NotFound);
+    let local = || tls.local_certificate().ok_or(Status::NotFound);
+    let peer = || tls.peer_certificate().ok_or(Status::NotFound);
+    let v = match field {
+        b"tls_version" => text(tls.version()),
+        b"subject_local_certificate" => text(&local()?.subject),
+        b"subject_peer_certificate" => text(&peer()?.subject),
+        b"uri_san_local_certificate" => first(&local()?.uri_sans)?,
+        b"uri_san_peer_certificate" => first(&peer()?.uri_sans)?,
+        b"dns_san_local_certificate" => first(&local()?.dns_sans)?,
+        b"dns_san_peer_certificate" => first(&peer()?.dns_sans)?,
+        _ => text(&peer()?.sha256),
+    };
+    Ok(Some(v))
 }
 
 /// A request property; `complete` says whether the stream has ended (the

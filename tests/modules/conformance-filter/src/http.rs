@@ -15,6 +15,7 @@
 //! | `response-body` | buffers the response body to the end, replaces it | body `response-rewritten:<len>` |
 //! | `properties` | reads well-known properties | `x-prop-*`, `x-status-unknown-property` |
 //! | `identity` | reads the mesh identity properties (`source.principal`, `connection.mtls`, ...) | `x-id-<path with - for .>` (`status:NotFound` when absent) |
+//! | `upstream` | reads the `upstream.*` properties ([`UPSTREAM_PATHS`]) in the request phase and in `on_http_response_headers` | `x-up-request-address` (request phase), `x-up-<field with - for _>` (`status:NotFound` when absent) |
 //! | `set-property` | sets then reads a property | `x-status-set-property`, `x-prop-roundtrip` |
 //! | `local-reply` | answers 418 itself | status 418, `x-local: yes`, body `short-circuit` |
 //! | `callout` / `callout-local` | HTTP call to `x-callout-cluster` (default `callout`), resumes / answers with it | `x-callout-*` |
@@ -109,10 +110,30 @@ fn from_hex(text: &str) -> Vec<u8> {
 }
 
 /// Property values: integers are 8 bytes little-endian, everything else is text.
+/// The `upstream.*` properties the `upstream` case reads.
+pub const UPSTREAM_PATHS: [&str; 12] = [
+    "address",
+    "port",
+    "local_address",
+    "tls_version",
+    "subject_local_certificate",
+    "subject_peer_certificate",
+    "uri_san_local_certificate",
+    "uri_san_peer_certificate",
+    "dns_san_local_certificate",
+    "dns_san_peer_certificate",
+    "sha256_peer_certificate_digest",
+    "transport_failure_reason",
+];
+
 fn property_text(path: &[&str], value: &[u8]) -> String {
     let integer = matches!(
         path,
-        ["destination", "port"] | ["source", "port"] | ["response", "code"] | ["response", "flags"]
+        ["destination", "port"]
+            | ["source", "port"]
+            | ["upstream", "port"]
+            | ["response", "code"]
+            | ["response", "flags"]
     );
     match <[u8; 8]>::try_from(value) {
         Ok(bytes) if integer => u64::from_le_bytes(bytes).to_string(),
@@ -253,6 +274,20 @@ impl ConformanceHttp {
                 _ => format!("status:{}", raw::status_name(status)),
             };
             self.report(&header, text);
+        }
+    }
+
+    /// Reports every `upstream.*` property, as response headers.
+    fn run_upstream(&mut self) {
+        for field in UPSTREAM_PATHS {
+            let path = ["upstream", field];
+            let (status, value) = raw::get_property(&path);
+            let text = if status == 0 {
+                property_text(&path, &value)
+            } else {
+                format!("status:{}", raw::status_name(status))
+            };
+            self.add_http_response_header(&format!("x-up-{}", field.replace('_', "-")), &text);
         }
     }
 
@@ -799,6 +834,15 @@ impl HttpContext for ConformanceHttp {
         if self.has("identity") {
             self.run_identity();
         }
+        if self.has("upstream") {
+            let (status, value) = raw::get_property(&["upstream", "address"]);
+            let text = if status == 0 {
+                header_safe(&value)
+            } else {
+                format!("status:{}", raw::status_name(status))
+            };
+            self.report("x-up-request-address", text);
+        }
         if self.has("properties") {
             self.run_properties();
         }
@@ -920,6 +964,9 @@ impl HttpContext for ConformanceHttp {
             self.add_http_response_header(&name, &value);
         }
         self.record_chain_on_response();
+        if self.has("upstream") {
+            self.run_upstream();
+        }
         if self.has("response-headers") {
             self.run_response_headers();
         }

@@ -18,6 +18,10 @@
 //! `source=<source.address>\n`; `REWRITE-ME` is replaced by `REWRITTEN!`;
 //! `CLOSE-ME` closes the connection without forwarding the chunk. Upstream
 //! chunks containing `UPSTREAM-REWRITE` are replaced by `UPSTREAM-REWRITTEN`.
+//! In a chunk containing `IDENTITY?`, that word is replaced by one line
+//! `<listener_name>: <property>=<value> ...` of the identity properties
+//! ([`IDENTITY_PROPERTIES`], `-` when not found, booleans `true`/`false`)
+//! followed by `IDENTITY?` again, so each proxy on the way adds its line.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, RootContext, StreamContext};
@@ -94,6 +98,42 @@ struct TcpCounter {
 
 impl Context for TcpCounter {}
 
+/// The properties an `IDENTITY?` line reports, in order.
+const IDENTITY_PROPERTIES: &[&str] = &[
+    "source.principal",
+    "connection.mtls",
+    "connection.tls_version",
+    "connection.uri_san_peer_certificate",
+    "connection.uri_san_local_certificate",
+    "upstream.tls_version",
+    "upstream.uri_san_peer_certificate",
+];
+
+/// Properties read as one byte meaning a boolean.
+const BOOLEAN_PROPERTIES: &[&str] = &["connection.mtls"];
+
+impl TcpCounter {
+    fn identity_line(&self) -> String {
+        let name = self
+            .get_property(vec!["listener_name"])
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        let mut line = format!("{name}:");
+        for property in IDENTITY_PROPERTIES {
+            let value = match self.get_property(property.split('.').collect()) {
+                None => "-".to_string(),
+                Some(v) if BOOLEAN_PROPERTIES.contains(property) => {
+                    (v.first() == Some(&1)).to_string()
+                }
+                Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            };
+            line.push_str(&format!(" {property}={value}"));
+        }
+        line.push('\n');
+        line
+    }
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -122,7 +162,14 @@ impl StreamContext for TcpCounter {
             self.close_downstream();
             return Action::Pause;
         }
-        if contains(&data, b"WHOAMI") {
+        if contains(&data, b"IDENTITY?") {
+            let text = String::from_utf8_lossy(&data).replacen(
+                "IDENTITY?",
+                &format!("{}IDENTITY?", self.identity_line()),
+                1,
+            );
+            self.set_downstream_data(0, data_size, text.as_bytes());
+        } else if contains(&data, b"WHOAMI") {
             let reply = format!("source={}\n", self.source_address);
             self.set_downstream_data(0, data_size, reply.as_bytes());
         } else if contains(&data, b"REWRITE-ME") {
