@@ -5,6 +5,7 @@ mod control;
 mod demo;
 mod demo_mesh;
 mod mesh;
+mod root;
 mod sidecar;
 mod watch;
 
@@ -58,6 +59,8 @@ enum Command {
     Get(mesh::GetArgs),
     /// Show every sidecar: service, addresses, version, last ACK/NACK.
     Status(mesh::StatusArgs),
+    /// Rotate the mesh root, both roots trusted during the overlap.
+    Root(root::RootArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -128,6 +131,7 @@ fn main() -> std::process::ExitCode {
         Command::Delete(args) => mesh::delete(args),
         Command::Get(args) => mesh::get(args),
         Command::Status(args) => mesh::status(args),
+        Command::Root(args) => root::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
-//! The operator commands: `lacewing apply`, `delete`, `get` and `status`.
+//! The operator commands: `lacewing apply`, `delete`, `get` and `status`
+//! (`lacewing root` is in [`crate::root`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,13 +66,13 @@ pub struct StatusArgs {
     pub flags: ControlFlags,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
-async fn connect(flags: &ControlFlags) -> anyhow::Result<Client> {
+pub(crate) async fn connect(flags: &ControlFlags) -> anyhow::Result<Client> {
     let token = lacewing_control::token::read(&flags.token_file)
         .with_context(|| format!("token file {}", flags.token_file.display()))?;
     let trust =
@@ -213,7 +214,7 @@ fn ago(ms: u64) -> String {
 }
 
 /// When a certificate expires (Unix ms), from now: `in 23h59m`, or `-`.
-fn expires(ms: u64) -> String {
+pub(crate) fn expires(ms: u64) -> String {
     if ms == 0 {
         return "-".into();
     }
@@ -279,5 +280,8 @@ pub fn print_status(reply: &api::StatusReply) {
             answer(s),
             ago(s.last_answer_ms),
         );
+    }
+    if let Some(roots) = &reply.roots {
+        crate::root::print_rotation(roots);
     }
 }

@@ -197,6 +197,7 @@ async fn simulated(
             serving_version: 0,
             // Simulated sidecars ask for no certificate.
             certificate_request: None,
+            certificate_root_sha256: String::new(),
         })),
     })
     .await?;

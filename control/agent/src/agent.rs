@@ -201,7 +201,26 @@ impl Agent {
         Ok(request)
     }
 
+    /// Connects verifying the control plane with the mesh's trust bundle as
+    /// the last snapshot gave it (it follows a root rotation), or else with
+    /// the CA file the sidecar was started with.
     async fn connect(&self) -> Result<Channel, Status> {
+        let learned = self.identity.trust_bundle_pem();
+        if !learned.is_empty() {
+            match lacewing_tls::api::ApiTrust::from_pem(learned, "the mesh trust bundle") {
+                Ok(trust) => match self.connect_with(&trust).await {
+                    Ok(channel) => return Ok(channel),
+                    Err(status) => {
+                        tracing::debug!(error = %status.message(), "the mesh trust bundle does not verify the control plane");
+                    }
+                },
+                Err(error) => tracing::warn!(%error, "the mesh trust bundle is not usable"),
+            }
+        }
+        self.connect_with(&self.options.trust).await
+    }
+
+    async fn connect_with(&self, trust: &lacewing_tls::api::ApiTrust) -> Result<Channel, Status> {
         let bare = lacewing_tls::api::api_address(&self.options.control)
             .map_err(Status::invalid_argument)?;
         // The URI only names the authority: the connector does the TLS.
@@ -210,7 +229,7 @@ impl Agent {
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .connect_with_connector(self.options.trust.connector())
+            .connect_with_connector(trust.connector())
             .await
             .map_err(|e| Status::unavailable(lacewing_tls::api::describe_connect_error(&e)))
     }
@@ -228,6 +247,7 @@ impl Agent {
             outbound: spec.outbound.to_string(),
             serving_version: self.serving.version,
             certificate_request: self.certificate_request(),
+            certificate_root_sha256: self.identity.certificate_root().to_string(),
         };
         let (tx, rx) = mpsc::channel(8);
         let _ = tx

@@ -5,6 +5,10 @@
 //! certificate's lifetime. A rotation only changes what new handshakes use.
 //! The key and certificate are kept in the sidecar's state directory (0600),
 //! so a restarted sidecar serves with them while the control plane is away.
+//!
+//! While the mesh root rotates, snapshots carry a new trust bundle (installed
+//! with the same certificate, before the snapshot is ACKed) and then name a
+//! new signing root: a certificate another root signed is replaced at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,6 +41,11 @@ pub struct WorkloadIdentity {
     /// The chain installed last (PEM), to tell a new certificate.
     installed: String,
     rotate_at: Option<Instant>,
+    /// The key and certificate installed last (the certificate with the
+    /// bundle in use), to install a new bundle with them.
+    current: Option<(WorkloadKey, api::WorkloadCertificate)>,
+    /// The root new certificates come from, as the last snapshot named it.
+    signing_root: String,
 }
 
 impl WorkloadIdentity {
@@ -49,7 +58,31 @@ impl WorkloadIdentity {
             pending: None,
             installed: String::new(),
             rotate_at: None,
+            current: None,
+            signing_root: String::new(),
         }
+    }
+
+    /// The sha256 of the root that signed the certificate in use (empty: none).
+    pub fn certificate_root(&self) -> &str {
+        self.current
+            .as_ref()
+            .map_or("", |(_, cert)| cert.root_sha256.as_str())
+    }
+
+    /// The trust bundle in use, PEM (empty: none yet).
+    pub fn trust_bundle_pem(&self) -> &str {
+        self.current
+            .as_ref()
+            .map_or("", |(_, cert)| cert.trust_bundle_pem.as_str())
+    }
+
+    /// Whether the certificate in use comes from a root other than the one
+    /// the control plane signs with now.
+    fn signed_by_another_root(&self) -> bool {
+        !self.signing_root.is_empty()
+            && self.current.is_some()
+            && self.certificate_root() != self.signing_root
     }
 
     pub fn live(&self) -> &Arc<LiveIdentity> {
@@ -81,6 +114,7 @@ impl WorkloadIdentity {
         self.trust_domain.is_some()
             && self.pending.is_none()
             && (self.live.current().is_none()
+                || self.signed_by_another_root()
                 || self.rotate_at.is_some_and(|at| Instant::now() >= at))
     }
 
@@ -105,18 +139,39 @@ impl WorkloadIdentity {
     /// whether one was installed.
     pub fn take(&mut self, snapshot: &api::Snapshot, cache: &Cache) -> Result<bool, IdentityError> {
         self.learn(snapshot);
-        let Some(cert) = &snapshot.certificate else {
-            return Ok(false);
-        };
-        if cert.chain_pem == self.installed {
-            return Ok(false);
+        if !snapshot.signing_root_sha256.is_empty() {
+            self.signing_root = snapshot.signing_root_sha256.clone();
         }
-        let key = self.pending.take().ok_or(IdentityError::Unrequested)?;
-        self.install(&key, cert)?;
-        if let Err(error) = cache.save_identity(&key.to_pem(), cert) {
+        let new_certificate = snapshot
+            .certificate
+            .as_ref()
+            .filter(|cert| cert.chain_pem != self.installed);
+        let (key, mut cert) = match new_certificate {
+            Some(cert) => {
+                let key = self.pending.take().ok_or(IdentityError::Unrequested)?;
+                (key, cert.clone())
+            }
+            // The same certificate, perhaps with a new bundle.
+            None => match &self.current {
+                Some((key, cert))
+                    if !snapshot.trust_bundle_pem.is_empty()
+                        && snapshot.trust_bundle_pem != cert.trust_bundle_pem =>
+                {
+                    (WorkloadKey::from_pem(&key.to_pem())?, cert.clone())
+                }
+                _ => return Ok(false),
+            },
+        };
+        // The snapshot's bundle is the newest.
+        if !snapshot.trust_bundle_pem.is_empty() {
+            cert.trust_bundle_pem = snapshot.trust_bundle_pem.clone();
+        }
+        self.install(&key, &cert)?;
+        if let Err(error) = cache.save_identity(&key.to_pem(), &cert) {
             tracing::warn!(%error, "cannot keep the workload certificate on disk");
         }
-        Ok(true)
+        self.current = Some((key, cert));
+        Ok(new_certificate.is_some())
     }
 
     /// Installs the certificate kept in `cache`, unless it expired.
@@ -129,9 +184,10 @@ impl WorkloadIdentity {
         }
         let restored = WorkloadKey::from_pem(&key_pem)
             .map_err(IdentityError::from)
-            .and_then(|key| self.install(&key, &cert));
-        if let Err(error) = restored {
-            tracing::warn!(%error, "the kept workload certificate is not usable");
+            .and_then(|key| self.install(&key, &cert).map(|()| key));
+        match restored {
+            Ok(key) => self.current = Some((key, cert)),
+            Err(error) => tracing::warn!(%error, "the kept workload certificate is not usable"),
         }
     }
 
@@ -217,6 +273,7 @@ mod tests {
                 not_before_ms: ms(SystemTime::now()),
                 not_after_ms: ms(issued.not_after),
                 spiffe_id: id.uri(),
+                root_sha256: String::new(),
             }),
             ..Default::default()
         }

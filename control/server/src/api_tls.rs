@@ -12,6 +12,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use lacewing_tls::{MeshCa, TlsError};
+
+use crate::roots::Roots;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -48,8 +50,10 @@ pub fn server_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
 }
 
 /// The API's server certificate, issued again when two thirds of its
-/// lifetime passed.
+/// lifetime passed or another root signs.
 pub(crate) struct ApiCertificate {
+    roots: Arc<Roots>,
+    /// The CA it was issued by.
     ca: Arc<MeshCa>,
     names: Vec<String>,
     lifetime: Duration,
@@ -59,13 +63,15 @@ pub(crate) struct ApiCertificate {
 
 impl ApiCertificate {
     pub(crate) fn issue(
-        ca: Arc<MeshCa>,
+        roots: Arc<Roots>,
         names: Vec<String>,
         lifetime: Duration,
     ) -> Result<Self, TlsError> {
+        let ca = roots.ca();
         let (identity, _) = ca.issue_server(&names, lifetime)?;
         let config = lacewing_tls::api::api_server_config(&identity)?;
         Ok(Self {
+            roots,
             ca,
             names,
             lifetime,
@@ -77,8 +83,10 @@ impl ApiCertificate {
     /// The configuration to accept with, renewed first when it is due (a
     /// failure keeps the current one and is logged).
     fn current(&mut self) -> Arc<ServerConfig> {
-        if SystemTime::now() >= self.renew_at {
-            match Self::issue(self.ca.clone(), self.names.clone(), self.lifetime) {
+        let rotated = !Arc::ptr_eq(&self.ca, &self.roots.ca())
+            && crate::roots::signer_of(&self.ca) != self.roots.signing_root_sha256();
+        if rotated || SystemTime::now() >= self.renew_at {
+            match Self::issue(self.roots.clone(), self.names.clone(), self.lifetime) {
                 Ok(renewed) => {
                     tracing::info!(names = ?self.names, "control plane API certificate renewed");
                     *self = renewed;
@@ -245,9 +253,10 @@ mod tests {
 
     #[test]
     fn the_certificate_is_issued_again_when_due() {
-        let (ca, _) = MeshCa::generate("mesh.local").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let roots = Arc::new(Roots::open(dir.path(), &crate::ca::CaOptions::default()).unwrap());
         let mut certificate =
-            ApiCertificate::issue(Arc::new(ca), vec!["localhost".into()], Duration::ZERO).unwrap();
+            ApiCertificate::issue(roots, vec!["localhost".into()], Duration::ZERO).unwrap();
         let first = certificate.current();
         let second = certificate.current();
         assert!(!Arc::ptr_eq(&first, &second));

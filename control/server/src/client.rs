@@ -241,6 +241,18 @@ impl Client {
         Ok((reply.version, docs))
     }
 
+    /// Starts or finishes a rotation of the mesh root, or only asks where it stands.
+    pub async fn rotate_root(
+        &mut self,
+        request: api::RotateRootRequest,
+    ) -> Result<api::RootRotation, ClientError> {
+        Ok(self
+            .inner
+            .rotate_root(self.request(request)?)
+            .await?
+            .into_inner())
+    }
+
     pub async fn status(&mut self) -> Result<api::StatusReply, ClientError> {
         Ok(self
             .inner

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::mesh_tls::{MeshTlsSettings, TlsRules};
 use crate::push::Built;
+use crate::roots::Roots;
 use crate::snapshot::Index;
 use crate::state::{Shared, now_ms};
 
@@ -30,7 +31,7 @@ pub struct Discovery {
 
 /// What the streams need to hand out identities and TLS modes.
 struct StreamIdentity {
-    ca: Arc<lacewing_tls::MeshCa>,
+    roots: Arc<Roots>,
     settings: MeshTlsSettings,
     /// The `MeshTLS` rules of the latest change (by epoch).
     rules: Mutex<Option<(u64, Arc<TlsRules>)>>,
@@ -44,10 +45,12 @@ impl StreamIdentity {
         {
             return rules.clone();
         }
+        let ca = self.roots.ca();
         let rules = Arc::new(TlsRules::build(
             &shared.mesh(),
             &shared.sidecar_endpoints(),
             &self.settings,
+            ca.root_pem(),
         ));
         *cached = Some((epoch, rules.clone()));
         rules
@@ -63,6 +66,7 @@ impl StreamIdentity {
         hello: &api::Hello,
         csr_pem: &str,
     ) -> Option<api::WorkloadCertificate> {
+        let ca = self.roots.ca();
         let result = lacewing_tls::SpiffeId::new(
             &self.settings.trust_domain,
             &hello.namespace,
@@ -70,8 +74,7 @@ impl StreamIdentity {
         )
         .map_err(|e| e.to_string())
         .and_then(|caller| {
-            self.ca
-                .sign(csr_pem, &caller)
+            ca.sign(csr_pem, &caller)
                 .map(|issued| (caller, issued))
                 .map_err(|e| e.to_string())
         });
@@ -99,10 +102,11 @@ impl StreamIdentity {
         tracing::info!(node = %hello.node_id, id = %caller, "workload certificate issued");
         Some(api::WorkloadCertificate {
             chain_pem: issued.cert_pem,
-            trust_bundle_pem: self.ca.root_pem().to_string(),
+            trust_bundle_pem: ca.root_pem().to_string(),
             not_before_ms: now_ms(),
             not_after_ms: ms(issued.not_after),
             spiffe_id: caller.uri(),
+            root_sha256: crate::roots::signer_of(&ca),
         })
     }
 }
@@ -114,16 +118,12 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    pub fn new(
-        shared: Arc<Shared>,
-        ca: Arc<lacewing_tls::MeshCa>,
-        settings: MeshTlsSettings,
-    ) -> Self {
+    pub fn new(shared: Arc<Shared>, roots: Arc<Roots>, settings: MeshTlsSettings) -> Self {
         Self {
             shared,
             index: Arc::new(Mutex::new(Arc::new(Index::unbuilt()))),
             identity: Arc::new(StreamIdentity {
-                ca,
+                roots,
                 settings,
                 rules: Mutex::new(None),
             }),
@@ -298,6 +298,7 @@ impl SidecarStream<'_> {
         {
             r.cert_not_after_ms = certificate.not_after_ms;
             r.spiffe_id = certificate.spiffe_id.clone();
+            r.cert_root = certificate.root_sha256.clone();
         }
     }
 
@@ -323,6 +324,16 @@ impl SidecarStream<'_> {
         let mut certificate_sent = false;
         let mut revision = 0;
         loop {
+            // Shutting down: the sidecars leaving would make every snapshot
+            // from now on lack their endpoints.
+            if *closing.borrow() {
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "the control plane is shutting down",
+                    )))
+                    .await;
+                return;
+            }
             let epoch = *changes.borrow_and_update();
             let snapshot = index_at(shared, cache, epoch).snapshot_with(hello, |snapshot| {
                 self.identity.rules_at(shared, epoch).apply(snapshot, hello);
@@ -331,7 +342,15 @@ impl SidecarStream<'_> {
                 && last_sent.as_ref().is_some_and(|last| {
                     Arc::ptr_eq(last, &snapshot) || last.bytes == snapshot.bytes
                 });
-            if !same {
+            // Just after a restart, a sidecar that serves this version
+            // already waits for the others to reconnect: a snapshot now
+            // would lack their endpoints.
+            let hold = (revision == 0
+                && hello.serving_version != 0
+                && hello.serving_version == snapshot.snapshot.version)
+                .then(|| shared.reconnect_grace_until())
+                .flatten();
+            if !same && hold.is_none() {
                 revision += 1;
                 let numbered = message(&snapshot, revision, certificate.as_ref());
                 {
@@ -340,6 +359,8 @@ impl SidecarStream<'_> {
                         Some(r) if r.session == session => {
                             r.sent_version = snapshot.snapshot.version;
                             r.sent_revision = revision;
+                            r.sent_bundle =
+                                crate::roots::root_sha256(&snapshot.snapshot.trust_bundle_pem);
                             r.sent_at = Some(Instant::now());
                         }
                         // A newer stream of the same node took over.
@@ -360,6 +381,12 @@ impl SidecarStream<'_> {
                     return;
                 }
                 changed = changes.changed() => if changed.is_err() { return },
+                () = async {
+                    match hold {
+                        Some(until) => tokio::time::sleep_until(until.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 message = incoming.next() => match message {
                     Some(Ok(api::SidecarMessage { message: Some(Message::Answer(answer)) })) => {
                         record_answer(shared, &hello.node_id, session, &answer);
@@ -390,6 +417,9 @@ fn record_answer(shared: &Shared, node_id: &str, session: u64, answer: &api::Ans
     r.last_answer_ms = now_ms();
     if answer.ack {
         r.acked_version = r.acked_version.max(answer.version);
+        if answer.revision == r.sent_revision {
+            r.acked_bundle = r.sent_bundle.clone();
+        }
         if answer.revision == r.sent_revision
             && let Some(sent) = r.sent_at.take()
         {

@@ -2,7 +2,8 @@
 //! [`store`], validates every apply, and streams to each sidecar the
 //! [`snapshot`] that concerns it, recording its ACK or NACK.
 //!
-//! The [`ca`] (root kept in the state directory) signs workload CSRs.
+//! The [`ca`] (root kept in the state directory) signs workload CSRs; the
+//! [`roots`] rotate it, both roots trusted during the overlap.
 //!
 //! One listener serves the `Operator` and `Discovery` gRPC services and
 //! `/metrics` (HTTP/1.1), over TLS only ([`api_tls`]): its certificate is
@@ -17,6 +18,7 @@ pub mod mesh_tls;
 pub mod metrics;
 pub mod operator;
 pub mod push;
+pub mod roots;
 pub mod snapshot;
 pub mod state;
 pub mod store;
@@ -65,7 +67,7 @@ pub struct ControlPlane {
     shared: Arc<Shared>,
     operator_token: String,
     bootstrap_token: String,
-    ca: Arc<lacewing_tls::MeshCa>,
+    roots: Arc<roots::Roots>,
     tls: mesh_tls::MeshTlsSettings,
     api_certificate: api_tls::ApiCertificate,
     handshake_timeout: std::time::Duration,
@@ -109,7 +111,7 @@ impl ControlPlane {
             token::load_or_create(&state_dir.join(OPERATOR_TOKEN)).map_err(dir_error)?;
         let bootstrap_token =
             token::load_or_create(&state_dir.join(BOOTSTRAP_TOKEN)).map_err(dir_error)?;
-        let ca = Arc::new(ca::open(state_dir, ca_options)?);
+        let roots = Arc::new(roots::Roots::open(state_dir, ca_options)?);
         let path = state_dir.join(STORE_FILE);
         let store: Arc<dyn Store> =
             Arc::new(tokio::task::block_in_place(|| RedbStore::open(&path))?);
@@ -128,7 +130,7 @@ impl ControlPlane {
             source,
         })?;
         let api_certificate = api_tls::ApiCertificate::issue(
-            ca.clone(),
+            roots.clone(),
             api_tls::server_names(bound, &ca_options.server_names),
             api_tls::API_CERT_LIFETIME,
         )
@@ -138,7 +140,7 @@ impl ControlPlane {
             shared,
             operator_token,
             bootstrap_token,
-            ca,
+            roots,
             tls: mesh_tls::MeshTlsSettings {
                 trust_domain: ca_options.trust_domain.clone(),
                 default_mode: ca_options.default_mode,
@@ -152,9 +154,15 @@ impl ControlPlane {
         self.listener.local_addr()
     }
 
-    /// The mesh CA (its root is the trust bundle sidecars verify against).
-    pub fn ca(&self) -> &Arc<lacewing_tls::MeshCa> {
-        &self.ca
+    /// The mesh CA signing now (its `root_pem` is the trust bundle
+    /// sidecars verify against).
+    pub fn ca(&self) -> Arc<lacewing_tls::MeshCa> {
+        self.roots.ca()
+    }
+
+    /// The mesh roots and their rotation.
+    pub fn roots(&self) -> &Arc<roots::Roots> {
+        &self.roots
     }
 
     /// The store version at start.
@@ -168,19 +176,20 @@ impl ControlPlane {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let operator = api::operator_server::OperatorServer::with_interceptor(
-            operator::Operator::new(self.shared.clone()),
+            operator::Operator::new(self.shared.clone(), self.roots.clone()),
             RequireToken::new(&self.operator_token, "operator")
                 .counted(self.shared.metrics.token_refusals.clone()),
         );
         let discovery = tonic::service::interceptor::InterceptedService::new(
             push::DiscoveryService::new(discovery::Discovery::new(
                 self.shared.clone(),
-                self.ca.clone(),
+                self.roots.clone(),
                 self.tls.clone(),
             )),
             RequireToken::new(&self.bootstrap_token, "bootstrap")
                 .counted(self.shared.metrics.token_refusals.clone()),
         );
+        tokio::spawn(roots::drive(self.roots.clone(), self.shared.clone()));
         let metrics = self.shared.metrics.clone();
         let shared = self.shared.clone();
         let shutdown = async move {

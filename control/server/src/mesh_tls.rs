@@ -52,6 +52,9 @@ pub struct TlsRules {
     destinations: HashMap<(String, String), Destination>,
     /// Services whose endpoints are all sidecars, by (namespace, name).
     sidecar_only: BTreeSet<(String, String)>,
+    /// The trust bundle (PEM, the signing root first) and the signing root's sha256.
+    trust_bundle_pem: String,
+    signing_root_sha256: String,
 }
 
 impl TlsRules {
@@ -59,6 +62,7 @@ impl TlsRules {
         view: &MeshView,
         sidecar_endpoints: &BTreeMap<(String, String), Vec<String>>,
         settings: &MeshTlsSettings,
+        trust_bundle_pem: &str,
     ) -> Self {
         let mut destinations: HashMap<(String, String), Destination> = HashMap::new();
         let mut sidecar_only = BTreeSet::new();
@@ -87,6 +91,8 @@ impl TlsRules {
             settings: settings.clone(),
             destinations,
             sidecar_only,
+            trust_bundle_pem: trust_bundle_pem.to_string(),
+            signing_root_sha256: crate::roots::first_root_sha256(trust_bundle_pem),
         }
     }
 
@@ -127,6 +133,8 @@ impl TlsRules {
     /// Fills in the TLS fields of `snapshot`, made for the sidecar `hello`.
     pub fn apply(&self, snapshot: &mut api::Snapshot, hello: &api::Hello) {
         snapshot.trust_domain = self.settings.trust_domain.clone();
+        snapshot.trust_bundle_pem = self.trust_bundle_pem.clone();
+        snapshot.signing_root_sha256 = self.signing_root_sha256.clone();
         snapshot.inbound_tls = wire(self.inbound(&hello.namespace, &hello.service)) as i32;
         for s in &mut snapshot.services {
             let mode = self.mode(&s.namespace, &hello.service, &s.name);
@@ -211,7 +219,7 @@ spec: {destination: audit, sources: [frontend], mode: DISABLE}
 
     #[test]
     fn documents_then_the_default_decide_each_pair() {
-        let rules = TlsRules::build(&view(MESH), &sidecars(), &MeshTlsSettings::default());
+        let rules = TlsRules::build(&view(MESH), &sidecars(), &MeshTlsSettings::default(), "");
         assert_eq!(rules.mode("default", "frontend", "orders"), TlsMode::Strict);
         assert_eq!(rules.mode("default", "frontend", "audit"), TlsMode::Disable);
         assert_eq!(
@@ -227,13 +235,13 @@ spec: {destination: audit, sources: [frontend], mode: DISABLE}
             default_mode: TlsMode::Strict,
             ..MeshTlsSettings::default()
         };
-        let rules = TlsRules::build(&view(MESH), &sidecars(), &strict_default);
+        let rules = TlsRules::build(&view(MESH), &sidecars(), &strict_default, "");
         assert_eq!(rules.inbound("default", "frontend"), TlsMode::Strict);
     }
 
     #[test]
     fn a_sidecar_calls_over_mtls_only_where_the_peer_can_answer() {
-        let rules = TlsRules::build(&view(MESH), &sidecars(), &MeshTlsSettings::default());
+        let rules = TlsRules::build(&view(MESH), &sidecars(), &MeshTlsSettings::default(), "");
         let service = |name: &str| api::Service {
             name: name.into(),
             namespace: "default".into(),

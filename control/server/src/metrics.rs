@@ -32,6 +32,10 @@ pub struct ControlMetrics {
     /// Calls refused for their bearer token, by role (`operator`,
     /// `bootstrap`) and reason (`missing`, `wrong`).
     pub token_refusals: IntCounterVec,
+    /// Roots in the trust bundle (two while the root rotates).
+    pub roots: IntGauge,
+    /// Root rotations completed (the old root left the bundle).
+    pub root_rotations: IntCounter,
 }
 
 impl std::fmt::Debug for ControlMetrics {
@@ -108,6 +112,16 @@ impl ControlMetrics {
             &["role", "reason"],
         )
         .expect("valid metric");
+        let roots = IntGauge::new(
+            "lacewing_control_trust_bundle_roots",
+            "Roots in the mesh trust bundle (two while the root rotates).",
+        )
+        .expect("valid metric");
+        let root_rotations = IntCounter::new(
+            "lacewing_control_root_rotations_total",
+            "Mesh root rotations completed since start (the old root left the bundle).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(version.clone()),
@@ -119,6 +133,8 @@ impl ControlMetrics {
             Box::new(module_downloads.clone()),
             Box::new(tls_handshakes.clone()),
             Box::new(token_refusals.clone()),
+            Box::new(roots.clone()),
+            Box::new(root_rotations.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -132,6 +148,8 @@ impl ControlMetrics {
             applies,
             certificates,
             module_downloads,
+            roots,
+            root_rotations,
             tls_handshakes,
             token_refusals,
         }

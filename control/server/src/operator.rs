@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::roots::{DEFAULT_OVERLAP, Roots, RotateError};
 use crate::state::{MeshView, Shared};
 use crate::store::{Change, StoreError};
 
@@ -21,6 +22,7 @@ pub const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
 
 pub struct Operator {
     shared: Arc<Shared>,
+    roots: Arc<Roots>,
 }
 
 impl std::fmt::Debug for Operator {
@@ -30,8 +32,8 @@ impl std::fmt::Debug for Operator {
 }
 
 impl Operator {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(shared: Arc<Shared>, roots: Arc<Roots>) -> Self {
+        Self { shared, roots }
     }
 }
 
@@ -310,13 +312,70 @@ impl api::operator_server::Operator for Operator {
         _request: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusReply>, Status> {
         let version = self.shared.mesh().version;
+        let bundle = crate::roots::root_sha256(&self.roots.bundle_pem());
         let sidecars = self
             .shared
             .sidecars()
             .values()
-            .map(|r| r.status())
+            .map(|r| api::SidecarStatus {
+                has_trust_bundle: r.acked_bundle == bundle,
+                ..r.status()
+            })
             .collect();
-        Ok(Response::new(api::StatusReply { version, sidecars }))
+        Ok(Response::new(api::StatusReply {
+            version,
+            sidecars,
+            roots: Some(self.roots.status(&self.shared)),
+        }))
+    }
+
+    async fn rotate_root(
+        &self,
+        request: Request<api::RotateRootRequest>,
+    ) -> Result<Response<api::RootRotation>, Status> {
+        use api::rotate_root_request::Action;
+        let request = request.into_inner();
+        let refused = |e: RotateError| match e {
+            RotateError::Store(_) => Status::internal(e.to_string()),
+            _ => Status::failed_precondition(e.to_string()),
+        };
+        let roots = self.roots.clone();
+        let result = match Action::try_from(request.action) {
+            Ok(Action::Show) => Ok(()),
+            Ok(Action::Start) => {
+                let root = match (
+                    request.root_cert_pem.is_empty(),
+                    request.root_key_pem.is_empty(),
+                ) {
+                    (true, true) => None,
+                    (false, false) => Some((request.root_cert_pem, request.root_key_pem)),
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "give both the new root's certificate and its key, or neither",
+                        ));
+                    }
+                };
+                let overlap = match request.overlap_ms {
+                    0 => DEFAULT_OVERLAP,
+                    ms => Duration::from_millis(ms),
+                };
+                tokio::task::spawn_blocking(move || roots.start(root, overlap))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            Ok(Action::Finish) => tokio::task::spawn_blocking(move || roots.finish())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?,
+            Err(_) => return Err(Status::invalid_argument("unknown rotation action")),
+        };
+        result.map_err(refused)?;
+        if request.action != Action::Show as i32 {
+            tracing::info!(action = request.action, "mesh root rotation requested");
+            self.shared.metrics.roots.set(self.roots.count() as i64);
+            // Every stream sends the new bundle.
+            self.shared.changed();
+        }
+        Ok(Response::new(self.roots.status(&self.shared)))
     }
 
     async fn wait_version(

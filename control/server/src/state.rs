@@ -53,6 +53,10 @@ impl MeshView {
     }
 }
 
+/// A sidecar cut off (a control plane restart, a network fault) is counted
+/// as present for this long: its agent reconnects well within it.
+pub const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the control plane knows of one sidecar.
 #[derive(Debug, Clone)]
 pub struct SidecarRecord {
@@ -71,6 +75,15 @@ pub struct SidecarRecord {
     /// The workload certificate last issued to it (Unix ms; 0: none).
     pub cert_not_after_ms: u64,
     pub spiffe_id: String,
+    /// The sha256 of the root that signed its certificate (from its hello,
+    /// then from each certificate issued to it).
+    pub cert_root: String,
+    /// The sha256 of the trust bundle in the snapshot sent last, and in the
+    /// last one it ACKed.
+    pub sent_bundle: String,
+    pub acked_bundle: String,
+    /// When its stream ended (`None` while connected).
+    pub disconnected_at: Option<Instant>,
 }
 
 impl SidecarRecord {
@@ -90,6 +103,8 @@ impl SidecarRecord {
             last_answer_ms: self.last_answer_ms,
             cert_not_after_ms: self.cert_not_after_ms,
             spiffe_id: self.spiffe_id.clone(),
+            cert_root_sha256: self.cert_root.clone(),
+            has_trust_bundle: false,
         }
     }
 }
@@ -117,6 +132,8 @@ pub struct Shared {
     /// Applies run one at a time.
     pub apply_lock: tokio::sync::Mutex<()>,
     sessions: std::sync::atomic::AtomicU64,
+    /// When this control plane started.
+    pub started: Instant,
 }
 
 impl std::fmt::Debug for Shared {
@@ -144,6 +161,7 @@ impl Shared {
             first_party,
             apply_lock: tokio::sync::Mutex::new(()),
             sessions: std::sync::atomic::AtomicU64::new(1),
+            started: Instant::now(),
         }))
     }
 
@@ -158,6 +176,13 @@ impl Shared {
         self.metrics.version.set(view.version as i64);
         *self.mesh.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
         self.changed();
+    }
+
+    /// Until when sidecars cut off by a restart are still expected back
+    /// (`None` once [`RECONNECT_GRACE`] passed since the start).
+    pub fn reconnect_grace_until(&self) -> Option<Instant> {
+        let until = self.started + RECONNECT_GRACE;
+        (Instant::now() < until).then_some(until)
     }
 
     pub fn changed(&self) {
@@ -192,6 +217,10 @@ impl Shared {
             last_answer_ms: 0,
             cert_not_after_ms: 0,
             spiffe_id: String::new(),
+            cert_root: hello.certificate_root_sha256.clone(),
+            sent_bundle: String::new(),
+            acked_bundle: String::new(),
+            disconnected_at: None,
         };
         sidecars.insert(hello.node_id.clone(), record);
         self.metrics
@@ -209,6 +238,7 @@ impl Shared {
             && record.session == session
         {
             record.connected = false;
+            record.disconnected_at = Some(Instant::now());
         }
         self.metrics
             .connected

@@ -20,6 +20,7 @@ mod mesh_control;
 mod mesh_demo;
 mod mesh_operator_tls;
 mod mesh_policy;
+mod mesh_rotate;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;

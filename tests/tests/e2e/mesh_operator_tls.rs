@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,23 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::mesh_support::*;
-
-/// `lacewing ARGS`: (success, stdout, stderr).
-fn lacewing(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(lacewing_tests::process::lacewing_binary())
-        .args(args)
-        .env("LACEWING_LOG", "warn")
-        .env_remove("LACEWING_CONTROL")
-        .env_remove("LACEWING_TOKEN_FILE")
-        .env_remove("LACEWING_CA_FILE")
-        .output()
-        .expect("run lacewing");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()

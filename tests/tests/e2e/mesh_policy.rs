@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use lacewing_tests::client::{Response, ReusingClient};
-use lacewing_tests::servers;
 
 use crate::mesh_support::*;
 
@@ -22,90 +21,6 @@ const ORDERS_ID: &str = "spiffe://lacewing.local/ns/default/sa/orders";
 fn example_mesh() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mesh.yaml");
     std::fs::read_to_string(path).expect("examples/mesh.yaml")
-}
-
-/// Fields drop in order: sidecars first, the state directory last.
-struct Mesh {
-    sidecars: Vec<(&'static str, Process)>,
-    _apps: Vec<servers::TestServer>,
-    plane: Plane,
-    dir: tempfile::TempDir,
-}
-
-impl Mesh {
-    async fn start(services: &[&'static str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let plane = Plane::start(&dir.path().join("control")).await;
-        let control = plane.addr.to_string();
-        let state = dir.path().join("control");
-        let mut apps = Vec::new();
-        let mut sidecars = Vec::new();
-        for &service in services {
-            let app = servers::http_echo_named(service).await;
-            let sidecar = sidecar_process(
-                &control,
-                &state,
-                service,
-                app.addr,
-                &dir.path().join(service),
-            );
-            apps.push(app);
-            sidecars.push((service, sidecar));
-        }
-        until_connected(&plane.client().await, services.len()).await;
-        Self {
-            sidecars,
-            _apps: apps,
-            plane,
-            dir,
-        }
-    }
-
-    fn sidecar(&self, service: &str) -> &Process {
-        &self
-            .sidecars
-            .iter()
-            .find(|(s, _)| *s == service)
-            .expect("a sidecar of the service")
-            .1
-    }
-
-    /// Applies `text`; panics unless every sidecar took it.
-    async fn apply_ok(&self, text: &str) -> u64 {
-        let mut client = self.plane.client().await;
-        let (version, done) = apply_and_wait(&mut client, self.dir.path(), "mesh.yaml", text).await;
-        assert!(
-            done.nacked.is_empty() && done.silent.is_empty(),
-            "version {version} not taken: {done:?}"
-        );
-        version
-    }
-
-    /// `from`'s app calls `to` through `from`'s sidecar.
-    async fn call(
-        &self,
-        client: &ReusingClient,
-        from: &str,
-        to: &str,
-        method: &str,
-        path: &str,
-    ) -> Response {
-        let outbound = self.sidecar(from).addr("outbound");
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("http://{outbound}{path}"))
-            .header("host", to);
-        if method == "POST" {
-            request = request.header("content-type", "application/json");
-        }
-        client
-            .request(request.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
-            .await
-    }
-
-    async fn metrics(&self, service: &str) -> String {
-        lacewing_tests::client::metrics(self.sidecar(service).addr("admin")).await
-    }
 }
 
 /// The sum of the plugin counters of `plugin` whose name starts with `prefix`.
@@ -121,7 +36,7 @@ fn plugin_counter(metrics: &str, plugin: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_policy_targets_allow_and_deny_by_identity_and_route_and_reload_under_load() {
-    let mesh = Mesh::start(&["frontend", "orders", "payments"]).await;
+    let mesh = SidecarMesh::start(&["frontend", "orders", "payments"]).await;
     let example = example_mesh();
     mesh.apply_ok(&example).await;
     let client = ReusingClient::http1();
@@ -219,7 +134,7 @@ async fn mesh_policy_targets_allow_and_deny_by_identity_and_route_and_reload_und
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_policy_bad_documents_are_refused_and_bad_plugin_configurations_nacked() {
-    let mesh = Mesh::start(&["frontend", "orders"]).await;
+    let mesh = SidecarMesh::start(&["frontend", "orders"]).await;
     let base = format!("{}{}", service("frontend", ""), service("orders", ""));
     let version = mesh.apply_ok(&base).await;
     let client = ReusingClient::http1();
@@ -297,7 +212,7 @@ async fn mesh_policy_bad_documents_are_refused_and_bad_plugin_configurations_nac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_policy_seal_and_ratelimit_run_as_first_party_plugins() {
-    let mesh = Mesh::start(&["frontend", "orders", "payments"]).await;
+    let mesh = SidecarMesh::start(&["frontend", "orders", "payments"]).await;
     let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     let keys = format!("keys: [{{id: k1, key: '{key}'}}]\n    active_key: k1\n");
     let text = format!(

@@ -115,13 +115,7 @@ impl Mesh {
     }
 
     async fn apply_and_wait(&self, text: &str) -> u64 {
-        let mut client = self.plane.client().await;
-        let (version, done) = apply_and_wait(&mut client, self.dir.path(), "mesh.yaml", text).await;
-        assert!(
-            done.nacked.is_empty() && done.silent.is_empty(),
-            "version {version} not taken: {done:?}"
-        );
-        version
+        apply_taken(&self.plane, self.dir.path(), text).await
     }
 
     async fn both_connected(&self) {
@@ -547,20 +541,6 @@ async fn mesh_a_sidecar_fetches_only_the_modules_its_cache_lacks() {
     let (_, progress) = apply_and_wait(&mut operator, dir.path(), "mesh.yaml", &text).await;
     assert!(acked(progress));
     assert_eq!(downloads(plane.metrics().await), Some(3.0));
-}
-
-/// `lacewing ARGS` to the end: (success, stdout, stderr).
-fn lacewing(args: &[&str]) -> (bool, String, String) {
-    let output = std::process::Command::new(lacewing_tests::process::lacewing_binary())
-        .args(args)
-        .env("LACEWING_LOG", "warn")
-        .output()
-        .expect("run lacewing");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,6 +85,10 @@ impl Plane {
 
     /// Stops serving (open streams are cut) and waits until it has.
     pub async fn stop(mut self) {
+        self.stop_serving().await;
+    }
+
+    async fn stop_serving(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -94,6 +98,13 @@ impl Plane {
                 .expect("the control plane stops")
                 .expect("the control plane task ends cleanly");
         }
+    }
+
+    /// Stops serving and starts again on the same address and state
+    /// directory, as a restarted control plane would.
+    pub async fn restart(&mut self) {
+        self.stop_serving().await;
+        *self = Self::start_at(self.addr, &self.state_dir.clone()).await;
     }
 
     /// `/metrics` of the control plane.
@@ -159,6 +170,18 @@ pub async fn apply_and_wait(
         .await
         .unwrap();
     (version, done)
+}
+
+/// Applies `text` as `dir/mesh.yaml`; panics unless every connected sidecar
+/// ACKed it. Returns the version.
+pub async fn apply_taken(plane: &Plane, dir: &Path, text: &str) -> u64 {
+    let mut client = plane.client().await;
+    let (version, done) = apply_and_wait(&mut client, dir, "mesh.yaml", text).await;
+    assert!(
+        done.nacked.is_empty() && done.silent.is_empty(),
+        "version {version} not taken: {done:?}"
+    );
+    version
 }
 
 /// A `Service` document.
@@ -455,4 +478,153 @@ pub async fn until_acked(client: &Client, node_id: &str, version: u64) {
         }
     })
     .await;
+}
+
+/// A control plane and one `lacewing proxy --control` sidecar process per
+/// service, each in front of an echo app naming it. Fields drop in order:
+/// sidecars first, the state directory last.
+pub struct SidecarMesh {
+    pub sidecars: Vec<(&'static str, Process)>,
+    _apps: Vec<lacewing_tests::servers::TestServer>,
+    pub plane: Plane,
+    pub dir: tempfile::TempDir,
+}
+
+impl SidecarMesh {
+    pub async fn start(services: &[&'static str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = Plane::start(&dir.path().join("control")).await;
+        let control = plane.addr.to_string();
+        let state = dir.path().join("control");
+        let mut apps = Vec::new();
+        let mut sidecars = Vec::new();
+        for &service in services {
+            let app = lacewing_tests::servers::http_echo_named(service).await;
+            let sidecar = sidecar_process(
+                &control,
+                &state,
+                service,
+                app.addr,
+                &dir.path().join(service),
+            );
+            apps.push(app);
+            sidecars.push((service, sidecar));
+        }
+        until_connected(&plane.client().await, services.len()).await;
+        Self {
+            sidecars,
+            _apps: apps,
+            plane,
+            dir,
+        }
+    }
+
+    pub fn sidecar(&self, service: &str) -> &Process {
+        &self
+            .sidecars
+            .iter()
+            .find(|(s, _)| *s == service)
+            .expect("a sidecar of the service")
+            .1
+    }
+
+    /// Applies `text`; panics unless every sidecar took it.
+    pub async fn apply_ok(&self, text: &str) -> u64 {
+        apply_taken(&self.plane, self.dir.path(), text).await
+    }
+
+    /// `from`'s app calls `to` through `from`'s sidecar.
+    pub async fn call(
+        &self,
+        client: &lacewing_tests::client::ReusingClient,
+        from: &str,
+        to: &str,
+        method: &str,
+        path: &str,
+    ) -> lacewing_tests::client::Response {
+        let outbound = self.sidecar(from).addr("outbound");
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{outbound}{path}"))
+            .header("host", to);
+        if method == "POST" {
+            request = request.header("content-type", "application/json");
+        }
+        client
+            .request(
+                request
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                    .unwrap(),
+            )
+            .await
+    }
+
+    pub async fn metrics(&self, service: &str) -> String {
+        lacewing_tests::client::metrics(self.sidecar(service).addr("admin")).await
+    }
+}
+
+/// Runs `lacewing ARGS` to completion (the environment's control-plane
+/// settings removed): whether it succeeded, its stdout and its stderr.
+pub fn lacewing(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(lacewing_tests::process::lacewing_binary())
+        .args(args)
+        .env("LACEWING_LOG", "warn")
+        .env_remove("LACEWING_CONTROL")
+        .env_remove("LACEWING_TOKEN_FILE")
+        .env_remove("LACEWING_CA_FILE")
+        .output()
+        .expect("run lacewing");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// One GET (`host: HOST`) over a new mTLS connection to `addr`, presenting
+/// `identity` and verifying the server against `trust` and `expect`: the
+/// status and the leaf certificate the server presented, or what failed.
+pub async fn mtls_get(
+    addr: SocketAddr,
+    identity: &lacewing_tls::Identity,
+    trust: &lacewing_tls::TrustBundle,
+    expect: &lacewing_tls::SpiffeId,
+    host: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let config = lacewing_tls::client_config(identity, trust, expect).map_err(|e| e.to_string())?;
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![lacewing_tls::ALPN_HTTP11.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(lacewing_tls::server_name_for(expect), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| leaf.to_vec())
+        .unwrap_or_default();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status().as_u16();
+    http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok((status, leaf))
 }

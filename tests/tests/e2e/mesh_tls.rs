@@ -563,3 +563,82 @@ async fn a_plaintext_connection_is_closed_when_its_listener_turns_strict() {
     // And a new plaintext connection is refused.
     assert_eq!(plaintext_get(inbound), None);
 }
+
+/// The same for HTTP/2 without TLS (prior knowledge): when orders turns
+/// STRICT, the connection gets GOAWAY, a request in flight then is still
+/// answered, the connection ends, and a new plaintext connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_http2_connection_is_closed_when_its_listener_turns_strict() {
+    use http_body_util::BodyExt;
+
+    let mesh = Mesh::start().await;
+    mesh.apply_mode("PERMISSIVE").await;
+    let inbound = mesh.orders.addr("inbound");
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let get = || {
+        Request::get("http://orders/")
+            .header("host", "orders")
+            .body(http_body_util::Either::Left(Full::new(Bytes::new())))
+            .unwrap()
+    };
+    let response = sender.send_request(get()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    response.into_body().collect().await.unwrap();
+
+    // A request whose body is still being sent when STRICT goes live.
+    let (body, frames) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
+    let channel =
+        http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
+    body.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .unwrap();
+    let post = Request::post("http://orders/bytes/10")
+        .header("host", "orders")
+        .body(http_body_util::Either::Right(channel))
+        .unwrap();
+    let in_flight = tokio::spawn(sender.send_request(post));
+
+    mesh.apply_mode("STRICT").await;
+    // The connection takes no new request from now on (GOAWAY)...
+    lacewing_tests::eventually("the connection refuses new requests", || {
+        let mut sender = sender.clone();
+        let request = get();
+        async move {
+            match sender.ready().await {
+                Err(_) => true,
+                Ok(()) => sender.send_request(request).await.is_err(),
+            }
+        }
+    })
+    .await;
+    // ...but the request in flight is answered...
+    body.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"last"))))
+        .await
+        .unwrap();
+    drop(body);
+    let answered = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the request in flight is answered")
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!(answered.status(), 200);
+    let bytes = answered.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(bytes.len(), 10);
+    // ...then the connection ends.
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection ends")
+        .unwrap()
+        .ok();
+    // And a new plaintext connection is refused.
+    assert_eq!(plaintext_get(inbound), None);
+}
