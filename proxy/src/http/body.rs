@@ -19,7 +19,7 @@ use lacewing_core::body::{BoxBody, BoxError};
 use lacewing_core::{ProxyError, ResponseFlag};
 use tokio::time::{Instant, Sleep};
 
-use super::progress::{HeldShare, OpenExchange};
+use super::progress::{self, HeldShare, OpenExchange, StreamWatch};
 use super::proxy::ConnContext;
 
 /// A response body: an upstream's, a local one, or a filtered stream.
@@ -222,6 +222,9 @@ pub struct UpstreamBody {
     progressed: bool,
     /// Counted in the connection's bodies waiting on the client.
     waiting_on_client: bool,
+    /// The HTTP/2 stream it goes out on, which the connection's write timer
+    /// watches (`None` on HTTP/1.1).
+    stream: Option<Rc<StreamWatch>>,
     /// Held until the body ends.
     share: Option<HeldShare>,
     /// The exchange is open until the body ends.
@@ -248,6 +251,7 @@ impl UpstreamBody {
             idle: None,
             progressed: false,
             waiting_on_client: false,
+            stream: progress::current_stream(),
             share,
             open: Some(open),
             on_end: None,
@@ -299,6 +303,9 @@ impl UpstreamBody {
         if self.waiting_on_client != waiting {
             self.waiting_on_client = waiting;
             self.conn.progress.set_waiting_on_client(waiting);
+            if let Some(stream) = &self.stream {
+                stream.set_waiting_on_client(waiting);
+            }
         }
     }
 
@@ -349,6 +356,9 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 this.progressed = true;
                 this.conn.progress.frame_sent();
+                if let Some(stream) = &this.stream {
+                    stream.frame_sent();
+                }
                 this.set_waiting_on_client(true);
                 if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
                     this.finish(BodyEnd::Complete);
@@ -406,9 +416,15 @@ impl Body for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if self.inner.is_some() {
-            // Not finished: a connection closed by one of its timers records
-            // the cut on each exchange it ends; otherwise the client left.
+            // Not finished: a stream or connection closed by one of its
+            // timers records the cut on each exchange it ends; otherwise the
+            // client left.
+            let stream_cut = self.stream.as_ref().is_some_and(|s| s.is_cut());
             let (flag, details) = match self.conn.progress.cut_flag() {
+                _ if stream_cut => (
+                    ResponseFlag::StreamIdleTimeout,
+                    "the client took none of this stream's response data within write_timeout",
+                ),
                 Some(flag) => (flag, "the connection was closed by its write_timeout"),
                 None => (
                     ResponseFlag::DownstreamConnectionTermination,
