@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use lacewing_core::body::{BoxBody, BoxError};
 use lacewing_core::{ProxyError, ResponseFlag};
+use lacewing_upstream::H1Connection;
 use tokio::time::{Instant, Sleep};
 
 use super::progress::{self, HeldShare, OpenExchange, StreamWatch};
@@ -225,6 +226,9 @@ pub struct UpstreamBody {
     /// The HTTP/2 stream it goes out on, which the connection's write timer
     /// watches (`None` on HTTP/1.1).
     stream: Option<Rc<StreamWatch>>,
+    /// The HTTP/1 connection the body comes from, asked at the body's end
+    /// whether bytes came beyond it.
+    connection: Option<H1Connection>,
     /// Held until the body ends.
     share: Option<HeldShare>,
     /// The exchange is open until the body ends.
@@ -252,6 +256,7 @@ impl UpstreamBody {
             progressed: false,
             waiting_on_client: false,
             stream: progress::current_stream(),
+            connection: None,
             share,
             open: Some(open),
             on_end: None,
@@ -294,6 +299,22 @@ impl UpstreamBody {
         self
     }
 
+    /// Checks at the body's end that `connection` (the HTTP/1 connection it
+    /// comes from) received no bytes beyond it: a body followed by more than
+    /// its framing announced is cut (its last frame withheld) and flagged
+    /// `UPE`, like one that ends short.
+    pub fn with_connection(mut self, connection: Option<H1Connection>) -> Self {
+        if self.inner.is_some() {
+            self.connection = connection;
+        }
+        self
+    }
+
+    /// Whether the upstream sent bytes beyond the body (known by its end).
+    fn overran(&self) -> bool {
+        self.connection.as_ref().is_some_and(H1Connection::overran)
+    }
+
     /// Sets what learns how the body ended.
     pub fn on_end(&mut self, on_end: OnBodyEnd) {
         self.on_end = Some(on_end);
@@ -334,6 +355,9 @@ impl UpstreamBody {
     }
 }
 
+/// Why a body followed by more bytes than its framing announced is cut.
+const BEYOND_LENGTH: &str = "bytes beyond the response body's framing";
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -361,6 +385,9 @@ impl Body for UpstreamBody {
                 }
                 this.set_waiting_on_client(true);
                 if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+                    if this.overran() {
+                        return this.cut(ProxyError::UpstreamFraming(BEYOND_LENGTH));
+                    }
                     this.finish(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -375,6 +402,9 @@ impl Body for UpstreamBody {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
+                if this.overran() {
+                    return this.cut(ProxyError::UpstreamFraming(BEYOND_LENGTH));
+                }
                 this.finish(BodyEnd::Complete);
                 Poll::Ready(None)
             }

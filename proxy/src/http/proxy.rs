@@ -245,7 +245,8 @@ pub async fn handle(
         Some(share),
         open,
     )
-    .with_stream_idle(idle, request_body);
+    .with_stream_idle(idle, request_body)
+    .with_connection(up.connection);
     if let Some(max) = limits.max_stream_duration {
         body = body.with_deadline(max.0, (exchange.facts.start + max.0).into());
     }

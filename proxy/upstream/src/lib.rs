@@ -24,4 +24,5 @@ mod upstreams;
 pub use cluster::{Cluster, RequestPolicy, UpstreamResponse};
 pub use dns::Resolver;
 pub use error::UpstreamError;
+pub use pool::H1Connection;
 pub use upstreams::Upstreams;

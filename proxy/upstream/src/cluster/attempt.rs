@@ -18,6 +18,7 @@ use super::{Cluster, RequestPolicy, UpstreamResponse};
 use crate::breaker::Held;
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::outlier::Failure;
+use crate::pool::H1Connection;
 
 /// Why one attempt did not produce a response head.
 pub(super) enum AttemptError {
@@ -167,7 +168,7 @@ impl Cluster {
             };
             let may_retry = chain.attempts <= policy.retry_attempts;
             match outcome {
-                Ok(response) => {
+                Ok((response, connection)) => {
                     let status = response.status().as_u16();
                     if status >= 500 {
                         self.outlier
@@ -188,6 +189,7 @@ impl Cluster {
                         response,
                         endpoint: endpoint.addr,
                         attempts: chain.attempts,
+                        connection,
                     });
                 }
                 Err(AttemptError::Unsent {
@@ -268,10 +270,10 @@ impl Cluster {
         &self,
         endpoint: &Arc<Endpoint>,
         request: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<(Response<Incoming>, Option<H1Connection>), AttemptError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.attempt_h1(endpoint, request).await,
-            UpstreamProtocol::H2 => self.attempt_h2(endpoint, request).await,
+            UpstreamProtocol::H2 => Ok((self.attempt_h2(endpoint, request).await?, None)),
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::clock::now_ms;
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::lb::Balancer;
 use crate::outlier::OutlierDetector;
-use crate::pool::{self, PoolKey};
+use crate::pool::{self, H1Connection, PoolKey};
 use crate::tls::UpstreamTls;
 
 /// Connect retries of [`Cluster::connect_tcp`] (the route default for HTTP).
@@ -86,6 +86,8 @@ pub struct UpstreamResponse {
     pub endpoint: SocketAddr,
     /// Attempts made, 1 when the first one answered.
     pub attempts: u32,
+    /// The HTTP/1 connection that answered (`None` over HTTP/2).
+    pub connection: Option<H1Connection>,
 }
 
 /// Metric children of one cluster, resolved once at build.
