@@ -435,3 +435,41 @@ async fn a_client_that_leaves_mid_body_is_logged_dc() {
     assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
     assert_eq!(lines[0]["flag"], "DC", "{}", lines[0]);
 }
+
+#[tokio::test]
+async fn an_h2_request_with_more_header_fields_than_max_header_count_gets_431() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let url = proxy::url(&handle, "main", "/many");
+    let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("h2 ready");
+    // The default `max_header_count` is 100: one more is refused. (The echo
+    // upstream allows 100 too, and the proxy adds a few on the way.)
+    for (count, status) in [
+        (90, StatusCode::OK),
+        (101, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+    ] {
+        let mut request = Request::get(&url).body(()).unwrap();
+        for i in 0..count {
+            let name = http::HeaderName::try_from(format!("x-field-{i}")).unwrap();
+            request
+                .headers_mut()
+                .insert(name, http::HeaderValue::from_static("v"));
+        }
+        let (response, _) = client.send_request(request, true).expect("send headers");
+        let response = response.await.expect("a response");
+        assert_eq!(response.status(), status, "{count} header fields");
+    }
+    assert_eq!(upstream.requests(), 1, "the upstream saw only the first");
+    let text = client::metrics(proxy::admin_addr(&handle)).await;
+    let refused = client::metric_sum(
+        &text,
+        "lacewing_http_local_replies_total",
+        &[("listener", "main"), ("flag", "PT")],
+    );
+    assert_eq!(refused, Some(1.0), "{text}");
+}
