@@ -250,16 +250,22 @@ async fn well_framed_upstream_bodies_are_logged_clean() {
 /// one-byte references to it.
 const REPEATS: usize = 4_000;
 
-#[tokio::test]
-async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
-    let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+/// An h2 client (the h2 crate's, which sends header lists as given) of
+/// listener `main`.
+async fn h2_client(handle: &lacewing_proxy::ProxyHandle) -> h2::client::SendRequest<Bytes> {
+    let stream = TcpStream::connect(proxy::listener_addr(handle, "main"))
         .await
         .expect("connect");
     let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
     tokio::spawn(connection);
-    let mut client = client.ready().await.expect("h2 ready");
+    client.ready().await.expect("h2 ready")
+}
+
+#[tokio::test]
+async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let mut client = h2_client(&handle).await;
 
     // About 4 KB on the wire once indexed; 4,000 × (1,000 + 9 + 32) bytes, over
     // 4 MB, once decoded: far over the default 60 KiB `max_request_headers`.
@@ -441,12 +447,7 @@ async fn an_h2_request_with_more_header_fields_than_max_header_count_gets_431() 
     let upstream = servers::http_echo().await;
     let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
     let url = proxy::url(&handle, "main", "/many");
-    let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
-        .await
-        .expect("connect");
-    let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    let mut client = client.ready().await.expect("h2 ready");
+    let mut client = h2_client(&handle).await;
     // The default `max_header_count` is 100: one more is refused. (The echo
     // upstream allows 100 too, and the proxy adds a few on the way.)
     for (count, status) in [
