@@ -112,6 +112,10 @@ pub enum ProxyError {
     /// Host and `:authority` are missing a single, valid, agreeing value.
     #[error("invalid request authority: {0}")]
     InvalidAuthority(String),
+    /// An HTTP/2 request with more header fields than the listener's
+    /// `max_header_count` (hyper counts HTTP/1.1 header lines itself).
+    #[error("more than {0} request header fields")]
+    TooManyHeaders(usize),
     /// No route accepts this method (CONNECT unless a route names it).
     #[error("method {0} is not allowed by any route")]
     MethodNotAllowed(String),
@@ -131,6 +135,7 @@ impl ProxyError {
             Self::DownstreamBody
             | Self::AmbiguousFraming
             | Self::InvalidAuthority(_)
+            | Self::TooManyHeaders(_)
             | Self::StreamIdle(_) => ErrorOrigin::Downstream,
             Self::MethodNotAllowed(_) => ErrorOrigin::Internal,
             Self::Overflow { .. } => ErrorOrigin::Internal,
@@ -165,6 +170,7 @@ impl ProxyError {
             | Self::StreamDuration(_)
             | Self::FilterTimeout { .. } => S::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+            Self::TooManyHeaders(_) => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::DownstreamBody | Self::AmbiguousFraming | Self::InvalidAuthority(_) => {
                 S::BAD_REQUEST
             }
@@ -184,7 +190,7 @@ impl ProxyError {
             }
             Self::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
             Self::Overflow { .. } => ResponseFlag::UpstreamOverflow,
-            Self::BodyTooLarge { .. } => ResponseFlag::PayloadTooLarge,
+            Self::BodyTooLarge { .. } | Self::TooManyHeaders(_) => ResponseFlag::PayloadTooLarge,
             Self::Filter { .. } => ResponseFlag::FilterFailure,
             Self::FilterTimeout { .. } => ResponseFlag::FilterTimeout,
             Self::DownstreamBody => ResponseFlag::DownstreamConnectionTermination,

@@ -17,9 +17,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use lacewing_core::body::{BoxBody, BoxError};
 use lacewing_core::{ProxyError, ResponseFlag};
+use lacewing_upstream::H1Connection;
 use tokio::time::{Instant, Sleep};
 
-use super::progress::{HeldShare, OpenExchange};
+use super::progress::{self, HeldShare, OpenExchange, StreamWatch};
 use super::proxy::ConnContext;
 
 /// A response body: an upstream's, a local one, or a filtered stream.
@@ -222,6 +223,12 @@ pub struct UpstreamBody {
     progressed: bool,
     /// Counted in the connection's bodies waiting on the client.
     waiting_on_client: bool,
+    /// The HTTP/2 stream it goes out on, which the connection's write timer
+    /// watches (`None` on HTTP/1.1).
+    stream: Option<Rc<StreamWatch>>,
+    /// The HTTP/1 connection the body comes from, asked at the body's end
+    /// whether bytes came beyond it.
+    connection: Option<H1Connection>,
     /// Held until the body ends.
     share: Option<HeldShare>,
     /// The exchange is open until the body ends.
@@ -248,6 +255,8 @@ impl UpstreamBody {
             idle: None,
             progressed: false,
             waiting_on_client: false,
+            stream: progress::current_stream(),
+            connection: None,
             share,
             open: Some(open),
             on_end: None,
@@ -290,6 +299,22 @@ impl UpstreamBody {
         self
     }
 
+    /// Checks at the body's end that `connection` (the HTTP/1 connection it
+    /// comes from) received no bytes beyond it: a body followed by more than
+    /// its framing announced is cut (its last frame withheld) and flagged
+    /// `UPE`, like one that ends short.
+    pub fn with_connection(mut self, connection: Option<H1Connection>) -> Self {
+        if self.inner.is_some() {
+            self.connection = connection;
+        }
+        self
+    }
+
+    /// Whether the upstream sent bytes beyond the body (known by its end).
+    fn overran(&self) -> bool {
+        self.connection.as_ref().is_some_and(H1Connection::overran)
+    }
+
     /// Sets what learns how the body ended.
     pub fn on_end(&mut self, on_end: OnBodyEnd) {
         self.on_end = Some(on_end);
@@ -299,6 +324,9 @@ impl UpstreamBody {
         if self.waiting_on_client != waiting {
             self.waiting_on_client = waiting;
             self.conn.progress.set_waiting_on_client(waiting);
+            if let Some(stream) = &self.stream {
+                stream.set_waiting_on_client(waiting);
+            }
         }
     }
 
@@ -327,6 +355,9 @@ impl UpstreamBody {
     }
 }
 
+/// Why a body followed by more bytes than its framing announced is cut.
+const BEYOND_LENGTH: &str = "bytes beyond the response body's framing";
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -349,8 +380,14 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 this.progressed = true;
                 this.conn.progress.frame_sent();
+                if let Some(stream) = &this.stream {
+                    stream.frame_sent();
+                }
                 this.set_waiting_on_client(true);
                 if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+                    if this.overran() {
+                        return this.cut(ProxyError::UpstreamFraming(BEYOND_LENGTH));
+                    }
                     this.finish(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -365,6 +402,9 @@ impl Body for UpstreamBody {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
+                if this.overran() {
+                    return this.cut(ProxyError::UpstreamFraming(BEYOND_LENGTH));
+                }
                 this.finish(BodyEnd::Complete);
                 Poll::Ready(None)
             }
@@ -406,9 +446,15 @@ impl Body for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if self.inner.is_some() {
-            // Not finished: a connection closed by one of its timers records
-            // the cut on each exchange it ends; otherwise the client left.
+            // Not finished: a stream or connection closed by one of its
+            // timers records the cut on each exchange it ends; otherwise the
+            // client left.
+            let stream_cut = self.stream.as_ref().is_some_and(|s| s.is_cut());
             let (flag, details) = match self.conn.progress.cut_flag() {
+                _ if stream_cut => (
+                    ResponseFlag::StreamIdleTimeout,
+                    "the client took none of this stream's response data within write_timeout",
+                ),
                 Some(flag) => (flag, "the connection was closed by its write_timeout"),
                 None => (
                     ResponseFlag::DownstreamConnectionTermination,

@@ -80,6 +80,11 @@ pub async fn handle(
     let open = progress::exchange_started(&conn);
     let listener = conn.slot.load_full();
     let (mut parts, body) = req.into_parts();
+    // hyper counts HTTP/1.1 header lines; HTTP/2 header fields are counted
+    // here, before the proxy adds any (one length read per request).
+    let max_headers = listener.config.limits.max_header_count;
+    let too_many_headers =
+        parts.version == http::Version::HTTP_2 && parts.headers.len() > max_headers;
     // Ambiguous framing is how requests get smuggled: refuse it outright.
     let ambiguous = parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH);
@@ -112,6 +117,10 @@ pub async fn handle(
     };
     if ambiguous {
         let reply = local_reply::from_error(&ProxyError::AmbiguousFraming);
+        return unrouted.reply(HttpChain::empty(), reply).await;
+    }
+    if too_many_headers {
+        let reply = local_reply::from_error(&ProxyError::TooManyHeaders(max_headers));
         return unrouted.reply(HttpChain::empty(), reply).await;
     }
     if let Some(err) = bad_authority {
@@ -249,7 +258,8 @@ pub async fn handle(
         Some(share),
         open,
     )
-    .with_stream_idle(idle, request_body);
+    .with_stream_idle(idle, request_body)
+    .with_connection(up.h1);
     if let Some(max) = limits.max_stream_duration {
         body = body.with_deadline(max.0, (exchange.facts.start + max.0).into());
     }

@@ -7,7 +7,7 @@
 //! accept, covering HTTP/1.1 heads and the HTTP/2 preface, SETTINGS and first
 //! HEADERS), HTTP/2 header blocks (a HEADERS frame and its CONTINUATION frames
 //! left open), write progress (response data waiting and the client taking
-//! none), idleness, and, when configured, the connection's age.
+//! none, on the whole connection or on one HTTP/2 stream), idleness, and, when configured, the connection's age.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -26,20 +26,21 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::io::{CountingIo, IoStats, NOT_H2};
-use super::progress::ConnProgress;
+use super::progress::{self, ConnProgress};
 use super::proxy::{ConnContext, handle};
 use crate::snapshot::HttpSlot;
 
-/// Runs hyper's HTTP/2 stream tasks on the worker thread.
-#[derive(Debug, Clone, Copy)]
-pub struct LocalExec;
+/// Runs hyper's HTTP/2 stream tasks on the worker thread, each watched by
+/// its connection's write timer.
+#[derive(Debug, Clone)]
+struct LocalExec(Rc<ConnContext>);
 
 impl<F> hyper::rt::Executor<F> for LocalExec
 where
     F: std::future::Future + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
+        progress::spawn_stream(&self.0, fut);
     }
 }
 
@@ -91,7 +92,7 @@ pub async fn serve_io<I>(
         service_fn(move |req| handle(req, ctx.clone()))
     };
 
-    let mut builder = auto::Builder::new(LocalExec);
+    let mut builder = auto::Builder::new(LocalExec(ctx.clone()));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -202,6 +203,11 @@ pub async fn serve_io<I>(
                     break;
                 }
                 write_at_last_look = (waiting, sent);
+                // One HTTP/2 stream the client stalls while others move.
+                let cut = ctx.progress.cut_stalled_streams();
+                if cut > 0 {
+                    tracing::debug!(%remote, cut, "HTTP/2 streams whose data the client took none of within write_timeout were reset");
+                }
                 write_look.as_mut().reset(Instant::now() + write_timeout);
             }
             _ = &mut aged, if max_age.is_some() && !draining => {

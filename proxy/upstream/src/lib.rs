@@ -24,5 +24,6 @@ mod upstreams;
 pub use cluster::{Cluster, RequestPolicy, UpstreamResponse};
 pub use dns::Resolver;
 pub use error::UpstreamError;
+pub use pool::H1Connection;
 pub use tls::Conn;
 pub use upstreams::Upstreams;

@@ -46,6 +46,49 @@ pub(crate) type IdleSince = Arc<AtomicU64>;
 /// The [`IdleSince`] value of a connection carrying a request.
 pub(crate) const BUSY: u64 = 0;
 
+/// The [`IdleSince`] value of a connection whose driver found bytes beyond
+/// the framing of its last response (it is closed, never pooled again).
+const OVERRAN: u64 = u64::MAX;
+
+/// One HTTP/1 upstream connection as the exchange it served sees it: whether
+/// the upstream sent bytes beyond its response's framing. Shares the
+/// connection's [`IdleSince`], so handing it out costs a reference count.
+#[derive(Debug, Clone)]
+pub struct H1Connection(IdleSince);
+
+impl H1Connection {
+    pub(crate) fn new(idle_since: &IdleSince) -> Self {
+        Self(Arc::clone(idle_since))
+    }
+
+    /// Whether the connection received bytes beyond the end of a response
+    /// while no request was waiting for one. Bytes read with the last bytes
+    /// of a body are seen before that body's end reaches the exchange (the
+    /// connection's driver runs on the exchange's thread and checks its read
+    /// buffer in the same turn that hands over the body's end); bytes that
+    /// come later are only seen later.
+    pub fn overran(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == OVERRAN
+    }
+}
+
+/// Whether `error`, ending an HTTP/1 connection, is hyper's verdict on bytes
+/// that came while no response was due ("unexpected message"): hyper gives
+/// that kind no predicate of its own, and it is the one kind that none of
+/// the others cover and that has no cause (an I/O error has its `io::Error`).
+fn is_unexpected_message(error: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    !(error.is_parse()
+        || error.is_user()
+        || error.is_canceled()
+        || error.is_closed()
+        || error.is_incomplete_message()
+        || error.is_body_write_aborted()
+        || error.is_shutdown()
+        || error.is_timeout())
+        && error.source().is_none()
+}
+
 struct IdleH1 {
     sender: H1Sender,
     idle_since: IdleSince,
@@ -393,6 +436,9 @@ pub(crate) fn spawn_h1_driver<F>(
                 result = &mut conn => {
                     if let Err(error) = result {
                         tracing::debug!(%error, "upstream connection ended");
+                        if is_unexpected_message(&error) {
+                            idle_since.store(OVERRAN, Ordering::Relaxed);
+                        }
                     }
                     return;
                 }

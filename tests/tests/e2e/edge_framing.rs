@@ -1,7 +1,8 @@
 //! Upstream framing and header amplification at the edge, as a client sees
 //! them: a response the upstream framed wrongly (both `Content-Length` and
-//! `Transfer-Encoding`, a body shorter than its length, a chunked body cut
-//! before its last chunk) never reaches the client as a complete one, and
+//! `Transfer-Encoding`, a body shorter or longer than its length, a chunked
+//! body cut before its last chunk) never reaches the client as a complete
+//! one, and
 //! the access log and metrics flag it `UPE`; an h2 header block that HPACK
 //! inflates past `max_request_headers` is refused before any upstream sees it.
 
@@ -249,16 +250,22 @@ async fn well_framed_upstream_bodies_are_logged_clean() {
 /// one-byte references to it.
 const REPEATS: usize = 4_000;
 
-#[tokio::test]
-async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
-    let upstream = servers::http_echo().await;
-    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
-    let stream = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+/// An h2 client (the h2 crate's, which sends header lists as given) of
+/// listener `main`.
+async fn h2_client(handle: &lacewing_proxy::ProxyHandle) -> h2::client::SendRequest<Bytes> {
+    let stream = TcpStream::connect(proxy::listener_addr(handle, "main"))
         .await
         .expect("connect");
     let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
     tokio::spawn(connection);
-    let mut client = client.ready().await.expect("h2 ready");
+    client.ready().await.expect("h2 ready")
+}
+
+#[tokio::test]
+async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let mut client = h2_client(&handle).await;
 
     // About 4 KB on the wire once indexed; 4,000 × (1,000 + 9 + 32) bytes, over
     // 4 MB, once decoded: far over the default 60 KiB `max_request_headers`.
@@ -283,18 +290,45 @@ async fn h2_header_list_inflated_by_hpack_is_refused_before_the_upstream() {
     assert_eq!(upstream.requests(), 1);
 }
 
+/// Sends a GET for `url` through a pooled hyper client (h2 or HTTP/1.1)
+/// and says whether its response arrived complete.
+async fn completes(url: &str, h2: bool) -> bool {
+    let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    builder.http2_only(h2);
+    let client = builder.build_http::<Empty<Bytes>>();
+    let request = Request::get(url).body(Empty::new()).unwrap();
+    match client.request(request).await {
+        Ok(response) => response.into_body().collect().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
 #[tokio::test]
-async fn upstream_bytes_beyond_its_length_never_reach_the_client() {
+async fn an_http1_upstream_body_longer_than_its_length_is_cut_and_flagged_upe() {
+    // One write: the extra bytes come in the same read as the body's end.
     let edge = Edge::new(
         "long",
         servers::raw_http(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello, and more"),
     );
-    let exchange = edge.raw_get(false).await;
-    let response = exchange
-        .response()
-        .unwrap_or_else(|| panic!("no response: {:?}", exchange.text()));
-    assert_eq!(response.status, 200, "{}", exchange.text());
-    assert_eq!(response.body, b"hello");
+    // HTTP/1.1: the body's one frame is withheld, so not even the head is
+    // flushed before the connection closes.
+    let exchange = edge.raw_get(true).await;
+    assert!(exchange.closed, "the connection is closed");
+    assert!(
+        exchange.response().is_none_or(|r| r.body != b"hello"),
+        "no complete response: {:?}",
+        exchange.text()
+    );
+    // h2: the stream is reset (before its head: the body failed first).
+    let url = format!("http://{}/framed", edge.addr());
+    assert!(!completes(&url, true).await, "h2: not complete");
+
+    let lines = edge.logged(2).await;
+    for line in &lines {
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["flag"], "UPE", "{line}");
+    }
+    assert_eq!(edge.flagged("UPE").await, 2.0);
 }
 
 #[tokio::test]
@@ -322,18 +356,10 @@ async fn an_upstream_connection_that_sent_bytes_beyond_a_length_is_not_reused() 
     .await;
     let handle = proxy::start(&proxy::simple_yaml(&[up.addr], "http1"));
     let url = proxy::url(&handle, "main", "/long");
-    // An HTTP/1.1 client, then an h2 one: each gets the length's bytes,
-    // never the rest, and the second goes over a new upstream connection.
-    let first = client::get(&url).await;
-    assert_eq!(
-        (first.status, &first.body[..]),
-        (StatusCode::OK, &b"hello"[..])
-    );
-    let second = client::get_h2(&url).await;
-    assert_eq!(
-        (second.status, &second.body[..]),
-        (StatusCode::OK, &b"hello"[..])
-    );
+    // An HTTP/1.1 client, then an h2 one: neither gets a complete response,
+    // and the second goes over a new upstream connection.
+    assert!(!completes(&url, false).await, "HTTP/1.1: not complete");
+    assert!(!completes(&url, true).await, "h2: not complete");
     assert_eq!(
         up.opened(),
         2,
@@ -377,14 +403,7 @@ async fn an_h2_upstream_body_longer_than_its_length_is_cut_and_flagged_upe() {
     // is not even flushed before the connection closes; the h2 stream is
     // reset), and both exchanges are flagged.
     for h2 in [false, true] {
-        let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
-        builder.http2_only(h2);
-        let client = builder.build_http::<Empty<Bytes>>();
-        let request = Request::get(&url).body(Empty::new()).unwrap();
-        let complete = match client.request(request).await {
-            Ok(response) => response.into_body().collect().await.is_ok(),
-            Err(_) => false,
-        };
+        let complete = completes(&url, h2).await;
         assert!(!complete, "h2 client: {h2}: the response is not complete");
     }
     let admin = proxy::admin_addr(&handle);
@@ -421,4 +440,37 @@ async fn a_client_that_leaves_mid_body_is_logged_dc() {
     let lines = edge.logged(1).await;
     assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
     assert_eq!(lines[0]["flag"], "DC", "{}", lines[0]);
+}
+
+#[tokio::test]
+async fn an_h2_request_with_more_header_fields_than_max_header_count_gets_431() {
+    let upstream = servers::http_echo().await;
+    let handle = proxy::start(&proxy::simple_yaml(&[upstream.addr], "http1"));
+    let url = proxy::url(&handle, "main", "/many");
+    let mut client = h2_client(&handle).await;
+    // The default `max_header_count` is 100: one more is refused. (The echo
+    // upstream allows 100 too, and the proxy adds a few on the way.)
+    for (count, status) in [
+        (90, StatusCode::OK),
+        (101, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+    ] {
+        let mut request = Request::get(&url).body(()).unwrap();
+        for i in 0..count {
+            let name = http::HeaderName::try_from(format!("x-field-{i}")).unwrap();
+            request
+                .headers_mut()
+                .insert(name, http::HeaderValue::from_static("v"));
+        }
+        let (response, _) = client.send_request(request, true).expect("send headers");
+        let response = response.await.expect("a response");
+        assert_eq!(response.status(), status, "{count} header fields");
+    }
+    assert_eq!(upstream.requests(), 1, "the upstream saw only the first");
+    let text = client::metrics(proxy::admin_addr(&handle)).await;
+    let refused = client::metric_sum(
+        &text,
+        "lacewing_http_local_replies_total",
+        &[("listener", "main"), ("flag", "PT")],
+    );
+    assert_eq!(refused, Some(1.0), "{text}");
 }

@@ -2,7 +2,10 @@
 //! makes no progress either way for `stream_idle_timeout` gets 408 before its
 //! response head (flag `SI`) and is cut after it, its upstream released; an
 //! HTTP/2 header block (HEADERS, CONTINUATION) left open on a connection
-//! that already made requests is cut after `header_read_timeout`.
+//! that already made requests is cut after `header_read_timeout`; one HTTP/2
+//! stream whose window the client keeps closed is reset after
+//! `write_timeout` (flag `SI`, upstream released) while the connection's
+//! other streams go on.
 //!
 //! Timers are set to a few hundred milliseconds so the tests are quick; the
 //! waits below only bound a regression, they assert nothing about speed.
@@ -36,19 +39,31 @@ listeners:
     limits:
       stream_idle_timeout: {idle}
       upstream_body_timeout: 60s
-      write_timeout: 60s
+      write_timeout: {write}
 {more}    routes: [{ name: all, cluster: up }]
 clusters:
   - { name: up, endpoints: ['{up}'] }
 ";
 
 fn start_with(log: &LogFile, up: &Upstream, more: &str) -> lacewing_proxy::ProxyHandle {
+    start_timed(log, up, "300ms", "60s", more)
+}
+
+/// [`CONFIG`] with `stream_idle_timeout: idle` and `write_timeout: write`.
+fn start_timed(
+    log: &LogFile,
+    up: &Upstream,
+    idle: &str,
+    write: &str,
+    more: &str,
+) -> lacewing_proxy::ProxyHandle {
     proxy::start(&proxy::fill(
         CONFIG,
         &[
             ("log", &log.path().display()),
             ("up", &up.addr),
-            ("idle", &"300ms"),
+            ("idle", &idle),
+            ("write", &write),
             ("more", &more),
         ],
     ))
@@ -170,15 +185,7 @@ async fn an_h2_header_block_left_open_after_the_first_request_is_cut() {
     let log = LogFile::new("edge-streams-h2-headers");
     let up = Upstream::large(10).await;
     // Stream idleness is off: only the header-block timer can fire.
-    let handle = proxy::start(&proxy::fill(
-        CONFIG,
-        &[
-            ("log", &log.path().display()),
-            ("up", &up.addr),
-            ("idle", &"0s"),
-            ("more", &"      header_read_timeout: 300ms\n"),
-        ],
-    ));
+    let handle = start_timed(&log, &up, "0s", "60s", "      header_read_timeout: 300ms\n");
     for (n, what) in [
         (1, "a HEADERS frame whose payload trickles"),
         (
@@ -277,4 +284,135 @@ async fn an_h2_client_may_send_no_more_ahead_than_the_connection_buffer() {
         Some(256 * 1024),
         "the connection's window"
     );
+}
+
+/// Answers `/big` with 8 MiB and any other path with `ok` (HTTP/1.1,
+/// keep-alive).
+async fn big_and_small() -> Upstream {
+    let big = Bytes::from(vec![b'x'; 8 << 20]);
+    Upstream::start(move |stream| {
+        let big = big.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/big" {
+                    big.clone()
+                } else {
+                    Bytes::from_static(b"ok")
+                };
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(body),
+                    ))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
+}
+
+/// Sends a GET for `path` on `client` and reads its whole body, giving the
+/// window back as it comes; returns the status and the body.
+async fn h2_get(client: &mut h2::client::SendRequest<Bytes>, url: &str) -> (StatusCode, Bytes) {
+    let request = Request::get(url).body(()).unwrap();
+    let (response, _) = client.send_request(request, true).expect("a stream");
+    let response = response.await.expect("a response");
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut all = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("a whole body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        all.extend_from_slice(&chunk);
+    }
+    (status, Bytes::from(all))
+}
+
+#[tokio::test]
+async fn one_h2_stream_stalled_by_its_window_is_reset_while_the_others_go_on() {
+    let log = LogFile::new("edge-streams-stalled-stream");
+    let up = big_and_small().await;
+    // Only the write timer is short: the stream idle timer is off.
+    let handle = start_timed(&log, &up, "0s", "300ms", "");
+    let tcp = TcpStream::connect(proxy::listener_addr(&handle, "main"))
+        .await
+        .unwrap();
+    // The connection's window is wide open; each stream's is the default
+    // 65,535 bytes, given back only for the bytes the client reads.
+    let (client, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(64 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+
+    // Stream A asks for 8 MiB and never reads: its window closes.
+    let request = Request::get(proxy::url(&handle, "main", "/big"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).expect("stream A");
+    let response = tokio::time::timeout(HANG_GUARD, response)
+        .await
+        .expect("A's head comes")
+        .expect("A's response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stalled = response.into_body();
+
+    // Stream B's requests on the same connection keep succeeding until A's
+    // line is written.
+    let small = proxy::url(&handle, "main", "/small");
+    let mut served = 0;
+    tokio::time::timeout(HANG_GUARD, async {
+        while !log.lines().iter().any(|l| l["flag"] == "SI") {
+            let (status, body) = h2_get(&mut client, &small).await;
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("A is cut");
+    assert!(served > 0);
+    let line = flagged(&log, "SI").await;
+    assert_eq!(line["path"], "/big");
+    assert_eq!(line["status"], 200);
+    // A's upstream connection is released; B's stays pooled.
+    eventually("A's upstream connection is closed", || async {
+        up.closed() == 1
+    })
+    .await;
+
+    // The connection still serves.
+    let (status, body) = h2_get(&mut client, &small).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    eventually("a clean line for each of B's requests", || async {
+        let clean = log
+            .lines()
+            .into_iter()
+            .filter(|l| l["path"] == "/small" && l["status"] == 200 && l["flag"] == "-");
+        clean.count() == served + 1
+    })
+    .await;
+
+    // What A's client finds: the bytes its window let through, then a reset.
+    let mut received = 0;
+    let ended = tokio::time::timeout(HANG_GUARD, async {
+        while let Some(chunk) = stalled.data().await {
+            match chunk {
+                Ok(chunk) => received += chunk.len(),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .expect("A ends");
+    let err = ended.expect_err("A is reset, not complete");
+    assert!(err.is_reset(), "{err}");
+    assert!(received < 8 << 20, "{received} bytes");
 }

@@ -75,6 +75,11 @@ impl Upstream {
         self.opened.load(Ordering::SeqCst)
     }
 
+    /// Connections the upstream saw closed so far.
+    pub(crate) fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Waits until every connection the upstream accepted has closed.
     pub(crate) async fn all_released(&self) {
         eventually("the upstream's connections are released", || async {

@@ -18,7 +18,7 @@ use super::{Cluster, RequestPolicy, UpstreamResponse};
 use crate::breaker::Held;
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::outlier::Failure;
-use crate::pool::ConnInfo;
+use crate::pool::{ConnInfo, H1Connection};
 
 /// Why one attempt did not produce a response head.
 pub(super) enum AttemptError {
@@ -168,7 +168,7 @@ impl Cluster {
             };
             let may_retry = chain.attempts <= policy.retry_attempts;
             match outcome {
-                Ok((response, connection)) => {
+                Ok((response, connection, h1)) => {
                     let status = response.status().as_u16();
                     if status >= 500 {
                         self.outlier
@@ -190,6 +190,7 @@ impl Cluster {
                         endpoint: endpoint.addr,
                         attempts: chain.attempts,
                         connection,
+                        h1,
                     });
                 }
                 Err(AttemptError::Unsent {
@@ -270,10 +271,13 @@ impl Cluster {
         &self,
         endpoint: &Arc<Endpoint>,
         request: Request<BoxBody>,
-    ) -> Result<(Response<Incoming>, ConnInfo), AttemptError> {
+    ) -> Result<(Response<Incoming>, ConnInfo, Option<H1Connection>), AttemptError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.attempt_h1(endpoint, request).await,
-            UpstreamProtocol::H2 => self.attempt_h2(endpoint, request).await,
+            UpstreamProtocol::H2 => {
+                let (response, info) = self.attempt_h2(endpoint, request).await?;
+                Ok((response, info, None))
+            }
         }
     }
 }

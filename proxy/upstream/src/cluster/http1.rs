@@ -15,14 +15,14 @@ use super::Cluster;
 use super::attempt::{AttemptError, OpenError, reset};
 use crate::breaker::Limit;
 use crate::endpoint::Endpoint;
-use crate::pool::{self, ConnInfo, H1Sender, IdleSince};
+use crate::pool::{self, ConnInfo, H1Connection, H1Sender, IdleSince};
 
 impl Cluster {
     pub(super) async fn attempt_h1(
         &self,
         endpoint: &Arc<Endpoint>,
         mut request: Request<BoxBody>,
-    ) -> Result<(Response<Incoming>, ConnInfo), AttemptError> {
+    ) -> Result<(Response<Incoming>, ConnInfo, Option<H1Connection>), AttemptError> {
         if !request.headers().contains_key(header::HOST) {
             let host = endpoint.host.clone();
             request.headers_mut().insert(header::HOST, host);
@@ -43,8 +43,9 @@ impl Cluster {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
+                    let connection = H1Connection::new(&idle_since);
                     self.release_h1(endpoint, sender, idle_since, info.clone(), &response);
-                    return Ok((response, info));
+                    return Ok((response, info, Some(connection)));
                 }
                 Err(mut error) => match error.take_message() {
                     // The pooled connection closed under us before anything was written.
@@ -70,8 +71,9 @@ impl Cluster {
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
+                let connection = H1Connection::new(&idle_since);
                 self.release_h1(endpoint, sender, idle_since, info.clone(), &response);
-                Ok((response, info))
+                Ok((response, info, Some(connection)))
             }
             Err(mut error) => {
                 let unsent = error.take_message();

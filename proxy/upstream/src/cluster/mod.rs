@@ -37,7 +37,7 @@ use crate::clock::now_ms;
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::lb::Balancer;
 use crate::outlier::OutlierDetector;
-use crate::pool::{self, PoolKey};
+use crate::pool::{self, H1Connection, PoolKey};
 use crate::tls::{Conn, UpstreamTls};
 
 /// Connect retries of [`Cluster::connect_tcp`] (the route default for HTTP).
@@ -88,6 +88,9 @@ pub struct UpstreamResponse {
     pub attempts: u32,
     /// The connection that carried the answer (`upstream.*` properties).
     pub connection: Arc<UpstreamConnection>,
+    /// The HTTP/1 connection that answered (`None` over HTTP/2): whether it
+    /// sent bytes beyond the response (`UPE`).
+    pub h1: Option<H1Connection>,
 }
 
 /// Metric children of one cluster, resolved once at build.
