@@ -6,13 +6,11 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use lacewing_tests::client::metric_sum;
 use lacewing_tests::servers;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::mesh_support::*;
 
@@ -165,49 +163,6 @@ async fn mesh_operator_commands_and_sidecars_reach_the_control_plane_over_tls() 
     assert!(err.contains("served over TLS only"), "{err}");
 }
 
-/// Bytes through a TCP relay, by direction: (client → server, server → client).
-type Captured = Arc<Mutex<(Vec<u8>, Vec<u8>)>>;
-
-/// Copies `from` to `to` until either ends, recording the bytes on the
-/// client's side of `captured` when `up`, else on the server's.
-async fn relay(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    captured: Captured,
-    up: bool,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf).await {
-        {
-            let mut both = captured.lock().unwrap_or_else(PoisonError::into_inner);
-            let side = if up { &mut both.0 } else { &mut both.1 };
-            side.extend_from_slice(&buf[..n]);
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
-}
-
-/// A relay on 127.0.0.1:0 to `target` that records what crosses it.
-async fn tap(target: String) -> (std::net::SocketAddr, Captured) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let captured: Captured = Arc::default();
-    let record = captured.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = TcpStream::connect(&target).await.unwrap();
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            tokio::spawn(relay(client_read, server_write, record.clone(), true));
-            tokio::spawn(relay(server_read, client_write, record.clone(), false));
-        }
-    });
-    (addr, captured)
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -229,7 +184,8 @@ fn plaintext_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
 async fn mesh_the_control_port_speaks_only_tls() {
     let control = Control::start(&[]);
     let token = std::fs::read_to_string(control.token_file()).unwrap();
-    let (relay, captured) = tap(control.addr.clone()).await;
+    let target = control.addr.parse().expect("the control plane's address");
+    let (relay, captured) = crate::tls_files::tap(target).await;
 
     // An operator command through the relay works, and what crossed it is TLS:
     // handshake records first both ways, neither the token nor the gRPC path
