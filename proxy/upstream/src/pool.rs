@@ -12,7 +12,7 @@
 //! response head arrives and is taken again once hyper reports it ready (its
 //! response body done); its idle time starts at the first sweep that finds it
 //! ready, and its driver closes it once it has sat idle for the idle timeout
-//! (so between one and one and a half idle timeouts after its last response).
+//! (so up to one sweep period, at most 10 s, after the idle timeout).
 //! A sweeper task per thread and cluster drops expired entries: an HTTP/2 connection unused for the idle timeout
 //! leaves the pool and closes once its last stream ends; the pools of a
 //! removed cluster go at the next sweep.
