@@ -86,7 +86,7 @@ async fn apply(client: &mut Client, path: &Path) -> anyhow::Result<u64> {
     let base = path.parent().unwrap_or(Path::new("."));
     let applied = client.apply(docs, base).await?;
     let done = client
-        .wait(applied.version, Duration::from_secs(30), |_| {})
+        .wait(applied.version, Duration::from_secs(60), |_| {})
         .await?;
     println!(
         "lacewing apply -f {} --wait  ->  version {}: {}/{} sidecars ACKed ({} document(s) changed)",

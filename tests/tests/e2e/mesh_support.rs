@@ -166,7 +166,7 @@ pub async fn apply_and_wait(
 ) -> (u64, api::WaitProgress) {
     let version = apply(client, dir, name, text).await.unwrap().version;
     let done = client
-        .wait(version, std::time::Duration::from_secs(30), |_| {})
+        .wait(version, std::time::Duration::from_secs(60), |_| {})
         .await
         .unwrap();
     (version, done)
