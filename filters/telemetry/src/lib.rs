@@ -261,8 +261,8 @@ struct AccessFields<'a> {
 }
 
 /// Writes the JSON access-log line into `out` (cleared first). Written by
-/// hand into a reused buffer: building a `serde_json::Value` cost a dozen
-/// allocations per request.
+/// hand into a reused buffer: building a `serde_json::Value` allocated for
+/// every field and key, per request.
 fn access_line(out: &mut String, f: &AccessFields<'_>) {
     use std::fmt::Write as _;
     out.clear();
