@@ -26,6 +26,7 @@ mod mesh_store;
 mod mesh_support;
 mod mesh_tls;
 mod mesh_tls_bad_input;
+mod plugin_logs;
 mod reload;
 mod resilience;
 mod routing;
