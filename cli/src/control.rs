@@ -47,7 +47,7 @@ pub struct ControlArgs {
     pub no_shared_bootstrap: bool,
 }
 
-fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
     lacewing_config::units::Dur::parse(text)
         .map(|d| d.0)
         .map_err(|e| e.to_string())

@@ -28,7 +28,7 @@ pub struct CreateArgs {
     #[arg(long, default_value = "default")]
     pub namespace: String,
     /// How long the token may be used, e.g. 10m, 1h (at most 30 days).
-    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    #[arg(long, default_value = "1h", value_parser = crate::control::parse_ttl)]
     pub ttl: std::time::Duration,
     /// Write the token to FILE (0600, which must not exist) instead of
     /// printing it, and the CA certificate the control plane was verified
@@ -38,12 +38,6 @@ pub struct CreateArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub flags: ControlFlags,
-}
-
-fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
-    lacewing_config::units::Dur::parse(text)
-        .map(|d| d.0)
-        .map_err(|e| e.to_string())
 }
 
 pub fn run(args: &TokenArgs) -> anyhow::Result<()> {

@@ -306,6 +306,24 @@ mod tests {
     }
 
     #[test]
+    fn clients_are_verified_against_the_bundle_as_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = Arc::new(Roots::open(dir.path(), &crate::ca::CaOptions::default()).unwrap());
+        let mut certificate =
+            ApiCertificate::issue(roots.clone(), vec!["localhost".into()], API_CERT_LIFETIME)
+                .unwrap();
+        let steady = certificate.current();
+        assert!(Arc::ptr_eq(&steady, &certificate.current()));
+        // A rotation starts: the new root joins the bundle, and clients
+        // holding its certificates are verified from the next connection on.
+        roots.start(None, Duration::from_secs(60)).unwrap();
+        let trusting = certificate.current();
+        assert!(!Arc::ptr_eq(&steady, &trusting));
+        assert_eq!(certificate.bundle, roots.bundle_pem());
+        assert!(Arc::ptr_eq(&trusting, &certificate.current()));
+    }
+
+    #[test]
     fn the_certificate_is_issued_again_when_due() {
         let dir = tempfile::tempdir().unwrap();
         let roots = Arc::new(Roots::open(dir.path(), &crate::ca::CaOptions::default()).unwrap());

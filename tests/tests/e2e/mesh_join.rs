@@ -99,22 +99,11 @@ async fn mesh_join_tokens_admit_one_sidecar_of_their_service_once() {
     let frontend_token = tokens.join("frontend.token");
     assert!(create_token(&control, "frontend", &frontend_token).0);
 
-    let orders = sidecar_process_with(
-        &control.addr,
-        &orders_token,
-        "orders",
-        orders_app.addr,
-        &dir.join("orders"),
-        &[],
-    );
-    let frontend = sidecar_process_with(
-        &control.addr,
-        &frontend_token,
-        "frontend",
-        frontend_app.addr,
-        &dir.join("frontend"),
-        &[],
-    );
+    let join = |token: &Path, service: &str, app, state: &str| {
+        sidecar_process_with(&control.addr, token, service, app, &dir.join(state), &[])
+    };
+    let orders = join(&orders_token, "orders", orders_app.addr, "orders");
+    let frontend = join(&frontend_token, "frontend", frontend_app.addr, "frontend");
     lacewing_tests::eventually("both sidecars are connected", || async {
         control
             .operator("status", &[])
@@ -154,14 +143,7 @@ async fn mesh_join_tokens_admit_one_sidecar_of_their_service_once() {
     assert!(mtls.unwrap_or(0.0) >= 1.0, "{orders_metrics}");
 
     // The same token again, from another sidecar of orders: a replay.
-    let replay = sidecar_process_with(
-        &control.addr,
-        &orders_token,
-        "orders",
-        orders_app.addr,
-        &dir.join("replay"),
-        &[],
-    );
+    let replay = join(&orders_token, "orders", orders_app.addr, "replay");
     control
         .until_counted(
             "lacewing_control_token_refusals_total",
@@ -174,14 +156,7 @@ async fn mesh_join_tokens_admit_one_sidecar_of_their_service_once() {
     // A token for orders, used by a sidecar that says it is payments.
     let second = tokens.join("orders-2.token");
     assert!(create_token(&control, "orders", &second).0);
-    let payments = sidecar_process_with(
-        &control.addr,
-        &second,
-        "payments",
-        orders_app.addr,
-        &dir.join("payments"),
-        &[],
-    );
+    let payments = join(&second, "payments", orders_app.addr, "payments");
     control
         .until_counted(
             "lacewing_control_token_refusals_total",
@@ -192,13 +167,11 @@ async fn mesh_join_tokens_admit_one_sidecar_of_their_service_once() {
     drop(payments);
 
     // The shared bootstrap token is turned off.
-    let shared = sidecar_process_with(
-        &control.addr,
+    let shared = join(
         &control.state.join("bootstrap.token"),
         "payments",
         orders_app.addr,
-        &dir.join("shared"),
-        &[],
+        "shared",
     );
     control
         .until_counted(
@@ -213,14 +186,7 @@ async fn mesh_join_tokens_admit_one_sidecar_of_their_service_once() {
     let (ok, out, _) = control.operator("status", &[]);
     assert!(ok && out.contains("2 sidecar(s)"), "{out}");
     assert!(!out.contains("payments"), "{out}");
-    let _orders_again = sidecar_process_with(
-        &control.addr,
-        &second,
-        "orders",
-        orders_app.addr,
-        &dir.join("orders-2"),
-        &[],
-    );
+    let _orders_again = join(&second, "orders", orders_app.addr, "orders-2");
     lacewing_tests::eventually("the second orders sidecar joins", || async {
         control
             .operator("status", &[])
@@ -258,13 +224,7 @@ async fn mesh_a_joined_sidecar_reconnects_with_its_certificate_and_expired_token
         token.spiffe_id,
         "spiffe://lacewing.local/ns/default/sa/orders"
     );
-    let orders = RecordingSidecar::start_with_token(
-        &plane.addr.to_string(),
-        &token.token,
-        plane.trust(),
-        spec("orders", 20301),
-        &dir.path().join("orders"),
-    );
+    let orders = recording(&plane, &token.token, 20301, dir.path(), "orders");
     until_acked(&client, "orders-20301", v1).await;
     let counted = |text: &str, name: &str, labels: &[(&str, &str)]| {
         metric_sum(text, name, labels).unwrap_or(0.0)
@@ -318,14 +278,21 @@ async fn mesh_a_joined_sidecar_reconnects_with_its_certificate_and_expired_token
     .await;
     assert_eq!(done.acked, 1);
 
+    // A restarted sidecar presents the certificate kept in its state directory.
+    drop(orders);
+    let orders = recording(&plane, &token.token, 20301, dir.path(), "orders");
+    lacewing_tests::eventually(
+        "the restarted sidecar registers with its certificate",
+        || async {
+            let metrics = plane.metrics().await;
+            counted(&metrics, registrations, &[("credential", "certificate")]) == 2.0
+        },
+    )
+    .await;
+    until_acked(&client, "orders-20301", 0).await;
+
     // The token was used before the restart: it stays used.
-    let replay = RecordingSidecar::start_with_token(
-        &plane.addr.to_string(),
-        &token.token,
-        plane.trust(),
-        spec("orders", 20311),
-        &dir.path().join("replay"),
-    );
+    let replay = recording(&plane, &token.token, 20311, dir.path(), "replay");
     // An expired token.
     let expired = client
         .create_join_token("orders", "default", Some(Duration::from_millis(1)))
@@ -334,21 +301,10 @@ async fn mesh_a_joined_sidecar_reconnects_with_its_certificate_and_expired_token
     while now_ms() <= expired.expires_ms {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let late = RecordingSidecar::start_with_token(
-        &plane.addr.to_string(),
-        &expired.token,
-        plane.trust(),
-        spec("orders", 20321),
-        &dir.path().join("late"),
-    );
+    let late = recording(&plane, &expired.token, 20321, dir.path(), "late");
     // A token nobody made.
-    let forged = RecordingSidecar::start_with_token(
-        &plane.addr.to_string(),
-        &format!("{}{}", api::JOIN_TOKEN_PREFIX, "0".repeat(64)),
-        plane.trust(),
-        spec("orders", 20331),
-        &dir.path().join("forged"),
-    );
+    let forged_token = format!("{}{}", api::JOIN_TOKEN_PREFIX, "0".repeat(64));
+    let forged = recording(&plane, &forged_token, 20331, dir.path(), "forged");
     for reason in ["replayed", "expired", "unknown"] {
         lacewing_tests::eventually(&format!("a `{reason}` join token is refused"), || async {
             let metrics = plane.metrics().await;
@@ -367,6 +323,17 @@ async fn mesh_a_joined_sidecar_reconnects_with_its_certificate_and_expired_token
     }
     drop((orders, replay, late, forged));
     plane.stop().await;
+}
+
+/// A recording sidecar of orders on `port` holding `token`, its state in `dir/name`.
+fn recording(plane: &Plane, token: &str, port: u16, dir: &Path, name: &str) -> RecordingSidecar {
+    RecordingSidecar::start_with_token(
+        &plane.addr.to_string(),
+        token,
+        plane.trust(),
+        spec("orders", port),
+        &dir.join(name),
+    )
 }
 
 fn now_ms() -> u64 {
