@@ -427,5 +427,41 @@ async fn mesh_a_workload_certificate_registers_only_the_service_it_names() {
         Err(_) => true,
     };
     assert!(refused, "a certificate of another CA was accepted");
+
+    // A join token registers a sidecar, and does nothing else.
+    let mut operator = plane.client().await;
+    let token = operator
+        .create_join_token("orders", "default", None)
+        .await
+        .unwrap();
+    let mut discovery = api::discovery_client::DiscoveryClient::new(plane.channel().await);
+    let mut request = tonic::Request::new(api::FetchModuleRequest {
+        sha256: "0".repeat(64),
+    });
+    lacewing_control::token::authorize(&mut request, &token.token).unwrap();
+    let refused = discovery.fetch_module(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let metrics = plane.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "lacewing_control_token_refusals_total",
+            &[("role", "join"), ("reason", "not_for_modules")],
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // Tokens are made for a service name, for at most 30 days.
+    for (service, ttl) in [
+        ("Orders", None),
+        ("orders", Some(Duration::from_secs(31 * 86400))),
+    ] {
+        match operator.create_join_token(service, "default", ttl).await {
+            Err(lacewing_control::client::ClientError::Status(status)) => {
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}")
+            }
+            other => panic!("a token for {service} / {ttl:?}: {other:?}"),
+        }
+    }
     plane.stop().await;
 }
