@@ -7,6 +7,7 @@ mod demo_mesh;
 mod mesh;
 mod root;
 mod sidecar;
+mod token;
 mod watch;
 
 /// mimalloc: the proxy allocates many small, short-lived objects per request
@@ -61,6 +62,8 @@ enum Command {
     Status(mesh::StatusArgs),
     /// Rotate the mesh root, both roots trusted during the overlap.
     Root(root::RootArgs),
+    /// Create a one-time join token for a sidecar of one service.
+    Token(token::TokenArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -132,6 +135,7 @@ fn main() -> std::process::ExitCode {
         Command::Get(args) => mesh::get(args),
         Command::Status(args) => mesh::status(args),
         Command::Root(args) => root::run(args),
+        Command::Token(args) => token::run(args),
     };
     lacewing_wasm::plugin_log::flush(std::time::Duration::from_secs(1));
     match result {

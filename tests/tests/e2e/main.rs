@@ -18,6 +18,7 @@ mod forwarding;
 mod grpc;
 mod mesh_control;
 mod mesh_demo;
+mod mesh_join;
 mod mesh_operator_tls;
 mod mesh_policy;
 mod mesh_rotate;
