@@ -360,7 +360,8 @@ fn unix_ms() -> u64 {
 
 /// Sidecars stopped before the trusting phase hold the rotation there:
 /// orders until it comes back and ACKs the two-root bundle, billing (never
-/// back) until its certificate expires. Certificates live two minutes.
+/// back) until its certificate expires, ledger until the operator forgets
+/// it. Certificates live two minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_expires() {
     let dir = tempfile::tempdir().unwrap();
@@ -377,7 +378,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     let control = plane.addr.to_string();
     let mut apps = Vec::new();
     let mut sidecars = Vec::new();
-    for service in ["frontend", "orders", "billing"] {
+    for service in ["frontend", "orders", "billing", "ledger"] {
         let app = lacewing_tests::servers::http_echo_named(service).await;
         let sidecar = sidecar_process(
             &control,
@@ -389,15 +390,16 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
         apps.push(app);
         sidecars.push(sidecar);
     }
-    until_connected(&plane.client().await, 3).await;
+    until_connected(&plane.client().await, 4).await;
     apply_taken(
         &plane,
         dir.path(),
         &format!(
-            "{}{}{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: orders}}\nspec: {{destination: orders, mode: STRICT}}\n",
+            "{}{}{}{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: orders}}\nspec: {{destination: orders, mode: STRICT}}\n",
             service("frontend", ""),
             service("orders", ""),
             service("billing", ""),
+            service("ledger", ""),
         ),
     )
     .await;
@@ -405,18 +407,21 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
         let plane = &plane;
         async move {
             let status = plane.client().await.status().await.unwrap();
-            status.sidecars.len() == 3 && status.sidecars.iter().all(|s| s.cert_not_after_ms > 0)
+            status.sidecars.len() == 4 && status.sidecars.iter().all(|s| s.cert_not_after_ms > 0)
         }
     })
     .await;
     let orders_inbound = sidecars[1].addr("inbound");
     let orders = sidecar_of(&plane, "orders").await;
     let billing = sidecar_of(&plane, "billing").await;
+    let ledger = sidecar_of(&plane, "ledger").await;
     let old_root = rotation(&plane).await.roots[0].clone();
 
-    // Cut off: orders and billing stop (SIGKILL), their certificates valid.
+    // Cut off: orders, billing and ledger stop (SIGKILL), their
+    // certificates valid.
     sidecars[1].kill();
     sidecars[2].kill();
+    sidecars[3].kill();
     let killed = tokio::time::Instant::now();
     let flags = [
         "--control".to_string(),
@@ -452,7 +457,11 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     assert_eq!(held.phase, "trusting", "{held:?}");
     assert_eq!(
         waiting_nodes(&held),
-        [billing.node_id.clone(), orders.node_id.clone()]
+        [
+            billing.node_id.clone(),
+            ledger.node_id.clone(),
+            orders.node_id.clone()
+        ]
     );
     assert!(held.waiting_sidecars.iter().all(|w| !w.connected
         && w.cert_root_sha256 == old_root
@@ -470,10 +479,22 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     let (ok, out, err) = run(&["status"]);
     assert!(ok, "lacewing status: {err}");
     assert!(out.contains(&billing.node_id), "{out}");
-    // A connected sidecar cannot be forgotten.
+    // ledger is gone for good: the operator forgets it. A connected
+    // sidecar, or one never known, cannot be forgotten.
     let frontend = sidecar_of(&plane, "frontend").await;
     let (ok, _, err) = run(&["root", "forget", &frontend.node_id]);
     assert!(!ok && err.contains("is connected"), "{err}");
+    let (ok, _, err) = run(&["root", "forget", "nobody@127.0.0.1:1"]);
+    assert!(!ok && err.contains("no sidecar is known"), "{err}");
+    let (ok, out, err) = run(&["root", "forget", &ledger.node_id]);
+    assert!(ok, "lacewing root forget: {err}");
+    assert!(!out.contains(&ledger.node_id), "{out}");
+    let status = plane.client().await.status().await.unwrap();
+    assert!(status.sidecars.iter().all(|s| s.service != "ledger"));
+    assert_eq!(
+        waiting_nodes(status.roots.as_ref().unwrap()),
+        [billing.node_id.clone(), orders.node_id.clone()]
+    );
 
     // orders comes back (same state directory, same inbound: same node,
     // same certificate) and gets the bundle: only billing is waited for.
