@@ -364,64 +364,44 @@ fn unix_ms() -> u64 {
 /// it. Certificates live two minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_expires() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("control");
     let lifetime = Duration::from_secs(120);
-    let plane = Plane::start_with(
-        &state,
+    let mut mesh = SidecarMesh::start_with(
+        &["frontend", "orders", "billing", "ledger"],
         lacewing_control::ca::CaOptions {
             lifetime,
             ..Default::default()
         },
     )
     .await;
-    let control = plane.addr.to_string();
-    let mut apps = Vec::new();
-    let mut sidecars = Vec::new();
-    for service in ["frontend", "orders", "billing", "ledger"] {
-        let app = lacewing_tests::servers::http_echo_named(service).await;
-        let sidecar = sidecar_process(
-            &control,
-            &state,
-            service,
-            app.addr,
-            &dir.path().join(service),
-        );
-        apps.push(app);
-        sidecars.push(sidecar);
-    }
-    until_connected(&plane.client().await, 4).await;
-    apply_taken(
-        &plane,
-        dir.path(),
-        &format!(
-            "{}{}{}{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: orders}}\nspec: {{destination: orders, mode: STRICT}}\n",
-            service("frontend", ""),
-            service("orders", ""),
-            service("billing", ""),
-            service("ledger", ""),
-        ),
-    )
+    let state = mesh.plane.state_dir.clone();
+    let control = mesh.plane.addr.to_string();
+    mesh.apply_ok(&format!(
+        "{}{}{}{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: orders}}\nspec: {{destination: orders, mode: STRICT}}\n",
+        service("frontend", ""),
+        service("orders", ""),
+        service("billing", ""),
+        service("ledger", ""),
+    ))
     .await;
     lacewing_tests::eventually("every sidecar holds a certificate", || {
-        let plane = &plane;
+        let plane = &mesh.plane;
         async move {
             let status = plane.client().await.status().await.unwrap();
             status.sidecars.len() == 4 && status.sidecars.iter().all(|s| s.cert_not_after_ms > 0)
         }
     })
     .await;
-    let orders_inbound = sidecars[1].addr("inbound");
-    let orders = sidecar_of(&plane, "orders").await;
-    let billing = sidecar_of(&plane, "billing").await;
-    let ledger = sidecar_of(&plane, "ledger").await;
-    let old_root = rotation(&plane).await.roots[0].clone();
+    let orders_inbound = mesh.sidecar("orders").addr("inbound");
+    let orders = sidecar_of(&mesh.plane, "orders").await;
+    let billing = sidecar_of(&mesh.plane, "billing").await;
+    let ledger = sidecar_of(&mesh.plane, "ledger").await;
+    let old_root = rotation(&mesh.plane).await.roots[0].clone();
 
     // Cut off: orders, billing and ledger stop (SIGKILL), their
     // certificates valid.
-    sidecars[1].kill();
-    sidecars[2].kill();
-    sidecars[3].kill();
+    for service in ["orders", "billing", "ledger"] {
+        mesh.sidecar_mut(service).kill();
+    }
     let killed = tokio::time::Instant::now();
     let flags = [
         "--control".to_string(),
@@ -441,7 +421,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     // Past the reconnect grace the two are still waited for, by name, the
     // one connected sidecar having ACKed the two-root bundle.
     lacewing_tests::eventually("frontend ACKs the two-root bundle", || {
-        let plane = &plane;
+        let plane = &mesh.plane;
         async move { sidecar_of(plane, "frontend").await.has_trust_bundle }
     })
     .await;
@@ -449,7 +429,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
         killed + lacewing_control::state::RECONNECT_GRACE + Duration::from_secs(2),
     )
     .await;
-    let held = rotation(&plane).await;
+    let held = rotation(&mesh.plane).await;
     assert!(
         unix_ms() < orders.cert_not_after_ms.min(billing.cert_not_after_ms),
         "the test is too slow for {lifetime:?} certificates"
@@ -481,7 +461,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     assert!(out.contains(&billing.node_id), "{out}");
     // ledger is gone for good: the operator forgets it. A connected
     // sidecar, or one never known, cannot be forgotten.
-    let frontend = sidecar_of(&plane, "frontend").await;
+    let frontend = sidecar_of(&mesh.plane, "frontend").await;
     let (ok, _, err) = run(&["root", "forget", &frontend.node_id]);
     assert!(!ok && err.contains("is connected"), "{err}");
     let (ok, _, err) = run(&["root", "forget", "nobody@127.0.0.1:1"]);
@@ -489,7 +469,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     let (ok, out, err) = run(&["root", "forget", &ledger.node_id]);
     assert!(ok, "lacewing root forget: {err}");
     assert!(!out.contains(&ledger.node_id), "{out}");
-    let status = plane.client().await.status().await.unwrap();
+    let status = mesh.plane.client().await.status().await.unwrap();
     assert!(status.sidecars.iter().all(|s| s.service != "ledger"));
     assert_eq!(
         waiting_nodes(status.roots.as_ref().unwrap()),
@@ -498,24 +478,24 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
 
     // orders comes back (same state directory, same inbound: same node,
     // same certificate) and gets the bundle: only billing is waited for.
-    let orders_app = apps[1].addr;
-    sidecars[1] = sidecar_process_at(
+    let orders_app = mesh.app("orders");
+    *mesh.sidecar_mut("orders") = sidecar_process_at(
         &control,
         &state,
         "orders",
         orders_app,
-        &dir.path().join("orders"),
+        &mesh.dir.path().join("orders"),
         &orders_inbound.to_string(),
     );
     lacewing_tests::eventually("orders is back with the two-root bundle", || {
-        let plane = &plane;
+        let plane = &mesh.plane;
         async move {
             let s = sidecar_of(plane, "orders").await;
             s.connected && s.has_trust_bundle
         }
     })
     .await;
-    let waiting = rotation(&plane).await;
+    let waiting = rotation(&mesh.plane).await;
     let billing_expiry = match waiting.waiting_sidecars.as_slice() {
         [billing_wait] => billing_wait.cert_not_after_ms,
         _ => billing.cert_not_after_ms,
@@ -531,7 +511,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
         billing_expiry.saturating_sub(unix_ms()),
     ))
     .await;
-    until_phase(&plane, "issuing", |s, roots| {
+    until_phase(&mesh.plane, "issuing", |s, roots| {
         s.cert_root_sha256 == roots.roots[0]
     })
     .await;
@@ -541,7 +521,7 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
     );
     // frontend → orders over STRICT mTLS, both on certificates of the new root.
     let client = ReusingClient::http1();
-    let outbound = sidecars[0].addr("outbound");
+    let outbound = mesh.sidecar("frontend").addr("outbound");
     lacewing_tests::eventually("frontend reaches orders over mTLS", || {
         let client = &client;
         async move {
@@ -556,11 +536,11 @@ async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_e
 
     // billing never took a certificate of the new root, but the one of the
     // old root it had expired: the old root leaves.
-    until_phase(&plane, "steady", |s, roots| {
+    until_phase(&mesh.plane, "steady", |s, roots| {
         s.has_trust_bundle && s.cert_root_sha256 == roots.roots[0]
     })
     .await;
-    let after = rotation(&plane).await;
+    let after = rotation(&mesh.plane).await;
     assert_eq!(after.roots.len(), 1);
     assert_ne!(after.roots[0], old_root);
     assert!(after.waiting_sidecars.is_empty());

@@ -502,15 +502,23 @@ pub async fn until_acked(client: &Client, node_id: &str, version: u64) {
 /// sidecars first, the state directory last.
 pub struct SidecarMesh {
     pub sidecars: Vec<(&'static str, Process)>,
-    _apps: Vec<lacewing_tests::servers::TestServer>,
+    apps: Vec<lacewing_tests::servers::TestServer>,
     pub plane: Plane,
     pub dir: tempfile::TempDir,
 }
 
 impl SidecarMesh {
     pub async fn start(services: &[&'static str]) -> Self {
+        Self::start_with(services, Default::default()).await
+    }
+
+    /// [`start`](Self::start), the control plane's CA set up as `ca` says.
+    pub async fn start_with(
+        services: &[&'static str],
+        ca: lacewing_control::ca::CaOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let plane = Plane::start(&dir.path().join("control")).await;
+        let plane = Plane::start_with(&dir.path().join("control"), ca).await;
         let control = plane.addr.to_string();
         let state = dir.path().join("control");
         let mut apps = Vec::new();
@@ -530,10 +538,29 @@ impl SidecarMesh {
         until_connected(&plane.client().await, services.len()).await;
         Self {
             sidecars,
-            _apps: apps,
+            apps,
             plane,
             dir,
         }
+    }
+
+    /// The app behind the sidecar of `service`.
+    pub fn app(&self, service: &str) -> SocketAddr {
+        let at = self
+            .sidecars
+            .iter()
+            .position(|(s, _)| *s == service)
+            .expect("a sidecar of the service");
+        self.apps[at].addr
+    }
+
+    pub fn sidecar_mut(&mut self, service: &str) -> &mut Process {
+        &mut self
+            .sidecars
+            .iter_mut()
+            .find(|(s, _)| *s == service)
+            .expect("a sidecar of the service")
+            .1
     }
 
     pub fn sidecar(&self, service: &str) -> &Process {
