@@ -399,10 +399,7 @@ impl Roots {
     fn write_files(&self, state: &State) -> Result<(), CaError> {
         let io = |path: PathBuf| move |source| CaError::Io { path, source };
         let rotation = self.dir.join(ROTATION_FILE);
-        if let Some(json) = state.to_json() {
-            crate::token::write_new(&rotation, json.as_bytes(), 0o600)
-                .map_err(io(rotation.clone()))?;
-        }
+        self.write_rotation(state)?;
         let key = self.dir.join(CA_KEY);
         crate::token::write_new(&key, state.current.key_pem.as_bytes(), 0o600)
             .map_err(io(key.clone()))?;
@@ -418,6 +415,17 @@ impl Roots {
             }
         }
         Ok(())
+    }
+
+    /// Writes `ca-rotation.json` alone (nothing when steady): enough when
+    /// only the sidecars kept in it changed.
+    fn write_rotation(&self, state: &State) -> Result<(), CaError> {
+        let Some(json) = state.to_json() else {
+            return Ok(());
+        };
+        let path = self.dir.join(ROTATION_FILE);
+        crate::token::write_new(&path, json.as_bytes(), 0o600)
+            .map_err(|source| CaError::Io { path, source })
     }
 
     /// Moves to `next` (kept on disk first) and serves its CA.
@@ -525,7 +533,7 @@ impl Roots {
         let before = state.known.len();
         state.known.retain(|node, _| !nodes.contains(node));
         if state.known.len() != before {
-            self.write_files(&state)?;
+            self.write_rotation(&state)?;
         }
         Ok(())
     }
@@ -546,7 +554,7 @@ impl Roots {
                 .collect();
             if known != state.known {
                 let previous = std::mem::replace(&mut state.known, known);
-                if let Err(error) = self.write_files(&state) {
+                if let Err(error) = self.write_rotation(&state) {
                     state.known = previous;
                     return Err(error.to_string());
                 }
@@ -911,7 +919,7 @@ mod tests {
             let mut state = roots.lock();
             let cut_off = member("cut-off", false, &old_sha, valid, &old_sha).kept();
             state.known.insert("cut-off".into(), cut_off);
-            roots.write_files(&state).unwrap();
+            roots.write_rotation(&state).unwrap();
         }
         let again = Roots::open(dir.path(), &options).unwrap();
         let state = again.lock();
