@@ -928,6 +928,86 @@ mod tests {
         assert_eq!(members[0].cert_not_after_ms, valid);
     }
 
+    /// A control plane's shared state over a store in `dir`.
+    fn shared(dir: &Path) -> Arc<Shared> {
+        let store = crate::store::RedbStore::open(&dir.join("mesh.redb")).unwrap();
+        Shared::new(
+            Arc::new(store),
+            crate::metrics::ControlMetrics::new(),
+            crate::first_party::FirstParty::from_modules(BTreeMap::new(), "lacewing.local"),
+        )
+        .unwrap()
+    }
+
+    /// Registers `node` with a certificate of `root` valid until `not_after`.
+    fn register(shared: &Shared, node: &str, root: &str, not_after: u64) -> u64 {
+        shared.register(api::Hello {
+            node_id: node.into(),
+            service: "orders".into(),
+            namespace: "default".into(),
+            inbound: "127.0.0.1:1".into(),
+            certificate_root_sha256: root.into(),
+            certificate_not_after_ms: not_after,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_sidecar_cut_off_is_waited_for_across_a_restart_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        let options = CaOptions::default();
+        let roots = Roots::open(&state_dir, &options).unwrap();
+        let before = shared(dir.path());
+        let old_sha = roots.signing_root_sha256();
+        let valid = now_ms() + 600_000;
+        register(&before, "up", &old_sha, valid);
+        let session = register(&before, "cut-off", &old_sha, valid);
+        before.unregister("cut-off", session);
+        roots.start(None, Duration::from_secs(60)).unwrap();
+        let two_roots = root_sha256(&roots.bundle_pem());
+        {
+            let mut sidecars = before.sidecars();
+            sidecars.get_mut("up").unwrap().acked_bundle = two_roots;
+            // Cut off longer than the reconnect grace.
+            sidecars.get_mut("cut-off").unwrap().disconnected_at =
+                std::time::Instant::now().checked_sub(RECONNECT_GRACE * 2);
+        }
+        let waiting = roots.step(&before).unwrap_err();
+        assert_eq!(waiting, "sidecars to ACK the two-root bundle: cut-off");
+        let status = roots.status(&before);
+        assert_eq!(status.phase, "trusting");
+        assert_eq!(nodes(&status.waiting_sidecars), ["cut-off"]);
+        assert!(!status.waiting_sidecars[0].connected);
+        assert!(matches!(
+            roots.forget(&before, &["up".to_string()]),
+            Err(RotateError::ConnectedSidecar(_))
+        ));
+
+        // A restarted control plane knows no sidecar until they reconnect,
+        // but the rotation file kept the one cut off.
+        drop(roots);
+        let roots = Roots::open(&state_dir, &options).unwrap();
+        // One process holds the store at a time.
+        drop(before);
+        let restarted = shared(dir.path());
+        let status = roots.status(&restarted);
+        assert_eq!(nodes(&status.waiting_sidecars), ["cut-off"]);
+        assert!(matches!(
+            roots.forget(&restarted, &["nobody".to_string()]),
+            Err(RotateError::UnknownSidecar(_))
+        ));
+        roots.forget(&restarted, &["cut-off".to_string()]).unwrap();
+        let status = roots.status(&restarted);
+        assert!(status.waiting_sidecars.is_empty(), "{status:?}");
+        // Forgotten on disk too; the one that ACKed is kept (it has done
+        // its part, and holds a certificate of the old root).
+        let again = Roots::open(&state_dir, &options).unwrap();
+        let known: Vec<String> = again.lock().known.keys().cloned().collect();
+        assert_eq!(known, ["up"]);
+    }
+
     #[test]
     fn an_operator_root_must_be_a_ca_with_its_key() {
         let dir = tempfile::tempdir().unwrap();
