@@ -41,9 +41,13 @@ pub struct ControlArgs {
     /// The MeshTLS mode of services no MeshTLS document names.
     #[arg(long, default_value = "PERMISSIVE", value_parser = parse_mode)]
     pub default_tls: lacewing_mesh::kinds::TlsMode,
+    /// Refuse the shared bootstrap token: sidecars join only with a
+    /// one-time token (`lacewing token create`), then their certificate.
+    #[arg(long)]
+    pub no_shared_bootstrap: bool,
 }
 
-fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
     lacewing_config::units::Dur::parse(text)
         .map(|d| d.0)
         .map_err(|e| e.to_string())
@@ -75,7 +79,8 @@ pub fn run(args: &ControlArgs) -> anyhow::Result<()> {
         };
         let plane = ControlPlane::bind_with(args.listen, &args.state_dir, &ca)
             .await
-            .context("control plane")?;
+            .context("control plane")?
+            .with_shared_bootstrap(!args.no_shared_bootstrap);
         let address = plane.local_addr()?;
         tracing::info!(
             %address,

@@ -7,6 +7,7 @@ mod demo_mesh;
 mod mesh;
 mod root;
 mod sidecar;
+mod token;
 mod watch;
 
 /// mimalloc: the proxy allocates many small, short-lived objects per request
@@ -61,6 +62,8 @@ enum Command {
     Status(mesh::StatusArgs),
     /// Rotate the mesh root, both roots trusted during the overlap.
     Root(root::RootArgs),
+    /// Create a one-time join token for a sidecar of one service.
+    Token(token::TokenArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -132,7 +135,9 @@ fn main() -> std::process::ExitCode {
         Command::Get(args) => mesh::get(args),
         Command::Status(args) => mesh::status(args),
         Command::Root(args) => root::run(args),
+        Command::Token(args) => token::run(args),
     };
+    lacewing_wasm::plugin_log::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -152,7 +157,43 @@ fn init_logging(filter: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    queue_plugin_lines();
 }
+
+/// Plugin log lines (an access-log line per request, for one) go to stderr
+/// through a queue: the worker formats the line and its writer thread makes
+/// the system call. Other log lines are written as they come.
+fn queue_plugin_lines() {
+    use lacewing_wasm::LogLevel;
+    use lacewing_wasm::plugin_log::TARGET;
+    use tracing::Level;
+    let queue = lacewing_core::line_queue::LineQueue::spawn(
+        "plugin-log",
+        Box::new(std::io::stderr()),
+        PLUGIN_LOG_QUEUE_LINES,
+        // Nothing better can be done with a line stderr refused.
+        |_| {},
+    );
+    let queue = match queue {
+        Ok(queue) => queue,
+        Err(e) => {
+            tracing::warn!("plugin log lines are written as they come: {e}");
+            return;
+        }
+    };
+    // The filter is asked once per level: plugin lines then skip `tracing`.
+    lacewing_wasm::plugin_log::queue_plugin_lines(queue, |level| match level {
+        LogLevel::Trace => tracing::enabled!(target: TARGET, Level::TRACE),
+        LogLevel::Debug => tracing::enabled!(target: TARGET, Level::DEBUG),
+        LogLevel::Info => tracing::enabled!(target: TARGET, Level::INFO),
+        LogLevel::Warn => tracing::enabled!(target: TARGET, Level::WARN),
+        LogLevel::Error | LogLevel::Critical => tracing::enabled!(target: TARGET, Level::ERROR),
+    });
+}
+
+/// Plugin log lines that may wait for the writer; beyond, lines are dropped
+/// and counted in `lacewing_wasm_log_lines_dropped_total`.
+const PLUGIN_LOG_QUEUE_LINES: usize = 8192;
 
 fn validate(file: &std::path::Path) -> anyhow::Result<()> {
     lacewing_config::load::from_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -33,7 +33,10 @@ pub struct SidecarFlags {
     /// Where the app sends its calls to other services.
     #[arg(long)]
     pub outbound: Option<SocketAddr>,
-    /// The bootstrap token (STATE_DIR/bootstrap.token of `lacewing control`).
+    /// A join token for this service (`lacewing token create --out FILE`),
+    /// used once, after which the sidecar authenticates with its workload
+    /// certificate; or the shared bootstrap token (STATE_DIR/bootstrap.token
+    /// of `lacewing control`).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// The CA certificate (PEM) the control plane's certificate must chain

@@ -1,20 +1,18 @@
 //! JSON access log: one line per finished request or TCP connection.
 //!
 //! Worker threads never lock or block on the sink: a line is serialized on the
-//! worker and handed to a bounded lock-free queue that one writer thread
-//! drains into the sink (every [`WRITER_POLL`] at most while lines flow, as
-//! soon as it is done writing otherwise; an idle writer sleeps until a line
-//! comes). When the queue is full the line is dropped and counted in
+//! worker and handed to a [`LineQueue`] whose writer thread drains it into
+//! the sink. When the queue is full the line is dropped and counted in
 //! `lacewing_access_log_dropped_total{reason="queue_full"}`; a line the sink
 //! fails to take is counted with `reason="write_error"`.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use lacewing_config::AccessLogConfig;
+use lacewing_core::line_queue::LineQueue;
 use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::StreamInfo;
 use prometheus::IntCounter;
@@ -26,7 +24,7 @@ pub const QUEUE_LINES: usize = 8192;
 /// Where log lines go; cloned into every listener.
 #[derive(Clone)]
 pub struct AccessLog {
-    queue: SyncSender<Vec<u8>>,
+    queue: LineQueue,
     full: IntCounter,
 }
 
@@ -145,13 +143,12 @@ impl AccessLog {
         queue_lines: usize,
         metrics: &Metrics,
     ) -> io::Result<Self> {
-        let (queue, lines) = mpsc::sync_channel(queue_lines);
         let write_errors = metrics
             .access_log_dropped
             .with_label_values(&["write_error"]);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(&lines, sink, &write_errors))?;
+        let queue = LineQueue::spawn("access-log", sink, queue_lines, move |lines| {
+            write_errors.inc_by(lines)
+        })?;
         Ok(Self {
             queue,
             full: metrics
@@ -170,79 +167,11 @@ impl AccessLog {
             return;
         };
         line.push(b'\n');
-        match self.queue.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.full.inc(),
-            // The writer thread is gone only if the sink panicked; count the loss.
-            Err(TrySendError::Disconnected(_)) => self.full.inc(),
+        // A gone writer thread (its sink panicked) is counted as a full queue.
+        if self.queue.send(line).is_err() {
+            self.full.inc();
         }
     }
-}
-
-/// Bytes gathered before they are written even though more lines are queued.
-const BATCH_BYTES: usize = 64 * 1024;
-
-/// How long the writer thread sleeps once it has emptied the queue.
-pub const WRITER_POLL: Duration = Duration::from_millis(20);
-
-/// Empty polls in a row (about a second) after which the writer thread
-/// blocks until the next line.
-const IDLE_POLLS: u32 = 50;
-
-/// The writer thread: writes queued lines in batches, one batch whenever the
-/// queue runs empty (or the batch is large); ends once every [`AccessLog`]
-/// clone is dropped and the queue is drained.
-///
-/// While lines flow it polls (sleeping [`WRITER_POLL`] when there is nothing
-/// to write) rather than blocking in `recv`: with no receiver waiting, a
-/// sender's `try_send` never takes the channel's wake-up lock, so queueing a
-/// line stays a lock-free compare-and-swap on the worker. After
-/// [`IDLE_POLLS`] empty polls in a row it blocks in `recv` instead, so an idle
-/// proxy has no timer wake-ups; the first line after that pays one wake-up.
-fn write_lines(lines: &Receiver<Vec<u8>>, mut sink: Box<dyn Write + Send>, errors: &IntCounter) {
-    let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let mut count = 0u64;
-    let mut empty_polls = 0u32;
-    loop {
-        let next = if empty_polls >= IDLE_POLLS {
-            empty_polls = 0;
-            lines.recv().map_err(|_| TryRecvError::Disconnected)
-        } else {
-            lines.try_recv()
-        };
-        match next {
-            Ok(line) => {
-                empty_polls = 0;
-                batch.extend_from_slice(&line);
-                count += 1;
-                if batch.len() >= BATCH_BYTES {
-                    write_batch(&mut sink, &mut batch, count, errors);
-                    count = 0;
-                }
-            }
-            Err(TryRecvError::Empty) => {
-                write_batch(&mut sink, &mut batch, count, errors);
-                count = 0;
-                empty_polls += 1;
-                std::thread::sleep(WRITER_POLL);
-            }
-            Err(TryRecvError::Disconnected) => {
-                write_batch(&mut sink, &mut batch, count, errors);
-                return;
-            }
-        }
-    }
-}
-
-/// Writes and flushes `batch` (`count` lines), counting them as dropped if the sink fails.
-fn write_batch(sink: &mut dyn Write, batch: &mut Vec<u8>, count: u64, errors: &IntCounter) {
-    if count == 0 {
-        return;
-    }
-    if sink.write_all(batch).and_then(|()| sink.flush()).is_err() {
-        errors.inc_by(count);
-    }
-    batch.clear();
 }
 
 /// Seconds since the Unix epoch of a wall-clock time.
@@ -254,9 +183,10 @@ pub fn epoch_seconds(t: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Condvar, Mutex};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use super::*;
+    use lacewing_core::line_queue::{IDLE_POLLS, WRITER_POLL};
 
     #[derive(Default)]
     struct Gate {

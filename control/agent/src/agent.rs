@@ -1,6 +1,11 @@
 //! The stream to the control plane: hello, snapshots in, ACK/NACK out,
 //! reconnecting with exponential backoff and jitter while the control plane
 //! is away (the proxy keeps serving what it has meanwhile).
+//!
+//! A sidecar holding a join token (`lwjoin_…`) sends it on its first stream
+//! only: once its workload certificate is installed, every connection
+//! presents that certificate instead (the token is used up). One holding
+//! the shared bootstrap token sends it on every call.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +65,7 @@ impl Backoff {
 pub struct AgentOptions {
     /// The control plane, `HOST:PORT` (or `https://HOST:PORT`).
     pub control: String,
+    /// A join token, or the shared bootstrap token.
     pub token: String,
     /// The CA the control plane's API certificate must chain to (its
     /// `ca.pem`, found beside the bootstrap token).
@@ -106,6 +112,10 @@ impl std::fmt::Debug for Agent {
             .field("serving", &self.serving.version)
             .finish_non_exhaustive()
     }
+}
+
+fn discovery_client(channel: Channel) -> DiscoveryClient<Channel> {
+    DiscoveryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
 }
 
 /// Waits until `at`, or for ever.
@@ -183,6 +193,9 @@ impl Agent {
                         backoff = Backoff::default();
                     }
                 }
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    tracing::error!(error = %status.message(), "the control plane refused this sidecar");
+                }
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "control plane unreachable");
                 }
@@ -192,8 +205,13 @@ impl Agent {
         }
     }
 
-    fn authorized<T>(&self, message: T) -> Result<Request<T>, Status> {
+    /// `message` with the bearer token, unless the connection presents
+    /// the workload certificate.
+    fn authorized<T>(&self, message: T, with_certificate: bool) -> Result<Request<T>, Status> {
         let mut request = Request::new(message);
+        if with_certificate {
+            return Ok(request);
+        }
         let value = format!("Bearer {}", self.options.token)
             .parse()
             .map_err(|_| Status::invalid_argument("the token is not valid metadata"))?;
@@ -201,13 +219,40 @@ impl Agent {
         Ok(request)
     }
 
+    /// Whether the token is a join token (used once, then the certificate).
+    fn joins(&self) -> bool {
+        self.options.token.starts_with(api::JOIN_TOKEN_PREFIX)
+    }
+
+    /// The workload certificate to authenticate with: a joined sidecar's
+    /// installed one.
+    fn credential_certificate(&self) -> Option<lacewing_tls::Identity> {
+        if !self.joins() {
+            return None;
+        }
+        self.identity
+            .live()
+            .current()
+            .map(|material| material.identity.clone())
+    }
+
     /// Connects verifying the control plane with the mesh's trust bundle as
     /// the last snapshot gave it (it follows a root rotation), or else with
-    /// the CA file the sidecar was started with.
-    async fn connect(&self) -> Result<Channel, Status> {
+    /// the CA file the sidecar was started with; presenting `certificate`
+    /// when given.
+    async fn connect(
+        &self,
+        certificate: Option<&lacewing_tls::Identity>,
+    ) -> Result<Channel, Status> {
+        let presenting = |trust: lacewing_tls::api::ApiTrust| match certificate {
+            Some(identity) => trust.presenting(identity),
+            None => Ok(trust),
+        };
         let learned = self.identity.trust_bundle_pem();
         if !learned.is_empty() {
-            match lacewing_tls::api::ApiTrust::from_pem(learned, "the mesh trust bundle") {
+            match lacewing_tls::api::ApiTrust::from_pem(learned, "the mesh trust bundle")
+                .and_then(presenting)
+            {
                 Ok(trust) => match self.connect_with(&trust).await {
                     Ok(channel) => return Ok(channel),
                     Err(status) => {
@@ -217,7 +262,9 @@ impl Agent {
                 Err(error) => tracing::warn!(%error, "the mesh trust bundle is not usable"),
             }
         }
-        self.connect_with(&self.options.trust).await
+        let trust = presenting(self.options.trust.clone())
+            .map_err(|e| Status::invalid_argument(format!("the workload certificate: {e}")))?;
+        self.connect_with(&trust).await
     }
 
     async fn connect_with(&self, trust: &lacewing_tls::api::ApiTrust) -> Result<Channel, Status> {
@@ -236,8 +283,10 @@ impl Agent {
 
     /// One stream; returns whether any snapshot arrived on it.
     async fn session(&mut self) -> Result<bool, Status> {
-        let channel = self.connect().await?;
-        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let certificate = self.credential_certificate();
+        let mut with_certificate = certificate.is_some();
+        let channel = self.connect(certificate.as_ref()).await?;
+        let mut client = discovery_client(channel);
         let spec = &self.options.spec;
         let hello = api::Hello {
             node_id: spec.node_id.clone(),
@@ -256,10 +305,10 @@ impl Agent {
                 message: Some(api::sidecar_message::Message::Hello(hello)),
             })
             .await;
-        let request = self.authorized(ReceiverStream::new(rx))?;
+        let request = self.authorized(ReceiverStream::new(rx), with_certificate)?;
         let mut snapshots = client.stream(request).await?.into_inner();
         self.metrics.connected.set(1);
-        tracing::info!(control = %self.options.control, "connected to the control plane");
+        tracing::info!(control = %self.options.control, with_certificate, "connected to the control plane");
         let mut got = false;
         let mut saving = false;
         loop {
@@ -282,7 +331,10 @@ impl Agent {
             };
             got = true;
             let (version, revision) = (snapshot.version, snapshot.revision);
-            let answer = match self.take(&mut client, snapshot).await {
+            let answer = match self
+                .take(&mut client, &mut with_certificate, snapshot)
+                .await
+            {
                 Ok(()) => {
                     saving = true;
                     self.metrics.snapshots.with_label_values(&["ack"]).inc();
@@ -343,10 +395,14 @@ impl Agent {
         }
     }
 
-    /// Fetches what is missing, builds and publishes a snapshot.
+    /// Fetches what is missing, builds and publishes a snapshot. Modules
+    /// come over `client`; a sidecar that joined on this stream opens
+    /// another connection presenting its new certificate for them (its
+    /// token is used up).
     async fn take(
         &mut self,
         client: &mut DiscoveryClient<Channel>,
+        with_certificate: &mut bool,
         snapshot: api::Snapshot,
     ) -> Result<(), Refusal> {
         // The identity first: the configuration may need it for its TLS.
@@ -354,9 +410,25 @@ impl Agent {
             .take(&snapshot, &self.cache)
             .map_err(|e| Refusal::new("certificate", e.to_string()))?;
         for plugin in &snapshot.plugins {
-            if !self.cache.has_module(&plugin.sha256) {
-                self.fetch_module(client, &plugin.sha256).await?;
+            if self.cache.has_module(&plugin.sha256) {
+                continue;
             }
+            if self.joins() && !*with_certificate {
+                let certificate = self.credential_certificate().ok_or_else(|| {
+                    Refusal::new(
+                        "module_fetch",
+                        "modules are fetched with the workload certificate, and none is installed yet",
+                    )
+                })?;
+                let channel = self
+                    .connect(Some(&certificate))
+                    .await
+                    .map_err(|s| Refusal::new("module_fetch", s.message()))?;
+                *client = discovery_client(channel);
+                *with_certificate = true;
+            }
+            self.fetch_module(client, *with_certificate, &plugin.sha256)
+                .await?;
         }
         let config = translate(&snapshot, &self.options.spec, &self.cache)
             .map_err(|reason| Refusal::new("build", reason))?;
@@ -397,12 +469,16 @@ impl Agent {
     async fn fetch_module(
         &self,
         client: &mut DiscoveryClient<Channel>,
+        with_certificate: bool,
         sha256: &str,
     ) -> Result<(), Refusal> {
         let request = self
-            .authorized(api::FetchModuleRequest {
-                sha256: sha256.to_string(),
-            })
+            .authorized(
+                api::FetchModuleRequest {
+                    sha256: sha256.to_string(),
+                },
+                with_certificate,
+            )
             .map_err(|s| Refusal::new("module_fetch", s.message()))?;
         let fetch_error =
             |s: Status| Refusal::new("module_fetch", format!("module {sha256}: {}", s.message()));

@@ -14,3 +14,7 @@ pub const AUTHORIZATION: &str = "authorization";
 
 /// Bytes per module chunk, upload and download alike.
 pub const MODULE_CHUNK: usize = 64 * 1024;
+
+/// How a join token begins (`lacewing token create`), so the sidecar and
+/// the control plane tell it from the shared bootstrap token.
+pub const JOIN_TOKEN_PREFIX: &str = "lwjoin_";

@@ -4,6 +4,11 @@
 //! Handshakes run concurrently (a stalled one holds no other), each cut off
 //! after a timeout, at most [`MAX_PENDING_HANDSHAKES`] at once, and each is
 //! counted by outcome in `lacewing_control_tls_handshakes_total`.
+//!
+//! A client may present a certificate; one is verified against the mesh
+//! trust bundle (as it stands when the connection is accepted), and its
+//! SPIFFE ID travels with every call on the connection ([`ApiConnectInfo`]):
+//! a joined sidecar authenticates with it.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,7 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use lacewing_tls::{MeshCa, TlsError};
+use lacewing_tls::{MeshCa, SpiffeId, TlsError};
 
 use crate::roots::Roots;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -57,6 +62,10 @@ pub(crate) struct ApiCertificate {
     ca: Arc<MeshCa>,
     names: Vec<String>,
     lifetime: Duration,
+    /// The server identity, and the configuration made from it with the
+    /// trust bundle clients are verified against.
+    identity: lacewing_tls::Identity,
+    bundle: String,
     config: Arc<ServerConfig>,
     renew_at: SystemTime,
 }
@@ -69,15 +78,26 @@ impl ApiCertificate {
     ) -> Result<Self, TlsError> {
         let ca = roots.ca();
         let (identity, _) = ca.issue_server(&names, lifetime)?;
-        let config = lacewing_tls::api::api_server_config(&identity)?;
+        let bundle = roots.bundle_pem();
+        let config = Self::config(&identity, &bundle)?;
         Ok(Self {
             roots,
             ca,
             names,
             lifetime,
+            identity,
+            bundle,
             config,
             renew_at: SystemTime::now() + lifetime * 2 / 3,
         })
+    }
+
+    fn config(
+        identity: &lacewing_tls::Identity,
+        bundle: &str,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let clients = lacewing_tls::TrustBundle::from_pem(bundle)?;
+        lacewing_tls::api::api_server_config_with_clients(identity, &clients)
     }
 
     /// The configuration to accept with, renewed first when it is due (a
@@ -96,19 +116,52 @@ impl ApiCertificate {
                 }
             }
         }
+        let bundle = self.roots.bundle_pem();
+        if bundle != self.bundle {
+            match Self::config(&self.identity, &bundle) {
+                Ok(config) => {
+                    self.config = config;
+                    self.bundle = bundle;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot verify clients with the new trust bundle")
+                }
+            }
+        }
         self.config.clone()
     }
 }
 
-/// A TLS connection to the API, as tonic serves it.
-pub struct ApiStream(tokio_rustls::server::TlsStream<TcpStream>);
+/// A TLS connection to the API, as tonic serves it, with the SPIFFE ID of
+/// the client certificate it presented.
+pub struct ApiStream(tokio_rustls::server::TlsStream<TcpStream>, Option<SpiffeId>);
+
+/// What every call on a connection knows of it (a request extension).
+#[derive(Debug, Clone)]
+pub struct ApiConnectInfo {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    /// The SPIFFE ID of the verified client certificate, if one was
+    /// presented (and names one).
+    pub peer: Option<SpiffeId>,
+}
 
 impl tonic::transport::server::Connected for ApiStream {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ApiConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
+        ApiConnectInfo {
+            tcp: self.0.get_ref().0.connect_info(),
+            peer: self.1.clone(),
+        }
     }
+}
+
+/// The SPIFFE ID in the leaf the client presented (rustls verified the
+/// chain against the trust bundle).
+fn peer_id(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<SpiffeId> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let uris = lacewing_tls::uri_sans(leaf).ok()?;
+    uris.first()?.parse().ok()
 }
 
 impl AsyncRead for ApiStream {
@@ -193,7 +246,8 @@ pub(crate) fn incoming(
                 match result {
                     Ok(stream) => {
                         count("ok");
-                        let _ = tx.send(Ok(ApiStream(stream))).await;
+                        let peer = peer_id(&stream);
+                        let _ = tx.send(Ok(ApiStream(stream, peer))).await;
                     }
                     Err(outcome) => {
                         count(outcome);
@@ -249,6 +303,24 @@ mod tests {
             specific,
             ["localhost", "127.0.0.1", "::1", "10.1.2.3", "control.mesh"]
         );
+    }
+
+    #[test]
+    fn clients_are_verified_against_the_bundle_as_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = Arc::new(Roots::open(dir.path(), &crate::ca::CaOptions::default()).unwrap());
+        let mut certificate =
+            ApiCertificate::issue(roots.clone(), vec!["localhost".into()], API_CERT_LIFETIME)
+                .unwrap();
+        let steady = certificate.current();
+        assert!(Arc::ptr_eq(&steady, &certificate.current()));
+        // A rotation starts: the new root joins the bundle, and clients
+        // holding its certificates are verified from the next connection on.
+        roots.start(None, Duration::from_secs(60)).unwrap();
+        let trusting = certificate.current();
+        assert!(!Arc::ptr_eq(&steady, &trusting));
+        assert_eq!(certificate.bundle, roots.bundle_pem());
+        assert!(Arc::ptr_eq(&trusting, &certificate.current()));
     }
 
     #[test]

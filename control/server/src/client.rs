@@ -1,5 +1,5 @@
-//! The operator's client: what `lacewing apply`, `delete`, `get` and `status`
-//! do, callable from code (tests, the demo) as well as from the command line.
+//! The operator's client: what `lacewing apply`, `delete`, `get`, `status`,
+//! `root` and `token create` do, callable from code (tests, the demo) as well as from the command line.
 //! It reaches the control plane over TLS, verifying it with the mesh root
 //! (`ca.pem` beside the token file, see [`trust_beside`]).
 
@@ -249,6 +249,26 @@ impl Client {
         Ok(self
             .inner
             .rotate_root(self.request(request)?)
+            .await?
+            .into_inner())
+    }
+
+    /// A one-time join token for a sidecar of `namespace/service`, good for
+    /// `ttl` (`None`: the control plane's default, an hour).
+    pub async fn create_join_token(
+        &mut self,
+        service: &str,
+        namespace: &str,
+        ttl: Option<Duration>,
+    ) -> Result<api::JoinToken, ClientError> {
+        let request = api::CreateJoinTokenRequest {
+            service: service.to_string(),
+            namespace: namespace.to_string(),
+            ttl_ms: ttl.map_or(0, |ttl| (ttl.as_millis() as u64).max(1)),
+        };
+        Ok(self
+            .inner
+            .create_join_token(self.request(request)?)
             .await?
             .into_inner())
     }

@@ -1,7 +1,9 @@
 //! The `Discovery` service: each sidecar's stream (hello, then snapshots
 //! down and ACK/NACKs up) and module downloads. A CSR in the hello, or sent
 //! later on the stream, is signed by the mesh CA and the certificate travels
-//! in the next snapshot with the trust bundle.
+//! in the next snapshot with the trust bundle. The hello is admitted first
+//! ([`crate::join`]): the service it names must be the one its credential
+//! allows.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,6 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::join::{Admission, Credential};
 use crate::mesh_tls::{MeshTlsSettings, TlsRules};
 use crate::push::Built;
 use crate::roots::Roots;
@@ -24,6 +27,7 @@ pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Se
 
 pub struct Discovery {
     shared: Arc<Shared>,
+    admission: Admission,
     /// The index of the latest change, built by the first stream that needs it.
     index: Arc<Mutex<Arc<Index>>>,
     identity: Arc<StreamIdentity>,
@@ -120,6 +124,12 @@ impl std::fmt::Debug for Discovery {
 impl Discovery {
     pub fn new(shared: Arc<Shared>, roots: Arc<Roots>, settings: MeshTlsSettings) -> Self {
         Self {
+            admission: Admission {
+                store: shared.store.clone(),
+                trust_domain: settings.trust_domain.clone(),
+                refusals: shared.metrics.token_refusals.clone(),
+                registrations: shared.metrics.registrations.clone(),
+            },
             shared,
             index: Arc::new(Mutex::new(Arc::new(Index::unbuilt()))),
             identity: Arc::new(StreamIdentity {
@@ -139,6 +149,7 @@ impl Discovery {
         request: Request<Streaming<api::SidecarMessage>>,
         message: SnapshotMessage<T>,
     ) -> Result<Response<BoxStream<T>>, Status> {
+        let credential = request.extensions().get::<Credential>().cloned();
         let mut incoming = request.into_inner();
         let hello = match incoming.next().await {
             Some(Ok(api::SidecarMessage {
@@ -152,6 +163,7 @@ impl Discovery {
             }
         };
         check_hello(&hello)?;
+        self.admission.admit(credential.as_ref(), &hello).await?;
         let identity = self.identity.clone();
         let certificate = hello
             .certificate_request
@@ -192,13 +204,15 @@ fn index_at(shared: &Shared, cache: &Mutex<Arc<Index>>, epoch: u64) -> Arc<Index
     cached.clone()
 }
 
+/// Whether `s` may name a service or a namespace: 1-63 of `a-z0-9-`.
+pub(crate) fn name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 fn check_hello(hello: &api::Hello) -> Result<(), Status> {
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
     if hello.node_id.is_empty() || hello.node_id.len() > 253 {
         return Err(Status::invalid_argument(
             "hello: node_id must be 1-253 characters",
@@ -249,6 +263,16 @@ impl api::discovery_server::Discovery for Discovery {
         &self,
         request: Request<api::FetchModuleRequest>,
     ) -> Result<Response<Self::FetchModuleStream>, Status> {
+        if let Some(Credential::Join(_)) = request.extensions().get::<Credential>() {
+            self.shared
+                .metrics
+                .token_refusals
+                .with_label_values(&["join", "not_for_modules"])
+                .inc();
+            return Err(Status::unauthenticated(
+                "a join token only registers a sidecar: modules are fetched with its workload certificate",
+            ));
+        }
         let sha256 = request.into_inner().sha256;
         let bytes = self
             .shared

@@ -5,6 +5,10 @@
 //! The [`ca`] (root kept in the state directory) signs workload CSRs; the
 //! [`roots`] rotate it, both roots trusted during the overlap.
 //!
+//! A sidecar is admitted ([`join`]) with a one-time join token for its
+//! service, then with its workload certificate; or with the shared
+//! bootstrap token unless that is turned off.
+//!
 //! One listener serves the `Operator` and `Discovery` gRPC services and
 //! `/metrics` (HTTP/1.1), over TLS only ([`api_tls`]): its certificate is
 //! issued by the mesh CA, whose root clients find in `STATE_DIR/ca.pem`.
@@ -14,6 +18,7 @@ pub mod ca;
 pub mod client;
 pub mod discovery;
 pub mod first_party;
+pub mod join;
 pub mod mesh_tls;
 pub mod metrics;
 pub mod operator;
@@ -71,6 +76,7 @@ pub struct ControlPlane {
     tls: mesh_tls::MeshTlsSettings,
     api_certificate: api_tls::ApiCertificate,
     handshake_timeout: std::time::Duration,
+    shared_bootstrap: bool,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -147,7 +153,16 @@ impl ControlPlane {
             },
             api_certificate,
             handshake_timeout: ca_options.handshake_timeout,
+            shared_bootstrap: true,
         })
+    }
+
+    /// Whether sidecars may authenticate with the shared bootstrap token
+    /// (yes by default); without it, only join tokens and workload
+    /// certificates admit a sidecar.
+    pub fn with_shared_bootstrap(mut self, allowed: bool) -> Self {
+        self.shared_bootstrap = allowed;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -176,7 +191,11 @@ impl ControlPlane {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let operator = api::operator_server::OperatorServer::with_interceptor(
-            operator::Operator::new(self.shared.clone(), self.roots.clone()),
+            operator::Operator::new(
+                self.shared.clone(),
+                self.roots.clone(),
+                &self.tls.trust_domain,
+            ),
             RequireToken::new(&self.operator_token, "operator")
                 .counted(self.shared.metrics.token_refusals.clone()),
         );
@@ -186,8 +205,11 @@ impl ControlPlane {
                 self.roots.clone(),
                 self.tls.clone(),
             )),
-            RequireToken::new(&self.bootstrap_token, "bootstrap")
-                .counted(self.shared.metrics.token_refusals.clone()),
+            join::DiscoveryAuth::new(
+                &self.bootstrap_token,
+                self.shared_bootstrap,
+                self.shared.metrics.token_refusals.clone(),
+            ),
         );
         tokio::spawn(roots::drive(self.roots.clone(), self.shared.clone()));
         let metrics = self.shared.metrics.clone();

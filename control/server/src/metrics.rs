@@ -29,9 +29,13 @@ pub struct ControlMetrics {
     pub module_downloads: IntCounter,
     /// TLS handshakes on the API port by outcome (`ok` or why not).
     pub tls_handshakes: IntCounterVec,
-    /// Calls refused for their bearer token, by role (`operator`,
-    /// `bootstrap`) and reason (`missing`, `wrong`).
+    /// Calls refused for their credential, by role (`operator`,
+    /// `bootstrap`, `join`, `workload`) and reason (`missing`, `wrong`,
+    /// `disabled`, `unknown`, `expired`, `replayed`, `wrong_service`,
+    /// `not_for_modules`).
     pub token_refusals: IntCounterVec,
+    /// Sidecar streams admitted, by credential (`certificate`, `join`, `shared`).
+    pub registrations: IntCounterVec,
     /// Roots in the trust bundle (two while the root rotates).
     pub roots: IntGauge,
     /// Root rotations completed (the old root left the bundle).
@@ -107,9 +111,17 @@ impl ControlMetrics {
         let token_refusals = IntCounterVec::new(
             Opts::new(
                 "lacewing_control_token_refusals_total",
-                "Calls refused for their bearer token, by role (operator, bootstrap) and reason (missing, wrong).",
+                "Calls refused for their credential, by role (operator, bootstrap, join, workload) and reason (missing, wrong, disabled, unknown, expired, replayed, wrong_service, not_for_modules).",
             ),
             &["role", "reason"],
+        )
+        .expect("valid metric");
+        let registrations = IntCounterVec::new(
+            Opts::new(
+                "lacewing_control_registrations_total",
+                "Sidecar streams admitted, by credential (certificate, join, shared).",
+            ),
+            &["credential"],
         )
         .expect("valid metric");
         let roots = IntGauge::new(
@@ -133,6 +145,7 @@ impl ControlMetrics {
             Box::new(module_downloads.clone()),
             Box::new(tls_handshakes.clone()),
             Box::new(token_refusals.clone()),
+            Box::new(registrations.clone()),
             Box::new(roots.clone()),
             Box::new(root_rotations.clone()),
         ] {
@@ -152,6 +165,7 @@ impl ControlMetrics {
             root_rotations,
             tls_handshakes,
             token_refusals,
+            registrations,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The `Operator` service: module upload, apply (validated, then committed
-//! atomically), get, status, and waiting for sidecars to take a version.
+//! atomically), get, status, waiting for sidecars to take a version, root
+//! rotation, and join tokens for sidecars.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -23,6 +24,8 @@ pub const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
 pub struct Operator {
     shared: Arc<Shared>,
     roots: Arc<Roots>,
+    /// The SPIFFE IDs join tokens name are in it.
+    trust_domain: String,
 }
 
 impl std::fmt::Debug for Operator {
@@ -32,8 +35,12 @@ impl std::fmt::Debug for Operator {
 }
 
 impl Operator {
-    pub fn new(shared: Arc<Shared>, roots: Arc<Roots>) -> Self {
-        Self { shared, roots }
+    pub fn new(shared: Arc<Shared>, roots: Arc<Roots>, trust_domain: &str) -> Self {
+        Self {
+            shared,
+            roots,
+            trust_domain: trust_domain.to_string(),
+        }
     }
 }
 
@@ -386,6 +393,62 @@ impl api::operator_server::Operator for Operator {
             self.shared.changed();
         }
         Ok(Response::new(self.roots.status(&self.shared)))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<api::CreateJoinTokenRequest>,
+    ) -> Result<Response<api::JoinToken>, Status> {
+        let request = request.into_inner();
+        let namespace = match request.namespace.as_str() {
+            "" => "default".to_string(),
+            other => other.to_string(),
+        };
+        for (what, name) in [("service", &request.service), ("namespace", &namespace)] {
+            if !crate::discovery::name_ok(name) {
+                return Err(Status::invalid_argument(format!(
+                    "`{name}` is not a {what} name (1-63 of a-z, 0-9, -)"
+                )));
+            }
+        }
+        let ttl = match request.ttl_ms {
+            0 => crate::join::DEFAULT_JOIN_TTL,
+            ms => Duration::from_millis(ms),
+        };
+        if ttl > crate::join::MAX_JOIN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "a join token lives at most {} days",
+                crate::join::MAX_JOIN_TTL.as_secs() / 86400
+            )));
+        }
+        let spiffe_id =
+            lacewing_tls::SpiffeId::new(&self.trust_domain, &namespace, &request.service)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let token = crate::join::new_token();
+        let created_ms = crate::state::now_ms();
+        let record = crate::store::JoinRecord {
+            namespace: namespace.clone(),
+            service: request.service.clone(),
+            created_ms,
+            expires_ms: created_ms.saturating_add(ttl.as_millis() as u64),
+            used_ms: 0,
+            used_by: String::new(),
+        };
+        let expires_ms = record.expires_ms;
+        let store = self.shared.store.clone();
+        let sha256 = crate::join::token_sha256(&token);
+        tokio::task::spawn_blocking(move || store.put_join_token(&sha256, &record))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(internal)?;
+        tracing::info!(id = %spiffe_id, expires_ms, "join token created");
+        Ok(Response::new(api::JoinToken {
+            token,
+            service: request.service,
+            namespace,
+            expires_ms,
+            spiffe_id: spiffe_id.uri(),
+        }))
     }
 
     async fn wait_version(

@@ -1,6 +1,7 @@
 //! Bearer tokens: written once to the state directory (0600), checked on
-//! every call. `operator.token` guards the Operator service,
-//! `bootstrap.token` the Discovery service sidecars use.
+//! every call. `operator.token` guards the Operator service;
+//! `bootstrap.token` is the shared token sidecars may use on the Discovery
+//! service (see [`crate::join`] for what else admits a sidecar).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -35,7 +36,7 @@ pub fn load_or_create(path: &Path) -> std::io::Result<String> {
 
 /// Writes `contents` to `path` with permissions `mode`, through a temporary
 /// file renamed into place (a crash leaves the old file or the new one).
-pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
@@ -61,7 +62,7 @@ pub fn read(path: &Path) -> std::io::Result<String> {
 }
 
 /// Equal in constant time for equal lengths.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -10,6 +10,7 @@ pub mod callout;
 pub mod drain;
 pub mod error;
 pub mod filter;
+pub mod line_queue;
 pub mod metrics;
 pub mod stream;
 

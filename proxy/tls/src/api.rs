@@ -1,8 +1,10 @@
 //! TLS for the control plane's own API (the `Operator` and `Discovery`
 //! services): the server presents a certificate from the mesh CA naming the
 //! addresses it is reached at; clients (`lacewing apply`, sidecars) verify
-//! it against the mesh root they were given (`ca.pem`). Authentication of
-//! the client stays with its bearer token: no client certificate is asked.
+//! it against the mesh root they were given (`ca.pem`). A client
+//! authenticates with a bearer token, or (a sidecar that joined the mesh)
+//! with its workload certificate: the server asks for one, optionally, and
+//! verifies it against the mesh trust bundle.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -13,6 +15,7 @@ use std::task::{Context, Poll};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
+use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, ClientConfig, ServerConfig};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -25,6 +28,26 @@ pub fn api_server_config(identity: &Identity) -> Result<Arc<ServerConfig>, TlsEr
     let mut config = ServerConfig::builder_with_provider(crate::config::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// [`api_server_config`], also asking clients for a certificate: one that
+/// is presented must chain to `clients` (the mesh trust bundle), and a
+/// client that presents none is served too (it authenticates otherwise).
+pub fn api_server_config_with_clients(
+    identity: &Identity,
+    clients: &TrustBundle,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = crate::config::provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(clients.roots().clone(), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
@@ -59,6 +82,7 @@ pub enum ApiConnectError {
 #[derive(Clone)]
 pub struct ApiTrust {
     config: Arc<ClientConfig>,
+    roots: Arc<rustls::RootCertStore>,
     source: Arc<str>,
 }
 
@@ -74,19 +98,38 @@ impl ApiTrust {
     /// Trusts the root certificate(s) in `pem`; `source` names them in errors.
     pub fn from_pem(pem: &str, source: &str) -> Result<Self, TlsError> {
         let trust = TrustBundle::from_pem(pem)?;
+        Self::build(trust.roots().clone(), source.into(), None)
+    }
+
+    /// The same trust, presenting `identity` (a workload certificate) to
+    /// the control plane when it asks for a client certificate.
+    pub fn presenting(&self, identity: &Identity) -> Result<Self, TlsError> {
+        Self::build(self.roots.clone(), self.source.clone(), Some(identity))
+    }
+
+    fn build(
+        roots: Arc<rustls::RootCertStore>,
+        source: Arc<str>,
+        identity: Option<&Identity>,
+    ) -> Result<Self, TlsError> {
         let provider = crate::config::provider();
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(trust.roots().clone(), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Certificate(e.to_string()))?;
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_webpki_verifier(verifier)
-            .with_no_client_auth();
+            .with_webpki_verifier(verifier);
+        let mut config = match identity {
+            Some(identity) => {
+                builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?
+            }
+            None => builder.with_no_client_auth(),
+        };
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Self {
             config: Arc::new(config),
-            source: source.into(),
+            roots,
+            source,
         })
     }
 
@@ -287,6 +330,62 @@ mod tests {
         );
         let port = only_localhost.rsplit_once(':').unwrap().1;
         trust.connect(&format!("localhost:{port}")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_may_present_a_workload_certificate_the_server_verifies() {
+        let (ca, _) = MeshCa::generate("mesh.local").unwrap();
+        let (names, lifetime) = (
+            ["127.0.0.1".to_string()],
+            std::time::Duration::from_secs(600),
+        );
+        let (server_identity, _) = ca.issue_server(&names, lifetime).unwrap();
+        let bundle = TrustBundle::from_pem(ca.root_pem()).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            api_server_config_with_clients(&server_identity, &bundle).unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, mut peers) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let peer = match acceptor.accept(tcp).await {
+                    Ok(tls) => Ok(tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| crate::uri_sans(leaf).unwrap())),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx.send(peer);
+            }
+        });
+        let trust = ApiTrust::from_pem(ca.root_pem(), "ca.pem").unwrap();
+        // No certificate: served all the same.
+        trust.connect(&addr).await.unwrap();
+        assert_eq!(peers.recv().await.unwrap(), Ok(None));
+
+        let id = crate::SpiffeId::new("mesh.local", "default", "orders").unwrap();
+        let key = crate::WorkloadKey::generate().unwrap();
+        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+        let workload = key.identity(&issued.cert_pem).unwrap();
+        let mut tls = trust
+            .presenting(&workload)
+            .unwrap()
+            .connect(&addr)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::flush(&mut tls).await.unwrap();
+        assert_eq!(peers.recv().await.unwrap(), Ok(Some(vec![id.uri()])));
+
+        // A certificate from another CA is refused.
+        let (other, _) = MeshCa::generate("mesh.local").unwrap();
+        let key = crate::WorkloadKey::generate().unwrap();
+        let issued = other.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+        let stranger = key.identity(&issued.cert_pem).unwrap();
+        let _ = trust.presenting(&stranger).unwrap().connect(&addr).await;
+        assert!(peers.recv().await.unwrap().is_err());
     }
 
     #[test]

@@ -59,6 +59,13 @@ impl HostMetrics {
         if let Err(e) = registry.register(Box::new(m.durations.clone())) {
             tracing::warn!("wasm host metric not exported: {e}");
         }
+        // One process-wide counter, exported by every registry that hosts plugins.
+        let dropped = crate::plugin_log::DROPPED.clone();
+        if let Err(e) = registry.register(Box::new(dropped))
+            && !matches!(e, prometheus::Error::AlreadyReg)
+        {
+            tracing::warn!("wasm host metric not exported: {e}");
+        }
         m
     }
 

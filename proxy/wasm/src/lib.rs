@@ -18,6 +18,7 @@ mod host_metrics;
 mod hostcalls;
 mod memory;
 mod plugin;
+pub mod plugin_log;
 pub mod plugin_metrics;
 pub mod queues;
 pub mod shared_data;

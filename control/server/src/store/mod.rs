@@ -1,6 +1,7 @@
 //! Where the control plane keeps the mesh: documents (as JSON, with the
-//! version that wrote each) and modules (by sha256), behind [`Store`] so a
-//! replicated backend can take the embedded one's place.
+//! version that wrote each), modules (by sha256) and join tokens (by the
+//! sha256 of the token, never the token), behind [`Store`] so a replicated
+//! backend can take the embedded one's place.
 
 mod redb;
 
@@ -22,6 +23,37 @@ pub enum Change {
     Put { key: String, json: String },
     Delete { key: String },
 }
+
+/// A join token as kept: the sha256 of the token is its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRecord {
+    pub namespace: String,
+    pub service: String,
+    /// Unix milliseconds.
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// When it was used (0: not yet), and by which node.
+    pub used_ms: u64,
+    pub used_by: String,
+}
+
+/// What redeeming a join token found. Only [`Redeemed::Joined`] changed
+/// the store (the token is used from then on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeemed {
+    Joined(JoinRecord),
+    /// No token has this hash (never created, or long expired and dropped).
+    Unknown,
+    Expired(JoinRecord),
+    /// Used already (the record says when and by whom).
+    Replayed(JoinRecord),
+    /// For another service or namespace; left unused.
+    WrongService(JoinRecord),
+}
+
+/// How long an expired join token is kept (to say "expired" rather than
+/// "unknown") before a later [`Store::put_join_token`] drops it.
+pub const EXPIRED_JOIN_TOKENS_KEPT_MS: u64 = 24 * 3600 * 1000;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,4 +81,19 @@ pub trait Store: Send + Sync + 'static {
     fn put_module(&self, sha256: &str, bytes: &[u8]) -> Result<bool, StoreError>;
     fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn has_module(&self, sha256: &str) -> Result<bool, StoreError>;
+    /// Keeps a new join token under `sha256` (hex, of the token), dropping
+    /// the tokens that expired more than [`EXPIRED_JOIN_TOKENS_KEPT_MS`]
+    /// before `record.created_ms`.
+    fn put_join_token(&self, sha256: &str, record: &JoinRecord) -> Result<(), StoreError>;
+    /// In one transaction: marks the token `sha256` used by `node` at
+    /// `now_ms` if it exists, is unused, has not expired and is for
+    /// `namespace/service`; otherwise changes nothing and says why.
+    fn redeem_join_token(
+        &self,
+        sha256: &str,
+        namespace: &str,
+        service: &str,
+        node: &str,
+        now_ms: u64,
+    ) -> Result<Redeemed, StoreError>;
 }

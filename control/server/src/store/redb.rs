@@ -6,11 +6,17 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Change, Store, StoreError, StoredDoc};
+use super::{
+    Change, EXPIRED_JOIN_TOKENS_KEPT_MS, JoinRecord, Redeemed, Store, StoreError, StoredDoc,
+};
 
 const DOCUMENTS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("documents");
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// sha256 (hex) of a join token → (namespace, service, created, expires,
+/// used (Unix ms, 0: not yet), used by).
+type JoinRow<'a> = (&'a str, &'a str, u64, u64, u64, &'a str);
+const JOIN_TOKENS: TableDefinition<&str, JoinRow> = TableDefinition::new("join_tokens");
 const VERSION: &str = "version";
 
 /// [`Store`] on a redb database file.
@@ -37,10 +43,35 @@ impl RedbStore {
             txn.open_table(DOCUMENTS).map_err(backend)?;
             txn.open_table(MODULES).map_err(backend)?;
             txn.open_table(META).map_err(backend)?;
+            txn.open_table(JOIN_TOKENS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         Ok(Self { db })
     }
+}
+
+fn join_record(
+    (namespace, service, created_ms, expires_ms, used_ms, used_by): JoinRow,
+) -> JoinRecord {
+    JoinRecord {
+        namespace: namespace.to_string(),
+        service: service.to_string(),
+        created_ms,
+        expires_ms,
+        used_ms,
+        used_by: used_by.to_string(),
+    }
+}
+
+fn join_row(r: &JoinRecord) -> JoinRow<'_> {
+    (
+        &r.namespace,
+        &r.service,
+        r.created_ms,
+        r.expires_ms,
+        r.used_ms,
+        &r.used_by,
+    )
 }
 
 impl Store for RedbStore {
@@ -124,6 +155,61 @@ impl Store for RedbStore {
         let modules = txn.open_table(MODULES).map_err(backend)?;
         Ok(modules.get(sha256).map_err(backend)?.is_some())
     }
+
+    fn put_join_token(&self, sha256: &str, record: &JoinRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut tokens = txn.open_table(JOIN_TOKENS).map_err(backend)?;
+            let horizon = record
+                .created_ms
+                .saturating_sub(EXPIRED_JOIN_TOKENS_KEPT_MS);
+            tokens
+                .retain(|_, (_, _, _, expires_ms, _, _)| expires_ms >= horizon)
+                .map_err(backend)?;
+            tokens.insert(sha256, join_row(record)).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn redeem_join_token(
+        &self,
+        sha256: &str,
+        namespace: &str,
+        service: &str,
+        node: &str,
+        now_ms: u64,
+    ) -> Result<Redeemed, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let redeemed;
+        {
+            let mut tokens = txn.open_table(JOIN_TOKENS).map_err(backend)?;
+            let Some(record) = tokens
+                .get(sha256)
+                .map_err(backend)?
+                .map(|row| join_record(row.value()))
+            else {
+                return Ok(Redeemed::Unknown);
+            };
+            if record.used_ms != 0 {
+                return Ok(Redeemed::Replayed(record));
+            }
+            if now_ms >= record.expires_ms {
+                return Ok(Redeemed::Expired(record));
+            }
+            if record.namespace != namespace || record.service != service {
+                return Ok(Redeemed::WrongService(record));
+            }
+            let used = JoinRecord {
+                used_ms: now_ms.max(1),
+                used_by: node.to_string(),
+                ..record
+            };
+            tokens.insert(sha256, join_row(&used)).map_err(backend)?;
+            redeemed = Redeemed::Joined(used);
+        }
+        txn.commit().map_err(backend)?;
+        Ok(redeemed)
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +268,63 @@ mod tests {
         ));
         let (version, docs) = store.documents().unwrap();
         assert_eq!((version, docs.len(), docs[0].json.as_str()), (1, 1, "1"));
+    }
+
+    fn token(service: &str, created_ms: u64, expires_ms: u64) -> JoinRecord {
+        JoinRecord {
+            namespace: "default".into(),
+            service: service.into(),
+            created_ms,
+            expires_ms,
+            used_ms: 0,
+            used_by: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_join_token_is_redeemed_once_for_its_service_before_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store
+                .put_join_token("aa", &token("orders", 10, 100))
+                .unwrap();
+            store
+                .put_join_token("bb", &token("orders", 10, 50))
+                .unwrap();
+            let redeem = |sha: &str, service: &str, now: u64| {
+                store
+                    .redeem_join_token(sha, "default", service, "orders-1", now)
+                    .unwrap()
+            };
+            assert!(
+                matches!(redeem("aa", "payments", 20), Redeemed::WrongService(r) if r.used_ms == 0)
+            );
+            assert!(matches!(redeem("bb", "orders", 50), Redeemed::Expired(_)));
+            assert_eq!(redeem("cc", "orders", 20), Redeemed::Unknown);
+            assert!(matches!(redeem("aa", "orders", 20), Redeemed::Joined(r) if r.used_ms == 20));
+        }
+        // Used, and still so after reopening.
+        let store = RedbStore::open(&path).unwrap();
+        match store
+            .redeem_join_token("aa", "default", "orders", "orders-2", 30)
+            .unwrap()
+        {
+            Redeemed::Replayed(r) => assert_eq!((r.used_ms, r.used_by.as_str()), (20, "orders-1")),
+            other => panic!("{other:?}"),
+        }
+        // Long expired tokens are dropped when another is made.
+        let later = 50 + EXPIRED_JOIN_TOKENS_KEPT_MS + 1;
+        store
+            .put_join_token("dd", &token("orders", later, later + 10))
+            .unwrap();
+        assert_eq!(
+            store
+                .redeem_join_token("bb", "default", "orders", "n", later)
+                .unwrap(),
+            Redeemed::Unknown
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `proxy_log` and `proxy_get_log_level`: module logs go to `tracing` with the plugin name.
+//! `proxy_log` and `proxy_get_log_level`: module logs go to the process log
+//! with the plugin name (see [`crate::plugin_log`]).
 
 use lacewing_abi::{LogLevel, Status};
 use wasmtime::{Caller, Linker};
@@ -48,17 +49,6 @@ fn log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> Ho
     if (level as u32) < (state.plugin.host.log_level as u32) {
         return Ok(());
     }
-    emit(&state.plugin.name, level, &String::from_utf8_lossy(message));
+    crate::plugin_log::emit(&state.plugin.name, level, message);
     Ok(())
-}
-
-/// Writes one plugin log line at the matching `tracing` level.
-pub(crate) fn emit(plugin: &str, level: LogLevel, message: &str) {
-    match level {
-        LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-        LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-        LogLevel::Info => tracing::info!(plugin, "{message}"),
-        LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-        LogLevel::Error | LogLevel::Critical => tracing::error!(plugin, "{message}"),
-    }
 }

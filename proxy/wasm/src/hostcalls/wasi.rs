@@ -248,7 +248,7 @@ fn fd_write(
     let written = text.len() as u32;
     let message = String::from_utf8_lossy(&text);
     for line in message.lines().filter(|l| !l.is_empty()) {
-        super::log::emit(&state.plugin.name, level, line);
+        crate::plugin_log::emit(&state.plugin.name, level, line.as_bytes());
     }
     errno(memory::write(data, ret_written, &written.to_le_bytes()))
 }

@@ -3,6 +3,7 @@
 //! | case | what it does | reported as |
 //! |---|---|---|
 //! | `log` | logs at every level, reads the host log level | `x-log-status`, `x-log-level` |
+//! | `log-controls` | logs a line with a terminal escape, a line break and invalid UTF-8 at info | `x-log-status` |
 //! | `time` | reads the host clock | `x-current-time-ns` |
 //! | `config` | echoes VM and plugin configuration | `x-vm-config`, `x-plugin-config` |
 //! | `headers` | get/set/add/replace/remove request headers | `x-got-in`, `x-check-*`, `x-status-missing-header`, `x-request-pseudo` |
@@ -815,6 +816,11 @@ impl HttpContext for ConformanceHttp {
         }
         if self.has("trap-once") {
             self.run_trap_once();
+        }
+        if self.has("log-controls") {
+            let message = b"conformance-filter: \x1b[2Jcleared\nforged line \xff";
+            let status = raw::log_bytes(LogLevel::Info, message);
+            self.report("x-log-status", raw::status_name(status));
         }
         if self.has("log") {
             self.run_log();

@@ -5,6 +5,7 @@
 //! statuses call the imports themselves. Statuses are plain `u32` here because
 //! the SDK's `Status` enum has no variant for some values a host may return.
 
+use proxy_wasm::types::LogLevel;
 use std::ptr::null_mut;
 
 #[link(wasm_import_module = "env")]
@@ -135,6 +136,12 @@ pub fn header_value_with_out_of_bounds_return(key: &str) -> u32 {
 pub fn log_with_out_of_bounds_message() -> u32 {
     // SAFETY: the message pointer is deliberately invalid; the host must check it.
     unsafe { proxy_log(2, OUT_OF_BOUNDS as *const u8, 1024) }
+}
+
+/// `proxy_log` with any bytes, valid UTF-8 or not (the SDK takes `&str`).
+pub fn log_bytes(level: LogLevel, message: &[u8]) -> u32 {
+    // SAFETY: the message lives across the call.
+    unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) }
 }
 
 /// `proxy_get_header_map_pairs` on a map type the ABI does not define.
