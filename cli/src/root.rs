@@ -1,5 +1,5 @@
-//! `lacewing root`: rotates the mesh root (`rotate`, `finish`) and shows
-//! where a rotation stands (`status`).
+//! `lacewing root`: rotates the mesh root (`rotate`, `finish`, `forget`)
+//! and shows where a rotation stands (`status`).
 
 use std::path::PathBuf;
 
@@ -20,9 +20,19 @@ pub enum RootCommand {
     /// trust bundle; once every sidecar holds the bundle it signs, and the
     /// old root leaves after the overlap.
     Rotate(RotateArgs),
-    /// End the overlap now: the old root leaves the bundle as soon as every
-    /// sidecar holds a certificate of the new one.
+    /// End the overlap now: the old root leaves the bundle as soon as no
+    /// sidecar may still present a certificate of it.
     Finish {
+        #[command(flatten)]
+        flags: ControlFlags,
+    },
+    /// Forget disconnected sidecars known to be gone for good: a rotation
+    /// no longer waits for them (it otherwise does until their certificates
+    /// expire). A connected sidecar is refused.
+    Forget {
+        /// The sidecars, by node (as `lacewing status` lists them).
+        #[arg(required = true)]
+        nodes: Vec<String>,
         #[command(flatten)]
         flags: ControlFlags,
     },
@@ -67,6 +77,7 @@ pub fn run(args: &RootArgs) -> anyhow::Result<()> {
                 overlap_ms: overlap.as_millis().max(1) as u64,
                 root_cert_pem: read(&rotate.cert)?,
                 root_key_pem: read(&rotate.key)?,
+                node_ids: Vec::new(),
             };
             (&rotate.flags, request)
         }
@@ -74,6 +85,14 @@ pub fn run(args: &RootArgs) -> anyhow::Result<()> {
             flags,
             api::RotateRootRequest {
                 action: api::rotate_root_request::Action::Finish as i32,
+                ..Default::default()
+            },
+        ),
+        RootCommand::Forget { nodes, flags } => (
+            flags,
+            api::RotateRootRequest {
+                action: api::rotate_root_request::Action::Forget as i32,
+                node_ids: nodes.clone(),
                 ..Default::default()
             },
         ),
@@ -108,5 +127,17 @@ pub fn print_rotation(rotation: &api::RootRotation) {
     }
     if !rotation.waiting_for.is_empty() {
         println!("  waiting for {}", rotation.waiting_for);
+    }
+    for wait in &rotation.waiting_sidecars {
+        let state = if wait.connected {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        let expiry = match wait.cert_not_after_ms {
+            0 => "expiry unknown".to_string(),
+            ms => format!("expires {}", crate::mesh::expires(ms)),
+        };
+        println!("    {} ({state}; certificate {expiry})", wait.node_id);
     }
 }

@@ -198,6 +198,7 @@ async fn simulated(
             // Simulated sidecars ask for no certificate.
             certificate_request: None,
             certificate_root_sha256: String::new(),
+            certificate_not_after_ms: 0,
         })),
     })
     .await?;

@@ -297,6 +297,7 @@ impl Agent {
             serving_version: self.serving.version,
             certificate_request: self.certificate_request(),
             certificate_root_sha256: self.identity.certificate_root().to_string(),
+            certificate_not_after_ms: self.identity.certificate_not_after_ms(),
         };
         let (tx, rx) = mpsc::channel(8);
         let _ = tx

@@ -70,6 +70,13 @@ impl WorkloadIdentity {
             .map_or("", |(_, cert)| cert.root_sha256.as_str())
     }
 
+    /// When the certificate in use expires (Unix ms; 0: none).
+    pub fn certificate_not_after_ms(&self) -> u64 {
+        self.current
+            .as_ref()
+            .map_or(0, |(_, cert)| cert.not_after_ms)
+    }
+
     /// The trust bundle in use, PEM (empty: none yet).
     pub fn trust_bundle_pem(&self) -> &str {
         self.current
@@ -307,6 +314,39 @@ mod tests {
             restarted.live().current().unwrap().identity.leaf(),
             installed.identity.leaf()
         );
+    }
+
+    #[test]
+    fn a_snapshot_naming_another_signing_root_asks_for_a_certificate_at_once() {
+        let (ca, _) = MeshCa::generate("lacewing.local").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let mut identity = WorkloadIdentity::new(LiveIdentity::new());
+        let request = identity.request("default", "orders").unwrap().unwrap();
+        let mut snapshot = answer(&ca, &request, "orders");
+        snapshot.signing_root_sha256 = "old".into();
+        snapshot.certificate.as_mut().unwrap().root_sha256 = "old".into();
+        assert!(identity.take(&snapshot, &cache).unwrap());
+        assert!(!identity.wants_certificate(), "not due before two thirds");
+        let not_after = snapshot.certificate.as_ref().unwrap().not_after_ms;
+        assert_eq!(identity.certificate_not_after_ms(), not_after);
+        assert_eq!(identity.certificate_root(), "old");
+
+        // The next snapshot (no certificate in it) names a new signing root.
+        let next = api::Snapshot {
+            trust_domain: "lacewing.local".into(),
+            signing_root_sha256: "new".into(),
+            ..Default::default()
+        };
+        assert!(!identity.take(&next, &cache).unwrap());
+        assert!(identity.wants_certificate());
+        // A snapshot naming no root (an older control plane) changes nothing.
+        let silent = api::Snapshot {
+            trust_domain: "lacewing.local".into(),
+            ..Default::default()
+        };
+        identity.take(&silent, &cache).unwrap();
+        assert!(identity.wants_certificate());
     }
 
     #[test]

@@ -344,6 +344,7 @@ impl api::operator_server::Operator for Operator {
         let request = request.into_inner();
         let refused = |e: RotateError| match e {
             RotateError::Store(_) => Status::internal(e.to_string()),
+            RotateError::UnknownSidecar(_) => Status::not_found(e.to_string()),
             _ => Status::failed_precondition(e.to_string()),
         };
         let roots = self.roots.clone();
@@ -373,6 +374,15 @@ impl api::operator_server::Operator for Operator {
             Ok(Action::Finish) => tokio::task::spawn_blocking(move || roots.finish())
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?,
+            Ok(Action::Forget) => {
+                if request.node_ids.is_empty() {
+                    return Err(Status::invalid_argument("name the sidecars to forget"));
+                }
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || roots.forget(&shared, &request.node_ids))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
             Err(_) => return Err(Status::invalid_argument("unknown rotation action")),
         };
         result.map_err(refused)?;

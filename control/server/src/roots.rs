@@ -4,13 +4,21 @@
 //!
 //! 1. `trusting`: the new root joins the bundle; the old one still signs.
 //!    Every sidecar gets the two-root bundle in its next snapshot.
-//! 2. `issuing`, once every sidecar ACKed a snapshot carrying that bundle:
-//!    the new root signs; snapshots name it, and a sidecar whose certificate
-//!    the old root signed asks for a new one. The API certificate is issued
-//!    again from the new root.
+//! 2. `issuing`, once every sidecar that may still serve ACKed a snapshot
+//!    carrying that bundle: the new root signs; snapshots name it, and a
+//!    sidecar whose certificate the old root signed asks for a new one at
+//!    once. The API certificate is issued again from the new root.
 //! 3. back to steady, once the overlap ended (or the operator finished it)
-//!    and every sidecar holds a certificate of the new root: the old root
-//!    leaves the bundle.
+//!    and no sidecar may still present a certificate of the old root: the
+//!    old root leaves the bundle.
+//!
+//! "May still serve" is decided per sidecar ([`holds`]): a connected one
+//! does, and so does one cut off, for as long as its certificate is valid
+//! (it may be serving traffic on the other side of a partition). One gone
+//! for good stops counting when its certificate expires, or when the
+//! operator forgets it ([`Roots::forget`]). The sidecars known with a valid
+//! certificate are kept in the rotation file, so a restart of the control
+//! plane does not forget the ones cut off.
 //!
 //! `ca.pem` is always the bundle (the signing root first) and `ca.key` the
 //! signing root's key, so clients reading `ca.pem` trust both roots during
@@ -18,6 +26,7 @@
 //! keys) is the truth the other two files are written from; it is written
 //! first and removed last, so a restart at any point resumes the rotation.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -51,6 +60,10 @@ pub enum RotateError {
     Material(lacewing_tls::TlsError),
     #[error("the new root is the current one")]
     SameRoot,
+    #[error("no sidecar is known as {0}")]
+    UnknownSidecar(String),
+    #[error("sidecar {0} is connected: it will do its part, or stop it first")]
+    ConnectedSidecar(String),
     #[error(transparent)]
     Store(#[from] CaError),
 }
@@ -85,6 +98,75 @@ impl Phase {
     }
 }
 
+/// What a rotation step needs to know of one sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    node_id: String,
+    connected: bool,
+    /// Connected, or cut off so recently ([`RECONNECT_GRACE`]) it is
+    /// expected back.
+    present: bool,
+    /// The sha256 of the root that signed its certificate (empty: none).
+    cert_root: String,
+    /// When that certificate expires (Unix ms; 0: unknown).
+    cert_not_after_ms: u64,
+    /// The sha256 of the trust bundle of the last snapshot it ACKed.
+    acked_bundle: String,
+}
+
+impl Member {
+    fn of(record: &crate::state::SidecarRecord) -> Self {
+        Self {
+            node_id: record.hello.node_id.clone(),
+            connected: record.connected,
+            present: record.connected
+                || record
+                    .disconnected_at
+                    .is_some_and(|at| at.elapsed() < RECONNECT_GRACE),
+            cert_root: record.cert_root.clone(),
+            cert_not_after_ms: record.cert_not_after_ms,
+            acked_bundle: record.acked_bundle.clone(),
+        }
+    }
+
+    /// As kept in the rotation file: the parts a restart must not lose.
+    fn kept(&self) -> Self {
+        Self {
+            connected: false,
+            present: false,
+            ..self.clone()
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node_id": self.node_id,
+            "cert_root": self.cert_root,
+            "cert_not_after_ms": self.cert_not_after_ms,
+            "acked_bundle": self.acked_bundle,
+        })
+    }
+
+    fn from_json(value: &serde_json::Value) -> Result<Self, String> {
+        let text = |name: &str| {
+            value[name]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("a sidecar's `{name}` is missing"))
+        };
+        Ok(Self {
+            node_id: text("node_id")?,
+            connected: false,
+            present: false,
+            cert_root: text("cert_root")?,
+            cert_not_after_ms: value["cert_not_after_ms"]
+                .as_u64()
+                .ok_or("a sidecar's `cert_not_after_ms` is missing")?,
+            acked_bundle: text("acked_bundle")?,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct State {
     /// The signing root.
@@ -92,6 +174,9 @@ struct State {
     phase: Phase,
     /// Issuing: how long the overlap lasts (kept for `status`).
     overlap: Duration,
+    /// While rotating: the sidecars known with a certificate not expired
+    /// yet, as kept on disk, by node.
+    known: BTreeMap<String, Member>,
 }
 
 impl State {
@@ -113,7 +198,7 @@ impl State {
     }
 
     fn to_json(&self) -> Option<String> {
-        let value = match &self.phase {
+        let mut value = match &self.phase {
             Phase::Steady => return None,
             Phase::Trusting { next } => serde_json::json!({
                 "phase": "trusting",
@@ -135,6 +220,7 @@ impl State {
                 "overlap_ms": self.overlap.as_millis() as u64,
             }),
         };
+        value["sidecars"] = self.known.values().map(Member::to_json).collect();
         Some(value.to_string())
     }
 
@@ -166,10 +252,19 @@ impl State {
             },
             other => return Err(format!("unknown phase {other:?}")),
         };
+        // Absent from a file written before sidecars were kept: none known.
+        let known = match value["sidecars"].as_array() {
+            Some(list) => list
+                .iter()
+                .map(|v| Member::from_json(v).map(|m| (m.node_id.clone(), m)))
+                .collect::<Result<_, _>>()?,
+            None => BTreeMap::new(),
+        };
         Ok(Self {
             current,
             phase,
             overlap,
+            known,
         })
     }
 }
@@ -253,6 +348,7 @@ impl Roots {
                     },
                     phase: Phase::Steady,
                     overlap: DEFAULT_OVERLAP,
+                    known: BTreeMap::new(),
                 }
             }
         };
@@ -303,10 +399,7 @@ impl Roots {
     fn write_files(&self, state: &State) -> Result<(), CaError> {
         let io = |path: PathBuf| move |source| CaError::Io { path, source };
         let rotation = self.dir.join(ROTATION_FILE);
-        if let Some(json) = state.to_json() {
-            crate::token::write_new(&rotation, json.as_bytes(), 0o600)
-                .map_err(io(rotation.clone()))?;
-        }
+        self.write_rotation(state)?;
         let key = self.dir.join(CA_KEY);
         crate::token::write_new(&key, state.current.key_pem.as_bytes(), 0o600)
             .map_err(io(key.clone()))?;
@@ -322,6 +415,17 @@ impl Roots {
             }
         }
         Ok(())
+    }
+
+    /// Writes `ca-rotation.json` alone (nothing when steady): enough when
+    /// only the sidecars kept in it changed.
+    fn write_rotation(&self, state: &State) -> Result<(), CaError> {
+        let Some(json) = state.to_json() else {
+            return Ok(());
+        };
+        let path = self.dir.join(ROTATION_FILE);
+        crate::token::write_new(&path, json.as_bytes(), 0o600)
+            .map_err(|source| CaError::Io { path, source })
     }
 
     /// Moves to `next` (kept on disk first) and serves its CA.
@@ -375,6 +479,7 @@ impl Roots {
             current: state.current.clone(),
             phase: Phase::Trusting { next },
             overlap,
+            known: BTreeMap::new(),
         };
         self.enter(&mut state, entered)
     }
@@ -396,8 +501,41 @@ impl Roots {
                 overlap_ends_ms: now_ms(),
             },
             overlap: state.overlap,
+            known: state.known.clone(),
         };
         self.enter(&mut state, next)
+    }
+
+    /// Forgets the disconnected sidecars `nodes` names: they no longer hold
+    /// a step, and `status` no longer lists them. One that comes back
+    /// registers anew (and gets the bundle in its first snapshot). A
+    /// connected sidecar is refused: it will do its part. Either all are
+    /// forgotten or none.
+    pub fn forget(&self, shared: &Shared, nodes: &[String]) -> Result<(), RotateError> {
+        let mut state = self.lock();
+        let mut sidecars = shared.sidecars();
+        for node in nodes {
+            match sidecars.get(node) {
+                Some(r) if r.connected => {
+                    return Err(RotateError::ConnectedSidecar(node.clone()));
+                }
+                None if !state.known.contains_key(node) => {
+                    return Err(RotateError::UnknownSidecar(node.clone()));
+                }
+                _ => {}
+            }
+        }
+        for node in nodes {
+            sidecars.remove(node);
+            tracing::info!(node = %node, "sidecar forgotten");
+        }
+        drop(sidecars);
+        let before = state.known.len();
+        state.known.retain(|node, _| !nodes.contains(node));
+        if state.known.len() != before {
+            self.write_rotation(&state)?;
+        }
+        Ok(())
     }
 
     /// Takes the next step if what it waits for holds; returns whether the
@@ -405,7 +543,24 @@ impl Roots {
     /// (empty when steady).
     fn step(&self, shared: &Shared) -> Result<bool, String> {
         let mut state = self.lock();
-        let waiting = waiting_for(&state, shared);
+        let members = members(&state, shared);
+        let now = now_ms();
+        if !matches!(state.phase, Phase::Steady) {
+            // Kept on disk as they change, for a restart not to lose them.
+            let known: BTreeMap<String, Member> = members
+                .iter()
+                .filter(|m| m.cert_not_after_ms > now)
+                .map(|m| (m.node_id.clone(), m.kept()))
+                .collect();
+            if known != state.known {
+                let previous = std::mem::replace(&mut state.known, known);
+                if let Err(error) = self.write_rotation(&state) {
+                    state.known = previous;
+                    return Err(error.to_string());
+                }
+            }
+        }
+        let (waiting, _) = waiting_for(&state, shared, &members, now);
         if !waiting.is_empty() {
             return Err(waiting);
         }
@@ -418,11 +573,13 @@ impl Roots {
                     overlap_ends_ms: now_ms() + state.overlap.as_millis() as u64,
                 },
                 overlap: state.overlap,
+                known: state.known.clone(),
             },
             Phase::Issuing { .. } => State {
                 current: state.current.clone(),
                 phase: Phase::Steady,
                 overlap: state.overlap,
+                known: BTreeMap::new(),
             },
         };
         let finished = matches!(entered.phase, Phase::Steady);
@@ -436,6 +593,8 @@ impl Roots {
     /// Where the rotation stands, and what it waits for.
     pub fn status(&self, shared: &Shared) -> api::RootRotation {
         let state = self.lock();
+        let members = members(&state, shared);
+        let (waiting_for, waiting_sidecars) = waiting_for(&state, shared, &members, now_ms());
         api::RootRotation {
             phase: state.phase.name().to_string(),
             roots: split_bundle(&state.bundle_pem())
@@ -448,55 +607,102 @@ impl Roots {
                 } => *overlap_ends_ms,
                 _ => 0,
             },
-            waiting_for: waiting_for(&state, shared),
+            waiting_for,
+            waiting_sidecars,
         }
     }
 }
 
-/// What the next step of `state` waits for, in words; empty when it may be
-/// taken now (or when steady). Sidecars connected, or cut off so recently
-/// they will be back, must have done their part; and sidecars cut off by a
-/// restart of this control plane must have had the time to reconnect.
-fn waiting_for(state: &State, shared: &Shared) -> String {
-    let present = |r: &crate::state::SidecarRecord| {
-        r.connected
-            || r.disconnected_at
-                .is_some_and(|at| at.elapsed() < RECONNECT_GRACE)
-    };
-    let (trusting, what) = match &state.phase {
-        Phase::Steady => return String::new(),
-        Phase::Trusting { .. } => (true, "sidecars to ACK the two-root bundle"),
-        Phase::Issuing { .. } => (false, "sidecars to hold a certificate of the new root"),
-    };
-    let bundle = root_sha256(&state.bundle_pem());
-    let signer = root_sha256(&state.current.cert_pem);
-    let lacking = |r: &crate::state::SidecarRecord| {
-        if trusting {
-            r.acked_bundle != bundle
-        } else {
-            r.cert_root != signer
+/// The sidecars a rotation counts: those this control plane knows, and
+/// those kept in the rotation file that have not come back since a restart.
+fn members(state: &State, shared: &Shared) -> Vec<Member> {
+    let sidecars = shared.sidecars();
+    let mut members: Vec<Member> = sidecars.values().map(Member::of).collect();
+    members.extend(
+        state
+            .known
+            .values()
+            .filter(|m| !sidecars.contains_key(&m.node_id))
+            .cloned(),
+    );
+    members
+}
+
+/// Whether `m` holds the next step of `state` at `now` (Unix ms).
+///
+/// - `trusting`: until it ACKed the two-root bundle, if it may still serve:
+///   it is connected (or cut off less than [`RECONNECT_GRACE`] ago), or its
+///   certificate has not expired (cut off, it may still serve traffic with
+///   it, and would refuse peers presenting the new root).
+/// - `issuing`: while it holds a certificate of another root than the
+///   signing one that has not expired (or whose expiry is unknown, while it
+///   is present): the old root must stay trusted for peers to accept it.
+fn holds(state: &State, m: &Member, now: u64) -> bool {
+    match &state.phase {
+        Phase::Steady => false,
+        Phase::Trusting { .. } => {
+            m.acked_bundle != root_sha256(&state.bundle_pem())
+                && (m.present || m.cert_not_after_ms > now)
         }
+        Phase::Issuing { .. } => {
+            !m.cert_root.is_empty()
+                && m.cert_root != root_sha256(&state.current.cert_pem)
+                && (m.cert_not_after_ms > now || (m.cert_not_after_ms == 0 && m.present))
+        }
+    }
+}
+
+/// What the next step of `state` waits for, in words, and the sidecars it
+/// waits for; empty when it may be taken now (or when steady). Sidecars
+/// cut off by a restart of this control plane must also have had the time
+/// to reconnect, and the overlap must have ended.
+fn waiting_for(
+    state: &State,
+    shared: &Shared,
+    members: &[Member],
+    now: u64,
+) -> (String, Vec<api::RotationWait>) {
+    let waiting = blockers(state, members, now);
+    let what = match &state.phase {
+        Phase::Steady => return (String::new(), Vec::new()),
+        Phase::Trusting { .. } => "sidecars to ACK the two-root bundle",
+        Phase::Issuing { .. } => "sidecars to hold a certificate of the new root",
     };
-    let nodes: Vec<String> = shared
-        .sidecars()
-        .values()
-        .filter(|r| present(r) && lacking(r))
-        .map(|r| r.hello.node_id.clone())
-        .collect();
-    if !nodes.is_empty() {
-        return format!("{what}: {}", nodes.join(", "));
+    if !waiting.is_empty() {
+        let nodes: Vec<&str> = waiting.iter().map(|w| w.node_id.as_str()).collect();
+        return (format!("{what}: {}", nodes.join(", ")), waiting);
     }
     if let Phase::Issuing {
         overlap_ends_ms, ..
     } = &state.phase
-        && now_ms() < *overlap_ends_ms
+        && now < *overlap_ends_ms
     {
-        return "the overlap to end (or `lacewing root finish`)".to_string();
+        return (
+            "the overlap to end (or `lacewing root finish`)".to_string(),
+            Vec::new(),
+        );
     }
     if shared.reconnect_grace_until().is_some() {
-        return "sidecars cut off by the restart to reconnect".to_string();
+        return (
+            "sidecars cut off by the restart to reconnect".to_string(),
+            Vec::new(),
+        );
     }
-    String::new()
+    (String::new(), Vec::new())
+}
+
+/// The sidecars among `members` that hold the next step of `state` at `now`.
+fn blockers(state: &State, members: &[Member], now: u64) -> Vec<api::RotationWait> {
+    members
+        .iter()
+        .filter(|m| holds(state, m, now))
+        .map(|m| api::RotationWait {
+            node_id: m.node_id.clone(),
+            connected: m.connected,
+            cert_not_after_ms: m.cert_not_after_ms,
+            cert_root_sha256: m.cert_root.clone(),
+        })
+        .collect()
 }
 
 /// The CA a state serves: the bundle with the signing root first.
@@ -571,6 +777,235 @@ mod tests {
         let again = Roots::open(dir.path(), &options).unwrap();
         assert_eq!(again.bundle_pem(), roots.bundle_pem());
         assert_eq!(again.lock().phase.name(), "trusting");
+    }
+
+    /// A sidecar in the given state; its certificate `cert_root` signed,
+    /// expiring at `cert_not_after_ms`.
+    fn member(
+        node: &str,
+        connected: bool,
+        cert_root: &str,
+        cert_not_after_ms: u64,
+        acked_bundle: &str,
+    ) -> Member {
+        Member {
+            node_id: node.to_string(),
+            connected,
+            present: connected,
+            cert_root: cert_root.to_string(),
+            cert_not_after_ms,
+            acked_bundle: acked_bundle.to_string(),
+        }
+    }
+
+    fn root() -> Root {
+        let (ca, key_pem) = MeshCa::generate("lacewing.local").unwrap();
+        Root {
+            cert_pem: ca.root_pem().to_string(),
+            key_pem,
+        }
+    }
+
+    fn nodes(waits: &[api::RotationWait]) -> Vec<&str> {
+        waits.iter().map(|w| w.node_id.as_str()).collect()
+    }
+
+    #[test]
+    fn trusting_waits_for_every_sidecar_that_may_still_serve() {
+        let (old, new) = (root(), root());
+        let state = State {
+            current: old.clone(),
+            phase: Phase::Trusting { next: new },
+            overlap: Duration::ZERO,
+            known: BTreeMap::new(),
+        };
+        let old_sha = root_sha256(&old.cert_pem);
+        let two_roots = root_sha256(&state.bundle_pem());
+        let now = now_ms();
+        let valid = now + 60_000;
+        let expired = now - 1;
+        let mut cut_off_recently = member("recent", false, &old_sha, 0, "");
+        cut_off_recently.present = true;
+        let members = [
+            // Connected: until it ACKs, whatever its certificate.
+            member("acked", true, &old_sha, valid, &two_roots),
+            member("connected", true, &old_sha, valid, &old_sha),
+            member("no-certificate", true, "", 0, ""),
+            // Cut off more than the reconnect grace ago, its certificate
+            // still valid: it may be serving on the other side.
+            member("cut-off", false, &old_sha, valid, &old_sha),
+            // Cut off after it ACKed: done.
+            member("cut-off-acked", false, &old_sha, valid, &two_roots),
+            // Gone with an expired certificate: it cannot serve mTLS.
+            member("expired", false, &old_sha, expired, &old_sha),
+            // Cut off with no known certificate: only while expected back.
+            member("never-certified", false, "", 0, ""),
+            cut_off_recently,
+        ];
+        assert_eq!(
+            nodes(&blockers(&state, &members, now)),
+            ["connected", "no-certificate", "cut-off", "recent"]
+        );
+        // Once the cut-off sidecar's certificate expired, it no longer counts.
+        assert_eq!(
+            nodes(&blockers(&state, &members[..4], valid)),
+            ["connected", "no-certificate"]
+        );
+        let waits = blockers(&state, &members[3..4], now);
+        assert_eq!(
+            waits,
+            [api::RotationWait {
+                node_id: "cut-off".into(),
+                connected: false,
+                cert_not_after_ms: valid,
+                cert_root_sha256: old_sha.clone(),
+            }]
+        );
+    }
+
+    #[test]
+    fn issuing_waits_for_every_old_root_certificate_until_it_expires() {
+        let (old, new) = (root(), root());
+        let state = State {
+            current: new.clone(),
+            phase: Phase::Issuing {
+                old_cert_pem: old.cert_pem.clone(),
+                overlap_ends_ms: 0,
+            },
+            overlap: Duration::ZERO,
+            known: BTreeMap::new(),
+        };
+        let (old_sha, new_sha) = (root_sha256(&old.cert_pem), root_sha256(&new.cert_pem));
+        let now = now_ms();
+        let valid = now + 60_000;
+        let mut old_agent_cut_off = member("old-agent-recent", false, &old_sha, 0, "");
+        old_agent_cut_off.present = true;
+        let members = [
+            member("re-keyed", true, &new_sha, valid, ""),
+            // Connected and told to re-key, but has not (yet).
+            member("not-re-keyed", true, &old_sha, valid, ""),
+            // Cut off: it still presents its old-root certificate.
+            member("cut-off", false, &old_sha, valid, ""),
+            // Never re-keyed, and its certificate expired: it cannot
+            // present it any more.
+            member("expired", true, &old_sha, now - 1, ""),
+            member("gone-expired", false, &old_sha, now - 1, ""),
+            // No certificate: nothing of the old root to present.
+            member("no-certificate", true, "", 0, ""),
+            // Expiry unknown (a hello without it): while present.
+            member("old-agent", true, &old_sha, 0, ""),
+            member("old-agent-gone", false, &old_sha, 0, ""),
+            old_agent_cut_off,
+        ];
+        assert_eq!(
+            nodes(&blockers(&state, &members, now)),
+            ["not-re-keyed", "cut-off", "old-agent", "old-agent-recent"]
+        );
+        assert_eq!(
+            nodes(&blockers(&state, &members, valid)),
+            ["old-agent", "old-agent-recent"]
+        );
+    }
+
+    #[test]
+    fn the_sidecars_a_rotation_waits_for_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = CaOptions::default();
+        let roots = Roots::open(dir.path(), &options).unwrap();
+        roots.start(None, Duration::from_secs(60)).unwrap();
+        let old_sha = roots.signing_root_sha256();
+        let valid = now_ms() + 60_000;
+        {
+            let mut state = roots.lock();
+            let cut_off = member("cut-off", false, &old_sha, valid, &old_sha).kept();
+            state.known.insert("cut-off".into(), cut_off);
+            roots.write_rotation(&state).unwrap();
+        }
+        let again = Roots::open(dir.path(), &options).unwrap();
+        let state = again.lock();
+        let members: Vec<Member> = state.known.values().cloned().collect();
+        assert_eq!(nodes(&blockers(&state, &members, now_ms())), ["cut-off"]);
+        assert_eq!(members[0].cert_not_after_ms, valid);
+    }
+
+    /// A control plane's shared state over a store in `dir`.
+    fn shared(dir: &Path) -> Arc<Shared> {
+        let store = crate::store::RedbStore::open(&dir.join("mesh.redb")).unwrap();
+        Shared::new(
+            Arc::new(store),
+            crate::metrics::ControlMetrics::new(),
+            crate::first_party::FirstParty::from_modules(BTreeMap::new(), "lacewing.local"),
+        )
+        .unwrap()
+    }
+
+    /// Registers `node` with a certificate of `root` valid until `not_after`.
+    fn register(shared: &Shared, node: &str, root: &str, not_after: u64) -> u64 {
+        shared.register(api::Hello {
+            node_id: node.into(),
+            service: "orders".into(),
+            namespace: "default".into(),
+            inbound: "127.0.0.1:1".into(),
+            certificate_root_sha256: root.into(),
+            certificate_not_after_ms: not_after,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_sidecar_cut_off_is_waited_for_across_a_restart_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        let options = CaOptions::default();
+        let roots = Roots::open(&state_dir, &options).unwrap();
+        let before = shared(dir.path());
+        let old_sha = roots.signing_root_sha256();
+        let valid = now_ms() + 600_000;
+        register(&before, "up", &old_sha, valid);
+        let session = register(&before, "cut-off", &old_sha, valid);
+        before.unregister("cut-off", session);
+        roots.start(None, Duration::from_secs(60)).unwrap();
+        let two_roots = root_sha256(&roots.bundle_pem());
+        {
+            let mut sidecars = before.sidecars();
+            sidecars.get_mut("up").unwrap().acked_bundle = two_roots;
+            // Cut off longer than the reconnect grace.
+            sidecars.get_mut("cut-off").unwrap().disconnected_at =
+                std::time::Instant::now().checked_sub(RECONNECT_GRACE * 2);
+        }
+        let waiting = roots.step(&before).unwrap_err();
+        assert_eq!(waiting, "sidecars to ACK the two-root bundle: cut-off");
+        let status = roots.status(&before);
+        assert_eq!(status.phase, "trusting");
+        assert_eq!(nodes(&status.waiting_sidecars), ["cut-off"]);
+        assert!(!status.waiting_sidecars[0].connected);
+        assert!(matches!(
+            roots.forget(&before, &["up".to_string()]),
+            Err(RotateError::ConnectedSidecar(_))
+        ));
+
+        // A restarted control plane knows no sidecar until they reconnect,
+        // but the rotation file kept the one cut off.
+        drop(roots);
+        let roots = Roots::open(&state_dir, &options).unwrap();
+        // One process holds the store at a time.
+        drop(before);
+        let restarted = shared(dir.path());
+        let status = roots.status(&restarted);
+        assert_eq!(nodes(&status.waiting_sidecars), ["cut-off"]);
+        assert!(matches!(
+            roots.forget(&restarted, &["nobody".to_string()]),
+            Err(RotateError::UnknownSidecar(_))
+        ));
+        roots.forget(&restarted, &["cut-off".to_string()]).unwrap();
+        let status = roots.status(&restarted);
+        assert!(status.waiting_sidecars.is_empty(), "{status:?}");
+        // Forgotten on disk too; the one that ACKed is kept (it has done
+        // its part, and holds a certificate of the old root).
+        let again = Roots::open(&state_dir, &options).unwrap();
+        let known: Vec<String> = again.lock().known.keys().cloned().collect();
+        assert_eq!(known, ["up"]);
     }
 
     #[test]

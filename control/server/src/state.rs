@@ -72,7 +72,8 @@ pub struct SidecarRecord {
     pub nacked_version: u64,
     pub nack_reason: String,
     pub last_answer_ms: u64,
-    /// The workload certificate last issued to it (Unix ms; 0: none).
+    /// When its certificate expires (Unix ms; 0: unknown): from its hello,
+    /// then from each certificate issued to it.
     pub cert_not_after_ms: u64,
     pub spiffe_id: String,
     /// The sha256 of the root that signed its certificate (from its hello,
@@ -215,7 +216,7 @@ impl Shared {
             nacked_version: 0,
             nack_reason: String::new(),
             last_answer_ms: 0,
-            cert_not_after_ms: 0,
+            cert_not_after_ms: hello.certificate_not_after_ms,
             spiffe_id: String::new(),
             cert_root: hello.certificate_root_sha256.clone(),
             sent_bundle: String::new(),

@@ -330,3 +330,218 @@ async fn the_mesh_root_rotates_under_load_without_a_failed_request() {
         "{metrics}"
     );
 }
+
+/// The status of the one sidecar of `service`.
+async fn sidecar_of(plane: &Plane, service: &str) -> lacewing_control_api::SidecarStatus {
+    let status = plane.client().await.status().await.unwrap();
+    status
+        .sidecars
+        .into_iter()
+        .find(|s| s.service == service)
+        .unwrap_or_else(|| panic!("a sidecar of {service}"))
+}
+
+fn waiting_nodes(rotation: &lacewing_control_api::RootRotation) -> Vec<String> {
+    let mut nodes: Vec<String> = rotation
+        .waiting_sidecars
+        .iter()
+        .map(|w| w.node_id.clone())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Sidecars stopped before the trusting phase hold the rotation there:
+/// orders until it comes back and ACKs the two-root bundle, billing (never
+/// back) until its certificate expires, ledger until the operator forgets
+/// it. Certificates live two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_sidecar_holds_the_rotation_until_it_acks_or_its_certificate_expires() {
+    let lifetime = Duration::from_secs(120);
+    let mut mesh = SidecarMesh::start_with(
+        &["frontend", "orders", "billing", "ledger"],
+        lacewing_control::ca::CaOptions {
+            lifetime,
+            ..Default::default()
+        },
+    )
+    .await;
+    let state = mesh.plane.state_dir.clone();
+    let control = mesh.plane.addr.to_string();
+    mesh.apply_ok(&format!(
+        "{}{}{}{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: orders}}\nspec: {{destination: orders, mode: STRICT}}\n",
+        service("frontend", ""),
+        service("orders", ""),
+        service("billing", ""),
+        service("ledger", ""),
+    ))
+    .await;
+    lacewing_tests::eventually("every sidecar holds a certificate", || {
+        let plane = &mesh.plane;
+        async move {
+            let status = plane.client().await.status().await.unwrap();
+            status.sidecars.len() == 4 && status.sidecars.iter().all(|s| s.cert_not_after_ms > 0)
+        }
+    })
+    .await;
+    let orders_inbound = mesh.sidecar("orders").addr("inbound");
+    let orders = sidecar_of(&mesh.plane, "orders").await;
+    let billing = sidecar_of(&mesh.plane, "billing").await;
+    let ledger = sidecar_of(&mesh.plane, "ledger").await;
+    let old_root = rotation(&mesh.plane).await.roots[0].clone();
+
+    // Cut off: orders, billing and ledger stop (SIGKILL), their
+    // certificates valid.
+    for service in ["orders", "billing", "ledger"] {
+        mesh.sidecar_mut(service).kill();
+    }
+    let killed = tokio::time::Instant::now();
+    let flags = [
+        "--control".to_string(),
+        control.clone(),
+        "--token-file".to_string(),
+        state.join("operator.token").to_str().unwrap().to_string(),
+    ];
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(flags.iter().map(String::as_str));
+        lacewing(&all)
+    };
+    let (ok, out, err) = run(&["root", "rotate", "--overlap", "1s"]);
+    assert!(ok, "lacewing root rotate: {err}");
+    assert!(out.contains("mesh root: trusting"), "{out}");
+
+    // Past the reconnect grace the two are still waited for, by name, the
+    // one connected sidecar having ACKed the two-root bundle.
+    lacewing_tests::eventually("frontend ACKs the two-root bundle", || {
+        let plane = &mesh.plane;
+        async move { sidecar_of(plane, "frontend").await.has_trust_bundle }
+    })
+    .await;
+    tokio::time::sleep_until(
+        killed + lacewing_control::state::RECONNECT_GRACE + Duration::from_secs(2),
+    )
+    .await;
+    let held = rotation(&mesh.plane).await;
+    assert!(
+        unix_ms() < orders.cert_not_after_ms.min(billing.cert_not_after_ms),
+        "the test is too slow for {lifetime:?} certificates"
+    );
+    assert_eq!(held.phase, "trusting", "{held:?}");
+    assert_eq!(
+        waiting_nodes(&held),
+        [
+            billing.node_id.clone(),
+            ledger.node_id.clone(),
+            orders.node_id.clone()
+        ]
+    );
+    assert!(held.waiting_sidecars.iter().all(|w| !w.connected
+        && w.cert_root_sha256 == old_root
+        && w.cert_not_after_ms > unix_ms()));
+    let (ok, out, err) = run(&["root", "status"]);
+    assert!(ok, "lacewing root status: {err}");
+    assert!(
+        out.contains("waiting for sidecars to ACK the two-root bundle")
+            && out.contains(&format!(
+                "    {} (disconnected; certificate expires in",
+                orders.node_id
+            )),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["status"]);
+    assert!(ok, "lacewing status: {err}");
+    assert!(out.contains(&billing.node_id), "{out}");
+    // ledger is gone for good: the operator forgets it. A connected
+    // sidecar, or one never known, cannot be forgotten.
+    let frontend = sidecar_of(&mesh.plane, "frontend").await;
+    let (ok, _, err) = run(&["root", "forget", &frontend.node_id]);
+    assert!(!ok && err.contains("is connected"), "{err}");
+    let (ok, _, err) = run(&["root", "forget", "nobody@127.0.0.1:1"]);
+    assert!(!ok && err.contains("no sidecar is known"), "{err}");
+    let (ok, out, err) = run(&["root", "forget", &ledger.node_id]);
+    assert!(ok, "lacewing root forget: {err}");
+    assert!(!out.contains(&ledger.node_id), "{out}");
+    let status = mesh.plane.client().await.status().await.unwrap();
+    assert!(status.sidecars.iter().all(|s| s.service != "ledger"));
+    assert_eq!(
+        waiting_nodes(status.roots.as_ref().unwrap()),
+        [billing.node_id.clone(), orders.node_id.clone()]
+    );
+
+    // orders comes back (same state directory, same inbound: same node,
+    // same certificate) and gets the bundle: only billing is waited for.
+    let orders_app = mesh.app("orders");
+    *mesh.sidecar_mut("orders") = sidecar_process_at(
+        &control,
+        &state,
+        "orders",
+        orders_app,
+        &mesh.dir.path().join("orders"),
+        &orders_inbound.to_string(),
+    );
+    lacewing_tests::eventually("orders is back with the two-root bundle", || {
+        let plane = &mesh.plane;
+        async move {
+            let s = sidecar_of(plane, "orders").await;
+            s.connected && s.has_trust_bundle
+        }
+    })
+    .await;
+    let waiting = rotation(&mesh.plane).await;
+    let billing_expiry = match waiting.waiting_sidecars.as_slice() {
+        [billing_wait] => billing_wait.cert_not_after_ms,
+        _ => billing.cert_not_after_ms,
+    };
+    if unix_ms() < billing_expiry {
+        assert_eq!(waiting.phase, "trusting", "{waiting:?}");
+        assert_eq!(waiting_nodes(&waiting), [billing.node_id.as_str()]);
+    }
+
+    // billing's certificate expires: the new root signs, and orders (which
+    // trusts it now) takes a certificate of it.
+    tokio::time::sleep(Duration::from_millis(
+        billing_expiry.saturating_sub(unix_ms()),
+    ))
+    .await;
+    until_phase(&mesh.plane, "issuing", |s, roots| {
+        s.cert_root_sha256 == roots.roots[0]
+    })
+    .await;
+    assert!(
+        unix_ms() >= billing.cert_not_after_ms,
+        "issuing began before billing's certificate expired"
+    );
+    // frontend → orders over STRICT mTLS, both on certificates of the new root.
+    let client = ReusingClient::http1();
+    let outbound = mesh.sidecar("frontend").addr("outbound");
+    lacewing_tests::eventually("frontend reaches orders over mTLS", || {
+        let client = &client;
+        async move {
+            let request = Request::get(format!("http://{outbound}/"))
+                .header("host", "orders")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.request(request).await.status == 200
+        }
+    })
+    .await;
+
+    // billing never took a certificate of the new root, but the one of the
+    // old root it had expired: the old root leaves.
+    until_phase(&mesh.plane, "steady", |s, roots| {
+        s.has_trust_bundle && s.cert_root_sha256 == roots.roots[0]
+    })
+    .await;
+    let after = rotation(&mesh.plane).await;
+    assert_eq!(after.roots.len(), 1);
+    assert_ne!(after.roots[0], old_root);
+    assert!(after.waiting_sidecars.is_empty());
+}

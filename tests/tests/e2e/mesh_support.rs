@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 pub struct Plane {
     pub addr: SocketAddr,
     pub state_dir: PathBuf,
+    /// How its CA is set up (kept for a restart).
+    ca: lacewing_control::ca::CaOptions,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -28,7 +30,21 @@ pub struct Plane {
 impl Plane {
     /// Starts on `listen` with `state_dir` (created if needed).
     pub async fn start_at(listen: SocketAddr, state_dir: &Path) -> Self {
-        let plane = ControlPlane::bind(listen, state_dir)
+        Self::start_at_with(listen, state_dir, Default::default()).await
+    }
+
+    /// Starts on 127.0.0.1:0 with `state_dir`, its CA set up as `ca` says
+    /// (e.g. short certificate lifetimes).
+    pub async fn start_with(state_dir: &Path, ca: lacewing_control::ca::CaOptions) -> Self {
+        Self::start_at_with("127.0.0.1:0".parse().unwrap(), state_dir, ca).await
+    }
+
+    async fn start_at_with(
+        listen: SocketAddr,
+        state_dir: &Path,
+        ca: lacewing_control::ca::CaOptions,
+    ) -> Self {
+        let plane = ControlPlane::bind_with(listen, state_dir, &ca)
             .await
             .expect("control plane binds");
         let addr = plane.local_addr().unwrap();
@@ -44,6 +60,7 @@ impl Plane {
         Self {
             addr,
             state_dir: state_dir.to_path_buf(),
+            ca,
             stop: Some(stop),
             task: Some(task),
         }
@@ -104,7 +121,7 @@ impl Plane {
     /// directory, as a restarted control plane would.
     pub async fn restart(&mut self) {
         self.stop_serving().await;
-        *self = Self::start_at(self.addr, &self.state_dir.clone()).await;
+        *self = Self::start_at_with(self.addr, &self.state_dir.clone(), self.ca.clone()).await;
     }
 
     /// `/metrics` of the control plane.
@@ -485,15 +502,23 @@ pub async fn until_acked(client: &Client, node_id: &str, version: u64) {
 /// sidecars first, the state directory last.
 pub struct SidecarMesh {
     pub sidecars: Vec<(&'static str, Process)>,
-    _apps: Vec<lacewing_tests::servers::TestServer>,
+    apps: Vec<lacewing_tests::servers::TestServer>,
     pub plane: Plane,
     pub dir: tempfile::TempDir,
 }
 
 impl SidecarMesh {
     pub async fn start(services: &[&'static str]) -> Self {
+        Self::start_with(services, Default::default()).await
+    }
+
+    /// [`start`](Self::start), the control plane's CA set up as `ca` says.
+    pub async fn start_with(
+        services: &[&'static str],
+        ca: lacewing_control::ca::CaOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let plane = Plane::start(&dir.path().join("control")).await;
+        let plane = Plane::start_with(&dir.path().join("control"), ca).await;
         let control = plane.addr.to_string();
         let state = dir.path().join("control");
         let mut apps = Vec::new();
@@ -513,10 +538,29 @@ impl SidecarMesh {
         until_connected(&plane.client().await, services.len()).await;
         Self {
             sidecars,
-            _apps: apps,
+            apps,
             plane,
             dir,
         }
+    }
+
+    /// The app behind the sidecar of `service`.
+    pub fn app(&self, service: &str) -> SocketAddr {
+        let at = self
+            .sidecars
+            .iter()
+            .position(|(s, _)| *s == service)
+            .expect("a sidecar of the service");
+        self.apps[at].addr
+    }
+
+    pub fn sidecar_mut(&mut self, service: &str) -> &mut Process {
+        &mut self
+            .sidecars
+            .iter_mut()
+            .find(|(s, _)| *s == service)
+            .expect("a sidecar of the service")
+            .1
     }
 
     pub fn sidecar(&self, service: &str) -> &Process {
