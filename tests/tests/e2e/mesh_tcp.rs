@@ -213,40 +213,82 @@ async fn plaintext_exchange_echo(addr: SocketAddr) -> String {
     exchange(&mut plain, b"plaintext\n", b"plaintext\n").await
 }
 
-/// An established plaintext TCP connection to `db` is closed when `db`
-/// turns STRICT; a change that still allows plaintext keeps it, and a
-/// mutual TLS connection through `web`'s sidecar stays across the change.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plaintext_tcp_connection_is_closed_when_its_listener_turns_strict() {
+/// Reads `stream` until it ends: panics unless the peer closes (or resets)
+/// it without sending anything.
+async fn assert_closed(stream: &mut TcpStream, what: &str) {
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "{what} is still open after STRICT went live: {ended:?}"
+    );
+    assert!(rest.is_empty(), "{what}: {rest:?}");
+}
+
+/// `db` starts in `mode` (with the network filter when `identity`), a
+/// plaintext connection straight to it and one through `web`'s sidecar
+/// carry bytes; a change that still allows plaintext keeps them; STRICT
+/// closes the plaintext ones and keeps the mTLS one.
+async fn plaintext_is_closed_when_strict(mode: &str, identity: bool) {
     let mesh = TcpMesh::start().await;
-    mesh.apply("PERMISSIVE", &[], false).await;
+    mesh.apply(mode, &[], identity).await;
     let inbound = mesh.db.addr("inbound");
     let mut plain = TcpStream::connect(inbound).await.unwrap();
     assert_eq!(exchange(&mut plain, b"one\n", b"one\n").await, "one\n");
+    // Over mTLS under PERMISSIVE (db's endpoints are all sidecars), in
+    // plaintext under DISABLE.
     let mut through_web = mesh.connect_through_web().await;
     assert_eq!(exchange(&mut through_web, b"a\n", b"a\n").await, "a\n");
 
-    // A new generation that still allows plaintext keeps the connection.
+    // A new generation that still allows plaintext keeps the connections.
     let more = format!(
-        "{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: db}}\nspec: {{destination: db, mode: PERMISSIVE}}\n",
+        "{}apiVersion: lacewing.dev/v1alpha1\nkind: MeshTLS\nmetadata: {{name: db}}\nspec: {{destination: db, mode: {mode}}}\n",
         service("payments", ""),
     );
     let mut operator = mesh.plane.client().await;
     let (_, done) = apply_and_wait(&mut operator, mesh.dir.path(), "more.yaml", &more).await;
     assert!(done.nacked.is_empty() && done.silent.is_empty(), "{done:?}");
     assert_eq!(exchange(&mut plain, b"two\n", b"two\n").await, "two\n");
-
-    // STRICT: the plaintext connection is closed by the sidecar.
-    mesh.apply("STRICT", &[], false).await;
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(30), plain.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
-        "the plaintext connection is still open after STRICT went live: {ended:?}"
-    );
-    assert!(rest.is_empty(), "{rest:?}");
-    // A new plaintext connection is refused...
-    assert!(plaintext_exchange(inbound, b"three\n").await.is_empty());
-    // ...and the mutual TLS connection made before goes on.
     assert_eq!(exchange(&mut through_web, b"b\n", b"b\n").await, "b\n");
+
+    // STRICT: the plaintext connection is closed by db's sidecar...
+    mesh.apply("STRICT", &[], identity).await;
+    assert_closed(&mut plain, "the plaintext connection to db").await;
+    // ...a new plaintext connection is refused...
+    assert!(plaintext_exchange(inbound, b"three\n").await.is_empty());
+    if mode == "PERMISSIVE" {
+        // ...and the mutual TLS connection made before goes on.
+        assert_eq!(exchange(&mut through_web, b"c\n", b"c\n").await, "c\n");
+    } else {
+        // ...and so is the plaintext one web's sidecar had opened; web's
+        // next connection goes over mTLS.
+        assert_closed(&mut through_web, "web's plaintext connection to db").await;
+        let mut again = mesh.connect_through_web().await;
+        assert_eq!(exchange(&mut again, b"c\n", b"c\n").await, "c\n");
+    }
+    if identity {
+        let mut again = mesh.connect_through_web().await;
+        let line = TcpMesh::identity_on(&mut again).await;
+        assert!(
+            line.starts_with(&format!(
+                "inbound: source.principal={WEB_ID} connection.mtls=true"
+            )),
+            "{line}"
+        );
+    }
+}
+
+/// PERMISSIVE → STRICT on a TCP listener without network filters: the
+/// plaintext connection (told from TLS by its first byte) is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_tcp_connection_is_closed_when_its_listener_turns_strict() {
+    plaintext_is_closed_when_strict("PERMISSIVE", false).await;
+}
+
+/// DISABLE → STRICT on a TCP listener running a network filter: the
+/// connections of the plaintext listener, web's sidecar's among them, are
+/// closed, and web's sidecar reconnects over mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_tcp_connections_through_a_network_filter_are_closed_when_disable_turns_strict() {
+    plaintext_is_closed_when_strict("DISABLE", true).await;
 }
