@@ -231,6 +231,15 @@ pub fn run(
     ) else {
         anyhow::bail!("--control needs --service, --inbound, --app, --outbound and --token-file");
     };
+    let mut names = std::collections::BTreeSet::new();
+    for target in &flags.outbound_tcp {
+        anyhow::ensure!(
+            names.insert(target.listener(&flags.namespace)),
+            "--outbound-tcp names {}.{} twice",
+            target.service,
+            target.namespace(&flags.namespace)
+        );
+    }
     let token = lacewing_control::token::read(token_file)
         .with_context(|| format!("token file {}", token_file.display()))?;
     let placement = Placement {
@@ -250,16 +259,6 @@ pub fn run(
         placement,
     )?;
     options.spec.handshake_timeout = flags.tls_handshake_timeout;
-    let mut names = std::collections::BTreeSet::new();
-    for target in &flags.outbound_tcp {
-        let name = target.listener(&flags.namespace);
-        anyhow::ensure!(
-            names.insert(name.clone()),
-            "--outbound-tcp names {}.{} twice",
-            target.service,
-            target.namespace(&flags.namespace)
-        );
-    }
     options.spec.outbound_tcp = flags.outbound_tcp.clone();
     let signals = crate::Signals::install()?;
     let sidecar = start(options, wasm_cache_dir)?;

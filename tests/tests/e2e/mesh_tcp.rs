@@ -292,3 +292,47 @@ async fn a_plaintext_tcp_connection_is_closed_when_its_listener_turns_strict() {
 async fn plaintext_tcp_connections_through_a_network_filter_are_closed_when_disable_turns_strict() {
     plaintext_is_closed_when_strict("DISABLE", true).await;
 }
+
+/// `--outbound-tcp` values that cannot work are refused at start, saying why.
+#[test]
+fn bad_outbound_tcp_flags_are_refused_with_the_reason() {
+    let base = [
+        "proxy",
+        "--control",
+        "127.0.0.1:1",
+        "--service",
+        "web",
+        "--inbound",
+        "127.0.0.1:0",
+        "--app",
+        "127.0.0.1:1",
+        "--outbound",
+        "127.0.0.1:0",
+        "--token-file",
+        "/nonexistent/bootstrap.token",
+    ];
+    for (flags, reason) in [
+        (
+            &[
+                "--outbound-tcp",
+                "db=127.0.0.1:0",
+                "--outbound-tcp",
+                "db.default=127.0.0.1:0",
+            ][..],
+            "--outbound-tcp names db.default twice",
+        ),
+        (
+            &["--outbound-tcp", "db"][..],
+            "\"db\": no `=` (expected SERVICE[.NAMESPACE]=HOST:PORT)",
+        ),
+        (
+            &["--outbound-tcp", "Db=127.0.0.1:1"][..],
+            "\"Db\" is not a service or namespace name",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(flags).copied().collect();
+        let (ok, _, stderr) = lacewing(&args);
+        assert!(!ok, "{flags:?} accepted");
+        assert!(stderr.contains(reason), "{flags:?}: {stderr}");
+    }
+}
