@@ -89,6 +89,19 @@ impl TcpMesh {
         TcpStream::connect(self.web.addr(TO_DB)).await.unwrap()
     }
 
+    /// A new connection through `web`'s sidecar reaches `db` over mTLS as
+    /// `web` (the identity plugin must run on `db`).
+    async fn assert_web_calls_over_mtls(&self) {
+        let mut stream = self.connect_through_web().await;
+        let line = Self::identity_on(&mut stream).await;
+        assert!(
+            line.starts_with(&format!(
+                "inbound: source.principal={WEB_ID} connection.mtls=true"
+            )),
+            "{line}"
+        );
+    }
+
     /// The `IDENTITY?` line `db`'s inbound plugin adds on `stream`.
     async fn identity_on(stream: &mut TcpStream) -> String {
         let report = exchange(stream, b"IDENTITY?\n", b"IDENTITY?\n").await;
@@ -196,14 +209,7 @@ async fn tcp_between_sidecars_is_mutual_tls_and_strict_refuses_plaintext() {
     // PERMISSIVE (every endpoint of db a sidecar): mTLS between the
     // sidecars, plaintext callers still served.
     mesh.apply("PERMISSIVE", &[], true).await;
-    let mut stream = mesh.connect_through_web().await;
-    let line = TcpMesh::identity_on(&mut stream).await;
-    assert!(
-        line.starts_with(&format!(
-            "inbound: source.principal={WEB_ID} connection.mtls=true"
-        )),
-        "{line}"
-    );
+    mesh.assert_web_calls_over_mtls().await;
     assert_eq!(plaintext_exchange_echo(inbound).await, "plaintext\n");
 }
 
@@ -267,14 +273,7 @@ async fn plaintext_is_closed_when_strict(mode: &str, identity: bool) {
         assert_eq!(exchange(&mut again, b"c\n", b"c\n").await, "c\n");
     }
     if identity {
-        let mut again = mesh.connect_through_web().await;
-        let line = TcpMesh::identity_on(&mut again).await;
-        assert!(
-            line.starts_with(&format!(
-                "inbound: source.principal={WEB_ID} connection.mtls=true"
-            )),
-            "{line}"
-        );
+        mesh.assert_web_calls_over_mtls().await;
     }
 }
 
