@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use lacewing_control_agent::identity::ExpiryCollector;
 use lacewing_control_agent::metrics::AgentMetrics;
-use lacewing_control_agent::translate::{INBOUND, OUTBOUND};
+use lacewing_control_agent::translate::{INBOUND, OUTBOUND, OutboundTcp};
 use lacewing_control_agent::{Agent, AgentOptions, Publish, SidecarSpec};
 use lacewing_proxy::{Proxy, ProxyHandle, StartOptions};
 
@@ -47,6 +47,10 @@ pub struct SidecarFlags {
     /// listener.
     #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "control")]
     pub tls_handshake_timeout: std::time::Duration,
+    /// A `tcp` service the app reaches at ADDRESS through this sidecar
+    /// (port 0: any free port); repeat for each service.
+    #[arg(long, value_name = "SERVICE[.NAMESPACE]=ADDRESS", requires = "control")]
+    pub outbound_tcp: Vec<OutboundTcp>,
     /// The sidecar's name at the control plane (default SERVICE@INBOUND).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -114,13 +118,17 @@ pub fn start(
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let bound = |name| {
+    let bound = |name: &str| {
         handle
             .listener_addr(name)
             .with_context(|| format!("the `{name}` listener is not bound"))
     };
     options.spec.inbound = bound(INBOUND)?;
     options.spec.outbound = bound(OUTBOUND)?;
+    let namespace = options.spec.namespace.clone();
+    for target in &mut options.spec.outbound_tcp {
+        target.address = bound(&target.listener(&namespace))?;
+    }
     if options.spec.node_id.is_empty() {
         options.spec.node_id = format!("{}@{}", options.spec.service, options.spec.inbound);
     }
@@ -202,6 +210,7 @@ pub fn options(
             admin,
             workers,
             handshake_timeout: lacewing_config::defaults::tls_handshake_timeout().0,
+            outbound_tcp: Vec::new(),
         },
     })
 }
@@ -222,6 +231,15 @@ pub fn run(
     ) else {
         anyhow::bail!("--control needs --service, --inbound, --app, --outbound and --token-file");
     };
+    let mut names = std::collections::BTreeSet::new();
+    for target in &flags.outbound_tcp {
+        anyhow::ensure!(
+            names.insert(target.listener(&flags.namespace)),
+            "--outbound-tcp names {}.{} twice",
+            target.service,
+            target.namespace(&flags.namespace)
+        );
+    }
     let token = lacewing_control::token::read(token_file)
         .with_context(|| format!("token file {}", token_file.display()))?;
     let placement = Placement {
@@ -241,6 +259,7 @@ pub fn run(
         placement,
     )?;
     options.spec.handshake_timeout = flags.tls_handshake_timeout;
+    options.spec.outbound_tcp = flags.outbound_tcp.clone();
     let signals = crate::Signals::install()?;
     let sidecar = start(options, wasm_cache_dir)?;
     let spec = sidecar.spec.clone();
@@ -248,9 +267,15 @@ pub fn run(
         .handle
         .admin_addr()
         .map_or_else(|| "none".to_string(), |a| a.to_string());
-    // The one line scripts and tests read to learn the addresses.
+    // The one line scripts and tests read to learn the addresses: each
+    // outbound TCP listener's name followed by its address.
+    let tcp: String = spec
+        .outbound_tcp
+        .iter()
+        .map(|t| format!(" {} {}", t.listener(&spec.namespace), t.address))
+        .collect();
     println!(
-        "sidecar {} inbound {} outbound {} admin {admin} serving version {}",
+        "sidecar {} inbound {} outbound {} admin {admin} serving version {}{tcp}",
         spec.node_id, spec.inbound, spec.outbound, sidecar.version
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()

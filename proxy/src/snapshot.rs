@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use lacewing_config::{ListenerConfig, ListenerProtocol, ProxyConfig, RouteConfig};
+use lacewing_config::{
+    ListenerConfig, ListenerProtocol, ListenerTlsMode, ProxyConfig, RouteConfig,
+};
 use lacewing_core::filter::{HttpFilterFactory, NetworkFilterFactory};
 use lacewing_core::metrics::{Metrics, status_class};
 use lacewing_upstream::{Cluster, RequestPolicy, Resolver, Upstreams};
@@ -207,6 +209,20 @@ impl ListenerState {
         }
     }
 
+    /// The listener's mutual TLS, when it has any.
+    pub fn tls(&self) -> Option<&Arc<DownstreamTls>> {
+        match self {
+            ListenerState::Http(s) => s.tls.as_ref(),
+            ListenerState::Tcp(s) => s.tls.as_ref(),
+        }
+    }
+
+    /// Whether the listener refuses plaintext (its TLS is STRICT).
+    fn tls_only(&self) -> bool {
+        self.tls()
+            .is_some_and(|t| t.mode() == ListenerTlsMode::Strict)
+    }
+
     /// The connection limit (per worker).
     pub fn max_connections(&self) -> usize {
         match self {
@@ -306,6 +322,23 @@ impl LiveListeners {
     pub fn stores(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.stores.subscribe()
     }
+
+    /// Completes once the live generation makes the listener `key` TLS only
+    /// (STRICT), at once if it already does: what a plaintext connection of
+    /// that listener waits for before it closes. A generation without the
+    /// listener forbids nothing (its connections finish as they were).
+    pub async fn turns_tls_only(&self, key: ListenerKey) {
+        let mut stores = self.stores();
+        loop {
+            if self.load().get(key).is_some_and(ListenerState::tls_only) {
+                return;
+            }
+            if stores.changed().await.is_err() {
+                // The publisher is gone: no generation will come.
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 /// A listener as its accept loops see it.
@@ -320,6 +353,12 @@ impl ListenerRef {
     /// without it went live.
     pub fn load(&self) -> Option<ListenerState> {
         self.live.load().get(self.key).cloned()
+    }
+
+    /// Completes once a generation makes this listener TLS only (see
+    /// [`LiveListeners::turns_tls_only`]).
+    pub async fn turns_tls_only(&self) {
+        self.live.turns_tls_only(self.key).await;
     }
 }
 
@@ -355,9 +394,10 @@ impl HttpSlot {
         }
     }
 
-    /// Wakes on each new generation.
-    pub fn generations(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.live.stores()
+    /// Completes once a generation makes this connection's listener TLS
+    /// only (see [`LiveListeners::turns_tls_only`]).
+    pub async fn turns_tls_only(&self) {
+        self.live.turns_tls_only(self.key).await;
     }
 
     /// The listener's state in the live generation (or, once the listener

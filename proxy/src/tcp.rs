@@ -3,9 +3,12 @@
 //! (see [`crate::chain::network`] for how they pause and resume). A listener
 //! with `tls` first completes the downstream handshake as HTTP listeners do
 //! ([`crate::http::tls::accept`]); a cluster with `tls` hands over a mutual
-//! TLS stream to its endpoint.
+//! TLS stream to its endpoint. A plaintext connection is closed (both sides
+//! at once, as a drain closes it) when a new generation makes its listener
+//! TLS only (STRICT).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -21,48 +24,72 @@ use crate::access_log::TcpEntry;
 use crate::chain::NetworkChain;
 use crate::chain::network::Flow;
 use crate::http::tls::{Accepted, accept};
-use crate::snapshot::TcpListenerState;
+use crate::snapshot::{ListenerRef, TcpListenerState};
 
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Serves one accepted TCP connection: through the listener's TLS first
-/// when it has any.
+/// Serves one accepted TCP connection of `listener`: through the listener's
+/// TLS first when it has any.
 pub async fn serve(
     downstream: TcpStream,
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
     state: Arc<TcpListenerState>,
+    listener: ListenerRef,
     drain: DrainWatch,
 ) {
     let Some(tls) = state.tls.clone() else {
         let _ = downstream.set_nodelay(true);
-        return splice(downstream, remote, local, id, state, drain, None).await;
+        let ended = ended(drain, remote, Some(listener));
+        return splice(downstream, remote, local, id, state, ended, None).await;
     };
     match accept(downstream, &tls, remote).await {
         None => {}
         Some(Accepted::Plain(stream)) => {
-            splice(stream, remote, local, id, state, drain, None).await;
+            let ended = ended(drain, remote, Some(listener));
+            splice(stream, remote, local, id, state, ended, None).await;
         }
         Some(Accepted::Tls(stream, facts)) => {
-            splice(*stream, remote, local, id, state, drain, Some(facts)).await;
+            let ended = ended(drain, remote, None);
+            splice(*stream, remote, local, id, state, ended, Some(facts)).await;
+        }
+    }
+}
+
+/// Completes when the connection must end before its sides do: the proxy
+/// drains, or (for a plaintext connection, whose `listener` is given) a
+/// generation makes its listener TLS only. Polled to completion once.
+async fn ended(mut drain: DrainWatch, remote: SocketAddr, plaintext_on: Option<ListenerRef>) {
+    let forbidden = async {
+        match &plaintext_on {
+            Some(listener) => listener.turns_tls_only().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = drain.signaled() => {}
+        () = forbidden => {
+            tracing::info!(%remote, "plaintext connection closed: its listener is now TLS only (STRICT)");
         }
     }
 }
 
 /// Splices one connection (a socket or a TLS stream; `tls` is what its
-/// handshake established) to the cluster.
+/// handshake established) to the cluster, until both sides end or `ended`
+/// completes.
 async fn splice<S>(
     mut downstream: S,
     remote: SocketAddr,
     local: SocketAddr,
     id: u64,
     state: Arc<TcpListenerState>,
-    mut drain: DrainWatch,
+    ended: impl Future<Output = ()>,
     tls: Option<Arc<TlsFacts>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    tokio::pin!(ended);
     state.stats.connections_total.inc();
     state.stats.connections_active.inc();
     // The connection's facts exist only when filters or the access log read them.
@@ -80,7 +107,7 @@ async fn splice<S>(
                 conn,
                 chain: &mut chain,
             }
-            .run(&mut downstream, &mut drain)
+            .run(&mut downstream, ended.as_mut())
             .await
         }
         _ => {
@@ -88,7 +115,7 @@ async fn splice<S>(
                 let mut upstream = connect(&state, conn.as_ref()).await?;
                 tokio::select! {
                     r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
-                    _ = drain.signaled() => Ok((0, 0)),
+                    () = &mut ended => Ok((0, 0)),
                 }
             }
             .await
@@ -149,9 +176,13 @@ struct Side {
 
 impl Splice<'_> {
     /// Copies both directions, every chunk through the filters, holding what
-    /// they hold, until both sides end, a filter closes the connection or the
-    /// proxy drains.
-    async fn run<S>(self, downstream: &mut S, drain: &mut DrainWatch) -> std::io::Result<(u64, u64)>
+    /// they hold, until both sides end, a filter closes the connection or
+    /// `ended` completes.
+    async fn run<S>(
+        self,
+        downstream: &mut S,
+        mut ended: Pin<&mut impl Future<Output = ()>>,
+    ) -> std::io::Result<(u64, u64)>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -183,7 +214,7 @@ impl Splice<'_> {
             }
             tokio::select! {
                 biased;
-                _ = drain.signaled() => break,
+                () = &mut ended => break,
                 () = resumed.notified(), if waiting => {
                     if chain.closing() {
                         break;

@@ -301,8 +301,9 @@ async fn accept_loop(
                 });
             }
             ListenerState::Tcp(state) => {
+                let listener = live.clone();
                 tokio::task::spawn_local(async move {
-                    crate::tcp::serve(stream, remote, local, id, state, drain).await;
+                    crate::tcp::serve(stream, remote, local, id, state, listener, drain).await;
                     drop(guard);
                 });
             }

@@ -16,4 +16,4 @@ pub mod translate;
 
 pub use agent::{Agent, AgentOptions, Publish};
 pub use cache::Cache;
-pub use translate::{SidecarSpec, bootstrap_config, translate};
+pub use translate::{OutboundTcp, SidecarSpec, bootstrap_config, translate};

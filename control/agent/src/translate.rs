@@ -10,9 +10,14 @@
 //! - one cluster per service: `svc.<namespace>.<name>`; a service with no
 //!   endpoints yet keeps its route, and its calls get 503 (flag UH); a host
 //!   no service has gets 404 (flag NR);
-//! - TLS from `MeshTLS`: the inbound listener STRICT or PERMISSIVE (plaintext
-//!   when DISABLE), and every cluster the snapshot says to call over mTLS
-//!   with the service's SPIFFE ID as the expected peer.
+//! - one `outbound-tcp.<namespace>.<name>` TCP listener per `tcp` service the
+//!   sidecar was told to expose to its app ([`OutboundTcp`], at the address
+//!   given), splicing to that service's cluster; a name that is no `tcp`
+//!   service of the snapshot gets a cluster with no endpoints (connections
+//!   are closed) so the listener and its port stay;
+//! - TLS from `MeshTLS`: the inbound listener, HTTP or TCP, STRICT or
+//!   PERMISSIVE (plaintext when DISABLE), and every cluster the snapshot says
+//!   to call over mTLS with the service's SPIFFE ID as the expected peer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,6 +40,83 @@ pub const INBOUND: &str = "inbound";
 /// The listener the local app sends its calls to.
 pub const OUTBOUND: &str = "outbound";
 
+/// The prefix of the listeners of [`OutboundTcp`] services.
+pub const OUTBOUND_TCP: &str = "outbound-tcp";
+
+/// A `tcp` service the local app reaches at a local address of its sidecar:
+/// `SERVICE[.NAMESPACE]=ADDRESS` (`lacewing proxy --outbound-tcp`). HTTP
+/// services share one outbound listener and are told apart by `Host`; a TCP
+/// connection names nothing, so each service gets its own address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundTcp {
+    pub service: String,
+    /// `None`: the sidecar's namespace.
+    pub namespace: Option<String>,
+    /// Port 0: any free port, kept across generations.
+    pub address: SocketAddr,
+}
+
+/// Why an `--outbound-tcp` value was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{text:?}: {reason} (expected SERVICE[.NAMESPACE]=HOST:PORT)")]
+pub struct OutboundTcpError {
+    text: String,
+    reason: String,
+}
+
+impl std::str::FromStr for OutboundTcp {
+    type Err = OutboundTcpError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| OutboundTcpError {
+            text: text.to_string(),
+            reason,
+        };
+        let (name, address) = text.split_once('=').ok_or_else(|| err("no `=`".into()))?;
+        let address: SocketAddr = address
+            .parse()
+            .map_err(|e| err(format!("address {address:?}: {e}")))?;
+        let (service, namespace) = match name.split_once('.') {
+            Some((service, namespace)) => (service, Some(namespace)),
+            None => (name, None),
+        };
+        for label in std::iter::once(service).chain(namespace) {
+            if !is_dns_label(label) {
+                return Err(err(format!(
+                    "{label:?} is not a service or namespace name (a DNS label)"
+                )));
+            }
+        }
+        Ok(Self {
+            service: service.to_string(),
+            namespace: namespace.map(str::to_string),
+            address,
+        })
+    }
+}
+
+/// 1 to 63 lowercase letters, digits and `-`, not starting or ending with `-`.
+fn is_dns_label(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+impl OutboundTcp {
+    /// The service's namespace, `own` (the sidecar's) when not named.
+    pub fn namespace<'a>(&'a self, own: &'a str) -> &'a str {
+        self.namespace.as_deref().unwrap_or(own)
+    }
+
+    /// The name of its listener on a sidecar of namespace `own`.
+    pub fn listener(&self, own: &str) -> String {
+        format!("{OUTBOUND_TCP}.{}.{}", self.namespace(own), self.service)
+    }
+}
+
 /// What the sidecar is, from its flags.
 #[derive(Debug, Clone)]
 pub struct SidecarSpec {
@@ -50,6 +132,9 @@ pub struct SidecarSpec {
     /// The time a caller has to complete the TLS handshake on the inbound
     /// listener (and to send its first byte).
     pub handshake_timeout: Duration,
+    /// The `tcp` services the app reaches through this sidecar, each at its
+    /// own address (listener names must differ: one entry per service).
+    pub outbound_tcp: Vec<OutboundTcp>,
 }
 
 fn ms(value: u64) -> Dur {
@@ -164,25 +249,23 @@ fn build(
         ListenerConfig::http(INBOUND, spec.inbound, vec![route])
     };
     inbound.filters = inbound_filters;
-    if !is_tcp(own.protocol) {
-        inbound.tls = match api::MeshTlsMode::try_from(snapshot.inbound_tls) {
-            Ok(api::MeshTlsMode::MeshTlsStrict) => Some(ListenerTlsMode::Strict),
-            Ok(api::MeshTlsMode::MeshTlsDisable) => None,
-            _ => Some(ListenerTlsMode::Permissive),
-        }
-        .map(|mode| ListenerTls {
-            mode,
-            handshake_timeout: Dur(spec.handshake_timeout),
-        });
+    // HTTP and TCP alike: TCP connections are spliced once past the handshake.
+    inbound.tls = match api::MeshTlsMode::try_from(snapshot.inbound_tls) {
+        Ok(api::MeshTlsMode::MeshTlsStrict) => Some(ListenerTlsMode::Strict),
+        Ok(api::MeshTlsMode::MeshTlsDisable) => None,
+        _ => Some(ListenerTlsMode::Permissive),
     }
+    .map(|mode| ListenerTls {
+        mode,
+        handshake_timeout: Dur(spec.handshake_timeout),
+    });
     config.listeners.push(inbound);
 
-    // Clusters of every routable service.
+    // Clusters of every service: HTTP ones routed below, TCP ones spliced to
+    // by the outbound TCP listeners.
     let mut clusters: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut tcp_clusters: BTreeMap<(String, String), String> = BTreeMap::new();
     for s in &snapshot.services {
-        if is_tcp(s.protocol) {
-            continue;
-        }
         let name = format!("svc.{}.{}", s.namespace, s.name);
         let mut cluster = ClusterConfig::new(name.clone(), s.endpoints.clone());
         cluster.protocol = upstream(s.protocol);
@@ -213,7 +296,12 @@ fn build(
             });
         }
         config.clusters.push(cluster);
-        clusters.insert((s.namespace.clone(), s.name.clone()), name);
+        let key = (s.namespace.clone(), s.name.clone());
+        if is_tcp(s.protocol) {
+            tcp_clusters.insert(key, name);
+        } else {
+            clusters.insert(key, name);
+        }
     }
 
     let mut routes = Vec::new();
@@ -279,6 +367,29 @@ fn build(
     let mut outbound = ListenerConfig::http(OUTBOUND, spec.outbound, routes);
     outbound.filters = outbound_filters;
     config.listeners.push(outbound);
+
+    // The outbound plugins are HTTP filters: TCP listeners run none.
+    for target in &spec.outbound_tcp {
+        let listener = target.listener(&spec.namespace);
+        let key = (
+            target.namespace(&spec.namespace).to_string(),
+            target.service.clone(),
+        );
+        let cluster = match tcp_clusters.get(&key) {
+            Some(cluster) => cluster.clone(),
+            None => {
+                // No such tcp service (yet): the listener keeps its address
+                // and closes what it accepts.
+                config
+                    .clusters
+                    .push(ClusterConfig::new(listener.clone(), Vec::new()));
+                listener.clone()
+            }
+        };
+        config
+            .listeners
+            .push(ListenerConfig::tcp(listener, target.address, cluster));
+    }
     config
 }
 
@@ -303,6 +414,7 @@ mod tests {
             admin: None,
             workers: 1,
             handshake_timeout: Duration::from_secs(10),
+            outbound_tcp: Vec::new(),
         }
     }
 
@@ -392,6 +504,148 @@ mod tests {
             outbound.routes[2].cluster.as_deref(),
             Some("svc.default.orders-v2")
         );
+    }
+
+    fn tcp_service(name: &str, endpoints: &[&str], client_tls: api::MeshTlsMode) -> api::Service {
+        api::Service {
+            protocol: api::Protocol::Tcp as i32,
+            client_tls: client_tls as i32,
+            spiffe_id: format!("spiffe://lacewing.local/ns/default/sa/{name}"),
+            ..service(name, endpoints)
+        }
+    }
+
+    #[test]
+    fn tcp_services_get_a_tls_inbound_and_an_outbound_listener_each() {
+        let mut spec = spec();
+        spec.outbound_tcp = vec![
+            "db=127.0.0.1:15005".parse().unwrap(),
+            "cache.other=127.0.0.1:0".parse().unwrap(),
+            "legacy=127.0.0.1:15007".parse().unwrap(),
+            "missing=127.0.0.1:15008".parse().unwrap(),
+        ];
+        let mut cache = tcp_service("cache", &["127.0.0.1:3"], api::MeshTlsMode::MeshTlsStrict);
+        cache.namespace = "other".into();
+        cache.spiffe_id = "spiffe://lacewing.local/ns/other/sa/cache".into();
+        let snapshot = api::Snapshot {
+            own: Some(api::Service {
+                protocol: api::Protocol::Tcp as i32,
+                ..service("web", &[])
+            }),
+            inbound_tls: api::MeshTlsMode::MeshTlsStrict as i32,
+            services: vec![
+                tcp_service("db", &["127.0.0.1:1"], api::MeshTlsMode::MeshTlsPermissive),
+                cache,
+                tcp_service("legacy", &["127.0.0.1:2"], api::MeshTlsMode::MeshTlsDisable),
+                service("orders", &["127.0.0.1:4"]),
+            ],
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = translate(&snapshot, &spec, &Cache::open(dir.path()).unwrap()).unwrap();
+        lacewing_config::validate(&config).unwrap();
+
+        let inbound = &config.listeners[0];
+        assert_eq!(inbound.protocol, lacewing_config::ListenerProtocol::Tcp);
+        assert_eq!(
+            inbound.tls.as_ref().map(|t| t.mode),
+            Some(ListenerTlsMode::Strict)
+        );
+        // The HTTP outbound listener routes only the HTTP service.
+        let hosts: Vec<_> = config.listeners[1]
+            .routes
+            .iter()
+            .map(|r| r.matches.authority.clone().unwrap())
+            .collect();
+        assert_eq!(hosts, ["orders", "orders.default"]);
+
+        let tcp: Vec<_> = config.listeners[2..]
+            .iter()
+            .map(|l| {
+                let cluster = config.cluster(l.cluster.as_deref().unwrap()).unwrap();
+                (
+                    l.name.as_str(),
+                    l.address.to_string(),
+                    cluster.name.as_str(),
+                    cluster.endpoints.clone(),
+                    cluster.tls.as_ref().map(|t| t.peer.as_str()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tcp,
+            [
+                (
+                    "outbound-tcp.default.db",
+                    "127.0.0.1:15005".to_string(),
+                    "svc.default.db",
+                    vec!["127.0.0.1:1".to_string()],
+                    Some("spiffe://lacewing.local/ns/default/sa/db"),
+                ),
+                (
+                    "outbound-tcp.other.cache",
+                    "127.0.0.1:0".to_string(),
+                    "svc.other.cache",
+                    vec!["127.0.0.1:3".to_string()],
+                    Some("spiffe://lacewing.local/ns/other/sa/cache"),
+                ),
+                (
+                    "outbound-tcp.default.legacy",
+                    "127.0.0.1:15007".to_string(),
+                    "svc.default.legacy",
+                    vec!["127.0.0.1:2".to_string()],
+                    None,
+                ),
+                (
+                    "outbound-tcp.default.missing",
+                    "127.0.0.1:15008".to_string(),
+                    "outbound-tcp.default.missing",
+                    vec![],
+                    None,
+                ),
+            ]
+        );
+        for l in &config.listeners[2..] {
+            assert_eq!(l.protocol, lacewing_config::ListenerProtocol::Tcp);
+            assert!(l.filters.is_empty() && l.tls.is_none(), "{}", l.name);
+        }
+        // Before any snapshot the listeners exist already (their ports are bound at start).
+        let bootstrap = bootstrap_config(&spec);
+        lacewing_config::validate(&bootstrap).unwrap();
+        assert_eq!(bootstrap.listeners.len(), 6);
+    }
+
+    #[test]
+    fn outbound_tcp_values_parse_or_say_what_is_wrong() {
+        let parsed: OutboundTcp = "db.shop=127.0.0.1:5432".parse().unwrap();
+        assert_eq!(
+            parsed,
+            OutboundTcp {
+                service: "db".into(),
+                namespace: Some("shop".into()),
+                address: "127.0.0.1:5432".parse().unwrap(),
+            }
+        );
+        assert_eq!(parsed.listener("default"), "outbound-tcp.shop.db");
+        let own: OutboundTcp = "db=[::1]:0".parse().unwrap();
+        assert_eq!(own.listener("default"), "outbound-tcp.default.db");
+        for (text, reason) in [
+            ("db", "no `=`"),
+            ("db=localhost:5432", "address \"localhost:5432\""),
+            (
+                "Db=127.0.0.1:1",
+                "\"Db\" is not a service or namespace name",
+            ),
+            ("db.=127.0.0.1:1", "\"\" is not a service or namespace name"),
+            (
+                "db.a.b=127.0.0.1:1",
+                "\"a.b\" is not a service or namespace name",
+            ),
+        ] {
+            let err = text.parse::<OutboundTcp>().unwrap_err().to_string();
+            assert!(err.contains(reason), "{text}: {err}");
+            assert!(err.contains("SERVICE[.NAMESPACE]=HOST:PORT"), "{err}");
+        }
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use lacewing_config::ListenerTlsMode;
 use lacewing_core::ResponseFlag;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::stream::TlsFacts;
@@ -246,20 +245,10 @@ pub async fn serve_io<I>(
 /// Completes when a new generation makes the listener of `slot` (a
 /// plaintext connection's) TLS only; never for `None` (a TLS connection).
 async fn forbids_plaintext(slot: Option<HttpSlot>) {
-    if let Some(slot) = slot {
-        let mut generations = slot.generations();
-        while generations.changed().await.is_ok() {
-            let state = slot.load_full();
-            if state
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.mode() == ListenerTlsMode::Strict)
-            {
-                return;
-            }
-        }
+    match slot {
+        Some(slot) => slot.turns_tls_only().await,
+        None => std::future::pending().await,
     }
-    std::future::pending().await
 }
 
 /// How an HTTP/2 connection's `max_connection_buffer` is spent.

@@ -25,6 +25,7 @@ mod mesh_rotate;
 mod mesh_sidecars;
 mod mesh_store;
 mod mesh_support;
+mod mesh_tcp;
 mod mesh_tls;
 mod mesh_tls_bad_input;
 mod plugin_logs;

@@ -260,6 +260,7 @@ pub fn spec(service: &str, port: u16) -> SidecarSpec {
         admin: None,
         workers: 1,
         handshake_timeout: std::time::Duration::from_secs(10),
+        outbound_tcp: Vec::new(),
     }
 }
 

@@ -106,7 +106,7 @@ plugins:
 ";
 
 /// Writes `message` on `stream` and reads until `until` has come back.
-async fn exchange<S>(stream: &mut S, message: &[u8], until: &[u8]) -> String
+pub(crate) async fn exchange<S>(stream: &mut S, message: &[u8], until: &[u8]) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
