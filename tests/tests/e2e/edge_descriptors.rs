@@ -18,13 +18,6 @@ const CLIENTS: usize = 96;
 /// How long the proxy is left out of descriptors (not a bound on anything).
 const STARVED_FOR: Duration = Duration::from_secs(3);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn log_lines(path: &Path, needle: &str) -> usize {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -65,7 +58,10 @@ async fn out_of_descriptors_the_proxy_backs_off_and_recovers_by_itself() {
     let upstream = servers::http_echo().await;
     let dir = std::env::temp_dir().join(format!("lacewing-nofile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (port, admin_port) = (free_port(), free_port());
+    let (port, admin_port) = (
+        lacewing_tests::process::free_port(),
+        lacewing_tests::process::free_port(),
+    );
     let config = dir.join("proxy.yaml");
     std::fs::write(
         &config,

@@ -9,17 +9,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use lacewing_tests::{client, eventually, servers, wasm};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 #[tokio::test]
 async fn a_plugin_line_names_its_plugin_and_escapes_control_characters() {
     let upstream = servers::http_echo().await;
-    let port = free_port();
+    let port = lacewing_tests::process::free_port();
     let dir = tempfile::tempdir().expect("temp dir");
     let log_path = dir.path().join("stderr.log");
     let log_file = std::fs::File::create(&log_path).expect("log file");

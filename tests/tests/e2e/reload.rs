@@ -364,7 +364,8 @@ async fn listeners_added_moved_and_removed_by_publish_start_and_stop_accepting()
     // Re-bound: the same listener moves to another port.
     let main_before = proxy::listener_addr(&handle, "main");
     let mut moved = up.config("a", "A", 2);
-    moved.listeners[0].address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    moved.listeners[0].address =
+        SocketAddr::from(([127, 0, 0, 1], lacewing_tests::process::free_port()));
     publish(&handle, moved)
         .await
         .expect("publish a moved listener");
@@ -539,7 +540,10 @@ impl FileProxy {
         let dir = std::env::temp_dir().join(format!("lacewing-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("proxy.yaml");
-        let (port, admin) = (free_port(), free_port());
+        let (port, admin) = (
+            lacewing_tests::process::free_port(),
+            lacewing_tests::process::free_port(),
+        );
         let mut proxy = Self {
             up,
             dir,
@@ -724,11 +728,4 @@ async fn watch_reloads_the_file_when_it_changes_and_a_bad_file_keeps_the_live_ge
     proxy.assert_generation(4).await;
     proxy.failed_reloads(1.0).await;
     proxy.stop_and_check_log().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }

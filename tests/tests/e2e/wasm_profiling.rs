@@ -6,17 +6,10 @@ use std::process::Stdio;
 
 use lacewing_tests::{client, eventually, servers, wasm};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 #[tokio::test]
 async fn the_perf_map_names_the_plugins_functions() {
     let upstream = servers::http_echo().await;
-    let port = free_port();
+    let port = lacewing_tests::process::free_port();
     let cache = tempfile::tempdir().expect("cache dir");
     let mut child = tokio::process::Command::new(lacewing_tests::process::lacewing_binary())
         .args(["proxy", "--workers", "1", "--listen"])
