@@ -70,6 +70,30 @@ async fn connect(
 }
 
 #[tokio::test]
+async fn two_workloads_agree_on_aes_128_gcm() {
+    let (ca, _) = MeshCa::generate("mesh.local").unwrap();
+    let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
+    let orders = issue(&ca, &id("orders"));
+    let frontend = issue(&ca, &id("frontend"));
+    let (addr, accepted) = server(&orders, &trust).await;
+    let connector = TlsConnector::from(client_config(&frontend, &trust, &id("orders")).unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(server_name_for(&id("orders")), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();
+    assert_eq!(
+        suite.suite(),
+        tokio_rustls::rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    accepted.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn mutual_tls_between_two_workloads_of_one_mesh() {
     let (ca, _) = MeshCa::generate("mesh.local").unwrap();
     let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
