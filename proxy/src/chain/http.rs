@@ -114,6 +114,18 @@ pub struct FilteredBody<B> {
 enum Source<B> {
     /// No filter wants the body: it passes untouched.
     Untouched(B),
+    /// The filters see each chunk inside this body's poll, while none of
+    /// them holds bytes: no pump future and no channel per response (they
+    /// cost about 2k instructions a request). The first stop or trailers
+    /// hand the rest to a pump.
+    Direct {
+        body: B,
+        inner: Rc<Inner>,
+        /// The source and the filters are through with the body.
+        done: bool,
+    },
+    /// Between `Direct` and `Pumped`, for the moment of the move.
+    Moving,
     /// The filters shape it in a pump that this body drives.
     Pumped {
         /// Reads the source and runs the filters; `None` once it has ended.
@@ -128,7 +140,7 @@ type LocalPump = Pin<Box<dyn Future<Output = ()>>>;
 
 impl<B> Body for FilteredBody<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;
@@ -136,7 +148,16 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult>> {
         let this = self.get_mut();
+        if let Source::Direct { .. } = this.source
+            && let Some(polled) = this.poll_direct(cx)
+        {
+            if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                this.finish.take();
+            }
+            return polled;
+        }
         let polled = match &mut this.source {
+            Source::Direct { .. } | Source::Moving => Poll::Ready(None),
             Source::Untouched(body) => {
                 let polled = Pin::new(body)
                     .poll_frame(cx)
@@ -171,6 +192,8 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Untouched(body) => body.is_end_stream(),
+            Source::Direct { done, .. } => *done,
+            Source::Moving => true,
             Source::Pumped { out, .. } => out.is_end_stream(),
         }
     }
@@ -178,9 +201,135 @@ where
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.source {
             Source::Untouched(body) => body.size_hint(),
-            Source::Pumped { .. } => http_body::SizeHint::default(),
+            Source::Direct { .. } | Source::Moving | Source::Pumped { .. } => {
+                http_body::SizeHint::default()
+            }
         }
     }
+}
+
+impl<B> FilteredBody<B>
+where
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Polls a `Direct` source: each chunk goes through the response body
+    /// phase here, as the pump would run it. `None` when the source moved to
+    /// a pump (a filter held bytes, or trailers came), which the caller then polls.
+    fn poll_direct(&mut self, cx: &mut Context<'_>) -> Option<Poll<Option<FrameResult>>> {
+        let Source::Direct { body, inner, done } = &mut self.source else {
+            return None;
+        };
+        if *done {
+            return Some(Poll::Ready(None));
+        }
+        let direction = Direction::Response;
+        let mut holds = Holds::default();
+        loop {
+            let frame = match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(frame) => frame,
+            };
+            let (data, end) = match frame {
+                None => (BytesMut::new(), true),
+                Some(Err(e)) => {
+                    *done = true;
+                    return Some(Poll::Ready(Some(Err(e.into()))));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        count_bytes(inner, direction, data.len());
+                        let end = body.is_end_stream();
+                        // Takes the chunk without a copy when nothing else shares it.
+                        let data = data
+                            .try_into_mut()
+                            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                        (data, end)
+                    }
+                    Err(frame) => {
+                        // Trailers: the pump runs their phase, with this frame first.
+                        self.move_to_pump(Some(frame), holds, false);
+                        return None;
+                    }
+                },
+            };
+            match inner.body_phase(direction, &mut holds, 0, data, end) {
+                Ok(Passage::Through { data }) => {
+                    *done = end;
+                    if !data.is_empty() {
+                        return Some(Poll::Ready(Some(Ok(Frame::data(data.freeze())))));
+                    }
+                    if end {
+                        return Some(Poll::Ready(None));
+                    }
+                }
+                Ok(Passage::Held) => {
+                    self.move_to_pump(None, holds, end);
+                    return None;
+                }
+                Err(_stop) => {
+                    *done = true;
+                    return Some(Poll::Ready(Some(Err(stopped_by_chain(direction)))));
+                }
+            }
+        }
+    }
+
+    /// Hands a `Direct` source to a pump that starts with `holds`, fed
+    /// `first` before the rest of the source.
+    fn move_to_pump(&mut self, first: Option<Frame<Bytes>>, holds: Holds, source_done: bool) {
+        let Source::Direct { body, inner, .. } =
+            std::mem::replace(&mut self.source, Source::Moving)
+        else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let body = Prefixed { first, rest: body };
+        self.source = Source::Pumped {
+            pump: Some(Box::pin(pump_from(
+                inner,
+                Direction::Response,
+                body,
+                tx,
+                holds,
+                source_done,
+            ))),
+            out: PumpedBody { rx },
+        };
+    }
+}
+
+/// A body that yields `first` (if any) before the frames of `rest`.
+struct Prefixed<B> {
+    first: Option<Frame<Bytes>>,
+    rest: B,
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(frame) = self.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// The error a body ends with when a filter stopped it.
+fn stopped_by_chain(direction: Direction) -> BoxError {
+    format!("{direction:?} stopped by the filter chain").into()
 }
 
 /// A response body after the chain.
@@ -329,10 +478,10 @@ impl HttpChain {
             return ResponseBody::Plain(body);
         };
         let source = if inner.wants_response_body && !body.is_end_stream() {
-            let (tx, rx) = mpsc::channel(4);
-            Source::Pumped {
-                pump: Some(Box::pin(pump(inner.clone(), Direction::Response, body, tx))),
-                out: PumpedBody { rx },
+            Source::Direct {
+                body,
+                inner: inner.clone(),
+                done: false,
             }
         } else {
             Source::Untouched(body)
@@ -604,7 +753,23 @@ where
     B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let end = run_pump(&inner, direction, body, &tx).await;
+    pump_from(inner, direction, body, tx, Holds::default(), false).await;
+}
+
+/// [`pump`], taking over what the filters hold (and whether the source
+/// ended) from a body that ran the phase itself until then.
+async fn pump_from<B>(
+    inner: Rc<Inner>,
+    direction: Direction,
+    body: B,
+    tx: mpsc::Sender<FrameResult>,
+    holds: Holds,
+    source_done: bool,
+) where
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let end = run_pump(&inner, direction, body, &tx, holds, source_done).await;
     let error: BoxError = match end {
         Ok(()) | Err(PumpEnd::Closed) => return,
         Err(PumpEnd::Source(e)) => {
@@ -615,12 +780,11 @@ where
             e
         }
         Err(PumpEnd::Stop(stop)) => {
-            let reason = format!("{direction:?} stopped by the filter chain");
             if direction == Direction::Request {
                 *inner.request_stop.borrow_mut() = Some(stop);
                 inner.request_stopped.notify_one();
             }
-            reason.into()
+            stopped_by_chain(direction)
         }
     };
     let _ = tx.send(Err(error)).await;
@@ -631,14 +795,14 @@ async fn run_pump<B>(
     direction: Direction,
     mut body: B,
     tx: &mpsc::Sender<FrameResult>,
+    mut holds: Holds,
+    mut source_done: bool,
 ) -> Result<(), PumpEnd>
 where
     B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     let resumed = inner.stream.borrow().resumed();
-    let mut holds = Holds::default();
-    let mut source_done = false;
     // A paused request must go on within the route timeout from its start;
     // a paused response within it from the end of its body.
     let mut deadline = match direction {

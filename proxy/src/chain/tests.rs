@@ -525,6 +525,121 @@ fn a_filtered_response_body_ends_the_filters_lives_when_it_is_done() {
     });
 }
 
+#[test]
+fn a_response_passing_every_filter_keeps_its_chunks_and_its_trailers_reach_the_filters() {
+    run(async {
+        let log = Log::default();
+        let (chain, stream) = chain(&[
+            passes("outer", &log),
+            scripted("stamp", &log, |call, s| {
+                if call == Call::ResponseTrailers
+                    && let Some(t) = s.borrow_mut().response_trailers.as_mut()
+                {
+                    t.insert("x-stamped", HeaderValue::from_static("yes"));
+                }
+                FilterStatus::Continue
+            }),
+        ]);
+        chain.request_headers(true).await.unwrap();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let ResponseBody::Filtered(mut body) =
+            chain.response_body(source(&["ab", "cd"], Some(trailers)))
+        else {
+            panic!("a filtered body");
+        };
+        let mut chunks = Vec::new();
+        let mut got_trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(data) => chunks.push(data),
+                Err(frame) => got_trailers = frame.into_trailers().ok(),
+            }
+        }
+        assert_eq!(chunks, ["ab", "cd"], "each chunk goes on as it came");
+        let got_trailers = got_trailers.expect("trailers");
+        assert_eq!(got_trailers["grpc-status"], "0");
+        assert_eq!(got_trailers["x-stamped"], "yes");
+        let calls = entries(&log);
+        for expected in [
+            "stamp:ResponseBody { end: false }:2",
+            "outer:ResponseBody { end: false }:2",
+            "stamp:ResponseTrailers",
+            "outer:ResponseTrailers",
+            "outer:log",
+        ] {
+            assert!(
+                calls.iter().any(|c| c == expected),
+                "{expected} in {calls:?}"
+            );
+        }
+        assert_eq!(stream.borrow().info.response_body_bytes, 4);
+    });
+}
+
+#[test]
+fn a_response_chunk_held_mid_body_reaches_the_filter_again_with_the_chunks_after_it() {
+    run(async {
+        let log = Log::default();
+        let (chain, _stream) = chain(&[scripted("hold-first", &log, |call, s| {
+            let Call::ResponseBody { end: false } = call else {
+                return FilterStatus::Continue;
+            };
+            let mut st = s.borrow_mut();
+            if st.response_body.as_ref() == b"first" {
+                return FilterStatus::StopAndBuffer;
+            }
+            // The held chunk comes back with the next one after it.
+            let upper = st.response_body.to_ascii_uppercase();
+            st.response_body.clear();
+            st.response_body.extend_from_slice(&upper);
+            FilterStatus::Continue
+        })]);
+        chain.request_headers(true).await.unwrap();
+        let ResponseBody::Filtered(body) = chain.response_body(source(&["first", "-second"], None))
+        else {
+            panic!("a filtered body");
+        };
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, "FIRST-SECOND");
+        assert_eq!(
+            entries(&log),
+            [
+                "hold-first:RequestHeaders",
+                "hold-first:ResponseBody { end: false }:5",
+                "hold-first:ResponseBody { end: false }:12",
+                "hold-first:ResponseBody { end: true }:0",
+                "hold-first:log",
+            ]
+        );
+    });
+}
+
+#[test]
+fn a_response_stopped_by_a_filter_ends_its_body_with_an_error() {
+    run(async {
+        let log = Log::default();
+        let (chain, _stream) = chain(&[scripted("reset", &log, |call, s| {
+            if let Call::ResponseBody { .. } = call {
+                s.borrow_mut().reset = true;
+                return FilterStatus::StopIteration;
+            }
+            FilterStatus::Continue
+        })]);
+        chain.request_headers(true).await.unwrap();
+        let ResponseBody::Filtered(body) = chain.response_body(source(&["x"], None)) else {
+            panic!("a filtered body");
+        };
+        let error = body.collect().await.expect_err("the body fails");
+        assert!(
+            error.to_string().contains("stopped by the filter chain"),
+            "{error}"
+        );
+        assert_eq!(entries(&log).last().map(String::as_str), Some("reset:log"));
+    });
+}
+
 /// Network filters that log every call and answer by a script of their own.
 struct NetScripted {
     log: Log,
