@@ -204,7 +204,7 @@ impl PluginMetrics {
 
     /// Adds `delta` to a counter (which refuses negative deltas) or a gauge.
     pub fn increment(&self, id: u32, delta: i64) -> Result<(), MetricError> {
-        match self.handle(id)? {
+        self.with_handle(id, |handle| match handle {
             Handle::Counter(counter) => {
                 let delta = u64::try_from(delta).map_err(|_| {
                     MetricError::BadArgument(format!("counter {id} cannot decrease"))
@@ -219,13 +219,13 @@ impl PluginMetrics {
             Handle::Histogram(_) => Err(MetricError::BadArgument(format!(
                 "histogram {id} records values, it is not incremented"
             ))),
-        }
+        })
     }
 
     /// Sets a gauge to `value` or records `value` in a histogram. Counters
     /// only increment.
     pub fn record(&self, id: u32, value: u64) -> Result<(), MetricError> {
-        match self.handle(id)? {
+        self.with_handle(id, |handle| match handle {
             Handle::Counter(_) => Err(MetricError::BadArgument(format!(
                 "counter {id} is incremented, not recorded"
             ))),
@@ -241,16 +241,16 @@ impl PluginMetrics {
                 histogram.observe(value as f64);
                 Ok(())
             }
-        }
+        })
     }
 
     /// The value of a counter or gauge (a gauge below zero reads as 0).
     pub fn get(&self, id: u32) -> Result<u64, MetricError> {
-        match self.handle(id)? {
+        self.with_handle(id, |handle| match handle {
             Handle::Counter(counter) => Ok(counter.get()),
             Handle::Gauge(gauge) => Ok(u64::try_from(gauge.get()).unwrap_or(0)),
             Handle::Histogram(_) => Err(MetricError::Unsupported(id)),
-        }
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -259,16 +259,22 @@ impl PluginMetrics {
         self.table.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn handle(&self, id: u32) -> Result<Handle, MetricError> {
+    /// Runs `f` on the handle of metric `id`, under the table's read lock (a
+    /// clone of the handle would cost two more atomic operations per update).
+    fn with_handle<T>(
+        &self,
+        id: u32,
+        f: impl FnOnce(&Handle) -> Result<T, MetricError>,
+    ) -> Result<T, MetricError> {
         let index = usize::try_from(id)
             .ok()
             .and_then(|id| id.checked_sub(1))
             .ok_or(MetricError::NotFound(id))?;
-        self.read()
+        f(self
+            .read()
             .handles
             .get(index)
-            .cloned()
-            .ok_or(MetricError::NotFound(id))
+            .ok_or(MetricError::NotFound(id))?)
     }
 }
 
