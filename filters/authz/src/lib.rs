@@ -6,10 +6,12 @@
 
 mod policy;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use lacewing_sdk::http::{Headers, send_response};
-use lacewing_sdk::metrics::{Counter, Family};
+use lacewing_sdk::metrics::Counter;
 use lacewing_sdk::{Action, Filter, Plugin};
 
 pub use policy::{Config, Decision, Policy, RequestView};
@@ -17,13 +19,46 @@ pub use policy::{Config, Decision, Policy, RequestView};
 /// The plugin: the compiled policy and its counters.
 pub struct Authz {
     policy: Policy,
-    counters: Family<Counter>,
+    /// Per source: the `authz_allowed` counter of each rule (by index) and
+    /// the `authz_denied` counter, each defined on first use. Found by the
+    /// source alone, so a request builds no metric name and allocates nothing.
+    counters: RefCell<HashMap<String, SourceCounters>>,
+}
+
+/// One source's counters; `None` inside: not defined yet, or refused by the host.
+#[derive(Default)]
+struct SourceCounters {
+    allowed: Vec<Option<Option<Counter>>>,
+    denied: Option<Option<Counter>>,
 }
 
 impl Authz {
-    /// Adds one to the counter `name`, defining it on first use.
-    fn count(&self, name: String) {
-        self.counters.with(&name, |c| c.inc());
+    /// Adds one to the allow counter of `source` and rule `rule`, or to the
+    /// deny counter of `source` when `rule` is `None`.
+    fn count(&self, source: &str, rule: Option<usize>) {
+        let mut counters = self.counters.borrow_mut();
+        let entry = match counters.get_mut(source) {
+            Some(entry) => entry,
+            None => counters.entry(source.to_string()).or_default(),
+        };
+        let counter = match rule {
+            Some(index) => {
+                if entry.allowed.len() <= index {
+                    entry.allowed.resize(index + 1, None);
+                }
+                entry.allowed[index].get_or_insert_with(|| {
+                    let rule = self.policy.rule_name(index);
+                    Counter::define(&format!("authz_allowed.source.{source}.rule.{rule}")).ok()
+                })
+            }
+            None => entry.denied.get_or_insert_with(|| {
+                Counter::define(&format!("authz_denied.source.{source}")).ok()
+            }),
+        };
+        // Metrics must not fail requests: a host error is dropped.
+        if let Some(counter) = counter {
+            let _ = counter.inc();
+        }
     }
 }
 
@@ -34,7 +69,7 @@ impl Plugin for Authz {
     fn configure(config: Config) -> Result<Self, String> {
         Ok(Authz {
             policy: Policy::compile(config)?,
-            counters: Family::default(),
+            counters: RefCell::new(HashMap::new()),
         })
     }
 
@@ -61,12 +96,11 @@ impl Filter for AuthzFilter {
         let source = principal.as_deref().unwrap_or("unauthenticated");
         match self.plugin.policy.decide(&view) {
             Decision::Allow { rule } => {
-                self.plugin
-                    .count(format!("authz_allowed.source.{source}.rule.{rule}"));
+                self.plugin.count(source, Some(rule));
                 Action::Continue
             }
             Decision::Deny { reason } => {
-                self.plugin.count(format!("authz_denied.source.{source}"));
+                self.plugin.count(source, None);
                 let body = format!("403 Forbidden: {reason}\n");
                 if let Err(e) = send_response(
                     403,

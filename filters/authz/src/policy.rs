@@ -92,8 +92,8 @@ impl RequestView<'_> {
 /// The outcome for one request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed by the named rule.
-    Allow { rule: String },
+    /// Allowed by the rule at this index (its name: [`Policy::rule_name`]).
+    Allow { rule: usize },
     /// Denied, and why.
     Deny { reason: String },
 }
@@ -167,6 +167,16 @@ impl Policy {
         Ok(Policy { rules })
     }
 
+    /// The name of the rule at `index` (as [`Decision::Allow`] gives it).
+    pub fn rule_name(&self, index: usize) -> &str {
+        self.rules.get(index).map_or("", |r| r.name.as_str())
+    }
+
+    /// How many rules the policy has.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Allow when some rule names the caller and one of its routes matches.
     pub fn decide(&self, req: &RequestView<'_>) -> Decision {
         let Some(principal) = req.principal else {
@@ -178,7 +188,7 @@ impl Policy {
         let full_path = req.header(":path").unwrap_or("/");
         let path = full_path.split('?').next().unwrap_or(full_path);
         let mut known = false;
-        for rule in &self.rules {
+        for (index, rule) in self.rules.iter().enumerate() {
             let named = rule.sources.iter().any(|s| match s {
                 Source::Any => true,
                 Source::Exact(id) => id == principal,
@@ -188,9 +198,7 @@ impl Policy {
             }
             known = true;
             if rule.routes.is_empty() || rule.routes.iter().any(|r| r.matches(method, path, req)) {
-                return Decision::Allow {
-                    rule: rule.name.clone(),
-                };
+                return Decision::Allow { rule: index };
             }
         }
         let reason = if known {
@@ -242,8 +250,9 @@ mod tests {
         let hs = h("GET", "/api/x?y=1");
         assert_eq!(
             p.decide(&req(Some("spiffe://mesh.local/ns/shop/sa/web"), &hs)),
-            Decision::Allow { rule: "r".into() }
+            Decision::Allow { rule: 0 }
         );
+        assert_eq!(p.rule_name(0), "r");
         let post = h("POST", "/api/x");
         assert!(
             matches!(p.decide(&req(Some("spiffe://mesh.local/ns/shop/sa/web"), &post)), Decision::Deny { reason } if reason.contains("no route allows"))
