@@ -3,12 +3,13 @@
 # the hot path, measured exactly where req/s swings with the machine. Runs
 # nginx (single process) and Lacewing (one worker; no filter, then one
 # header-echo filter, then the telemetry filter) in front of an nginx upstream,
-# drives the same keep-alive GETs through each, and writes the totals and the
-# heaviest functions (inclusive) to bench/results/profile.md.
+# then two Lacewing hops plaintext and over mutual TLS (each side in turn under
+# callgrind), drives the same keep-alive GETs through each, and writes the
+# totals and the heaviest functions (inclusive) to bench/results/profile.md.
 #
 # Usage: bench/profile.sh [--requests N] [--skip-build] [--binary PATH]
 #                         [--wasm-dir DIR] [--out FILE]
-# Needs valgrind (installed with apt-get when missing), nginx and python3.
+# Needs valgrind (installed with apt-get when missing), nginx, python3 and openssl.
 # The kernel's share (syscalls, loopback) is not counted: see bench/run.sh for
 # CPU time per request.
 set -uo pipefail
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --binary) LACEWING=${2:?}; SKIP_BUILD=1; shift 2 ;;
     --wasm-dir) WASM=${2:?}; shift 2 ;;
     --out) OUT=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "profile: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -152,6 +153,76 @@ P=$(free_port)
 profile_row lacewing_telemetry "lacewing + telemetry" "$P" "$LACEWING" proxy --workers 1 \
   --listen "127.0.0.1:$P" --upstream "127.0.0.1:$UPSTREAM_PORT" \
   --wasm "$WASM/telemetry.wasm" --wasm-config '{"destination":"orders"}'
+
+# Two hops, as between sidecars: "frontend" (plaintext listener, cluster to
+# orders) and "orders" (listener, upstream nginx), plaintext and then mutual
+# TLS with static identity files; one of the two runs under callgrind, so
+# each side's cost of TLS is the difference to its plaintext row.
+CERTS=$WORK/certs
+TD=bench.mesh
+make_certs() {
+  mkdir -p "$CERTS"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$CERTS/ca.key" \
+    -out "$CERTS/ca.pem" -days 2 -subj "/O=$TD/CN=profile CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign || return 1
+  local svc
+  for svc in frontend orders; do
+    printf 'subjectAltName=URI:spiffe://%s/ns/default/sa/%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n' \
+      "$TD" "$svc" >"$CERTS/$svc.ext"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$CERTS/$svc.key" \
+      -out "$CERTS/$svc.csr" -subj "/O=$TD/CN=$svc" &&
+      openssl x509 -req -in "$CERTS/$svc.csr" -CA "$CERTS/ca.pem" -CAkey "$CERTS/ca.key" \
+        -set_serial "0x$(openssl rand -hex 8)" -days 2 -sha256 -extfile "$CERTS/$svc.ext" \
+        -out "$CERTS/$svc.pem" || return 1
+  done
+}
+hop_conf() { # hop_conf FILE SERVICE(frontend|orders) LISTEN_PORT NEXT_PORT TLS(0|1)
+  local file=$1 svc=$2 port=$3 next=$4 tls=$5
+  {
+    echo "admin: { address: 127.0.0.1:$(free_port) }"
+    echo "workers: 1"
+    if [ "$tls" = 1 ]; then
+      echo "tls: { cert_file: $CERTS/$svc.pem, key_file: $CERTS/$svc.key, trust_file: $CERTS/ca.pem }"
+    fi
+    echo "listeners:"
+    echo "  - name: $svc"
+    echo "    address: 127.0.0.1:$port"
+    if [ "$svc" = orders ] && [ "$tls" = 1 ]; then echo "    tls: { mode: strict }"; fi
+    echo "    routes: [{ name: all, cluster: next }]"
+    echo "clusters:"
+    echo "  - name: next"
+    echo "    endpoints: ['127.0.0.1:$next']"
+    if [ "$svc" = frontend ] && [ "$tls" = 1 ]; then
+      echo "    tls: { peer: 'spiffe://$TD/ns/default/sa/orders' }"
+    fi
+  } >"$file"
+}
+# hop_rows TLS(0|1) SUFFIX LABEL: the frontend side, then the orders side, under callgrind
+hop_rows() {
+  local tls=$1 suffix=$2 label=$3 pf po helper
+  pf=$(free_port); po=$(free_port)
+  hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls"
+  hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls"
+  "$LACEWING" proxy --config "$WORK/orders$suffix.yaml" >"$WORK/orders$suffix.log" 2>&1 &
+  helper=$!; PIDS+=($helper)
+  profile_row "hop_client$suffix" "two hops, $label: frontend side" "$pf" \
+    "$LACEWING" proxy --config "$WORK/frontend$suffix.yaml"
+  kill "$helper" 2>/dev/null; wait "$helper" 2>/dev/null
+  pf=$(free_port); po=$(free_port)
+  hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls"
+  hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls"
+  "$LACEWING" proxy --config "$WORK/frontend$suffix.yaml" >"$WORK/frontend$suffix.log" 2>&1 &
+  helper=$!; PIDS+=($helper)
+  profile_row "hop_server$suffix" "two hops, $label: orders side" "$pf" \
+    "$LACEWING" proxy --config "$WORK/orders$suffix.yaml"
+  kill "$helper" 2>/dev/null; wait "$helper" 2>/dev/null
+}
+if command -v openssl >/dev/null && make_certs >"$WORK/openssl.log" 2>&1; then
+  hop_rows 0 _plain plaintext
+  hop_rows 1 _mtls "mutual TLS"
+else
+  say "no certificates (openssl): the two-hop rows are skipped; see $WORK/openssl.log"
+fi
 
 # Top inclusive frames of a row, paths shortened, the runtime's outer frames skipped.
 top_frames() {

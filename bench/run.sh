@@ -660,6 +660,27 @@ start_mesh_pair() { # start_mesh_pair NAME TLS_MODE TELEMETRY CHAIN
   start_sidecar "$dir" frontend "$(free_port)" "$SUT_PORT" "$MESH_FRONTEND_ADMIN"
   REQUEST_HEADERS=("Host: orders")
   CHECK_AFTER=mesh_check_after
+  # Until its first snapshot a sidecar serves its bootstrap configuration
+  # (inbound straight to the app, no plugins): the probe and the load wait
+  # until both serve the applied mesh.
+  mesh_wait_snapshot "$dir" "$MESH_ORDERS_ADMIN" "$MESH_FRONTEND_ADMIN"
+}
+
+mesh_wait_snapshot() { # mesh_wait_snapshot DIR ADMIN_PORT...: each sidecar reports a snapshot version >= 1
+  local dir=$1 port version deadline=$(( $(date +%s) + READY_TIMEOUT ))
+  shift
+  for port in "$@"; do
+    while :; do
+      version=$(curl -s --max-time 2 "http://127.0.0.1:$port/metrics" 2>/dev/null \
+        | awk '$1 == "lacewing_sidecar_snapshot_version" { print $2 }')
+      [ "${version:-0}" -ge 1 ] 2>/dev/null && break
+      if [ "$(date +%s)" -ge "$deadline" ]; then
+        NA_REASON="the sidecar with admin port $port did not take the mesh's snapshot in ${READY_TIMEOUT}s (see $dir/*/stdout.log)"
+        return 1
+      fi
+      sleep 0.05
+    done
+  done
 }
 
 metric_sum() { # metric_sum FILE NAME [LABEL_SUBSTRING...]: sum of a Prometheus metric's samples
