@@ -199,23 +199,18 @@ hop_conf() { # hop_conf FILE SERVICE(frontend|orders) LISTEN_PORT NEXT_PORT TLS(
 }
 # hop_rows TLS(0|1) SUFFIX LABEL: the frontend side, then the orders side, under callgrind
 hop_rows() {
-  local tls=$1 suffix=$2 label=$3 pf po helper
-  pf=$(free_port); po=$(free_port)
-  hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls"
-  hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls"
-  "$LACEWING" proxy --config "$WORK/orders$suffix.yaml" >"$WORK/orders$suffix.log" 2>&1 &
-  helper=$!; PIDS+=($helper)
-  profile_row "hop_client$suffix" "two hops, $label: frontend side" "$pf" \
-    "$LACEWING" proxy --config "$WORK/frontend$suffix.yaml"
-  kill "$helper" 2>/dev/null; wait "$helper" 2>/dev/null
-  pf=$(free_port); po=$(free_port)
-  hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls"
-  hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls"
-  "$LACEWING" proxy --config "$WORK/frontend$suffix.yaml" >"$WORK/frontend$suffix.log" 2>&1 &
-  helper=$!; PIDS+=($helper)
-  profile_row "hop_server$suffix" "two hops, $label: orders side" "$pf" \
-    "$LACEWING" proxy --config "$WORK/orders$suffix.yaml"
-  kill "$helper" 2>/dev/null; wait "$helper" 2>/dev/null
+  local tls=$1 suffix=$2 label=$3 side other key pf po helper
+  for side in frontend orders; do
+    if [ "$side" = frontend ]; then other=orders key=hop_client; else other=frontend key=hop_server; fi
+    pf=$(free_port); po=$(free_port)
+    hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls"
+    hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls"
+    "$LACEWING" proxy --config "$WORK/$other$suffix.yaml" >"$WORK/$other$suffix.log" 2>&1 &
+    helper=$!; PIDS+=($helper)
+    profile_row "$key$suffix" "two hops, $label: $side side" "$pf" \
+      "$LACEWING" proxy --config "$WORK/$side$suffix.yaml"
+    kill "$helper" 2>/dev/null; wait "$helper" 2>/dev/null
+  done
 }
 if command -v openssl >/dev/null && make_certs >"$WORK/openssl.log" 2>&1; then
   hop_rows 0 _plain plaintext

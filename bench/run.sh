@@ -660,9 +660,8 @@ start_mesh_pair() { # start_mesh_pair NAME TLS_MODE TELEMETRY CHAIN
   start_sidecar "$dir" frontend "$(free_port)" "$SUT_PORT" "$MESH_FRONTEND_ADMIN"
   REQUEST_HEADERS=("Host: orders")
   CHECK_AFTER=mesh_check_after
-  # Until its first snapshot a sidecar serves its bootstrap configuration
-  # (inbound straight to the app, no plugins): the probe and the load wait
-  # until both serve the applied mesh.
+  # The probe and the load wait until both sidecars serve the applied mesh
+  # (before its first snapshot a sidecar's inbound answers 503).
   mesh_wait_snapshot "$dir" "$MESH_ORDERS_ADMIN" "$MESH_FRONTEND_ADMIN"
 }
 

@@ -152,11 +152,29 @@ fn is_tcp(protocol: i32) -> bool {
     api::Protocol::try_from(protocol) == Ok(api::Protocol::Tcp)
 }
 
-/// The configuration before any snapshot: inbound to the app, an outbound
-/// listener with no services.
+/// The cluster the bootstrap inbound routes to: no endpoints, so a request
+/// gets 503 (`UH`) until the first snapshot says what the inbound may serve.
+pub const AWAITING_SNAPSHOT: &str = "awaiting-snapshot";
+
+/// The configuration before any snapshot: every listener bound (the hello
+/// names their ports), an outbound listener with no services, and an
+/// inbound listener that answers 503 rather than reach the app: until the
+/// control plane's MeshTLS and authz policy is in place, nothing passes to
+/// the app unchecked. (An HTTP inbound; a TCP service's inbound comes with
+/// its first snapshot.)
 pub fn bootstrap_config(spec: &SidecarSpec) -> ProxyConfig {
     let snapshot = api::Snapshot::default();
-    build(&snapshot, spec, &|_| String::new())
+    let mut config = build(&snapshot, spec, &|_| String::new());
+    config
+        .clusters
+        .push(ClusterConfig::new(AWAITING_SNAPSHOT, Vec::new()));
+    for listener in config.listeners.iter_mut().filter(|l| l.name == INBOUND) {
+        for route in &mut listener.routes {
+            route.cluster = Some(AWAITING_SNAPSHOT.to_string());
+            route.weighted_clusters.clear();
+        }
+    }
+    config
 }
 
 /// The configuration for `snapshot`; plugins load their modules from `cache`.
@@ -432,12 +450,31 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_is_a_valid_config() {
+    fn bootstrap_is_a_valid_config_whose_inbound_does_not_reach_the_app() {
         let config = bootstrap_config(&spec());
         lacewing_config::validate(&config).unwrap();
         assert_eq!(config.listeners.len(), 2);
         // No service yet: the outbound listener has no routes.
         assert!(config.listeners[1].routes.is_empty());
+        // No policy yet: the inbound routes to a cluster without endpoints.
+        let inbound = &config.listeners[0];
+        assert_eq!(inbound.name, INBOUND);
+        assert!(!inbound.routes.is_empty());
+        for route in &inbound.routes {
+            assert_eq!(route.cluster.as_deref(), Some(AWAITING_SNAPSHOT));
+        }
+        let awaiting = config
+            .clusters
+            .iter()
+            .find(|c| c.name == AWAITING_SNAPSHOT)
+            .unwrap();
+        assert!(awaiting.endpoints.is_empty());
+        // The first snapshot, even an empty one, routes the inbound to the app.
+        let first = build(&api::Snapshot::default(), &spec(), &|_| String::new());
+        assert_eq!(
+            first.listeners[0].routes[0].cluster.as_deref(),
+            Some(LOCAL_APP)
+        );
     }
 
     #[test]

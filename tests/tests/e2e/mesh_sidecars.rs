@@ -617,3 +617,64 @@ async fn mesh_operator_commands_print_versions_acks_status_and_located_errors() 
     assert!(out.contains("deleted: version 2"), "{out}");
     plane.stop().await;
 }
+
+/// A sidecar on its first start holds its app back until a snapshot comes:
+/// while its way to the control plane is held shut, its inbound answers 503
+/// and the app sees nothing; once it opens (nothing applied: an empty
+/// snapshot), the inbound reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sidecar_keeps_its_app_unreachable_until_its_first_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("control");
+    let (_control, control_addr) = control_process("127.0.0.1:0", &state);
+    let control: SocketAddr = control_addr.parse().unwrap();
+    // A relay that holds every connection until the gate opens.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap().to_string();
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut from_sidecar, _)) = relay.accept().await {
+            let mut gate = gate_rx.clone();
+            tokio::spawn(async move {
+                if gate.wait_for(|open| *open).await.is_ok()
+                    && let Ok(mut to_control) = tokio::net::TcpStream::connect(control).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut from_sidecar, &mut to_control).await;
+                }
+            });
+        }
+    });
+    let app = servers::http_echo_named("orders").await;
+    let orders = sidecar_process(
+        &relay_addr,
+        &state,
+        "orders",
+        app.addr,
+        &dir.path().join("orders"),
+    );
+    assert_eq!(
+        orders.words.last().map(String::as_str),
+        Some("0"),
+        "{:?}",
+        orders.words
+    );
+    let client = ReusingClient::http1();
+    let refused = call(&client, orders.addr("inbound"), "orders").await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(app.requests(), 0, "nothing reached the app");
+
+    gate.send(true).unwrap();
+    // Within the sidecar's reconnect backoff (its cap is 5 s) and a margin.
+    lacewing_tests::eventually_with(
+        "the inbound reaches the app after the first snapshot",
+        600,
+        Duration::from_millis(100),
+        || {
+            let client = client.clone();
+            let inbound = orders.addr("inbound");
+            async move { call(&client, inbound, "orders").await.status == 200 }
+        },
+    )
+    .await;
+    assert!(app.requests() >= 1);
+}
