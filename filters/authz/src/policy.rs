@@ -172,11 +172,6 @@ impl Policy {
         self.rules.get(index).map_or("", |r| r.name.as_str())
     }
 
-    /// How many rules the policy has.
-    pub fn rule_count(&self) -> usize {
-        self.rules.len()
-    }
-
     /// Allow when some rule names the caller and one of its routes matches.
     pub fn decide(&self, req: &RequestView<'_>) -> Decision {
         let Some(principal) = req.principal else {

@@ -157,6 +157,8 @@ where
             return polled;
         }
         let polled = match &mut this.source {
+            // `poll_direct` answered for a `Direct` source, or moved it to
+            // a pump; `Moving` lasts only inside `move_to_pump`.
             Source::Direct { .. } | Source::Moving => Poll::Ready(None),
             Source::Untouched(body) => {
                 let polled = Pin::new(body)
@@ -237,15 +239,7 @@ where
                     return Some(Poll::Ready(Some(Err(e.into()))));
                 }
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        count_bytes(inner, direction, data.len());
-                        let end = body.is_end_stream();
-                        // Takes the chunk without a copy when nothing else shares it.
-                        let data = data
-                            .try_into_mut()
-                            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-                        (data, end)
-                    }
+                    Ok(data) => (take_chunk(inner, direction, data), body.is_end_stream()),
                     Err(frame) => {
                         // Trailers: the pump runs their phase, with this frame first.
                         self.move_to_pump(Some(frame), holds, false);
@@ -848,9 +842,7 @@ where
                         Ok(data) => {
                             let end = body.is_end_stream();
                             source_done = end;
-                            count_bytes(inner, direction, data.len());
-                            // Takes the chunk without a copy when nothing else shares it.
-                            let data = data.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                            let data = take_chunk(inner, direction, data);
                             send(inner.body_phase(direction, &mut holds, 0, data, end)?).await?;
                         }
                         Err(frame) => {
@@ -882,6 +874,14 @@ where
             }
         }
     }
+}
+
+/// A source chunk, counted, as the body phase takes it: without a copy when
+/// nothing else shares it.
+fn take_chunk(inner: &Inner, direction: Direction, data: Bytes) -> BytesMut {
+    count_bytes(inner, direction, data.len());
+    data.try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
 }
 
 fn count_bytes(inner: &Inner, direction: Direction, n: usize) {

@@ -88,7 +88,6 @@ fn check_name(name: &str) -> Result<(), MetricError> {
 }
 
 /// One defined metric, its labelled child resolved once.
-#[derive(Clone)]
 enum Handle {
     Counter(IntCounter),
     Gauge(IntGauge),
