@@ -13,6 +13,15 @@ pub const LEGACY_WASI_MODULE: &str = "wasi_unstable";
 /// Every module name [`WASI_IMPORTS`] are linked under.
 pub const WASI_MODULES: &[&str] = &[WASI_MODULE, LEGACY_WASI_MODULE];
 
+/// The foreign function (`proxy_call_foreign_function`) through which a
+/// module tells a Lacewing host which stream callbacks it does nothing in:
+/// its arguments are export names (`proxy_on_response_body`, `proxy_on_log`,
+/// `proxy_on_done`, ...) separated by `\n`. The host then skips those
+/// callbacks for the plugin's streams, as if they had answered `Continue`
+/// (`true` for `proxy_on_done`). Another host answers `NotFound` and calls
+/// every callback, which changes nothing for such a module.
+pub const UNUSED_CALLBACKS_FUNCTION: &str = "lacewing_unused_callbacks";
+
 /// Bit set of ABI versions a host import belongs to.
 type Versions = u8;
 const V0_1_0: Versions = 1;

@@ -2,7 +2,7 @@
 //! [`Filter`]s. [`crate::register!`] instantiates this for one plugin type; a
 //! filter author never calls it directly.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -112,6 +112,61 @@ pub fn context_create<P: Plugin>(key: &'static Key<P>, ctx: u32, parent: u32) {
     });
 }
 
+/// A stream callback a [`Filter`] may leave to its default (which does
+/// nothing and continues).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum Unused {
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    Log,
+    Done,
+}
+
+impl Unused {
+    fn export(self) -> &'static str {
+        match self {
+            Self::RequestHeaders => "proxy_on_request_headers",
+            Self::RequestBody => "proxy_on_request_body",
+            Self::RequestTrailers => "proxy_on_request_trailers",
+            Self::ResponseHeaders => "proxy_on_response_headers",
+            Self::ResponseBody => "proxy_on_response_body",
+            Self::ResponseTrailers => "proxy_on_response_trailers",
+            Self::Log => "proxy_on_log",
+            Self::Done => "proxy_on_done",
+        }
+    }
+}
+
+thread_local! {
+    /// The callbacks already declared unused to the host.
+    static DECLARED_UNUSED: Cell<u16> = const { Cell::new(0) };
+}
+
+/// Tells the host, once, that this module does nothing in `callback`: a
+/// plugin has one [`Filter`] type, so when a default method runs, every
+/// stream of the plugin would run that same default. A Lacewing host then
+/// skips the callback (one wasm call fewer per stream); another host answers
+/// `NotFound` and goes on calling it, which changes nothing.
+#[doc(hidden)]
+pub fn unused(callback: Unused) {
+    let bit = 1u16 << (callback as u16);
+    let declared = DECLARED_UNUSED.with(|d| d.replace(d.get() | bit));
+    if declared & bit != 0 {
+        return;
+    }
+    let name = lacewing_abi::names::UNUSED_CALLBACKS_FUNCTION;
+    if let Err(e) = hostcalls::call_foreign_function(name, callback.export().as_bytes())
+        && e.status != lacewing_abi::Status::NotFound
+    {
+        crate::debug!("{name}: {e}");
+    }
+}
+
 /// `proxy_on_configure`: parse, validate, replace the root's plugin.
 pub fn configure<P: Plugin>(key: &'static Key<P>, root: u32, size: usize) -> bool {
     let bytes = match hostcalls::buffer(BufferType::PluginConfiguration, 0, size) {
@@ -136,6 +191,8 @@ pub fn configure<P: Plugin>(key: &'static Key<P>, root: u32, size: usize) -> boo
         return false;
     }
     key.with(|d| d.borrow_mut().roots.insert(root, Some(plugin)));
+    // `proxy_on_done` always answers done (see `register!`).
+    unused(Unused::Done);
     true
 }
 

@@ -53,6 +53,24 @@ pub fn set_tick_period(millis: u32) -> Result<()> {
     })
 }
 
+/// Calls the host function `name` beyond the ABI with `args`; its reply, or
+/// `HostError` with `NotFound` on a host that has no such function.
+pub fn call_foreign_function(name: &str, args: &[u8]) -> Result<Vec<u8>> {
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    // SAFETY: name and args describe live slices; both out-pointers are valid locals.
+    check("proxy_call_foreign_function", unsafe {
+        raw::proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            args.as_ptr(),
+            args.len(),
+            &mut ptr,
+            &mut len,
+        )
+    })?;
+    Ok(owned(ptr, len))
+}
+
 /// Bytes `start..start+max` of a buffer; `Ok(None)` when the buffer is absent.
 pub fn buffer(kind: BufferType, start: usize, max: usize) -> Result<Option<Vec<u8>>> {
     let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
@@ -95,6 +113,47 @@ pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
             )
         })
         .collect())
+}
+
+/// Every pair of a map, borrowed from the one buffer the host filled: `f`
+/// sees them in order without an allocation per header (what
+/// [`header_pairs`] makes). Should a name or value not be UTF-8, `f` sees the
+/// same lossy text as [`header_pairs`] gives.
+pub fn with_header_pairs<R>(map: MapType, f: impl FnOnce(&[(&str, &str)]) -> R) -> Result<R> {
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    // SAFETY: both out-pointers are valid locals.
+    check("proxy_get_header_map_pairs", unsafe {
+        raw::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len)
+    })?;
+    let bytes = owned(ptr, len);
+    if bytes.is_empty() {
+        return Ok(f(&[]));
+    }
+    let decoded = pairs::decode(&bytes).map_err(|_| crate::HostError {
+        call: "proxy_get_header_map_pairs",
+        status: lacewing_abi::Status::SerializationFailure,
+    })?;
+    let borrowed: Option<Vec<(&str, &str)>> = decoded
+        .iter()
+        .map(|(k, v)| Some((core::str::from_utf8(k).ok()?, core::str::from_utf8(v).ok()?)))
+        .collect();
+    if let Some(pairs) = borrowed {
+        return Ok(f(&pairs));
+    }
+    let owned: Vec<(String, String)> = decoded
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect();
+    let pairs: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Ok(f(&pairs))
 }
 
 /// Replaces a whole map.

@@ -30,6 +30,19 @@ impl Headers {
         hostcalls::header_pairs(self.0)
     }
 
+    /// Every header, in order, borrowed for the time of `f`: cheaper than
+    /// [`Headers::all`], which copies each name and value into a `String`.
+    ///
+    /// ```no_run
+    /// # use lacewing_sdk::http::Headers;
+    /// # fn f(headers: &Headers) -> lacewing_sdk::Result<()> {
+    /// let has_auth = headers.with_all(|pairs| pairs.iter().any(|(k, _)| *k == "authorization"))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_all<R>(&self, f: impl FnOnce(&[(&str, &str)]) -> R) -> Result<R> {
+        hostcalls::with_header_pairs(self.0, f)
+    }
+
     /// Sets a header to one value, replacing any others.
     pub fn set(&self, name: &str, value: &str) -> Result<()> {
         hostcalls::set_header(self.0, name, value)

@@ -11,6 +11,7 @@ use std::rc::Rc;
 use serde::de::DeserializeOwned;
 
 use crate::Action;
+use crate::dispatch::{Unused, unused};
 use crate::http::{Body, Headers};
 
 /// The configuration of a plugin that takes none.
@@ -45,34 +46,43 @@ pub trait Plugin: Sized + 'static {
 }
 
 /// A filter on one HTTP stream. Every method has a default that lets the
-/// stream go on. Returning [`Action::Pause`] from a header or trailer callback
+/// stream go on; on Lacewing, a callback left to its default is not called
+/// again for the plugin's later streams (the default tells the host once). Returning [`Action::Pause`] from a header or trailer callback
 /// stops the stream until a callout continuation returns `Continue`; from a
 /// body callback it buffers the body (see [`Body`]).
 pub trait Filter: 'static {
     /// The request headers arrived.
     fn on_request_headers(&mut self, _headers: &Headers, _end_of_stream: bool) -> Action {
+        unused(Unused::RequestHeaders);
         Action::Continue
     }
     /// A request body chunk arrived (or the buffered body grew).
     fn on_request_body(&mut self, _body: &Body, _end_of_stream: bool) -> Action {
+        unused(Unused::RequestBody);
         Action::Continue
     }
     /// The request trailers arrived.
     fn on_request_trailers(&mut self, _trailers: &Headers) -> Action {
+        unused(Unused::RequestTrailers);
         Action::Continue
     }
     /// The response headers arrived.
     fn on_response_headers(&mut self, _headers: &Headers, _end_of_stream: bool) -> Action {
+        unused(Unused::ResponseHeaders);
         Action::Continue
     }
     /// A response body chunk arrived (or the buffered body grew).
     fn on_response_body(&mut self, _body: &Body, _end_of_stream: bool) -> Action {
+        unused(Unused::ResponseBody);
         Action::Continue
     }
     /// The response trailers arrived.
     fn on_response_trailers(&mut self, _trailers: &Headers) -> Action {
+        unused(Unused::ResponseTrailers);
         Action::Continue
     }
     /// The stream is done; properties such as `response.code` are final.
-    fn on_log(&mut self) {}
+    fn on_log(&mut self) {
+        unused(Unused::Log);
+    }
 }

@@ -50,4 +50,5 @@ imports! {
     fn proxy_increment_metric(id: u32, delta: i64);
     fn proxy_record_metric(id: u32, value: u64);
     fn proxy_get_metric(id: u32, ret: *mut u64);
+    fn proxy_call_foreign_function(name: *const u8, name_len: usize, args: *const u8, args_len: usize, ret_ptr: *mut *mut u8, ret_len: *mut usize);
 }

@@ -77,7 +77,7 @@ pub struct RequestView<'a> {
     /// The caller's SPIFFE id, if authenticated.
     pub principal: Option<&'a str>,
     /// Request headers, pseudo-headers (`:method`, `:path`) included.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 impl RequestView<'_> {
@@ -85,7 +85,7 @@ impl RequestView<'_> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|&(_, v)| v)
     }
 }
 
@@ -225,15 +225,12 @@ mod tests {
         Policy::compile(config)
     }
 
-    fn req<'a>(principal: Option<&'a str>, headers: &'a [(String, String)]) -> RequestView<'a> {
+    fn req<'a>(principal: Option<&'a str>, headers: &'a [(&'a str, &'a str)]) -> RequestView<'a> {
         RequestView { principal, headers }
     }
 
-    fn h(method: &str, path: &str) -> Vec<(String, String)> {
-        vec![
-            (":method".into(), method.into()),
-            (":path".into(), path.into()),
-        ]
+    fn h<'a>(method: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![(":method", method), (":path", path)]
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Filter for TelemetryFilter {
                 .flatten()
                 .and_then(|v| TraceParent::parse(&v));
             let next = TraceParent::next_hop(incoming.as_ref(), &mut self.plugin.ids.borrow_mut());
-            if let Err(e) = headers.set("traceparent", &next.header()) {
+            if let Err(e) = headers.set("traceparent", next.write_header(&mut [0; 55])) {
                 lacewing_sdk::warn!("telemetry: cannot set traceparent: {e}");
             }
             self.trace = Some(next);
@@ -238,8 +238,8 @@ impl Filter for TelemetryFilter {
                     source,
                     destination,
                     route,
-                    trace_id: trace.map(|t| t.trace_id.as_str()),
-                    span_id: trace.map(|t| t.span_id.as_str()),
+                    trace_id: trace.map(TraceParent::trace_id),
+                    span_id: trace.map(TraceParent::span_id),
                 },
             );
             lacewing_sdk::log::log(lacewing_sdk::log::LogLevel::Info, line);
@@ -298,8 +298,17 @@ fn access_line(out: &mut String, f: &AccessFields<'_>) {
 fn json_string(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
+    let bytes = s.as_bytes();
     let mut plain_from = 0;
-    for (at, byte) in s.bytes().enumerate() {
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        // Eight plain bytes at a time: most of a line needs no escape.
+        if let Some(word) = bytes[at..].first_chunk::<8>()
+            && !needs_escape(u64::from_le_bytes(*word))
+        {
+            at += 8;
+            continue;
+        }
         let escape = match byte {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -307,7 +316,10 @@ fn json_string(out: &mut String, s: &str) {
             b'\r' => "\\r",
             b'\t' => "\\t",
             0..=0x1f => "",
-            _ => continue,
+            _ => {
+                at += 1;
+                continue;
+            }
         };
         out.push_str(&s[plain_from..at]);
         if escape.is_empty() {
@@ -315,15 +327,50 @@ fn json_string(out: &mut String, s: &str) {
         } else {
             out.push_str(escape);
         }
-        plain_from = at + 1;
+        at += 1;
+        plain_from = at;
     }
     out.push_str(&s[plain_from..]);
     out.push('"');
 }
 
+/// Whether any of the eight bytes in `word` needs escaping in a JSON string:
+/// a control character (below 0x20), `"` or `\`. One test for eight bytes
+/// (the classic "has a byte less than n" and "has a zero byte" bit tricks).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGHS;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
+    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+    below_space | quote | backslash != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_escape_what_json_requires_at_any_offset() {
+        let specials = [
+            '"', '\\', '\n', '\r', '\t', '\u{1}', '\u{1f}', 'é', ' ', '~', '\u{7f}',
+        ];
+        for len in 0..20 {
+            for at in 0..len.max(1) {
+                for special in specials {
+                    let text: String = (0..len)
+                        .map(|i| if i == at { special } else { 'a' })
+                        .collect();
+                    let mut out = String::new();
+                    json_string(&mut out, &text);
+                    let back: String = serde_json::from_str(&out).unwrap();
+                    assert_eq!(back, text, "{out}");
+                    assert_eq!(out, serde_json::to_string(&text).unwrap());
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_access_line_is_json_with_escapes() {

@@ -3,35 +3,45 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
-/// A parsed `traceparent`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed `traceparent`, its ids kept as the lowercase hex digits they are
+/// on the wire: parsing, the next hop and the header value allocate nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
-    pub trace_id: String,
-    pub span_id: String,
-    pub flags: String,
+    trace_id: [u8; 32],
+    span_id: [u8; 16],
+    flags: [u8; 2],
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+/// Lowercase hex only (W3C forbids upper case in version 00).
+fn is_hex(s: &[u8]) -> bool {
+    s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
+
+/// Hex digits as text (they are ASCII by construction).
+fn hex_str(digits: &[u8]) -> &str {
+    std::str::from_utf8(digits).unwrap_or_default()
+}
+
+/// The length of a `traceparent` value: `00-` + 32 + `-` + 16 + `-` + 2.
+const HEADER_LEN: usize = 55;
 
 impl TraceParent {
     /// Parses a version-00 header; `None` if malformed or an all-zero id.
     pub fn parse(header: &str) -> Option<Self> {
-        let mut it = header.trim().split('-');
-        let (version, trace, span, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
-        if it.next().is_some() || version != "00" {
+        let h = header.trim().as_bytes();
+        if h.len() != HEADER_LEN || &h[..3] != b"00-" || h[35] != b'-' || h[52] != b'-' {
             return None;
         }
-        let valid = is_hex(trace, 32)
-            && is_hex(span, 16)
-            && is_hex(flags, 2)
-            && trace.bytes().any(|b| b != b'0')
-            && span.bytes().any(|b| b != b'0');
+        let (trace, span, flags) = (&h[3..35], &h[36..52], &h[53..55]);
+        let valid = is_hex(trace)
+            && is_hex(span)
+            && is_hex(flags)
+            && trace.iter().any(|&b| b != b'0')
+            && span.iter().any(|&b| b != b'0');
         valid.then(|| TraceParent {
-            trace_id: trace.into(),
-            span_id: span.into(),
-            flags: flags.into(),
+            trace_id: trace.try_into().unwrap_or([b'0'; 32]),
+            span_id: span.try_into().unwrap_or([b'0'; 16]),
+            flags: flags.try_into().unwrap_or([b'0'; 2]),
         })
     }
 
@@ -39,29 +49,46 @@ impl TraceParent {
     pub fn next_hop(incoming: Option<&TraceParent>, ids: &mut Ids) -> TraceParent {
         match incoming {
             Some(p) => TraceParent {
-                trace_id: p.trace_id.clone(),
                 span_id: ids.span_id(),
-                flags: p.flags.clone(),
+                ..*p
             },
-            None => TraceParent {
-                trace_id: ids.span_id() + &ids.span_id(),
-                span_id: ids.span_id(),
-                flags: "01".into(),
-            },
+            None => {
+                let mut trace_id = [0u8; 32];
+                trace_id[..16].copy_from_slice(&ids.span_id());
+                trace_id[16..].copy_from_slice(&ids.span_id());
+                TraceParent {
+                    trace_id,
+                    span_id: ids.span_id(),
+                    flags: *b"01",
+                }
+            }
         }
+    }
+
+    /// The trace id, 32 hex digits.
+    pub fn trace_id(&self) -> &str {
+        hex_str(&self.trace_id)
+    }
+
+    /// This hop's span id, 16 hex digits.
+    pub fn span_id(&self) -> &str {
+        hex_str(&self.span_id)
+    }
+
+    /// The header value, written into `out`.
+    pub fn write_header<'a>(&self, out: &'a mut [u8; HEADER_LEN]) -> &'a str {
+        out[..3].copy_from_slice(b"00-");
+        out[3..35].copy_from_slice(&self.trace_id);
+        out[35] = b'-';
+        out[36..52].copy_from_slice(&self.span_id);
+        out[52] = b'-';
+        out[53..].copy_from_slice(&self.flags);
+        hex_str(out)
     }
 
     /// The header value.
     pub fn header(&self) -> String {
-        // Pushed piece by piece: `format!` costs several times as much in wasm.
-        let mut value = String::with_capacity(55);
-        value.push_str("00-");
-        value.push_str(&self.trace_id);
-        value.push('-');
-        value.push_str(&self.span_id);
-        value.push('-');
-        value.push_str(&self.flags);
-        value
+        self.write_header(&mut [0; HEADER_LEN]).to_owned()
     }
 }
 
@@ -84,7 +111,7 @@ impl Default for Ids {
 
 impl Ids {
     /// 16 hex digits, never all zero.
-    pub fn span_id(&mut self) -> String {
+    pub fn span_id(&mut self) -> [u8; 16] {
         loop {
             self.counter += 1;
             let mut h = self.state.build_hasher();
@@ -98,15 +125,14 @@ impl Ids {
 }
 
 /// `v` as 16 lowercase hex digits (what `format!("{v:016x}")` gives, without
-/// the formatting machinery).
-fn hex16(v: u64) -> String {
+/// the formatting machinery or an allocation).
+fn hex16(v: u64) -> [u8; 16] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 16];
     for (i, digit) in out.iter_mut().enumerate() {
         *digit = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
     }
-    // Only ASCII hex digits were written.
-    out.iter().map(|&b| b as char).collect()
+    out
 }
 
 #[cfg(test)]
@@ -119,17 +145,23 @@ mod tests {
             TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         let mut ids = Ids::default();
         let next = TraceParent::next_hop(Some(&p), &mut ids);
-        assert_eq!(next.trace_id, p.trace_id);
-        assert_ne!(next.span_id, p.span_id);
+        assert_eq!(next.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(next.span_id(), p.span_id());
+        assert_eq!(next.span_id().len(), 16);
         assert!(TraceParent::parse(&next.header()).is_some());
         let fresh = TraceParent::next_hop(None, &mut ids);
         assert!(TraceParent::parse(&fresh.header()).is_some());
+        assert_eq!(
+            TraceParent::parse(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ")
+                .map(|p| p.header()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned())
+        );
     }
 
     #[test]
     fn hex16_is_zero_padded_lowercase() {
         for v in [1u64, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
-            assert_eq!(hex16(v), format!("{v:016x}"));
+            assert_eq!(hex_str(&hex16(v)), format!("{v:016x}"));
         }
     }
 
@@ -142,6 +174,9 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }

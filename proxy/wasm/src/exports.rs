@@ -67,6 +67,30 @@ impl Callback {
         Self::ForeignFunction,
     ];
 
+    /// This callback's bit in [`crate::plugin::PluginShared::unused_callbacks`].
+    pub fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+
+    /// A stream callback a module may declare unused, by its export name
+    /// (the arguments of `lacewing_unused_callbacks`). Skipping one is
+    /// exactly what a module that does nothing there would do: continue
+    /// (and for `proxy_on_done`, be done).
+    pub fn skippable(export: &[u8]) -> Option<Callback> {
+        [
+            Self::RequestHeaders,
+            Self::RequestBody,
+            Self::RequestTrailers,
+            Self::ResponseHeaders,
+            Self::ResponseBody,
+            Self::ResponseTrailers,
+            Self::Log,
+            Self::Done,
+        ]
+        .into_iter()
+        .find(|c| c.name().as_bytes() == export)
+    }
+
     /// Whether the data plane is inside this callback for its stream (and so
     /// is not waiting to be resumed).
     pub fn is_stream_phase(self) -> bool {

@@ -219,6 +219,9 @@ impl WasmHttpFilter {
         count: usize,
         end_of_stream: bool,
     ) -> FilterStatus {
+        if self.plugin.skips(callback) {
+            return FilterStatus::Continue;
+        }
         self.run(stream, phase, Returns::Headers, |vm, p, ctx| {
             let (id, n) = (ctx as i32, count as i32);
             match export(&vm.exports) {
@@ -248,6 +251,9 @@ impl WasmHttpFilter {
         size: usize,
         end_of_stream: bool,
     ) -> FilterStatus {
+        if self.plugin.skips(callback) {
+            return FilterStatus::Continue;
+        }
         self.run(stream, phase, Returns::Body, |vm, p, ctx| {
             let params = (ctx as i32, size as i32, i32::from(end_of_stream));
             vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
@@ -263,6 +269,9 @@ impl WasmHttpFilter {
         export: impl FnOnce(&Exports) -> Option<&TrailersFn>,
         count: usize,
     ) -> FilterStatus {
+        if self.plugin.skips(callback) {
+            return FilterStatus::Continue;
+        }
         self.run(stream, phase, Returns::Other, |vm, p, ctx| {
             let params = (ctx as i32, count as i32);
             vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
@@ -388,7 +397,7 @@ impl HttpFilter for WasmHttpFilter {
     }
 
     fn on_log(&mut self, _stream: &SharedStream) {
-        if self.skip || self.vm.broken.get() {
+        if self.skip || self.vm.broken.get() || self.plugin.skips(Callback::Log) {
             return;
         }
         self.vm.set_phase(self.ctx, Phase::Log);
@@ -396,11 +405,15 @@ impl HttpFilter for WasmHttpFilter {
     }
 
     fn wants_request_body(&self) -> bool {
-        !self.skip && self.vm.exports.on_request_body.is_some()
+        !self.skip
+            && self.vm.exports.on_request_body.is_some()
+            && !self.plugin.skips(Callback::RequestBody)
     }
 
     fn wants_response_body(&self) -> bool {
-        !self.skip && self.vm.exports.on_response_body.is_some()
+        !self.skip
+            && self.vm.exports.on_response_body.is_some()
+            && !self.plugin.skips(Callback::ResponseBody)
     }
 }
 

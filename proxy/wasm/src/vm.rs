@@ -220,6 +220,11 @@ impl Vm {
             self.with_state(|s| s.remove_context(id));
             return;
         }
+        if plugin.skips(Callback::Done) {
+            // The module is always done at once (it said so): straight to delete.
+            self.delete_context(plugin, id);
+            return;
+        }
         match self.call(
             plugin,
             Callback::Done,

@@ -75,3 +75,70 @@ fn header_echo_from_the_official_sdk_runs_in_the_harness() {
         Some("header-echo")
     );
 }
+
+/// How many times the plugin's `callback` ran, from the host's duration histogram.
+fn callback_calls(test: &FilterTest, callback: &str) -> u64 {
+    let label = format!("callback=\"{callback}\"");
+    test.metrics_text()
+        .lines()
+        .find(|l| {
+            l.starts_with("lacewing_wasm_callback_duration_seconds_count{") && l.contains(&label)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs `n` whole exchanges (request headers, response headers and body, log).
+fn exchanges(test: &FilterTest, n: usize) {
+    for _ in 0..n {
+        let mut s = test.stream(http::Request::get("/").body(()).unwrap());
+        assert_eq!(s.request_headers(true), Verdict::Continue);
+        assert_eq!(s.response_headers(ok_response(), false), Verdict::Continue);
+        assert_eq!(s.response_body(b"hello", true), Verdict::Continue);
+        assert_eq!(s.forwarded_response_body(), b"hello");
+        assert_eq!(
+            s.response_header("x-hello").as_deref(),
+            Some("hello, anonymous")
+        );
+        s.finish();
+    }
+}
+
+#[test]
+fn an_sdk_filter_is_not_called_again_in_the_callbacks_it_leaves_to_their_defaults() {
+    // hello-sdk implements only `on_response_headers`.
+    let test = FilterTest::builder(module("hello-sdk").unwrap())
+        .load()
+        .unwrap();
+    exchanges(&test, 4);
+    assert_eq!(callback_calls(&test, "proxy_on_response_headers"), 4);
+    assert_eq!(callback_calls(&test, "proxy_on_delete"), 4);
+    // Each default ran once, on the first stream, and told the host.
+    for unused in [
+        "proxy_on_request_headers",
+        "proxy_on_response_body",
+        "proxy_on_log",
+    ] {
+        assert_eq!(callback_calls(&test, unused), 1, "{unused}");
+    }
+    // `proxy_on_done` was declared unused when the plugin was configured.
+    assert_eq!(callback_calls(&test, "proxy_on_done"), 0);
+}
+
+#[test]
+fn a_module_from_the_official_sdk_gets_every_callback() {
+    let test = FilterTest::builder(module("hello-proxy-wasm").unwrap())
+        .load()
+        .unwrap();
+    exchanges(&test, 4);
+    for callback in [
+        "proxy_on_request_headers",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_log",
+        "proxy_on_done",
+        "proxy_on_delete",
+    ] {
+        assert_eq!(callback_calls(&test, callback), 4, "{callback}");
+    }
+}

@@ -3,15 +3,22 @@
 //! - `sha256`: the SHA-256 digest (32 raw bytes) of the arguments.
 //! - `hex_encode`: the arguments as lower-case hex.
 //! - `hex_decode`: hex text back to bytes (`BadArgument` when it is not hex).
+//! - `lacewing_unused_callbacks`: the module names stream callbacks it does
+//!   nothing in (export names, `\n`-separated); the plugin skips them from
+//!   then on (see [`UNUSED_CALLBACKS_FUNCTION`]). Unknown names are ignored.
 //!
 //! Any other name is `NotFound`.
 
+use std::sync::atomic::Ordering;
+
 use lacewing_abi::Status;
+use lacewing_abi::names::UNUSED_CALLBACKS_FUNCTION;
 use sha2::{Digest, Sha256};
 use wasmtime::{Caller, Linker};
 
 use super::ENV;
 use crate::engine::hex;
+use crate::exports::Callback;
 use crate::memory::{self, HostResult, status};
 use crate::vm::HostState;
 
@@ -58,6 +65,13 @@ fn unhex(text: &[u8]) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The bits of the callbacks `args` names (see [`UNUSED_CALLBACKS_FUNCTION`]).
+fn unused_callbacks(args: &[u8]) -> u32 {
+    args.split(|&b| b == b'\n')
+        .filter_map(|name| Callback::skippable(name.trim_ascii()))
+        .fold(0, |bits, c| bits | c.bit())
+}
+
 fn call(
     caller: &mut Caller<'_, HostState>,
     name: (i32, i32),
@@ -66,10 +80,20 @@ fn call(
     ret_len: i32,
 ) -> HostResult {
     let result = {
-        let (data, _) = memory::split(caller)?;
+        let (data, state) = memory::split(caller)?;
         let name = memory::slice(data, name.0, name.1)?;
         let args = memory::slice(data, args.0, args.1)?;
-        run(name, args)?
+        if name == UNUSED_CALLBACKS_FUNCTION.as_bytes() {
+            let bits = unused_callbacks(args);
+            let plugin = &state.plugin;
+            let before = plugin.unused_callbacks.fetch_or(bits, Ordering::Relaxed);
+            if before | bits != before {
+                tracing::debug!(plugin = %plugin.name, callbacks = %String::from_utf8_lossy(args), "plugin skips the callbacks it does not use");
+            }
+            Vec::new()
+        } else {
+            run(name, args)?
+        }
     };
     memory::give(caller, &result, ret_ptr, ret_len)
 }
@@ -88,5 +112,18 @@ mod tests {
         assert_eq!(run(b"hex_decode", b"01AB").unwrap(), b"\x01\xab");
         assert_eq!(run(b"hex_decode", b"0g"), Err(Status::BadArgument));
         assert_eq!(run(b"nope", b""), Err(Status::NotFound));
+    }
+
+    #[test]
+    fn unused_callbacks_are_read_by_export_name() {
+        assert_eq!(
+            unused_callbacks(b"proxy_on_response_body\nproxy_on_done"),
+            Callback::ResponseBody.bit() | Callback::Done.bit()
+        );
+        // Callbacks a module must not skip, unknown names and noise count for nothing.
+        assert_eq!(
+            unused_callbacks(b"proxy_on_delete\nproxy_on_context_create\nnope\n\n"),
+            0
+        );
     }
 }
