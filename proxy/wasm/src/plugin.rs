@@ -129,7 +129,7 @@ fn config_bytes(value: &Option<serde_json::Value>) -> Bytes {
 }
 
 /// The longest callback deadline, in epoch ticks (one day).
-const MAX_DEADLINE_TICKS: u64 = 24 * 3600 * 1000;
+const MAX_DEADLINE_TICKS: u64 = 24 * 3600 * 1000 / EPOCH_TICK.as_millis() as u64;
 
 /// Loads and validates a plugin (see [`WasmHost::load_plugin`]).
 pub(crate) fn load(
@@ -195,8 +195,9 @@ pub(crate) fn load(
         }
     };
     let timeout = cfg.limits.callback_timeout.0;
-    // One tick of slack for the tick already under way; at most a day.
-    let ticks = timeout.as_micros() / EPOCH_TICK.as_micros().max(1);
+    // Whole ticks, rounded up, and one more for the tick already under way:
+    // the deadline never fires before the timeout. At most a day.
+    let ticks = timeout.as_micros().div_ceil(EPOCH_TICK.as_micros().max(1));
     let deadline_ticks = u64::try_from(ticks)
         .unwrap_or(u64::MAX)
         .clamp(1, MAX_DEADLINE_TICKS)

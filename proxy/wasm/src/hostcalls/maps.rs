@@ -158,29 +158,37 @@ fn header_pairs<'a>(headers: Option<&'a HeaderMap>, out: &mut Vec<(&'a [u8], &'a
     }
 }
 
-/// Request headers with the pseudo-headers first; `host` is shown as `:authority`.
-pub(crate) fn request_pairs<'a>(s: &'a HttpStream, out: &mut Vec<(&'a [u8], &'a [u8])>) {
+/// The request's pseudo-headers, in the order the pairs list them.
+const REQUEST_PSEUDO_HEADERS: [&[u8]; 4] = [b":authority", b":path", b":method", b":scheme"];
+
+/// One request pseudo-header (`host` stands in for a missing `:authority`).
+fn request_pseudo_header<'a>(s: &'a HttpStream, name: &[u8]) -> Option<&'a [u8]> {
     let parts = &s.request;
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().as_bytes())
-        .or_else(|| parts.headers.get(HOST).map(HeaderValue::as_bytes))
-        .unwrap_or_default();
-    out.push((b":authority", authority));
-    out.push((
-        b":path",
-        parts
+    let value = match name {
+        b":authority" => parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| parts.headers.get(HOST).map(HeaderValue::as_bytes))
+            .unwrap_or_default(),
+        b":path" => parts
             .uri
             .path_and_query()
             .map_or("/", PathAndQuery::as_str)
             .as_bytes(),
-    ));
-    out.push((b":method", parts.method.as_str().as_bytes()));
-    out.push((
-        b":scheme",
-        parts.uri.scheme_str().unwrap_or("http").as_bytes(),
-    ));
+        b":method" => parts.method.as_str().as_bytes(),
+        b":scheme" => parts.uri.scheme_str().unwrap_or("http").as_bytes(),
+        _ => return None,
+    };
+    Some(value)
+}
+
+/// Request headers with the pseudo-headers first; `host` is shown as `:authority`.
+pub(crate) fn request_pairs<'a>(s: &'a HttpStream, out: &mut Vec<(&'a [u8], &'a [u8])>) {
+    let parts = &s.request;
+    for name in REQUEST_PSEUDO_HEADERS {
+        out.push((name, request_pseudo_header(s, name).unwrap_or_default()));
+    }
     for (name, value) in &parts.headers {
         if name != HOST {
             out.push((name.as_str().as_bytes(), value.as_bytes()));
@@ -218,13 +226,7 @@ fn lookup(state: &HostState, map: MapType, key: &[u8]) -> Result<Option<Vec<u8>>
             let headers = match map {
                 MapType::HttpRequestHeaders => {
                     if key.starts_with(b":") {
-                        let mut list = Vec::with_capacity(4);
-                        request_pairs(&s, &mut list);
-                        return Ok(list
-                            .iter()
-                            .take(4)
-                            .find(|(k, _)| *k == key)
-                            .map(|(_, v)| v.to_vec()));
+                        return Ok(request_pseudo_header(&s, key).map(<[u8]>::to_vec));
                     }
                     Some(&s.request.headers)
                 }

@@ -4,6 +4,7 @@
 //! `proxy_set_property` stores per stream (in `filter_state`), or per context
 //! when there is no stream; values set are read back with the same path.
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -57,10 +58,43 @@ fn get(
     let value = {
         let (data, state) = memory::split(caller)?;
         let path = memory::slice(data, path_ptr, path_len)?;
-        let segments = property::split_path(path);
-        lookup(state, &segments)?
+        with_segments(path, |segments| lookup(state, segments))?
     };
     memory::give(caller, &value, ret_ptr, ret_len)
+}
+
+/// Segments a path splits into on the stack; a longer path takes the heap.
+const STACK_SEGMENTS: usize = 8;
+
+/// Runs `f` on the segments of a wire path (what [`property::split_path`]
+/// gives) without allocating for paths of up to [`STACK_SEGMENTS`] segments:
+/// saves an allocation on every property read.
+fn with_segments<R>(path: &[u8], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+    let trimmed = path.strip_suffix(&[0]).unwrap_or(path);
+    if trimmed.is_empty() {
+        return f(&[]);
+    }
+    let mut stack: [&[u8]; STACK_SEGMENTS] = [&[]; STACK_SEGMENTS];
+    let mut count = 0;
+    for segment in trimmed.split(|b| *b == 0) {
+        if count == STACK_SEGMENTS {
+            return f(&property::split_path(path));
+        }
+        stack[count] = segment;
+        count += 1;
+    }
+    f(&stack[..count])
+}
+
+/// What a filter set at this path with `proxy_set_property`, if anything; the
+/// key is built only when something was set (most streams set nothing, and
+/// building it cost an allocation per read).
+fn stored(map: &HashMap<String, Bytes>, segments: &[&[u8]]) -> Option<Bytes> {
+    if map.is_empty() {
+        return None;
+    }
+    let key = state_key(segments).ok()?;
+    map.get(&key).cloned()
 }
 
 fn set(
@@ -160,7 +194,10 @@ fn header_map_value(headers: &http::HeaderMap, segments: &[&[u8]]) -> Result<Vec
 
 /// The value of a property for the running callback.
 fn lookup(state: &HostState, segments: &[&[u8]]) -> Result<Vec<u8>, Status> {
-    let key = state_key(segments).map_err(|_| Status::NotFound)?;
+    // Paths are text: one that is not names nothing.
+    if segments.iter().any(|s| std::str::from_utf8(s).is_err()) {
+        return Err(Status::NotFound);
+    }
     let ctx = state.effective();
     // Values set by filters win, so what was set is read back.
     if let Some(ctx) = ctx {
@@ -168,12 +205,12 @@ fn lookup(state: &HostState, segments: &[&[u8]]) -> Result<Vec<u8>, Status> {
             CtxKind::Http(stream) => stream
                 .try_borrow()
                 .ok()
-                .and_then(|s| s.filter_state.get(&key).cloned()),
+                .and_then(|s| stored(&s.filter_state, segments)),
             CtxKind::Net(conn) => conn
                 .try_borrow()
                 .ok()
-                .and_then(|c| c.filter_state.get(&key).cloned()),
-            CtxKind::Root => ctx.properties.get(&key).cloned(),
+                .and_then(|c| stored(&c.filter_state, segments)),
+            CtxKind::Root => stored(&ctx.properties, segments),
         };
         if let Some(v) = found {
             return Ok(v.to_vec());
@@ -413,4 +450,34 @@ fn response_property(s: &HttpStream, segments: &[&[u8]]) -> Result<Vec<u8>, Stat
         _ => return Err(Status::NotFound),
     };
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segments_of(path: &[u8]) -> Vec<Vec<u8>> {
+        with_segments(path, |s| s.iter().map(|s| s.to_vec()).collect())
+    }
+
+    #[test]
+    fn segments_on_the_stack_match_split_path() {
+        let long: Vec<u8> = (0..12u8).flat_map(|i| [b'a' + i, 0]).collect::<Vec<_>>();
+        for path in [
+            &b""[..],
+            b"\0",
+            b"source\0principal",
+            b"source\0principal\0",
+            b"request\0headers\0x-id",
+            b"a\0\0b",
+            b"a\0b\0c\0d\0e\0f\0g\0h",
+            &long,
+        ] {
+            let expected: Vec<Vec<u8>> = property::split_path(path)
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect();
+            assert_eq!(segments_of(path), expected, "{path:?}");
+        }
+    }
 }
