@@ -122,6 +122,30 @@ fn traceparent_keeps_the_trace_and_gets_a_new_span() {
     );
 }
 
+#[test]
+fn two_traceparent_headers_start_a_new_trace() {
+    let test = FilterTest::builder(module("telemetry").unwrap())
+        .load()
+        .unwrap();
+    let first = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let second = "00-11111111111111111111111111111111-2222222222222222-01";
+    let req = http::Request::get("/")
+        .header("traceparent", first)
+        .header("traceparent", second)
+        .body(())
+        .unwrap();
+    let mut s = test.stream(req);
+    assert_eq!(s.request_headers(true), Verdict::Continue);
+    let sent = s.request_header("traceparent").unwrap();
+    assert!(TraceParentShape::ok(&sent), "{sent}");
+    let trace = sent.split('-').nth(1).unwrap();
+    assert!(
+        trace != "4bf92f3577b34da6a3ce929d0e0e4736" && trace != "11111111111111111111111111111111",
+        "no single parent: {sent}"
+    );
+    s.finish();
+}
+
 struct TraceParentShape;
 
 impl TraceParentShape {
