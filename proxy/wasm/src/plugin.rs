@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use lacewing_abi::AbiVersion;
@@ -131,6 +132,18 @@ fn config_bytes(value: &Option<serde_json::Value>) -> Bytes {
 /// The longest callback deadline, in epoch ticks (one day).
 const MAX_DEADLINE_TICKS: u64 = 24 * 3600 * 1000 / EPOCH_TICK.as_millis() as u64;
 
+/// The epoch deadline of a callback that may run for `timeout`: whole ticks,
+/// rounded up, and one more for the tick already under way when it starts.
+/// It fires after more than the rounded-up timeout (never before the
+/// timeout) and less than two ticks after the timeout. At most a day.
+fn deadline_ticks(timeout: Duration) -> u64 {
+    let ticks = timeout.as_micros().div_ceil(EPOCH_TICK.as_micros().max(1));
+    u64::try_from(ticks)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_DEADLINE_TICKS)
+        + 1
+}
+
 /// Loads and validates a plugin (see [`WasmHost::load_plugin`]).
 pub(crate) fn load(
     host: &Arc<WasmHost>,
@@ -194,14 +207,7 @@ pub(crate) fn load(
             sha256,
         }
     };
-    let timeout = cfg.limits.callback_timeout.0;
-    // Whole ticks, rounded up, and one more for the tick already under way:
-    // the deadline never fires before the timeout. At most a day.
-    let ticks = timeout.as_micros().div_ceil(EPOCH_TICK.as_micros().max(1));
-    let deadline_ticks = u64::try_from(ticks)
-        .unwrap_or(u64::MAX)
-        .clamp(1, MAX_DEADLINE_TICKS)
-        + 1;
+    let deadline_ticks = deadline_ticks(cfg.limits.callback_timeout.0);
     let shared = Arc::new(PluginShared {
         uid,
         name: cfg.name.clone(),
@@ -263,4 +269,36 @@ pub(crate) fn detect_abi(module: &Module) -> Option<AbiVersion> {
         .exports()
         .filter_map(|e| AbiVersion::from_marker(e.name()))
         .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The deadline's window in milliseconds: the tick under way may have
+    /// just begun or be about to end when the callback starts.
+    fn window_ms(timeout: Duration) -> (u128, u128) {
+        let ticks = u128::from(deadline_ticks(timeout));
+        let tick = EPOCH_TICK.as_millis();
+        ((ticks - 1) * tick, ticks * tick)
+    }
+
+    #[test]
+    fn a_deadline_never_fires_before_its_timeout_nor_two_ticks_after() {
+        let tick = EPOCH_TICK.as_millis();
+        for ms in [1, 5, 9, 10, 11, 25, 50, 99, 100, 101, 5000] {
+            let (earliest, latest) = window_ms(Duration::from_millis(ms));
+            assert!(
+                earliest >= u128::from(ms),
+                "{ms}ms: fires from {earliest}ms"
+            );
+            assert!(
+                latest < u128::from(ms) + 2 * tick,
+                "{ms}ms: fires until {latest}ms"
+            );
+        }
+        assert_eq!(window_ms(Duration::from_millis(100)), (100, 110));
+        let day = Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(deadline_ticks(day), MAX_DEADLINE_TICKS + 1);
+    }
 }
