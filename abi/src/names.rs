@@ -22,6 +22,19 @@ pub const WASI_MODULES: &[&str] = &[WASI_MODULE, LEGACY_WASI_MODULE];
 /// every callback, which changes nothing for such a module.
 pub const UNUSED_CALLBACKS_FUNCTION: &str = "lacewing_unused_callbacks";
 
+/// The stream callbacks a module may name to [`UNUSED_CALLBACKS_FUNCTION`],
+/// by export name; the host ignores any other name.
+pub const SKIPPABLE_CALLBACKS: [&str; 8] = [
+    "proxy_on_request_headers",
+    "proxy_on_request_body",
+    "proxy_on_request_trailers",
+    "proxy_on_response_headers",
+    "proxy_on_response_body",
+    "proxy_on_response_trailers",
+    "proxy_on_log",
+    "proxy_on_done",
+];
+
 /// Bit set of ABI versions a host import belongs to.
 type Versions = u8;
 const V0_1_0: Versions = 1;
@@ -192,6 +205,13 @@ const fn with_last<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skippable_callbacks_are_exports() {
+        for name in SKIPPABLE_CALLBACKS {
+            assert!(EXPORTS_0_1_0.contains(&name), "{name}");
+        }
+    }
 
     #[test]
     fn all_imports_cover_every_version() {

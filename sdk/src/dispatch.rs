@@ -113,7 +113,8 @@ pub fn context_create<P: Plugin>(key: &'static Key<P>, ctx: u32, parent: u32) {
 }
 
 /// A stream callback a [`Filter`] may leave to its default (which does
-/// nothing and continues).
+/// nothing and continues), in the order of
+/// [`lacewing_abi::names::SKIPPABLE_CALLBACKS`].
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub enum Unused {
@@ -129,16 +130,7 @@ pub enum Unused {
 
 impl Unused {
     fn export(self) -> &'static str {
-        match self {
-            Self::RequestHeaders => "proxy_on_request_headers",
-            Self::RequestBody => "proxy_on_request_body",
-            Self::RequestTrailers => "proxy_on_request_trailers",
-            Self::ResponseHeaders => "proxy_on_response_headers",
-            Self::ResponseBody => "proxy_on_response_body",
-            Self::ResponseTrailers => "proxy_on_response_trailers",
-            Self::Log => "proxy_on_log",
-            Self::Done => "proxy_on_done",
-        }
+        lacewing_abi::names::SKIPPABLE_CALLBACKS[self as usize]
     }
 }
 
@@ -361,4 +353,22 @@ pub fn allocate(size: usize) -> *mut u8 {
     let ptr = buf.as_mut_ptr();
     std::mem::forget(buf);
     ptr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unused_callbacks_name_their_exports() {
+        for (callback, export) in [
+            (Unused::RequestHeaders, "proxy_on_request_headers"),
+            (Unused::RequestTrailers, "proxy_on_request_trailers"),
+            (Unused::ResponseBody, "proxy_on_response_body"),
+            (Unused::Log, "proxy_on_log"),
+            (Unused::Done, "proxy_on_done"),
+        ] {
+            assert_eq!(callback.export(), export);
+        }
+    }
 }

@@ -89,30 +89,44 @@ pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> R
     })
 }
 
-/// Every header of a map, in order.
-pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
+/// The serialized pairs of a map, as the host wrote them.
+fn header_map_bytes(map: MapType) -> Result<Vec<u8>> {
     let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
     // SAFETY: both out-pointers are valid locals.
     check("proxy_get_header_map_pairs", unsafe {
         raw::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len)
     })?;
-    let bytes = owned(ptr, len);
+    Ok(owned(ptr, len))
+}
+
+/// The pairs in `bytes` (none when empty), borrowed.
+fn decode_pairs(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
-    let decoded = pairs::decode(&bytes).map_err(|_| crate::HostError {
+    pairs::decode(bytes).map_err(|_| crate::HostError {
         call: "proxy_get_header_map_pairs",
         status: lacewing_abi::Status::SerializationFailure,
-    })?;
-    Ok(decoded
-        .into_iter()
+    })
+}
+
+/// Pairs as text, invalid UTF-8 replaced.
+fn lossy_pairs(decoded: &[(&[u8], &[u8])]) -> Vec<(String, String)> {
+    decoded
+        .iter()
         .map(|(k, v)| {
             (
                 String::from_utf8_lossy(k).into_owned(),
                 String::from_utf8_lossy(v).into_owned(),
             )
         })
-        .collect())
+        .collect()
+}
+
+/// Every header of a map, in order.
+pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
+    let bytes = header_map_bytes(map)?;
+    Ok(lossy_pairs(&decode_pairs(&bytes)?))
 }
 
 /// Every pair of a map, borrowed from the one buffer the host filled: `f`
@@ -120,19 +134,8 @@ pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
 /// [`header_pairs`] makes). Should a name or value not be UTF-8, `f` sees the
 /// same lossy text as [`header_pairs`] gives.
 pub fn with_header_pairs<R>(map: MapType, f: impl FnOnce(&[(&str, &str)]) -> R) -> Result<R> {
-    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
-    // SAFETY: both out-pointers are valid locals.
-    check("proxy_get_header_map_pairs", unsafe {
-        raw::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len)
-    })?;
-    let bytes = owned(ptr, len);
-    if bytes.is_empty() {
-        return Ok(f(&[]));
-    }
-    let decoded = pairs::decode(&bytes).map_err(|_| crate::HostError {
-        call: "proxy_get_header_map_pairs",
-        status: lacewing_abi::Status::SerializationFailure,
-    })?;
+    let bytes = header_map_bytes(map)?;
+    let decoded = decode_pairs(&bytes)?;
     let borrowed: Option<Vec<(&str, &str)>> = decoded
         .iter()
         .map(|(k, v)| Some((core::str::from_utf8(k).ok()?, core::str::from_utf8(v).ok()?)))
@@ -140,15 +143,7 @@ pub fn with_header_pairs<R>(map: MapType, f: impl FnOnce(&[(&str, &str)]) -> R) 
     if let Some(pairs) = borrowed {
         return Ok(f(&pairs));
     }
-    let owned: Vec<(String, String)> = decoded
-        .iter()
-        .map(|(k, v)| {
-            (
-                String::from_utf8_lossy(k).into_owned(),
-                String::from_utf8_lossy(v).into_owned(),
-            )
-        })
-        .collect();
+    let owned = lossy_pairs(&decoded);
     let pairs: Vec<(&str, &str)> = owned
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))

@@ -47,9 +47,10 @@ pub trait Plugin: Sized + 'static {
 
 /// A filter on one HTTP stream. Every method has a default that lets the
 /// stream go on; on Lacewing, a callback left to its default is not called
-/// again for the plugin's later streams (the default tells the host once). Returning [`Action::Pause`] from a header or trailer callback
-/// stops the stream until a callout continuation returns `Continue`; from a
-/// body callback it buffers the body (see [`Body`]).
+/// again for the plugin's later streams (the default tells the host once).
+/// Returning [`Action::Pause`] from a header or trailer callback stops the
+/// stream until a callout continuation returns `Continue`; from a body
+/// callback it buffers the body (see [`Body`]).
 pub trait Filter: 'static {
     /// The request headers arrived.
     fn on_request_headers(&mut self, _headers: &Headers, _end_of_stream: bool) -> Action {

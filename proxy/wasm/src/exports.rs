@@ -1,6 +1,7 @@
 //! The module's callbacks: their names (for logs and metrics) and their typed
 //! handles, resolved once per instance.
 
+use lacewing_abi::names::SKIPPABLE_CALLBACKS;
 use wasmtime::{Instance, Store, TypedFunc, WasmParams, WasmResults};
 
 use crate::failure::error_text;
@@ -77,18 +78,14 @@ impl Callback {
     /// exactly what a module that does nothing there would do: continue
     /// (and for `proxy_on_done`, be done).
     pub fn skippable(export: &[u8]) -> Option<Callback> {
-        [
-            Self::RequestHeaders,
-            Self::RequestBody,
-            Self::RequestTrailers,
-            Self::ResponseHeaders,
-            Self::ResponseBody,
-            Self::ResponseTrailers,
-            Self::Log,
-            Self::Done,
-        ]
-        .into_iter()
-        .find(|c| c.name().as_bytes() == export)
+        let listed = SKIPPABLE_CALLBACKS.iter().any(|n| n.as_bytes() == export);
+        listed
+            .then(|| {
+                Self::ALL
+                    .into_iter()
+                    .find(|c| c.name().as_bytes() == export)
+            })
+            .flatten()
     }
 
     /// Whether the data plane is inside this callback for its stream (and so

@@ -184,10 +184,11 @@ impl WasmHttpFilter {
         &mut self,
         stream: &SharedStream,
         phase: Phase,
+        callback: Callback,
         returns: Returns,
         call: impl FnOnce(&Vm, &Arc<PluginShared>, u32) -> Result<Option<i32>, Failure>,
     ) -> FilterStatus {
-        if self.skip {
+        if self.skip || self.plugin.skips(callback) {
             return FilterStatus::Continue;
         }
         if self.vm.broken.get() {
@@ -219,10 +220,7 @@ impl WasmHttpFilter {
         count: usize,
         end_of_stream: bool,
     ) -> FilterStatus {
-        if self.plugin.skips(callback) {
-            return FilterStatus::Continue;
-        }
-        self.run(stream, phase, Returns::Headers, |vm, p, ctx| {
+        self.run(stream, phase, callback, Returns::Headers, |vm, p, ctx| {
             let (id, n) = (ctx as i32, count as i32);
             match export(&vm.exports) {
                 None => Ok(None),
@@ -251,10 +249,7 @@ impl WasmHttpFilter {
         size: usize,
         end_of_stream: bool,
     ) -> FilterStatus {
-        if self.plugin.skips(callback) {
-            return FilterStatus::Continue;
-        }
-        self.run(stream, phase, Returns::Body, |vm, p, ctx| {
+        self.run(stream, phase, callback, Returns::Body, |vm, p, ctx| {
             let params = (ctx as i32, size as i32, i32::from(end_of_stream));
             vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
         })
@@ -269,10 +264,7 @@ impl WasmHttpFilter {
         export: impl FnOnce(&Exports) -> Option<&TrailersFn>,
         count: usize,
     ) -> FilterStatus {
-        if self.plugin.skips(callback) {
-            return FilterStatus::Continue;
-        }
-        self.run(stream, phase, Returns::Other, |vm, p, ctx| {
+        self.run(stream, phase, callback, Returns::Other, |vm, p, ctx| {
             let params = (ctx as i32, count as i32);
             vm.call(p, callback, ctx, export(&vm.exports), params, |_| {})
         })

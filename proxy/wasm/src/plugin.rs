@@ -115,7 +115,8 @@ pub(crate) struct PluginShared {
 impl PluginShared {
     /// Whether `callback` is skipped: the module declared it unused through
     /// the `lacewing_unused_callbacks` foreign function. Each skipped call
-    /// saves a wasm entry and exit and its timing (about 1k instructions).
+    /// saves a wasm entry and exit, its timing and the guest's dispatch
+    /// (about 600 instructions for a callback that does nothing, callgrind).
     pub fn skips(&self, callback: Callback) -> bool {
         self.unused_callbacks.load(Ordering::Relaxed) & callback.bit() != 0
     }
