@@ -17,6 +17,8 @@ use crate::{Action, Filter, Plugin, hostcalls};
 /// One stream's filter and where it paused.
 struct Slot<F> {
     filter: F,
+    /// The root context (plugin) the stream belongs to.
+    root: u32,
     /// Whether the response has started: a resume then continues the response.
     response_started: bool,
 }
@@ -106,6 +108,7 @@ pub fn context_create<P: Plugin>(key: &'static Key<P>, ctx: u32, parent: u32) {
         let plugin = d.roots.get(&parent).cloned().flatten();
         let slot = plugin.map(|p| Slot {
             filter: p.new_filter(),
+            root: parent,
             response_started: false,
         });
         d.streams.insert(ctx, slot);
@@ -135,19 +138,35 @@ impl Unused {
 }
 
 thread_local! {
-    /// The callbacks already declared unused to the host.
-    static DECLARED_UNUSED: Cell<u16> = const { Cell::new(0) };
+    /// The root context whose callback is running: the plugin a default
+    /// method speaks for.
+    static CURRENT_ROOT: Cell<u32> = const { Cell::new(0) };
+    /// Per root context, the callbacks already declared unused to the host:
+    /// the host keeps them per plugin, and plugins sharing a VM (`vm_id`)
+    /// share this module's memory.
+    static DECLARED_UNUSED: RefCell<Vec<(u32, u16)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Tells the host, once, that this module does nothing in `callback`: a
-/// plugin has one [`Filter`] type, so when a default method runs, every
-/// stream of the plugin would run that same default. A Lacewing host then
-/// skips the callback (one wasm call fewer per stream); another host answers
-/// `NotFound` and goes on calling it, which changes nothing.
+/// Tells the host, once per plugin, that this module does nothing in
+/// `callback`: a plugin has one [`Filter`] type, so when a default method
+/// runs, every stream of the plugin would run that same default. A Lacewing
+/// host then skips the callback for that plugin (one wasm call fewer per
+/// stream); another host answers `NotFound` and goes on calling it, which
+/// changes nothing.
 #[doc(hidden)]
 pub fn unused(callback: Unused) {
     let bit = 1u16 << (callback as u16);
-    let declared = DECLARED_UNUSED.with(|d| d.replace(d.get() | bit));
+    let root = CURRENT_ROOT.with(Cell::get);
+    let declared = DECLARED_UNUSED.with(|d| {
+        let mut d = d.borrow_mut();
+        match d.iter_mut().find(|(r, _)| *r == root) {
+            Some((_, bits)) => core::mem::replace(bits, *bits | bit),
+            None => {
+                d.push((root, bit));
+                0
+            }
+        }
+    });
     if declared & bit != 0 {
         return;
     }
@@ -184,6 +203,7 @@ pub fn configure<P: Plugin>(key: &'static Key<P>, root: u32, size: usize) -> boo
     }
     key.with(|d| d.borrow_mut().roots.insert(root, Some(plugin)));
     // `proxy_on_done` always answers done (see `register!`).
+    CURRENT_ROOT.with(|c| c.set(root));
     unused(Unused::Done);
     true
 }
@@ -210,6 +230,7 @@ fn with_filter<P: Plugin>(
         return Action::Continue;
     };
     CURRENT.with(|c| c.set(ctx));
+    CURRENT_ROOT.with(|c| c.set(slot.root));
     let action = f(&mut slot);
     key.with(|d| {
         if let Some(s) = d.borrow_mut().streams.get_mut(&ctx) {
@@ -273,7 +294,9 @@ pub fn delete<P: Plugin>(key: &'static Key<P>, ctx: u32) {
     key.with(|d| {
         let mut d = d.borrow_mut();
         d.streams.remove(&ctx);
-        d.roots.remove(&ctx);
+        if d.roots.remove(&ctx).is_some() {
+            DECLARED_UNUSED.with(|u| u.borrow_mut().retain(|(root, _)| *root != ctx));
+        }
     });
     callout::forget_context(ctx);
 }

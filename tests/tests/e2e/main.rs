@@ -41,3 +41,4 @@ mod wasm_hostile;
 mod wasm_pausing;
 mod wasm_profiling;
 mod wasm_sdks;
+mod wasm_skipping;
