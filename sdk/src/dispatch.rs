@@ -372,6 +372,9 @@ pub fn grpc_close<P: Plugin>(key: &'static Key<P>, token: u32, status: u32) {
 
 /// `proxy_on_memory_allocate`: a buffer the host fills and hands over.
 pub fn allocate(size: usize) -> *mut u8 {
+    if let Some(lent) = crate::hostcalls::lend(size) {
+        return lent;
+    }
     let mut buf: Vec<u8> = Vec::with_capacity(size);
     let ptr = buf.as_mut_ptr();
     std::mem::forget(buf);

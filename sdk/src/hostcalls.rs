@@ -1,10 +1,76 @@
 //! Safe wrappers over the imports in [`crate::raw`]: every one returns a
 //! [`Result`], none panics.
 
+use core::cell::{Cell, RefCell};
+
 use lacewing_abi::{BufferType, LogLevel, MapType, MetricType, StreamType, pairs};
 
 use crate::error::{Result, check, optional};
 use crate::raw;
+
+/// The size of the buffer lent to the host for values read at once.
+const LENT_CAPACITY: usize = 1024;
+
+thread_local! {
+    /// A buffer the module lends the host for the value of one hostcall that
+    /// is read and dropped at once (a property, a header, a header map):
+    /// `proxy_on_memory_allocate` then costs no `malloc` and no `free` in the
+    /// module (about 1k instructions a value). Borrowed while a value in it is read.
+    static LENT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Set for the span of one hostcall whose value may go in [`LENT`].
+    static OFFERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// For `proxy_on_memory_allocate`: the lent buffer, when a hostcall offered
+/// it, nothing reads it and `size` fits; `None` means allocate as usual.
+pub(crate) fn lend(size: usize) -> Option<*mut u8> {
+    if !OFFERED.with(|offered| offered.replace(false)) || size > LENT_CAPACITY {
+        return None;
+    }
+    LENT.with(|lent| {
+        let mut buf = lent.try_borrow_mut().ok()?;
+        if buf.capacity() < LENT_CAPACITY {
+            buf.reserve_exact(LENT_CAPACITY);
+        }
+        Some(buf.as_mut_ptr())
+    })
+}
+
+/// Runs a hostcall that returns a buffer, then `read` on the bytes it
+/// returned. The host writes them into the lent buffer when it is free (not
+/// being read by an outer call) and they fit; else into an allocation that
+/// is freed after `read`.
+fn with_returned<R>(
+    call: impl FnOnce(&mut *mut u8, &mut usize) -> Result<()>,
+    read: impl FnOnce(&[u8]) -> R,
+) -> Result<R> {
+    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    LENT.with(|lent| {
+        let free = lent.try_borrow_mut().is_ok();
+        OFFERED.with(|offered| offered.set(free));
+        let result = call(&mut ptr, &mut len);
+        OFFERED.with(|offered| offered.set(false));
+        result?;
+        if let Ok(buf) = lent.try_borrow()
+            && !ptr.is_null()
+            && core::ptr::eq(ptr, buf.as_ptr())
+        {
+            if len > buf.capacity() {
+                return Err(crate::HostError {
+                    call: "proxy_on_memory_allocate",
+                    status: lacewing_abi::Status::SerializationFailure,
+                });
+            }
+            // SAFETY: `ptr` is the lent buffer, which `lend` gave the host
+            // with at least `len` bytes of capacity (checked above); the host
+            // wrote `len` bytes there. The borrow held across `read` keeps
+            // the buffer from being lent again (or moved) while it is read.
+            let bytes = unsafe { core::slice::from_raw_parts(ptr, len) };
+            return Ok(read(bytes));
+        }
+        Ok(read(&owned(ptr, len)))
+    })
+}
 
 /// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
 fn owned(ptr: *mut u8, len: usize) -> Vec<u8> {
@@ -134,21 +200,30 @@ pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
 /// [`header_pairs`] makes). Should a name or value not be UTF-8, `f` sees the
 /// same lossy text as [`header_pairs`] gives.
 pub fn with_header_pairs<R>(map: MapType, f: impl FnOnce(&[(&str, &str)]) -> R) -> Result<R> {
-    let bytes = header_map_bytes(map)?;
-    let decoded = decode_pairs(&bytes)?;
-    let borrowed: Option<Vec<(&str, &str)>> = decoded
-        .iter()
-        .map(|(k, v)| Some((core::str::from_utf8(k).ok()?, core::str::from_utf8(v).ok()?)))
-        .collect();
-    if let Some(pairs) = borrowed {
-        return Ok(f(&pairs));
-    }
-    let owned = lossy_pairs(&decoded);
-    let pairs: Vec<(&str, &str)> = owned
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    Ok(f(&pairs))
+    with_returned(
+        |ptr, len| {
+            // SAFETY: both out-pointers are valid.
+            check("proxy_get_header_map_pairs", unsafe {
+                raw::proxy_get_header_map_pairs(map as u32, ptr, len)
+            })
+        },
+        |bytes| {
+            let decoded = decode_pairs(bytes)?;
+            let borrowed: Option<Vec<(&str, &str)>> = decoded
+                .iter()
+                .map(|(k, v)| Some((core::str::from_utf8(k).ok()?, core::str::from_utf8(v).ok()?)))
+                .collect();
+            if let Some(pairs) = borrowed {
+                return Ok(f(&pairs));
+            }
+            let owned = lossy_pairs(&decoded);
+            let pairs: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            Ok(f(&pairs))
+        },
+    )?
 }
 
 /// Replaces a whole map.
@@ -162,12 +237,22 @@ pub fn set_header_pairs(map: MapType, headers: &[(&str, &str)]) -> Result<()> {
 
 /// One header's value; `Ok(None)` when absent.
 pub fn header(map: MapType, name: &str) -> Result<Option<String>> {
-    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
-    // SAFETY: `name` is alive for the call; out-pointers are valid locals.
-    let r = check("proxy_get_header_map_value", unsafe {
-        raw::proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut ptr, &mut len)
-    });
-    optional(r.map(|()| String::from_utf8_lossy(&owned(ptr, len)).into_owned()))
+    with_header(map, name, str::to_owned)
+}
+
+/// One header's value (invalid UTF-8 replaced), borrowed for the time of
+/// `read`; `Ok(None)` when absent. Cheaper than [`header`] when the value is
+/// not kept: it is never copied into an allocation of its own.
+pub fn with_header<R>(map: MapType, name: &str, read: impl FnOnce(&str) -> R) -> Result<Option<R>> {
+    optional(with_returned(
+        |ptr, len| {
+            // SAFETY: `name` is alive for the call; out-pointers are valid.
+            check("proxy_get_header_map_value", unsafe {
+                raw::proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), ptr, len)
+            })
+        },
+        |bytes| read(&String::from_utf8_lossy(bytes)),
+    ))
 }
 
 /// Adds a value (keeping existing ones).
@@ -208,20 +293,42 @@ pub fn remove_header(map: MapType, name: &str) -> Result<()> {
 
 /// A property's raw bytes (`source.principal`, `request.path`, ...); `Ok(None)` when absent.
 pub fn property(path: &str) -> Result<Option<Vec<u8>>> {
-    let encoded = encode_path(path);
-    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
-    // SAFETY: `encoded` is alive for the call; out-pointers are valid locals.
-    let r = check("proxy_get_property", unsafe {
-        raw::proxy_get_property(encoded.as_ptr(), encoded.len(), &mut ptr, &mut len)
-    });
-    optional(r.map(|()| owned(ptr, len)))
+    with_property(path, <[u8]>::to_vec)
 }
 
-/// `a.b.c` as the ABI's `a\0b\0c`, in one allocation.
-fn encode_path(path: &str) -> Vec<u8> {
-    path.bytes()
-        .map(|b| if b == b'.' { 0 } else { b })
-        .collect()
+/// A property's value borrowed for the time of `read`; `Ok(None)` when the
+/// host has no such property. Cheaper than [`property`] when the value is
+/// not kept (an integer, a label copied into a buffer of the caller's).
+pub fn with_property<R>(path: &str, read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+    with_encoded_path(path, |encoded| {
+        optional(with_returned(
+            |ptr, len| {
+                // SAFETY: `encoded` is alive for the call; out-pointers are valid.
+                check("proxy_get_property", unsafe {
+                    raw::proxy_get_property(encoded.as_ptr(), encoded.len(), ptr, len)
+                })
+            },
+            read,
+        ))
+    })
+}
+
+/// `a.b.c` as the ABI's `a\0b\0c`, on the stack when it is short (a
+/// collected `Vec` cost an allocation and 15 instructions a byte).
+fn with_encoded_path<R>(path: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    let mut stack = [0u8; 128];
+    let mut heap = Vec::new();
+    let out = match stack.get_mut(..path.len()) {
+        Some(out) => out,
+        None => {
+            heap.resize(path.len(), 0);
+            &mut heap[..]
+        }
+    };
+    for (to, &from) in out.iter_mut().zip(path.as_bytes()) {
+        *to = if from == b'.' { 0 } else { from };
+    }
+    f(out)
 }
 
 /// A property as UTF-8 text (lossy).
@@ -234,10 +341,11 @@ pub fn property_string(path: &str) -> Result<Option<String>> {
 
 /// Sets a property for the current stream.
 pub fn set_property(path: &str, value: &[u8]) -> Result<()> {
-    let encoded = encode_path(path);
-    // SAFETY: both slices are alive for the call.
-    check("proxy_set_property", unsafe {
-        raw::proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len())
+    with_encoded_path(path, |encoded| {
+        // SAFETY: both slices are alive for the call.
+        check("proxy_set_property", unsafe {
+            raw::proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len())
+        })
     })
 }
 
@@ -407,10 +515,16 @@ pub fn metric(id: u32) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::encode_path;
+    use super::with_encoded_path;
+
+    fn encode_path(path: &str) -> Vec<u8> {
+        with_encoded_path(path, <[u8]>::to_vec)
+    }
 
     #[test]
     fn a_dotted_path_is_encoded_with_nul_separators() {
+        let long = "a.".repeat(100);
+        assert_eq!(encode_path(&long), long.replace('.', "\0").as_bytes());
         assert_eq!(encode_path("source.principal"), b"source\0principal");
         assert_eq!(encode_path("a..b"), b"a\0\0b");
         assert_eq!(

@@ -25,6 +25,20 @@ impl Headers {
         hostcalls::header(self.0, name)
     }
 
+    /// One header's value borrowed for the time of `read`; `Ok(None)` when
+    /// absent. Cheaper than [`Headers::get`] when the value is not kept: it is
+    /// never copied into a `String` of its own.
+    ///
+    /// ```no_run
+    /// # use lacewing_sdk::http::Headers;
+    /// # fn f(headers: &Headers) -> lacewing_sdk::Result<()> {
+    /// let json = headers.with_value("content-type", |v| v.starts_with("application/json"))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_value<R>(&self, name: &str, read: impl FnOnce(&str) -> R) -> Result<Option<R>> {
+        hostcalls::with_header(self.0, name, read)
+    }
+
     /// Every header, in order.
     pub fn all(&self) -> Result<Vec<(String, String)>> {
         hostcalls::header_pairs(self.0)

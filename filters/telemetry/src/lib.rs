@@ -8,6 +8,7 @@ mod trace;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use lacewing_sdk::http::Headers;
@@ -42,11 +43,37 @@ pub struct Telemetry {
     /// One set of handles per (source, destination, route), keyed by
     /// `source\0destination\0route`: a request costs one lookup, not a name
     /// built and looked up per metric.
-    series: RefCell<HashMap<String, Series>>,
+    series: RefCell<HashMap<String, Series, BuildHasherDefault<KeyHasher>>>,
     /// Scratch for the series key and the access-log line, reused by every
     /// request (saves two allocations per request).
     scratch: RefCell<(String, String)>,
     ids: RefCell<Ids>,
+}
+
+/// A hasher for series keys, eight bytes a step (SipHash, std's default,
+/// cost about 700 instructions a request here). Keys are a verified peer
+/// identity, a configured destination and a route name: nothing a client
+/// chooses freely, so flooding one bucket is not a concern.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.0 =
+            (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ bytes.len() as u64).wrapping_mul(K);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The metrics of one (source, destination, route).
@@ -118,7 +145,7 @@ impl Plugin for Telemetry {
         }
         Ok(Telemetry {
             config,
-            series: RefCell::new(HashMap::new()),
+            series: RefCell::new(HashMap::default()),
             scratch: RefCell::new((String::new(), String::new())),
             ids: RefCell::new(Ids::default()),
         })
@@ -127,8 +154,6 @@ impl Plugin for Telemetry {
     fn new_filter(self: &Rc<Self>) -> TelemetryFilter {
         TelemetryFilter {
             plugin: self.clone(),
-            method: String::new(),
-            path: String::new(),
             trace: None,
         }
     }
@@ -137,26 +162,37 @@ impl Plugin for Telemetry {
 /// One request's observations.
 pub struct TelemetryFilter {
     plugin: Rc<Telemetry>,
-    method: String,
-    path: String,
     trace: Option<TraceParent>,
 }
 
-fn prop(path: &str) -> Option<String> {
-    let bytes = lacewing_sdk::hostcalls::property(path).ok().flatten()?;
-    if bytes.is_empty() {
-        return None;
+/// Appends a text property to `out` (`unknown` when absent or empty). The
+/// value is read from the buffer the SDK lends the host: no allocation.
+fn push_prop(out: &mut String, path: &str) {
+    let before = out.len();
+    let _ = lacewing_sdk::hostcalls::with_property(path, |bytes| {
+        out.push_str(&String::from_utf8_lossy(bytes));
+    });
+    if out.len() == before {
+        out.push_str("unknown");
     }
-    // Valid UTF-8 (the usual case) is taken as it is, without a second copy.
-    Some(
-        String::from_utf8(bytes)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-    )
+}
+
+/// Appends a request header as a JSON string (`""` when absent), read from
+/// the buffer the SDK lends the host.
+fn push_request_header(out: &mut String, name: &str) {
+    let found = Headers::REQUEST.with_value(name, |v| json_string(out, v));
+    if !matches!(found, Ok(Some(()))) {
+        json_string(out, "");
+    }
 }
 
 fn int_prop(path: &str) -> Option<i64> {
-    let bytes = lacewing_sdk::hostcalls::property(path).ok().flatten()?;
-    Some(i64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+    lacewing_sdk::hostcalls::with_property(path, |bytes| {
+        Some(i64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+    })
+    .ok()
+    .flatten()
+    .flatten()
 }
 
 /// `2xx`, `4xx`, …; `none` when no response was sent.
@@ -170,16 +206,12 @@ fn status_class(code: i64) -> String {
 
 impl Filter for TelemetryFilter {
     fn on_request_headers(&mut self, headers: &Headers, _end_of_stream: bool) -> Action {
-        if self.plugin.config.access_log {
-            self.method = headers.get(":method").ok().flatten().unwrap_or_default();
-            self.path = headers.get(":path").ok().flatten().unwrap_or_default();
-        }
         if self.plugin.config.trace {
             let incoming = headers
-                .get("traceparent")
+                .with_value("traceparent", TraceParent::parse)
                 .ok()
                 .flatten()
-                .and_then(|v| TraceParent::parse(&v));
+                .flatten();
             let next = TraceParent::next_hop(incoming.as_ref(), &mut self.plugin.ids.borrow_mut());
             if let Err(e) = headers.set("traceparent", next.write_header(&mut [0; 55])) {
                 lacewing_sdk::warn!("telemetry: cannot set traceparent: {e}");
@@ -191,29 +223,28 @@ impl Filter for TelemetryFilter {
 
     fn on_log(&mut self) {
         let p = &self.plugin;
-        let source = prop("source.principal");
-        let source = source.as_deref().unwrap_or("unknown");
-        let cluster;
-        let destination = match &p.config.destination {
-            Some(d) => d.as_str(),
-            None => {
-                cluster = prop("cluster_name");
-                cluster.as_deref().unwrap_or("unknown")
-            }
-        };
-        let route = prop("route_name");
-        let route = route.as_deref().unwrap_or("unknown");
         let code = int_prop("response.code").unwrap_or(0);
         let duration_ms = int_prop("request.duration").map_or(0, |ns| ns.max(0) / 1_000_000);
         let mut scratch = p.scratch.borrow_mut();
         let (key, line) = &mut *scratch;
+        // The key `source\0destination\0route` is built from the properties
+        // in place; its three parts are then the labels and log fields.
         key.clear();
-        for (i, part) in [source, destination, route].into_iter().enumerate() {
-            if i > 0 {
-                key.push('\0');
-            }
-            key.push_str(part);
+        push_prop(key, "source.principal");
+        let source_end = key.len();
+        key.push('\0');
+        match &p.config.destination {
+            Some(d) => key.push_str(d),
+            None => push_prop(key, "cluster_name"),
         }
+        let destination_end = key.len();
+        key.push('\0');
+        push_prop(key, "route_name");
+        let (source, destination, route) = (
+            &key[..source_end],
+            &key[source_end + 1..destination_end],
+            &key[destination_end + 1..],
+        );
         {
             let mut series = p.series.borrow_mut();
             let entry = match series.get_mut(key.as_str()) {
@@ -228,11 +259,14 @@ impl Filter for TelemetryFilter {
         }
         if p.config.access_log {
             let trace = self.trace.as_ref();
+            // Method and path are read now, from the buffer the SDK lends
+            // the host, straight into the line (kept from the request
+            // headers phase, they cost two allocations a request).
             access_line(
                 line,
+                |out| push_request_header(out, ":method"),
+                |out| push_request_header(out, ":path"),
                 &AccessFields {
-                    method: &self.method,
-                    path: &self.path,
                     status: code,
                     duration_ms,
                     source,
@@ -249,8 +283,6 @@ impl Filter for TelemetryFilter {
 
 /// What one access-log line says.
 struct AccessFields<'a> {
-    method: &'a str,
-    path: &'a str,
     status: i64,
     duration_ms: i64,
     source: &'a str,
@@ -260,55 +292,95 @@ struct AccessFields<'a> {
     span_id: Option<&'a str>,
 }
 
-/// Writes the JSON access-log line into `out` (cleared first). Written by
-/// hand into a reused buffer: building a `serde_json::Value` allocated for
-/// every field and key, per request.
-fn access_line(out: &mut String, f: &AccessFields<'_>) {
-    use std::fmt::Write as _;
+/// Writes the JSON access-log line into `out` (cleared first); the method
+/// and path are written by the two functions given. Written by hand into a
+/// reused buffer: building a `serde_json::Value` allocated for every field
+/// and key, per request.
+fn access_line(
+    out: &mut String,
+    write_method: impl FnOnce(&mut String),
+    write_path: impl FnOnce(&mut String),
+    f: &AccessFields<'_>,
+) {
     out.clear();
     out.push_str("{\"type\":\"access\",\"method\":");
-    json_string(out, f.method);
+    write_method(out);
     out.push_str(",\"path\":");
-    json_string(out, f.path);
-    let _ = write!(
-        out,
-        ",\"status\":{},\"duration_ms\":{}",
-        f.status, f.duration_ms
-    );
+    write_path(out);
+    out.push_str(",\"status\":");
+    push_int(out, f.status);
+    out.push_str(",\"duration_ms\":");
+    push_int(out, f.duration_ms);
     for (name, value) in [
-        ("source", Some(f.source)),
-        ("destination", Some(f.destination)),
-        ("route", Some(f.route)),
-        ("trace_id", f.trace_id),
-        ("span_id", f.span_id),
+        ("source", f.source),
+        ("destination", f.destination),
+        ("route", f.route),
     ] {
         out.push_str(",\"");
         out.push_str(name);
         out.push_str("\":");
+        json_string(out, value);
+    }
+    // Trace and span ids are hex digits: nothing to escape.
+    for (name, value) in [("trace_id", f.trace_id), ("span_id", f.span_id)] {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
         match value {
-            Some(v) => json_string(out, v),
+            Some(v) => {
+                out.push('"');
+                out.push_str(v);
+                out.push('"');
+            }
             None => out.push_str("null"),
         }
     }
     out.push('}');
 }
 
-/// Appends `s` as a JSON string literal (RFC 8259 escapes). Runs of
-/// characters that need no escape are copied at once.
+/// Appends `n` in decimal (`core::fmt` cost about 1k instructions for the
+/// line's two numbers).
+fn push_int(out: &mut String, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push('-');
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
+/// Appends `s` as a JSON string literal (RFC 8259 escapes). A string that
+/// needs no escape (the usual case) is checked eight bytes at a time and
+/// copied at once; otherwise runs that need none are copied at once.
 fn json_string(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
     let bytes = s.as_bytes();
+    let mut words = bytes.chunks_exact(8);
+    let escapes = words
+        .any(|word| needs_escape(u64::from_le_bytes(word.try_into().unwrap_or_default())))
+        || words
+            .remainder()
+            .iter()
+            .any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+    if !escapes {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut plain_from = 0;
-    let mut at = 0;
-    while let Some(&byte) = bytes.get(at) {
-        // Eight plain bytes at a time: most of a line needs no escape.
-        if let Some(word) = bytes[at..].first_chunk::<8>()
-            && !needs_escape(u64::from_le_bytes(*word))
-        {
-            at += 8;
-            continue;
-        }
+    for (at, &byte) in bytes.iter().enumerate() {
         let escape = match byte {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -316,10 +388,7 @@ fn json_string(out: &mut String, s: &str) {
             b'\r' => "\\r",
             b'\t' => "\\t",
             0..=0x1f => "",
-            _ => {
-                at += 1;
-                continue;
-            }
+            _ => continue,
         };
         out.push_str(&s[plain_from..at]);
         if escape.is_empty() {
@@ -327,8 +396,7 @@ fn json_string(out: &mut String, s: &str) {
         } else {
             out.push_str(escape);
         }
-        at += 1;
-        plain_from = at;
+        plain_from = at + 1;
     }
     out.push_str(&s[plain_from..]);
     out.push('"');
@@ -377,9 +445,9 @@ mod tests {
         let mut line = String::from("left over");
         access_line(
             &mut line,
+            |out| json_string(out, "GET"),
+            |out| json_string(out, "/a\"b\\c\n\u{1}é"),
             &AccessFields {
-                method: "GET",
-                path: "/a\"b\\c\n\u{1}é",
                 status: 200,
                 duration_ms: 3,
                 source: "spiffe://lacewing.local/ns/default/sa/web",
@@ -397,6 +465,29 @@ mod tests {
         assert_eq!(v["source"], "spiffe://lacewing.local/ns/default/sa/web");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(v["span_id"].is_null());
+        assert_eq!(v["method"], "GET");
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for n in [0, 7, 10, 200, 504, 1_000_000, -1, -45, i64::MAX, i64::MIN] {
+            let mut out = String::new();
+            push_int(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+    }
+
+    #[test]
+    fn series_keys_hash_by_content_and_length() {
+        let hash = |s: &str| {
+            let mut h = KeyHasher::default();
+            h.write(s.as_bytes());
+            h.finish()
+        };
+        assert_eq!(hash("web\0orders\0all"), hash("web\0orders\0all"));
+        assert_ne!(hash("web\0orders\0all"), hash("web\0orders\0alm"));
+        assert_ne!(hash("abc"), hash("abc\0"));
+        assert_ne!(hash(""), hash("\0"));
     }
 }
 

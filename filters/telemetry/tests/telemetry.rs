@@ -166,3 +166,27 @@ fn unknown_fields_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn values_longer_than_the_lent_buffer_and_escapes_reach_the_access_log_whole() {
+    let test = FilterTest::builder(module("telemetry").unwrap())
+        .load()
+        .unwrap();
+    // The SDK lends the host a 1 KiB buffer for values read at once; a
+    // longer one takes an allocation of its own, and both must read alike.
+    let long = format!("/{}?q=%22quoted%22", "segment/".repeat(400));
+    for path in [long.as_str(), "/short", "/tab%09and\"quote\\"] {
+        let before = test.logs().len();
+        respond(&test, path, 200, None).unwrap();
+        let line = test.logs()[before..]
+            .iter()
+            .find(|l| l.message.contains("\"type\":\"access\""))
+            .expect("an access-log line")
+            .message
+            .clone();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["path"], path, "{line}");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["source"], WEB);
+    }
+}
