@@ -20,7 +20,7 @@ OUT=$ROOT/bench/results/profile.md
 REQUESTS=4000
 CONNECTIONS=8
 SKIP_BUILD=0
-LACEWING=$ROOT/target/release/lacewing
+LACEWING=$ROOT/target/dist/lacewing
 WASM=$ROOT/target/wasm32-wasip1/wasm
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,7 +48,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ "$SKIP_BUILD" = 0 ]; then
-  (cd "$ROOT" && cargo xtask build-filters && cargo build --release -p lacewing) \
+  (cd "$ROOT" && cargo xtask build-filters && cargo build --profile dist -p lacewing) \
     || fail "build failed"
 fi
 [ -x "$LACEWING" ] || fail "no $LACEWING (run without --skip-build)"
