@@ -155,14 +155,17 @@ pub fn set_buffer(kind: BufferType, start: usize, size: usize, data: &[u8]) -> R
     })
 }
 
-/// The serialized pairs of a map, as the host wrote them.
-fn header_map_bytes(map: MapType) -> Result<Vec<u8>> {
-    let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
-    // SAFETY: both out-pointers are valid locals.
-    check("proxy_get_header_map_pairs", unsafe {
-        raw::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len)
-    })?;
-    Ok(owned(ptr, len))
+/// Runs `read` on the serialized pairs of a map, as the host wrote them.
+fn with_header_map_bytes<R>(map: MapType, read: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    with_returned(
+        |ptr, len| {
+            // SAFETY: both out-pointers are valid.
+            check("proxy_get_header_map_pairs", unsafe {
+                raw::proxy_get_header_map_pairs(map as u32, ptr, len)
+            })
+        },
+        read,
+    )
 }
 
 /// The pairs in `bytes` (none when empty), borrowed.
@@ -191,8 +194,7 @@ fn lossy_pairs(decoded: &[(&[u8], &[u8])]) -> Vec<(String, String)> {
 
 /// Every header of a map, in order.
 pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
-    let bytes = header_map_bytes(map)?;
-    Ok(lossy_pairs(&decode_pairs(&bytes)?))
+    with_header_map_bytes(map, |bytes| Ok(lossy_pairs(&decode_pairs(bytes)?)))?
 }
 
 /// Every pair of a map, borrowed from the one buffer the host filled: `f`
@@ -200,30 +202,22 @@ pub fn header_pairs(map: MapType) -> Result<Vec<(String, String)>> {
 /// [`header_pairs`] makes). Should a name or value not be UTF-8, `f` sees the
 /// same lossy text as [`header_pairs`] gives.
 pub fn with_header_pairs<R>(map: MapType, f: impl FnOnce(&[(&str, &str)]) -> R) -> Result<R> {
-    with_returned(
-        |ptr, len| {
-            // SAFETY: both out-pointers are valid.
-            check("proxy_get_header_map_pairs", unsafe {
-                raw::proxy_get_header_map_pairs(map as u32, ptr, len)
-            })
-        },
-        |bytes| {
-            let decoded = decode_pairs(bytes)?;
-            let borrowed: Option<Vec<(&str, &str)>> = decoded
-                .iter()
-                .map(|(k, v)| Some((core::str::from_utf8(k).ok()?, core::str::from_utf8(v).ok()?)))
-                .collect();
-            if let Some(pairs) = borrowed {
-                return Ok(f(&pairs));
-            }
-            let owned = lossy_pairs(&decoded);
-            let pairs: Vec<(&str, &str)> = owned
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            Ok(f(&pairs))
-        },
-    )?
+    with_header_map_bytes(map, |bytes| {
+        let decoded = decode_pairs(bytes)?;
+        let borrowed: Option<Vec<(&str, &str)>> = decoded
+            .iter()
+            .map(|(k, v)| Some((core::str::from_utf8(k).ok()?, core::str::from_utf8(v).ok()?)))
+            .collect();
+        if let Some(pairs) = borrowed {
+            return Ok(f(&pairs));
+        }
+        let owned = lossy_pairs(&decoded);
+        let pairs: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Ok(f(&pairs))
+    })?
 }
 
 /// Replaces a whole map.
