@@ -293,7 +293,9 @@ impl Cluster {
             .limits
             .request()
             .ok_or_else(|| self.overflow(Limit::Requests))?;
-        let exchange = self.exchange(request, policy);
+        // Pinned where it is built: the timeout and the await then move a
+        // pointer instead of copying the whole attempt future (twice).
+        let exchange = std::pin::pin!(self.exchange(request, policy));
         if policy.timeout.is_zero() {
             return exchange.await;
         }
