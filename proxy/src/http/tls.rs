@@ -16,7 +16,7 @@ use lacewing_config::ListenerTlsMode;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::TlsFacts;
-use lacewing_tls::{ConnectionTls, LiveIdentity};
+use lacewing_tls::{ConnectionTls, LiveIdentity, ReadyFirst};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -165,7 +165,8 @@ pub async fn serve_tcp(
             serve_io(stream, remote, local, id, slot, drain, None).await;
         }
         Some(Accepted::Tls(stream, facts)) => {
-            serve_io(*stream, remote, local, id, slot, drain, Some(facts)).await;
+            let stream = ReadyFirst::new(*stream);
+            serve_io(stream, remote, local, id, slot, drain, Some(facts)).await;
         }
     }
 }

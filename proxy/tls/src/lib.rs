@@ -6,7 +6,8 @@
 //! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates; and
 //! the [`LiveIdentity`] a sidecar rotates while it serves, or a standalone
 //! proxy reads from [`IdentityFiles`]; and the TLS of
-//! the control plane's own API ([`api`]).
+//! the control plane's own API ([`api`]); and [`ReadyFirst`], the stream
+//! wrapper that spares rustls the reads that would find nothing.
 //!
 //! Every configuration is TLS 1.3 only, offers ALPN `h2` and `http/1.1`, and
 //! uses the `ring` provider explicitly (no process-wide default is installed).
@@ -21,6 +22,7 @@ mod key;
 mod live;
 mod peer;
 mod spiffe;
+mod stream;
 
 pub use ca::{CsrError, Issued, MeshCa};
 pub use config::{ALPN_H2, ALPN_HTTP11, client_config, server_config, server_name_for};
@@ -31,6 +33,7 @@ pub use key::WorkloadKey;
 pub use live::{LiveClientConfig, LiveIdentity, Material};
 pub use peer::{ConnectionTls, PeerCertificate, dns_sans, uri_sans};
 pub use spiffe::SpiffeId;
+pub use stream::{ReadyFirst, TlsOverTcp};
 
 pub use rustls;
 

@@ -13,7 +13,7 @@ use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::{CertificateFacts, UpstreamTls as UpstreamTlsFacts};
 use lacewing_tls::rustls::pki_types::{CertificateDer, ServerName};
 use lacewing_tls::rustls::{self, CertificateError};
-use lacewing_tls::{IdentityMismatch, LiveClientConfig, LiveIdentity, SpiffeId};
+use lacewing_tls::{IdentityMismatch, LiveClientConfig, LiveIdentity, ReadyFirst, SpiffeId};
 use prometheus::IntCounterVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -116,7 +116,7 @@ impl UpstreamTls {
                     parsed_local: OnceLock::new(),
                     parsed_peer: OnceLock::new(),
                 };
-                Ok((Conn::Tls(Box::new(stream)), facts))
+                Ok((Conn::Tls(Box::new(ReadyFirst::new(stream))), facts))
             }
             Err(e) => {
                 self.count(lacewing_tls::failure_reason(&e));
@@ -186,7 +186,7 @@ fn describe(error: &io::Error) -> String {
 #[derive(Debug)]
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<ReadyFirst<TlsStream<TcpStream>>>),
 }
 
 impl AsyncRead for Conn {
