@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+use std::io::Write as _;
+
 use lacewing_tls::{
-    ConnectionTls, Identity, MeshCa, SpiffeId, TrustBundle, WorkloadKey, client_config,
+    ConnectionTls, Identity, MeshCa, ReadyFirst, SpiffeId, TrustBundle, WorkloadKey, client_config,
     server_config, server_name_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,4 +196,74 @@ async fn a_client_without_a_certificate_is_refused_by_the_server() {
         .await;
     let error = accepted.await.unwrap().unwrap_err();
     assert!(error.contains("peer sent no certificates"), "{error}");
+}
+
+/// A client reading through [`ReadyFirst`] gets every byte the server sends,
+/// whether records arrive split across TCP segments, several at once, or
+/// after a pause, and sees the end of the stream at close_notify.
+#[tokio::test]
+async fn ready_first_reads_split_batched_and_late_records_then_the_end() {
+    let (ca, _) = MeshCa::generate("mesh.local").unwrap();
+    let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
+    let orders = issue(&ca, &id("orders"));
+    let frontend = issue(&ca, &id("frontend"));
+    let acceptor = TlsAcceptor::from(server_config(&orders, &trust).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let (mut tcp, mut session) = tls.into_inner();
+        let mut wire = Vec::new();
+        // Three records, the first split in three TCP writes with pauses.
+        session.writer().write_all(b"first record;").unwrap();
+        session.write_tls(&mut wire).unwrap();
+        for piece in [&wire[..3], &wire[3..9], &wire[9..]] {
+            tcp.write_all(piece).await.unwrap();
+            tcp.flush().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Two records in one write.
+        wire.clear();
+        session.writer().write_all(b"second;").unwrap();
+        session.write_tls(&mut wire).unwrap();
+        session.writer().write_all(b"third;").unwrap();
+        session.write_tls(&mut wire).unwrap();
+        tcp.write_all(&wire).await.unwrap();
+        // A late record, then close_notify.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        wire.clear();
+        session.writer().write_all(b"late").unwrap();
+        session.send_close_notify();
+        while session.wants_write() {
+            session.write_tls(&mut wire).unwrap();
+        }
+        tcp.write_all(&wire).await.unwrap();
+        // Keep the socket open: the end must come from close_notify.
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    });
+    let connector = TlsConnector::from(client_config(&frontend, &trust, &id("orders")).unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect(server_name_for(&id("orders")), tcp)
+        .await
+        .unwrap();
+    let mut stream = ReadyFirst::new(tls);
+    // Four bytes at a time, so decrypted bytes wait in the session while
+    // the socket is empty: those reads must not wait for the socket.
+    let read_all = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4];
+        loop {
+            match stream.read(&mut buf).await.unwrap() {
+                0 => return got,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let got = tokio::time::timeout(std::time::Duration::from_secs(3), read_all)
+        .await
+        .expect("the end of the stream at close_notify, before the socket closes");
+    assert_eq!(got, b"first record;second;third;late");
+    server.abort();
 }
