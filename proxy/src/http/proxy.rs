@@ -191,7 +191,8 @@ pub async fn handle(
         let reply = local_reply::from_error(&target.cluster.share_overflow());
         return exchange.reply(chain, reply).await;
     };
-    let send = target.cluster.send(req, &route.policy);
+    // Pinned where it is built: awaiting it moves a pointer, not the future.
+    let send = std::pin::pin!(target.cluster.send(req, &route.policy));
     // The stream idle timer runs until the response head only when it can
     // fire before the route's timeout (not with the defaults).
     let idle = limits.stream_idle_timeout.0;
