@@ -1,9 +1,9 @@
 //! The data of a VM's `Store`: contexts, the running callback, pending
 //! callouts and queues, and the memory limiter. Everything hostcalls see.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::rc::Weak;
 use std::sync::Arc;
 
@@ -147,7 +147,7 @@ pub(crate) struct HostState {
     /// Queue id to the root context that registered it.
     pub queue_owners: FxHashMap<u32, u32>,
     /// Contexts whose `proxy_on_done` returned false.
-    pub pending_done: HashSet<u32>,
+    pub pending_done: FxHashSet<u32>,
     /// Contexts to delete once the running callback returns.
     pub deferred_delete: Vec<u32>,
     /// Why the running callback must stop (set by hostcalls that trap on purpose).
@@ -179,7 +179,7 @@ impl HostState {
             grpc_calls: FxHashMap::default(),
             queue_tx: None,
             queue_owners: FxHashMap::default(),
-            pending_done: HashSet::new(),
+            pending_done: FxHashSet::default(),
             deferred_delete: Vec::new(),
             failure_note: None,
             env: plugin

@@ -3,11 +3,13 @@
 //! root contexts of dropped plugins.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use crate::failure::Failure;
 use crate::host::WasmHost;
@@ -57,7 +59,10 @@ struct WorkerSlot {
 }
 
 thread_local! {
-    static WORKER_VMS: RefCell<HashMap<VmKey, WorkerSlot>> = RefCell::new(HashMap::new());
+    // Looked up for every request a plugin filters: Fx rather than SipHash
+    // (with `pending_done` in state.rs) is 0.5k fewer instructions a request
+    // with one filter; the keys are plugin ids, never a client's data.
+    static WORKER_VMS: RefCell<FxHashMap<VmKey, WorkerSlot>> = RefCell::new(FxHashMap::default());
     /// The (host, retired generation) this worker last swept for.
     static SWEPT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
