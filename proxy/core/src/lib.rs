@@ -13,5 +13,6 @@ pub mod filter;
 pub mod line_queue;
 pub mod metrics;
 pub mod stream;
+pub mod timer;
 
 pub use error::{ErrorOrigin, ProxyError, ResponseFlag};

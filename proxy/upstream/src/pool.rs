@@ -27,6 +27,7 @@ use std::time::Duration;
 use hyper::client::conn::{http1, http2};
 use lacewing_core::body::BoxBody;
 use lacewing_core::stream::UpstreamConnection;
+use lacewing_core::timer::ArmedSleep;
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
@@ -430,7 +431,11 @@ pub(crate) fn spawn_h1_driver<F>(
     tokio::spawn(async move {
         let _slot = slot;
         tokio::pin!(conn);
-        let mut check_at = tokio::time::Instant::now() + Duration::from_millis(idle_ms);
+        // Polled on every wake-up of this task (a few a request); armed,
+        // it answers with one atomic load (about 0.25k instructions a
+        // request less than polling a `Sleep`, callgrind).
+        let mut check =
+            ArmedSleep::until(tokio::time::Instant::now() + Duration::from_millis(idle_ms));
         loop {
             tokio::select! {
                 result = &mut conn => {
@@ -442,13 +447,13 @@ pub(crate) fn spawn_h1_driver<F>(
                     }
                     return;
                 }
-                () = tokio::time::sleep_until(check_at) => {
+                () = check.fired() => {
                     let since = idle_since.load(Ordering::Relaxed);
                     let idle_for = if since == BUSY { 0 } else { now_ms().saturating_sub(since) };
                     if idle_for >= idle_ms {
                         return;
                     }
-                    check_at = tokio::time::Instant::now() + Duration::from_millis(idle_ms - idle_for);
+                    check.reset(tokio::time::Instant::now() + Duration::from_millis(idle_ms - idle_for));
                 }
             }
         }
