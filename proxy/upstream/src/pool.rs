@@ -432,7 +432,7 @@ pub(crate) fn spawn_h1_driver<F>(
         let _slot = slot;
         tokio::pin!(conn);
         // Polled on every wake-up of this task (a few a request); armed,
-        // it answers with one atomic load (about 0.25k instructions a
+        // it answers with one atomic load (about 0.2k instructions a
         // request less than polling a `Sleep`, callgrind).
         let mut check =
             ArmedSleep::until(tokio::time::Instant::now() + Duration::from_millis(idle_ms));
