@@ -16,10 +16,9 @@ use lacewing_config::ListenerTlsMode;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::TlsFacts;
-use lacewing_tls::{ConnectionTls, LiveIdentity, ReadyFirst};
+use lacewing_tls::{ConnectionTls, LiveIdentity, ServerTlsStream};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 use super::server::serve_io;
 use crate::snapshot::HttpSlot;
@@ -84,7 +83,7 @@ impl DownstreamTls {
 /// facts its handshake established.
 pub(crate) enum Accepted {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>, Arc<TlsFacts>),
+    Tls(Box<ServerTlsStream>, Arc<TlsFacts>),
 }
 
 /// Detects TLS on an accepted connection and completes the handshake, each
@@ -146,7 +145,10 @@ pub(crate) async fn accept(
         alpn = ?info.alpn,
         "TLS connection established"
     );
-    Some(Accepted::Tls(Box::new(stream), Arc::new(facts(info))))
+    Some(Accepted::Tls(
+        Box::new(ServerTlsStream::from_server(stream)),
+        Arc::new(facts(info)),
+    ))
 }
 
 /// Serves one accepted TCP connection through `tls`.
@@ -165,8 +167,7 @@ pub async fn serve_tcp(
             serve_io(stream, remote, local, id, slot, drain, None).await;
         }
         Some(Accepted::Tls(stream, facts)) => {
-            let stream = ReadyFirst::new(*stream);
-            serve_io(stream, remote, local, id, slot, drain, Some(facts)).await;
+            serve_io(*stream, remote, local, id, slot, drain, Some(facts)).await;
         }
     }
 }

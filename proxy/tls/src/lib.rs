@@ -6,8 +6,8 @@
 //! the mesh CA ([`MeshCa`]) that signs CSRs into workload certificates; and
 //! the [`LiveIdentity`] a sidecar rotates while it serves, or a standalone
 //! proxy reads from [`IdentityFiles`]; and the TLS of
-//! the control plane's own API ([`api`]); and [`ReadyFirst`], the stream
-//! wrapper that spares rustls the reads that would find nothing.
+//! the control plane's own API ([`api`]); and [`TlsStream`], the stream a
+//! mesh connection reads and writes once its handshake is done.
 //!
 //! Every configuration is TLS 1.3 only, offers ALPN `h2` and `http/1.1`, and
 //! uses the `ring` provider explicitly (no process-wide default is installed).
@@ -33,7 +33,7 @@ pub use key::WorkloadKey;
 pub use live::{LiveClientConfig, LiveIdentity, Material};
 pub use peer::{ConnectionTls, PeerCertificate, dns_sans, uri_sans};
 pub use spiffe::SpiffeId;
-pub use stream::{ReadyFirst, TlsOverTcp};
+pub use stream::{ClientTlsStream, ServerTlsStream, TlsStream};
 
 pub use rustls;
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::io::Write as _;
 
 use lacewing_tls::{
-    ConnectionTls, Identity, MeshCa, ReadyFirst, SpiffeId, TrustBundle, WorkloadKey, client_config,
-    server_config, server_name_for,
+    ClientTlsStream, ConnectionTls, Identity, MeshCa, ServerTlsStream, SpiffeId, TrustBundle,
+    WorkloadKey, client_config, server_config, server_name_for,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -198,11 +198,11 @@ async fn a_client_without_a_certificate_is_refused_by_the_server() {
     assert!(error.contains("peer sent no certificates"), "{error}");
 }
 
-/// A client reading through [`ReadyFirst`] gets every byte the server sends,
+/// A client reading through [`ClientTlsStream`] gets every byte the server sends,
 /// whether records arrive split across TCP segments, several at once, or
 /// after a pause, and sees the end of the stream at close_notify.
 #[tokio::test]
-async fn ready_first_reads_split_batched_and_late_records_then_the_end() {
+async fn tls_stream_reads_split_batched_and_late_records_then_the_end() {
     let (ca, _) = MeshCa::generate("mesh.local").unwrap();
     let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
     let orders = issue(&ca, &id("orders"));
@@ -248,7 +248,7 @@ async fn ready_first_reads_split_batched_and_late_records_then_the_end() {
         .connect(server_name_for(&id("orders")), tcp)
         .await
         .unwrap();
-    let mut stream = ReadyFirst::new(tls);
+    let mut stream = ClientTlsStream::from_client(tls);
     // Four bytes at a time, so decrypted bytes wait in the session while
     // the socket is empty: those reads must not wait for the socket.
     let read_all = async {
@@ -266,4 +266,131 @@ async fn ready_first_reads_split_batched_and_late_records_then_the_end() {
         .expect("the end of the stream at close_notify, before the socket closes");
     assert_eq!(got, b"first record;second;third;late");
     server.abort();
+}
+
+/// A connected pair of [`TlsStream`](lacewing_tls::TlsStream)s: frontend's
+/// client to orders' server.
+async fn stream_pair() -> (ClientTlsStream, ServerTlsStream) {
+    let (ca, _) = MeshCa::generate("mesh.local").unwrap();
+    let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
+    let orders = issue(&ca, &id("orders"));
+    let frontend = issue(&ca, &id("frontend"));
+    let acceptor = TlsAcceptor::from(server_config(&orders, &trust).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        ServerTlsStream::from_server(acceptor.accept(tcp).await.unwrap())
+    });
+    let connector = TlsConnector::from(client_config(&frontend, &trust, &id("orders")).unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let client = connector
+        .connect(server_name_for(&id("orders")), tcp)
+        .await
+        .unwrap();
+    (ClientTlsStream::from_client(client), server.await.unwrap())
+}
+
+/// Four MiB each way at once, far past the session's 64 KiB queue and the
+/// socket buffers, arrive intact: writes wait for the socket and resume,
+/// and neither side stalls while the other is also writing.
+#[tokio::test]
+async fn tls_streams_carry_megabytes_both_ways_with_backpressure() {
+    let (client, server) = stream_pair().await;
+    let payload = |seed: u8| -> Vec<u8> {
+        (0..4 * 1024 * 1024u32)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    };
+    let exchange = |stream: Box<dyn Duplex>, send: Vec<u8>| async move {
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let write = async move {
+            // Vectored writes of two slices, as hyper sends head and body.
+            let mut sent = 0;
+            while sent < send.len() {
+                let end = (sent + 100_000).min(send.len());
+                let middle = sent + (end - sent) / 3;
+                let slices = [
+                    std::io::IoSlice::new(&send[sent..middle]),
+                    std::io::IoSlice::new(&send[middle..end]),
+                ];
+                sent += writer.write_vectored(&slices).await.unwrap();
+            }
+            writer.flush().await.unwrap();
+            writer.shutdown().await.unwrap();
+        };
+        let read = async move {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        tokio::join!(write, read).1
+    };
+    let (to_server, to_client) = (payload(1), payload(2));
+    let (got_by_client, got_by_server) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(
+                exchange(Box::new(client), to_server.clone()),
+                exchange(Box::new(server), to_client.clone()),
+            )
+        })
+        .await
+        .expect("both directions complete");
+    assert!(got_by_server == to_server, "the server got other bytes");
+    assert!(got_by_client == to_client, "the client got other bytes");
+}
+
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Shutdown sends close_notify: the peer reads the end of the stream
+/// cleanly, and can still answer on its own side.
+#[tokio::test]
+async fn shutdown_is_a_clean_end_for_the_peer_which_can_still_answer() {
+    let (mut client, mut server) = stream_pair().await;
+    client.write_all(b"last words").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"last words");
+    server.write_all(b"reply").await.unwrap();
+    server.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"reply");
+}
+
+/// A peer whose socket closes without close_notify ends the stream with an
+/// `UnexpectedEof` error, after every byte it did send; garbage on the wire
+/// is an `InvalidData` error, not a hang or a panic.
+#[tokio::test]
+async fn an_unclean_close_and_garbage_records_are_errors() {
+    let (mut client, server) = stream_pair().await;
+    // The server taken apart, to write raw bytes on its socket.
+    let (mut tcp, mut session) = server.into_inner();
+    let mut wire = Vec::new();
+    session.writer().write_all(b"partial").unwrap();
+    session.write_tls(&mut wire).unwrap();
+    tcp.write_all(&wire).await.unwrap();
+    drop(tcp);
+    let mut got = [0u8; 7];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"partial");
+    let error = client.read(&mut [0u8; 8]).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
+
+    let (mut client, server) = stream_pair().await;
+    let (mut tcp, _session) = server.into_inner();
+    tcp.write_all(&[0x17, 0x03, 0x03, 0x00, 0x20])
+        .await
+        .unwrap();
+    tcp.write_all(&[0xAB; 32]).await.unwrap();
+    let error = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.read(&mut [0u8; 8]),
+    )
+    .await
+    .expect("an answer, not a hang")
+    .unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
 }

@@ -13,12 +13,11 @@ use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::{CertificateFacts, UpstreamTls as UpstreamTlsFacts};
 use lacewing_tls::rustls::pki_types::{CertificateDer, ServerName};
 use lacewing_tls::rustls::{self, CertificateError};
-use lacewing_tls::{IdentityMismatch, LiveClientConfig, LiveIdentity, ReadyFirst, SpiffeId};
+use lacewing_tls::{ClientTlsStream, IdentityMismatch, LiveClientConfig, LiveIdentity, SpiffeId};
 use prometheus::IntCounterVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use crate::error::UpstreamError;
 
@@ -116,7 +115,10 @@ impl UpstreamTls {
                     parsed_local: OnceLock::new(),
                     parsed_peer: OnceLock::new(),
                 };
-                Ok((Conn::Tls(Box::new(ReadyFirst::new(stream))), facts))
+                Ok((
+                    Conn::Tls(Box::new(ClientTlsStream::from_client(stream))),
+                    facts,
+                ))
             }
             Err(e) => {
                 self.count(lacewing_tls::failure_reason(&e));
@@ -186,7 +188,7 @@ fn describe(error: &io::Error) -> String {
 #[derive(Debug)]
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<ReadyFirst<TlsStream<TcpStream>>>),
+    Tls(Box<ClientTlsStream>),
 }
 
 impl AsyncRead for Conn {
