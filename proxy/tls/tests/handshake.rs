@@ -203,17 +203,10 @@ async fn a_client_without_a_certificate_is_refused_by_the_server() {
 /// after a pause, and sees the end of the stream at close_notify.
 #[tokio::test]
 async fn tls_stream_reads_split_batched_and_late_records_then_the_end() {
-    let (ca, _) = MeshCa::generate("mesh.local").unwrap();
-    let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
-    let orders = issue(&ca, &id("orders"));
-    let frontend = issue(&ca, &id("frontend"));
-    let acceptor = TlsAcceptor::from(server_config(&orders, &trust).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (mut stream, server) = stream_pair().await;
+    // The server taken apart, to write records on its socket by hand.
+    let (mut tcp, mut session) = server.into_inner();
     let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let tls = acceptor.accept(tcp).await.unwrap();
-        let (mut tcp, mut session) = tls.into_inner();
         let mut wire = Vec::new();
         // Three records, the first split in three TCP writes with pauses.
         session.writer().write_all(b"first record;").unwrap();
@@ -242,13 +235,6 @@ async fn tls_stream_reads_split_batched_and_late_records_then_the_end() {
         // Keep the socket open: the end must come from close_notify.
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     });
-    let connector = TlsConnector::from(client_config(&frontend, &trust, &id("orders")).unwrap());
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = connector
-        .connect(server_name_for(&id("orders")), tcp)
-        .await
-        .unwrap();
-    let mut stream = ClientTlsStream::from_client(tls);
     // Four bytes at a time, so decrypted bytes wait in the session while
     // the socket is empty: those reads must not wait for the socket.
     let read_all = async {
