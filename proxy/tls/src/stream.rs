@@ -32,8 +32,6 @@ use tokio::net::TcpStream;
 pub struct TlsStream<C> {
     tcp: TcpStream,
     session: C,
-    /// `send_close_notify` was called: the write side is closing.
-    close_notify_queued: bool,
     /// A read of the socket returned its end.
     socket_ended: bool,
 }
@@ -66,7 +64,6 @@ impl<C> TlsStream<C> {
         Self {
             tcp,
             session,
-            close_notify_queued: false,
             socket_ended: false,
         }
     }
@@ -231,10 +228,8 @@ where
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_notify_queued {
-            this.session.send_close_notify();
-            this.close_notify_queued = true;
-        }
+        // Queued once: rustls ignores the calls after the first.
+        this.session.send_close_notify();
         ready!(this.poll_send_all(cx))?;
         match ready!(Pin::new(&mut this.tcp).poll_shutdown(cx)) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),

@@ -1,6 +1,10 @@
 //! Real TLS 1.3 handshakes on loopback between configurations built from
 //! certificates the mesh CA issued: who is accepted, who is refused, and
-//! what each side learns about the other.
+//! what each side learns about the other; then the [`TlsStream`] that
+//! carries a connection past its handshake: records split, batched and
+//! late, backpressure, clean and unclean ends, garbage on the wire.
+//!
+//! [`TlsStream`]: lacewing_tls::TlsStream
 
 use std::sync::Arc;
 
