@@ -52,6 +52,7 @@ mod error;
 #[allow(unsafe_code)]
 pub mod hostcalls;
 pub mod http;
+pub mod keys;
 pub mod log;
 pub mod metrics;
 mod plugin;

@@ -87,19 +87,22 @@ impl TraceParent {
     }
 }
 
-/// Random non-zero 64-bit ids: SipHash under a random key (from WASI
-/// `random_get`, as std seeds `RandomState`) over a counter.
+/// Non-zero 64-bit ids that look random: SplitMix64's output function over
+/// a counter started at a random seed (from WASI `random_get`, as std seeds
+/// `RandomState`). Distinct for 2^64 ids in a row, spread evenly, and a
+/// fraction of the cost of SipHash over the counter (about 200 instructions
+/// an id in wasm). Not meant to be unguessable: trace ids are not secrets.
 #[derive(Debug)]
 pub struct Ids {
-    state: RandomState,
-    counter: u64,
+    next: u64,
 }
 
 impl Default for Ids {
     fn default() -> Self {
+        let mut seed = RandomState::new().build_hasher();
+        seed.write_u64(0);
         Self {
-            state: RandomState::new(),
-            counter: 0,
+            next: seed.finish(),
         }
     }
 }
@@ -108,10 +111,11 @@ impl Ids {
     /// 16 hex digits, never all zero.
     pub fn span_id(&mut self) -> [u8; 16] {
         loop {
-            self.counter += 1;
-            let mut h = self.state.build_hasher();
-            h.write_u64(self.counter);
-            let v = h.finish();
+            self.next = self.next.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut v = self.next;
+            v = (v ^ (v >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            v = (v ^ (v >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            v ^= v >> 31;
             if v != 0 {
                 return hex16(v);
             }
@@ -155,6 +159,18 @@ mod tests {
                 .map(|p| header(&p)),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned())
         );
+    }
+
+    #[test]
+    fn span_ids_differ_from_one_another_and_between_generators() {
+        let mut seen = std::collections::HashSet::new();
+        for mut ids in [Ids::default(), Ids::default()] {
+            for _ in 0..10_000 {
+                let id = ids.span_id();
+                assert!(id.iter().any(|&d| d != b'0'));
+                assert!(seen.insert(id), "a span id repeated");
+            }
+        }
     }
 
     #[test]

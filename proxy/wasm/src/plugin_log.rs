@@ -139,6 +139,13 @@ fn format_line(
 /// Appends `text` with control characters escaped and invalid UTF-8
 /// replaced; runs that need neither are copied at once.
 fn push_escaped(out: &mut Vec<u8>, text: &[u8]) {
+    // An ASCII start (often the whole line) is checked and escaped in one
+    // pass; checking UTF-8 first and then scanning took two.
+    let ascii = push_ascii_escaped(out, text);
+    let text = &text[ascii..];
+    if text.is_empty() {
+        return;
+    }
     // Valid UTF-8 (the usual case) is checked a word at a time, then
     // scanned by bytes; decoding characters cost 18 instructions a byte.
     if std::str::from_utf8(text).is_ok() {
@@ -151,6 +158,35 @@ fn push_escaped(out: &mut Vec<u8>, text: &[u8]) {
             out.extend_from_slice("\u{fffd}".as_bytes());
         }
     }
+}
+
+/// Appends the ASCII start of `text`, its controls escaped; returns its
+/// length (where the first byte above 0x7f is, or the whole length).
+fn push_ascii_escaped(out: &mut Vec<u8>, text: &[u8]) -> usize {
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut plain_from = 0;
+    let mut at = 0;
+    while at < text.len() {
+        if let Some(word) = text.get(at..at + 8) {
+            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            if word & HIGHS == 0 && !may_need_escape(word) {
+                at += 8;
+                continue;
+            }
+        }
+        let byte = text[at];
+        if byte > 0x7f {
+            break;
+        }
+        if matches!(byte, 0x00..=0x08 | 0x0a..=0x1f | 0x7f) {
+            out.extend_from_slice(&text[plain_from..at]);
+            let _ = write!(out, "\\x{byte:02x}");
+            plain_from = at + 1;
+        }
+        at += 1;
+    }
+    out.extend_from_slice(&text[plain_from..at]);
+    at
 }
 
 /// [`push_escaped`] for valid UTF-8: the controls to escape are ASCII bytes
@@ -327,5 +363,51 @@ mod tests {
         let mut out = Vec::new();
         push_escaped(&mut out, "plain — ünïcode".as_bytes());
         assert_eq!(out, "plain — ünïcode".as_bytes());
+    }
+
+    /// What `push_escaped` must write, a character at a time.
+    fn escaped_by_chars(text: &[u8]) -> String {
+        let mut out = String::new();
+        for c in String::from_utf8_lossy(text).chars() {
+            match c {
+                '\t' => out.push(c),
+                '\0'..='\u{1f}' | '\u{7f}' => out.push_str(&format!("\\x{:02x}", c as u32)),
+                '\u{80}'..='\u{9f}' => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_special_byte_at_every_offset_is_escaped_as_by_characters() {
+        let specials: [&[u8]; 8] = [
+            b"\x1b",
+            b"\n",
+            b"\t",
+            b"\x7f",
+            "é".as_bytes(),
+            "\u{9b}".as_bytes(),
+            b"\xff",
+            b"\xc2",
+        ];
+        for len in 0..20 {
+            for at in 0..=len {
+                for special in specials {
+                    for tail in [&b""[..], "ü".as_bytes(), b"\x01"] {
+                        let mut text = vec![b'a'; len];
+                        text.splice(at..at, special.iter().copied());
+                        text.extend_from_slice(tail);
+                        let mut out = Vec::new();
+                        push_escaped(&mut out, &text);
+                        assert_eq!(
+                            String::from_utf8(out).unwrap(),
+                            escaped_by_chars(&text),
+                            "{text:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
