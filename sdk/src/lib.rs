@@ -83,6 +83,10 @@ macro_rules! register {
                     ::core::cell::RefCell::new(__d::Dispatcher::default());
             }
             #[unsafe(no_mangle)]
+            pub extern "C" fn _initialize() {
+                __d::initialize()
+            }
+            #[unsafe(no_mangle)]
             pub extern "C" fn proxy_abi_version_0_2_1() {}
             #[unsafe(no_mangle)]
             pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {

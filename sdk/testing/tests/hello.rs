@@ -142,3 +142,20 @@ fn a_module_from_the_official_sdk_gets_every_callback() {
         assert_eq!(callback_calls(&test, callback), 4, "{callback}");
     }
 }
+
+/// An SDK module is a reactor, as the official crate's modules are: it
+/// exports `_initialize`, which runs the static constructors once, so the
+/// linker does not wrap every export in a call to the constructors and one
+/// to the destructors (a command module's exports: about 700 instructions a
+/// request for a filter).
+#[test]
+fn sdk_modules_export_initialize_as_official_crate_ones_do() {
+    let engine = wasmtime::Engine::default();
+    for crate_name in ["hello-sdk", "hello-proxy-wasm"] {
+        let module = wasmtime::Module::from_file(&engine, module(crate_name).unwrap()).unwrap();
+        assert!(
+            module.exports().any(|e| e.name() == "_initialize"),
+            "{crate_name} exports no _initialize"
+        );
+    }
+}
