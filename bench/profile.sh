@@ -3,7 +3,8 @@
 # the hot path, measured exactly where req/s swings with the machine. Runs
 # nginx (single process) and Lacewing (one worker; no filter, then one
 # header-echo filter, then the telemetry filter) in front of an nginx upstream,
-# then two Lacewing hops plaintext and over mutual TLS (each side in turn under
+# then two Lacewing hops plaintext, over mutual TLS, and over mutual TLS with
+# the bench's mesh chain of first-party plugins (each side in turn under
 # callgrind), drives the same keep-alive GETs through each, and writes the
 # totals and the heaviest functions (inclusive) to bench/results/profile.md.
 #
@@ -176,8 +177,11 @@ make_certs() {
         -out "$CERTS/$svc.pem" || return 1
   done
 }
-hop_conf() { # hop_conf FILE SERVICE(frontend|orders) LISTEN_PORT NEXT_PORT TLS(0|1)
-  local file=$1 svc=$2 port=$3 next=$4 tls=$5
+# With CHAIN=1 the sidecars run the bench's mesh chain as the mesh would:
+# telemetry on both, and on orders authz (the bench's TrafficTarget) and a
+# headers plugin naming the peer, first-party modules from $WASM.
+hop_conf() { # hop_conf FILE SERVICE(frontend|orders) LISTEN_PORT NEXT_PORT TLS(0|1) [CHAIN(0|1)]
+  local file=$1 svc=$2 port=$3 next=$4 tls=$5 chain=${6:-0}
   {
     echo "admin: { address: 127.0.0.1:$(free_port) }"
     echo "workers: 1"
@@ -189,22 +193,37 @@ hop_conf() { # hop_conf FILE SERVICE(frontend|orders) LISTEN_PORT NEXT_PORT TLS(
     echo "    address: 127.0.0.1:$port"
     if [ "$svc" = orders ] && [ "$tls" = 1 ]; then echo "    tls: { mode: strict }"; fi
     echo "    routes: [{ name: all, cluster: next }]"
+    if [ "$chain" = 1 ]; then
+      if [ "$svc" = orders ]; then echo "    filters: [authz, peer, telemetry]"; else echo "    filters: [telemetry]"; fi
+    fi
     echo "clusters:"
     echo "  - name: next"
     echo "    endpoints: ['127.0.0.1:$next']"
     if [ "$svc" = frontend ] && [ "$tls" = 1 ]; then
       echo "    tls: { peer: 'spiffe://$TD/ns/default/sa/orders' }"
     fi
+    if [ "$chain" = 1 ]; then
+      echo "plugins:"
+      echo "  - { name: telemetry, module: $WASM/telemetry.wasm, configuration: { destination: orders } }"
+      if [ "$svc" = orders ]; then
+        echo "  - name: authz"
+        echo "    module: $WASM/authz.wasm"
+        echo "    configuration: { trust_domain: $TD, rules: [{ name: frontend-to-orders, sources: [default/frontend], routes: [{ path: '/.*', methods: [GET] }] }] }"
+        echo "  - name: peer"
+        echo "    module: $WASM/headers.wasm"
+        echo "    configuration: { response: { set: { x-bench-peer: '%{source.principal}' } } }"
+      fi
+    fi
   } >"$file"
 }
-# hop_rows TLS(0|1) SUFFIX LABEL: the frontend side, then the orders side, under callgrind
+# hop_rows TLS(0|1) SUFFIX LABEL [CHAIN(0|1)]: the frontend side, then the orders side, under callgrind
 hop_rows() {
-  local tls=$1 suffix=$2 label=$3 side other key pf po helper
+  local tls=$1 suffix=$2 label=$3 chain=${4:-0} side other key pf po helper
   for side in frontend orders; do
     if [ "$side" = frontend ]; then other=orders key=hop_client; else other=frontend key=hop_server; fi
     pf=$(free_port); po=$(free_port)
-    hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls"
-    hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls"
+    hop_conf "$WORK/frontend$suffix.yaml" frontend "$pf" "$po" "$tls" "$chain"
+    hop_conf "$WORK/orders$suffix.yaml" orders "$po" "$UPSTREAM_PORT" "$tls" "$chain"
     "$LACEWING" proxy --config "$WORK/$other$suffix.yaml" >"$WORK/$other$suffix.log" 2>&1 &
     helper=$!; PIDS+=($helper)
     profile_row "$key$suffix" "two hops, $label: $side side" "$pf" \
@@ -215,6 +234,7 @@ hop_rows() {
 if command -v openssl >/dev/null && make_certs >"$WORK/openssl.log" 2>&1; then
   hop_rows 0 _plain plaintext
   hop_rows 1 _mtls "mutual TLS"
+  hop_rows 1 _chain "mutual TLS + authz, headers, telemetry" 1
 else
   say "no certificates (openssl): the two-hop rows are skipped; see $WORK/openssl.log"
 fi

@@ -22,6 +22,20 @@ pub const WASI_MODULES: &[&str] = &[WASI_MODULE, LEGACY_WASI_MODULE];
 /// every callback, which changes nothing for such a module.
 pub const UNUSED_CALLBACKS_FUNCTION: &str = "lacewing_unused_callbacks";
 
+/// The foreign function through which a module lends a Lacewing host a
+/// buffer for the values hostcalls return (a property, a header, a map), so
+/// that a value costs no call to `proxy_on_memory_allocate`. Its arguments
+/// are three little-endian `u32`s: the address of a one-byte flag, the
+/// buffer's address and its capacity. Before a hostcall whose value it can
+/// read from the buffer, the module sets the flag to 1; when the value fits,
+/// the host clears the flag, writes the value there and returns the buffer's
+/// address. Otherwise (the flag clear, the value too large) the host calls
+/// `proxy_on_memory_allocate` as usual. Another host answers `NotFound`.
+pub const RETURN_BUFFER_FUNCTION: &str = "lacewing_return_buffer";
+
+/// The largest buffer a module may lend through [`RETURN_BUFFER_FUNCTION`].
+pub const RETURN_BUFFER_MAX: u32 = 64 * 1024;
+
 /// The stream callbacks a module may name to [`UNUSED_CALLBACKS_FUNCTION`],
 /// by export name; the host ignores any other name.
 pub const SKIPPABLE_CALLBACKS: [&str; 8] = [

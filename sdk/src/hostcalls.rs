@@ -18,7 +18,40 @@ thread_local! {
     /// module (about 1k instructions a value). Borrowed while a value in it is read.
     static LENT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// Set for the span of one hostcall whose value may go in [`LENT`].
+    /// A Lacewing host reads and clears it in this module's memory (see
+    /// [`lend_to_host`]).
     static OFFERED: Cell<bool> = const { Cell::new(false) };
+    /// Whether [`lend_to_host`] ran.
+    static LENT_TO_HOST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Tells a Lacewing host, once, where [`LENT`] and [`OFFERED`] are
+/// (`RETURN_BUFFER_FUNCTION`): it then writes a value that fits straight
+/// into the buffer when the flag is set, instead of calling
+/// `proxy_on_memory_allocate` for it (about 300 instructions a value).
+/// Another host answers `NotFound`, and values keep coming through
+/// [`lend`].
+fn lend_to_host() {
+    if LENT_TO_HOST.with(|done| done.replace(true)) {
+        return;
+    }
+    let Some(buf) = LENT.with(|lent| {
+        let mut buf = lent.try_borrow_mut().ok()?;
+        if buf.capacity() < LENT_CAPACITY {
+            buf.reserve_exact(LENT_CAPACITY);
+        }
+        // The buffer is never grown again: its address stays valid.
+        Some(buf.as_mut_ptr() as usize)
+    }) else {
+        return;
+    };
+    let flag = OFFERED.with(|offered| offered.as_ptr() as usize);
+    let mut args = [0u8; 12];
+    for (at, word) in [flag, buf, LENT_CAPACITY].into_iter().enumerate() {
+        args[at * 4..at * 4 + 4].copy_from_slice(&(word as u32).to_le_bytes());
+    }
+    // Any error (another host) leaves values coming through `lend`.
+    let _ = call_foreign_function(lacewing_abi::names::RETURN_BUFFER_FUNCTION, &args);
 }
 
 /// For `proxy_on_memory_allocate`: the lent buffer, when a hostcall offered
@@ -45,6 +78,7 @@ fn with_returned<R>(
     read: impl FnOnce(&[u8]) -> R,
 ) -> Result<R> {
     let (mut ptr, mut len) = (core::ptr::null_mut(), 0usize);
+    lend_to_host();
     LENT.with(|lent| {
         let free = lent.try_borrow_mut().is_ok();
         OFFERED.with(|offered| offered.set(free));
@@ -61,9 +95,9 @@ fn with_returned<R>(
                     status: lacewing_abi::Status::SerializationFailure,
                 });
             }
-            // SAFETY: `ptr` is the lent buffer, which `lend` gave the host
-            // with at least `len` bytes of capacity (checked above); the host
-            // wrote `len` bytes there. The borrow held across `read` keeps
+            // SAFETY: `ptr` is the lent buffer, which `lend` or
+            // `lend_to_host` gave the host with at least `len` bytes of
+            // capacity (checked above); the host wrote `len` bytes there. The borrow held across `read` keeps
             // the buffer from being lent again (or moved) while it is read.
             let bytes = unsafe { core::slice::from_raw_parts(ptr, len) };
             return Ok(read(bytes));

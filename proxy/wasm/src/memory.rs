@@ -102,8 +102,31 @@ pub(crate) fn write_u64(
     write(data, ptr, &value.to_le_bytes())
 }
 
-/// Copies `bytes` into memory the guest allocates (its `proxy_on_memory_allocate`
-/// or `malloc`) and writes the address and length to `ret_ptr` / `ret_len`.
+/// Writes `bytes` into the buffer the guest lent for returned values, when
+/// it offered it for this call (its flag byte is 1, which this clears) and
+/// they fit: the buffer's address, or `None` to allocate instead. Saves a
+/// call into the guest per returned value (about 300 instructions).
+fn into_return_buffer(
+    caller: &mut Caller<'_, HostState>,
+    bytes: &[u8],
+) -> Result<Option<i32>, Status> {
+    let (data, state) = split(caller)?;
+    let Some(lent) = state.return_buffer else {
+        return Ok(None);
+    };
+    if bytes.len() > lent.cap as usize {
+        return Ok(None);
+    }
+    match data.get_mut(lent.flag as usize) {
+        Some(flag) if *flag == 1 => *flag = 0,
+        _ => return Ok(None),
+    }
+    write(data, lent.buf as i32, bytes)?;
+    Ok(Some(lent.buf as i32))
+}
+
+/// Copies `bytes` into the buffer the guest lent for them or into memory it
+/// allocates (its `proxy_on_memory_allocate` or `malloc`) and writes the address and length to `ret_ptr` / `ret_len`.
 /// Empty data is returned as address 0, length 0 without allocating.
 pub(crate) fn give(
     caller: &mut Caller<'_, HostState>,
@@ -119,6 +142,8 @@ pub(crate) fn give(
     }
     let addr = if bytes.is_empty() {
         0
+    } else if let Some(addr) = into_return_buffer(caller, bytes)? {
+        addr
     } else {
         let len = i32::try_from(bytes.len()).map_err(|_| Status::InvalidMemoryAccess)?;
         let allocate = caller

@@ -115,6 +115,15 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// A buffer a module lent for the values hostcalls return: the guest
+/// addresses of its "offered" flag byte and of the buffer, and its capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReturnBuffer {
+    pub flag: u32,
+    pub buf: u32,
+    pub cap: u32,
+}
+
 /// A gRPC call or stream of this VM.
 pub(crate) struct GrpcCall {
     pub context: u32,
@@ -130,6 +139,9 @@ pub(crate) struct HostState {
     /// Shared so a hostcall holds it across the call without cloning the
     /// function's type (which registers and unregisters it each time).
     pub allocate: Option<Arc<TypedFunc<i32, i32>>>,
+    /// The buffer the module lent for returned values, if it did
+    /// (`lacewing_abi::names::RETURN_BUFFER_FUNCTION`).
+    pub return_buffer: Option<ReturnBuffer>,
     pub vm: Weak<Vm>,
     /// Whether hostcalls may start tasks (false for the load-time validation instance).
     pub spawn: bool,
@@ -169,6 +181,7 @@ impl HostState {
             },
             memory: None,
             allocate: None,
+            return_buffer: None,
             vm: Weak::new(),
             spawn,
             current: Current::idle(),

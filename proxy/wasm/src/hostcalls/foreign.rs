@@ -6,13 +6,16 @@
 //! - `lacewing_unused_callbacks`: the module names stream callbacks it does
 //!   nothing in (export names, `\n`-separated); the plugin skips them from
 //!   then on (see [`UNUSED_CALLBACKS_FUNCTION`]). Unknown names are ignored.
+//! - `lacewing_return_buffer`: the module lends a buffer for returned values
+//!   (see [`RETURN_BUFFER_FUNCTION`]); `BadArgument` when the arguments are
+//!   not three `u32`s naming a flag and a buffer inside its memory.
 //!
 //! Any other name is `NotFound`.
 
 use std::sync::atomic::Ordering;
 
 use lacewing_abi::Status;
-use lacewing_abi::names::UNUSED_CALLBACKS_FUNCTION;
+use lacewing_abi::names::{RETURN_BUFFER_FUNCTION, RETURN_BUFFER_MAX, UNUSED_CALLBACKS_FUNCTION};
 use sha2::{Digest, Sha256};
 use wasmtime::{Caller, Linker};
 
@@ -20,6 +23,7 @@ use super::ENV;
 use crate::engine::hex;
 use crate::exports::Callback;
 use crate::memory::{self, HostResult, status};
+use crate::state::ReturnBuffer;
 use crate::vm::HostState;
 
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -72,6 +76,38 @@ fn unused_callbacks(args: &[u8]) -> u32 {
         .fold(0, |bits, c| bits | c.bit())
 }
 
+/// The buffer `args` lends (see [`RETURN_BUFFER_FUNCTION`]), checked to lie
+/// inside the module's memory of `memory_len` bytes (which never shrinks).
+fn return_buffer(args: &[u8], memory_len: usize) -> Result<ReturnBuffer, Status> {
+    let word = |at: usize| {
+        args.get(at..at + 4)
+            .and_then(|w| w.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or(Status::BadArgument)
+    };
+    if args.len() != 12 {
+        return Err(Status::BadArgument);
+    }
+    let lent = ReturnBuffer {
+        flag: word(0)?,
+        buf: word(4)?,
+        cap: word(8)?,
+    };
+    let inside = |ptr: u32, len: u32| {
+        (ptr as usize)
+            .checked_add(len as usize)
+            .is_some_and(|end| end <= memory_len)
+    };
+    if lent.cap == 0
+        || lent.cap > RETURN_BUFFER_MAX
+        || !inside(lent.flag, 1)
+        || !inside(lent.buf, lent.cap)
+    {
+        return Err(Status::BadArgument);
+    }
+    Ok(lent)
+}
+
 fn call(
     caller: &mut Caller<'_, HostState>,
     name: (i32, i32),
@@ -90,6 +126,9 @@ fn call(
             if before | bits != before {
                 tracing::debug!(plugin = %plugin.name, callbacks = %String::from_utf8_lossy(args), "plugin skips the callbacks it does not use");
             }
+            Vec::new()
+        } else if name == RETURN_BUFFER_FUNCTION.as_bytes() {
+            state.return_buffer = Some(return_buffer(args, data.len())?);
             Vec::new()
         } else {
             run(name, args)?

@@ -226,6 +226,52 @@ fn properties_read_and_write() {
     assert_eq!(&s.borrow().filter_state["my.key"][..], b"v1");
 }
 
+/// `lacewing_return_buffer`: a value that fits goes into the lent buffer
+/// while the flag is set (which the host clears), else through
+/// `proxy_on_memory_allocate`; a buffer outside memory is refused.
+#[test]
+fn returned_values_go_into_the_lent_buffer_while_offered() {
+    // Arguments at 300: flag at 3000, buffer at 3100, 8 bytes; at 320: a
+    // buffer that ends past the 4 pages of memory.
+    let (host, _, _) = run_request_headers(
+        r#"(data (i32.const 100) "lacewing_return_buffer") (data (i32.const 130) "plugin_name")
+           (data (i32.const 150) "request\00path")
+           (data (i32.const 300) "\b8\0b\00\00\1c\0c\00\00\08\00\00\00")
+           (data (i32.const 320) "\b8\0b\00\00\00\00\04\00\08\00\00\00")
+           (data (i32.const 400) "bad") (data (i32.const 410) "lent") (data (i32.const 420) "flag")
+           (data (i32.const 430) "name") (data (i32.const 440) "late") (data (i32.const 450) "large")
+           (data (i32.const 460) "path")
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (call $record (i32.const 400) (i32.const 3)
+               (call $foreign (i32.const 100) (i32.const 22) (i32.const 320) (i32.const 12) (i32.const 2000) (i32.const 2004)))
+             (drop (call $foreign (i32.const 100) (i32.const 22) (i32.const 300) (i32.const 12) (i32.const 2000) (i32.const 2004)))
+             ;; offered: "probe" lands in the buffer and the flag is cleared
+             (i32.store8 (i32.const 3000) (i32.const 1))
+             (drop (call $get_property (i32.const 130) (i32.const 11) (i32.const 2000) (i32.const 2004)))
+             (call $record (i32.const 410) (i32.const 4) (i32.load (i32.const 2000)))
+             (call $record (i32.const 420) (i32.const 4) (i32.load8_u (i32.const 3000)))
+             (drop (call $set_shared (i32.const 430) (i32.const 4) (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 0)))
+             ;; not offered: allocated as usual
+             (drop (call $get_property (i32.const 130) (i32.const 11) (i32.const 2000) (i32.const 2004)))
+             (call $record (i32.const 440) (i32.const 4) (i32.load (i32.const 2000)))
+             ;; offered, but "/a?b=1"... fits; a longer value than 8 bytes does not
+             (i32.store8 (i32.const 3000) (i32.const 1))
+             (drop (call $get_property (i32.const 150) (i32.const 12) (i32.const 2000) (i32.const 2004)))
+             (call $record (i32.const 460) (i32.const 4) (i32.load (i32.const 2000)))
+             (i32.store8 (i32.const 3000) (i32.const 1))
+             (drop (call $get_pairs (i32.const 0) (i32.const 2000) (i32.const 2004)))
+             (call $record (i32.const 450) (i32.const 5) (i32.load (i32.const 2000)))
+             i32.const 0)"#,
+    );
+    assert_eq!(recorded(&host, "bad"), Some(Status::BadArgument.code()));
+    assert_eq!(recorded(&host, "lent"), Some(3100));
+    assert_eq!(recorded(&host, "flag"), Some(0));
+    assert_eq!(shared_bytes(&host, "name").unwrap(), b"probe");
+    assert!(recorded(&host, "late").unwrap() >= 16384, "allocated");
+    assert_eq!(recorded(&host, "path"), Some(3100));
+    assert!(recorded(&host, "large").unwrap() >= 16384, "allocated");
+}
+
 #[test]
 fn metrics_foreign_functions_and_log_level() {
     let (host, s, _) = run_request_headers(
