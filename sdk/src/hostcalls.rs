@@ -97,8 +97,9 @@ fn with_returned<R>(
             }
             // SAFETY: `ptr` is the lent buffer, which `lend` or
             // `lend_to_host` gave the host with at least `len` bytes of
-            // capacity (checked above); the host wrote `len` bytes there. The borrow held across `read` keeps
-            // the buffer from being lent again (or moved) while it is read.
+            // capacity (checked above); the host wrote `len` bytes there.
+            // The borrow held across `read` keeps the buffer from being
+            // lent again (or moved) while it is read.
             let bytes = unsafe { core::slice::from_raw_parts(ptr, len) };
             return Ok(read(bytes));
         }
