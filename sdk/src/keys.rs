@@ -85,11 +85,6 @@ impl Key {
     pub fn text_mut(&mut self) -> &mut String {
         &mut self.0
     }
-
-    /// The key's text, given back.
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 impl From<String> for Key {

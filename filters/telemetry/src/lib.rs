@@ -222,31 +222,24 @@ impl Filter for TelemetryFilter {
         let destination_end = key.len();
         key.push('\0');
         push_prop(key, "route_name");
-        {
-            let mut series = p.series.borrow_mut();
-            let entry = match series.get_mut(probe) {
-                Some(entry) => entry,
-                None => {
-                    let key = probe.as_str();
-                    let labels = format!(
-                        "source.{}.destination.{}.route.{}",
-                        &key[..source_end],
-                        &key[source_end + 1..destination_end],
-                        &key[destination_end + 1..]
-                    );
-                    series
-                        .entry(probe.clone())
-                        .or_insert_with(|| Series::new(labels))
-                }
-            };
-            entry.observe(code, u64::try_from(duration_ms).unwrap_or(0));
-        }
         let key = probe.as_str();
         let (source, destination, route) = (
             &key[..source_end],
             &key[source_end + 1..destination_end],
             &key[destination_end + 1..],
         );
+        {
+            let mut series = p.series.borrow_mut();
+            let entry = match series.get_mut(probe) {
+                Some(entry) => entry,
+                None => series.entry(probe.clone()).or_insert_with(|| {
+                    Series::new(format!(
+                        "source.{source}.destination.{destination}.route.{route}"
+                    ))
+                }),
+            };
+            entry.observe(code, u64::try_from(duration_ms).unwrap_or(0));
+        }
         if p.config.access_log {
             let trace = self.trace.as_ref();
             // Method and path are read now, from the buffer the SDK lends

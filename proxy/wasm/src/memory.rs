@@ -126,7 +126,8 @@ fn into_return_buffer(
 }
 
 /// Copies `bytes` into the buffer the guest lent for them or into memory it
-/// allocates (its `proxy_on_memory_allocate` or `malloc`) and writes the address and length to `ret_ptr` / `ret_len`.
+/// allocates (its `proxy_on_memory_allocate` or `malloc`) and writes the
+/// address and length to `ret_ptr` / `ret_len`.
 /// Empty data is returned as address 0, length 0 without allocating.
 pub(crate) fn give(
     caller: &mut Caller<'_, HostState>,

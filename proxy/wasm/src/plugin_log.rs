@@ -141,7 +141,7 @@ fn format_line(
 fn push_escaped(out: &mut Vec<u8>, text: &[u8]) {
     // An ASCII start (often the whole line) is checked and escaped in one
     // pass; checking UTF-8 first and then scanning took two.
-    let ascii = push_ascii_escaped(out, text);
+    let ascii = push_escaped_run(out, text, true);
     let text = &text[ascii..];
     if text.is_empty() {
         return;
@@ -149,62 +149,37 @@ fn push_escaped(out: &mut Vec<u8>, text: &[u8]) {
     // Valid UTF-8 (the usual case) is checked a word at a time, then
     // scanned by bytes; decoding characters cost 18 instructions a byte.
     if std::str::from_utf8(text).is_ok() {
-        push_valid_escaped(out, text);
+        push_escaped_run(out, text, false);
         return;
     }
     for chunk in text.utf8_chunks() {
-        push_valid_escaped(out, chunk.valid().as_bytes());
+        push_escaped_run(out, chunk.valid().as_bytes(), false);
         if !chunk.invalid().is_empty() {
             out.extend_from_slice("\u{fffd}".as_bytes());
         }
     }
 }
 
-/// Appends the ASCII start of `text`, its controls escaped; returns its
-/// length (where the first byte above 0x7f is, or the whole length).
-fn push_ascii_escaped(out: &mut Vec<u8>, text: &[u8]) -> usize {
+/// Appends valid UTF-8 `text` with its controls escaped: ASCII bytes (C0 but
+/// tab, and DEL) and the C1 characters, encoded `C2 80` to `C2 9F`. With
+/// `ascii_only`, stops at the first byte above 0x7f. Returns how far it went.
+fn push_escaped_run(out: &mut Vec<u8>, text: &[u8], ascii_only: bool) -> usize {
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let mut plain_from = 0;
     let mut at = 0;
     while at < text.len() {
+        // Eight plain bytes at a time (a byte at a time took 8 instructions a byte).
         if let Some(word) = text.get(at..at + 8) {
             let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
-            if word & HIGHS == 0 && !may_need_escape(word) {
+            if !may_need_escape(word) && (!ascii_only || word & HIGHS == 0) {
                 at += 8;
                 continue;
             }
         }
         let byte = text[at];
-        if byte > 0x7f {
-            break;
-        }
-        if matches!(byte, 0x00..=0x08 | 0x0a..=0x1f | 0x7f) {
-            out.extend_from_slice(&text[plain_from..at]);
-            let _ = write!(out, "\\x{byte:02x}");
-            plain_from = at + 1;
-        }
-        at += 1;
-    }
-    out.extend_from_slice(&text[plain_from..at]);
-    at
-}
-
-/// [`push_escaped`] for valid UTF-8: the controls to escape are ASCII bytes
-/// (C0 but tab, and DEL) and the C1 characters, encoded `C2 80` to `C2 9F`.
-fn push_valid_escaped(out: &mut Vec<u8>, text: &[u8]) {
-    let mut plain_from = 0;
-    let mut at = 0;
-    while at < text.len() {
-        // Eight plain bytes at a time (a byte at a time took 8 instructions a byte).
-        if let Some(word) = text.get(at..at + 8)
-            && !may_need_escape(u64::from_le_bytes(word.try_into().unwrap_or_default()))
-        {
-            at += 8;
-            continue;
-        }
-        let byte = text[at];
         let (code, width) = match byte {
             0x00..=0x08 | 0x0a..=0x1f | 0x7f => (u32::from(byte), 1),
+            0x80.. if ascii_only => break,
             0xc2 => match text.get(at + 1) {
                 Some(&next @ 0x80..=0x9f) => (u32::from(next), 2),
                 _ => {
@@ -226,11 +201,12 @@ fn push_valid_escaped(out: &mut Vec<u8>, text: &[u8]) {
         at += width;
         plain_from = at;
     }
-    out.extend_from_slice(&text[plain_from..]);
+    out.extend_from_slice(&text[plain_from..at]);
+    at
 }
 
 /// Whether any byte of `word` is below 0x20, 0x7f or 0xc2 (the bytes
-/// [`push_valid_escaped`] looks at one by one).
+/// [`push_escaped_run`] looks at one by one).
 fn may_need_escape(word: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;

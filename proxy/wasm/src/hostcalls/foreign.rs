@@ -79,19 +79,15 @@ fn unused_callbacks(args: &[u8]) -> u32 {
 /// The buffer `args` lends (see [`RETURN_BUFFER_FUNCTION`]), checked to lie
 /// inside the module's memory of `memory_len` bytes (which never shrinks).
 fn return_buffer(args: &[u8], memory_len: usize) -> Result<ReturnBuffer, Status> {
-    let word = |at: usize| {
-        args.get(at..at + 4)
-            .and_then(|w| w.try_into().ok())
-            .map(u32::from_le_bytes)
-            .ok_or(Status::BadArgument)
-    };
     if args.len() != 12 {
         return Err(Status::BadArgument);
     }
+    // In bounds: the length is checked above.
+    let word = |at: usize| u32::from_le_bytes([args[at], args[at + 1], args[at + 2], args[at + 3]]);
     let lent = ReturnBuffer {
-        flag: word(0)?,
-        buf: word(4)?,
-        cap: word(8)?,
+        flag: word(0),
+        buf: word(4),
+        cap: word(8),
     };
     let inside = |ptr: u32, len: u32| {
         (ptr as usize)
