@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod h2_watch;
+pub mod head_timer;
 pub mod headers;
 pub mod io;
 pub mod local_reply;

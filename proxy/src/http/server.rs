@@ -2,10 +2,11 @@
 //! with limits, timeouts and graceful drain. The connection may be any byte
 //! stream ([`serve_io`]), so a TLS stream is served the same way as a socket.
 //!
-//! Each connection makes up to five periodic looks, all on one timer-wheel
+//! Each connection makes up to six periodic looks, all on one timer-wheel
 //! entry armed for the earliest and re-armed when it fires (nothing per
 //! request): the first request's head (from accept, covering HTTP/1.1 heads
-//! and the HTTP/2 preface, SETTINGS and first HEADERS), HTTP/2 header blocks
+//! and the HTTP/2 preface, SETTINGS and first HEADERS), later HTTP/1.1 heads
+//! (a wake-up for hyper's head deadline, [`HeadTimer`]), HTTP/2 header blocks
 //! (a HEADERS frame and its CONTINUATION frames left open), write progress
 //! (response data waiting and the client taking none, on the whole connection
 //! or on one HTTP/2 stream), idleness, and, when configured, the connection's
@@ -27,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::head_timer::{self, HeadTimer};
 use super::io::{CountingIo, IoStats, NOT_H2};
 use super::progress::{self, ConnProgress};
 use super::proxy::{ConnContext, handle};
@@ -97,7 +99,8 @@ pub async fn serve_io<I>(
     let mut builder = auto::Builder::new(LocalExec(ctx.clone()));
     builder
         .http1()
-        .timer(TokioTimer::new())
+        // Deadlines only, seen when `head` below wakes the connection.
+        .timer(HeadTimer)
         .header_read_timeout(limits.header_read_timeout.0)
         // Validation keeps the limit at or above hyper's smallest read buffer;
         // the `max` only keeps a configuration built in code from panicking.
@@ -138,6 +141,10 @@ pub async fn serve_io<I>(
     // `write_timeout` apart, and none taken in between, closes the connection.
     let write_timeout = limits.write_timeout.0.max(Duration::from_millis(10));
     let mut write_at_last_look = (0, 0);
+    // HTTP/1 request heads after the first: hyper's `header_read_timeout`
+    // timer is a bare deadline ([`HeadTimer`]), seen when this look wakes
+    // the connection.
+    let head_period = head_timer::look_period(header_timeout);
     let started = Instant::now();
     let mut looks = Looks {
         // The first request head must come within `header_read_timeout` of
@@ -145,6 +152,7 @@ pub async fn serve_io<I>(
         // is known, and HTTP/2 has none.
         first_head: Some(started + header_timeout),
         header_blocks: Some(started + header_timeout),
+        head: Some(started + head_period),
         write: started + write_timeout,
         aged: max_age.map(|age| started + age),
         idle: started + idle_timeout,
@@ -210,6 +218,14 @@ pub async fn serve_io<I>(
                     }
                     looks.write = now + write_timeout;
                 }
+                if Looks::due(&mut looks.head, now) {
+                    // Waking the task is the point: the loop polls `conn`
+                    // next, and hyper its head deadline. HTTP/2 has no such
+                    // timer (its header blocks are looked at above).
+                    if io_stats.header_blocks() == NOT_H2 || !ctx.progress.has_request() {
+                        looks.head = Some(now + head_period);
+                    }
+                }
                 if Looks::due(&mut looks.aged, now) && !draining {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
@@ -252,6 +268,8 @@ pub async fn serve_io<I>(
 struct Looks {
     first_head: Option<Instant>,
     header_blocks: Option<Instant>,
+    /// HTTP/1: the next wake-up for hyper's head deadline ([`HeadTimer`]).
+    head: Option<Instant>,
     write: Instant,
     aged: Option<Instant>,
     idle: Instant,
@@ -260,7 +278,7 @@ struct Looks {
 impl Looks {
     /// The earliest look due: what the connection's one timer is set to.
     fn next(&self) -> Instant {
-        [self.first_head, self.header_blocks, self.aged]
+        [self.first_head, self.header_blocks, self.head, self.aged]
             .into_iter()
             .flatten()
             .fold(self.write.min(self.idle), Instant::min)
@@ -380,6 +398,7 @@ clusters:
         let mut looks = Looks {
             first_head: Some(secs(3)),
             header_blocks: None,
+            head: Some(secs(6)),
             write: secs(5),
             aged: Some(secs(2)),
             idle: secs(4),

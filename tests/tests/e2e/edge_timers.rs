@@ -1,7 +1,8 @@
 //! Every wait has a timer, and no client can starve the others, as a client
 //! and an upstream see it: a connection that never sends a request head (or
 //! trickles the HTTP/2 preface, or only pings) is closed after
-//! `header_read_timeout`, one that only pings after its requests after
+//! `header_read_timeout`, as is an HTTP/1.1 connection that sends half of a
+//! later request head or trickles it, one that only pings after its requests after
 //! `idle_timeout` (even if it ignores the GOAWAY), and any after
 //! `max_connection_duration` when set; a body still streaming at
 //! `max_stream_duration` is cut; an upstream that stalls its body is cut (flag `UT`)
@@ -245,6 +246,44 @@ async fn a_connection_that_sends_no_request_head_is_closed_after_header_read_tim
         assert_eq!(exchange.status(), None, "{what}: {:?}", exchange.text());
     }
     // A client that sends its request in time is served.
+    let response = client::get(&proxy::url(&handle, "main", "/")).await;
+    assert_eq!(response.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_http1_head_after_the_first_that_stalls_or_trickles_is_cut() {
+    let log = LogFile::new("edge-timers-later-head");
+    let up = Upstream::large(10).await;
+    let handle = start(&log, up.addr);
+    let addr = proxy::listener_addr(&handle, "main");
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    for (n, trickle) in [(1, false), (2, true)] {
+        let (mut read, mut write) = TcpStream::connect(addr).await.unwrap().into_split();
+        // A first request, answered: the first-head look is done with.
+        write.write_all(request).await.unwrap();
+        eventually("the first request is answered", || async {
+            log.lines().iter().filter(|l| l["status"] == 200).count() == n
+        })
+        .await;
+        // Then half a head, left there or trickled a byte every 50 ms;
+        // `idle_timeout` is 300 s, so only the head timer can close it.
+        let half = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        let writer = if trickle {
+            write_until_broken(write, half, b"x".to_vec(), Duration::from_millis(50))
+        } else {
+            write.write_all(&half).await.unwrap();
+            tokio::spawn(async move {
+                tokio::time::sleep(HANG_GUARD).await;
+                drop(write);
+            })
+        };
+        let closed = closed_by_peer(&mut read).await;
+        writer.abort();
+        assert!(
+            closed,
+            "trickled: {trickle}: the proxy closes the connection"
+        );
+    }
     let response = client::get(&proxy::url(&handle, "main", "/")).await;
     assert_eq!(response.status, StatusCode::OK);
 }
