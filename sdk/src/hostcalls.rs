@@ -263,7 +263,7 @@ fn str_pairs<'a>(
         return Some(Vec::new());
     }
     let start = 4 + 8 * decoded.len();
-    let text = core::str::from_utf8(bytes.get(start..)?).ok()?;
+    let text = crate::text::from_utf8(bytes.get(start..)?).ok()?;
     let base = text.as_ptr() as usize;
     // Where a slice of `bytes` starts in `text` (decode_pairs only returns
     // slices of `bytes`, past the lengths).
@@ -302,9 +302,9 @@ pub fn with_header<R>(map: MapType, name: &str, read: impl FnOnce(&str) -> R) ->
                 raw::proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), ptr, len)
             })
         },
-        // Checked with `from_utf8` first: the lossy conversion's own check
-        // goes a byte at a time (about 10 instructions a byte in wasm).
-        |bytes| match core::str::from_utf8(bytes) {
+        // Checked with `text::from_utf8` first: the lossy conversion's own
+        // check goes a byte at a time (about 10 instructions a byte in wasm).
+        |bytes| match crate::text::from_utf8(bytes) {
             Ok(text) => read(text),
             Err(_) => read(&String::from_utf8_lossy(bytes)),
         },

@@ -58,6 +58,7 @@ pub mod metrics;
 mod plugin;
 #[allow(unsafe_code)]
 mod raw;
+pub mod text;
 
 pub use error::{HostError, Result};
 pub use lacewing_abi::{Action, LogLevel, Status};

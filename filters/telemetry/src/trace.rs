@@ -19,7 +19,7 @@ fn is_hex(s: &[u8]) -> bool {
 
 /// Hex digits as text (they are ASCII by construction).
 fn hex_str(digits: &[u8]) -> &str {
-    std::str::from_utf8(digits).unwrap_or_default()
+    lacewing_sdk::text::from_utf8(digits).unwrap_or_default()
 }
 
 /// The length of a `traceparent` value: `00-` + 32 + `-` + 16 + `-` + 2.
