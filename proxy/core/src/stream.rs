@@ -115,20 +115,38 @@ pub struct TlsFacts {
 }
 
 impl StreamInfo {
-    /// Info for a new stream on a connection.
+    /// Info for a new stream on a connection, starting now.
     pub fn new(
         connection_id: u64,
         downstream_remote: SocketAddr,
         downstream_local: SocketAddr,
         listener_name: Arc<str>,
     ) -> Self {
+        Self::started(
+            connection_id,
+            downstream_remote,
+            downstream_local,
+            listener_name,
+            (SystemTime::now(), Instant::now()),
+        )
+    }
+
+    /// Info for a stream that started at `(wall clock, monotonic)`, read
+    /// once by the caller (a request's two clock reads are not repeated).
+    pub fn started(
+        connection_id: u64,
+        downstream_remote: SocketAddr,
+        downstream_local: SocketAddr,
+        listener_name: Arc<str>,
+        (start_time, start_instant): (SystemTime, Instant),
+    ) -> Self {
         Self {
             connection_id,
             downstream_remote,
             downstream_local,
             protocol: http::Version::HTTP_11,
-            start_time: SystemTime::now(),
-            start_instant: Instant::now(),
+            start_time,
+            start_instant,
             listener_name,
             route_name: None,
             cluster_name: None,

@@ -278,15 +278,14 @@ fn new_stream(
     target: &Target,
     facts: &RequestFacts,
 ) -> lacewing_core::stream::SharedStream {
-    let mut info = StreamInfo::new(
+    let mut info = StreamInfo::started(
         conn.id,
         conn.remote,
         conn.local,
         listener.stats.name.clone(),
+        (facts.start_time, facts.start),
     );
     info.protocol = parts.version;
-    info.start_time = facts.start_time;
-    info.start_instant = facts.start;
     info.route_name = Some(route.name.clone());
     info.cluster_name = Some(target.cluster_name.clone());
     info.tls = conn.tls.clone();
