@@ -40,7 +40,10 @@ pub fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
             .all(|(x, y)| x == y)
 }
 
-fn word(bytes: &[u8]) -> u64 {
+/// Eight bytes as a little-endian word (0 unless `bytes` is eight long).
+/// Inline: `text::from_utf8` is inlined into filter crates, and this with it.
+#[inline]
+pub(crate) fn word(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(bytes.try_into().unwrap_or_default())
 }
 

@@ -16,6 +16,8 @@
 
 use core::str::Utf8Error;
 
+use crate::keys::word;
+
 /// `bytes` as text: exactly what `core::str::from_utf8` answers, ASCII
 /// checked sixteen bytes a step first.
 #[inline]
@@ -33,7 +35,6 @@ pub fn from_utf8(bytes: &[u8]) -> Result<&str, Utf8Error> {
 #[inline]
 pub fn is_ascii(bytes: &[u8]) -> bool {
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().unwrap_or_default());
     let mut pairs = bytes.chunks_exact(16);
     let mut seen = 0u64;
     for pair in &mut pairs {
