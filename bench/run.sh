@@ -735,18 +735,28 @@ mesh_check_after() {
 }
 
 # plugin_time_split DIR REQUESTS: time spent inside each plugin's callbacks per
-# request on both sidecars (lacewing_wasm_callback_duration_seconds, start-up
-# callbacks left out), heaviest first, e.g. "orders lacewing-authz 8.1 µs"
+# request on both sidecars, heaviest first, e.g. "orders lacewing-authz 8.1 µs":
+# per callback, the mean of the timed ones (lacewing_wasm_callback_duration_seconds,
+# one in eight is timed) times how many ran (lacewing_wasm_callbacks_total);
+# start-up callbacks left out
 declare -A CHAIN_SPLIT
 plugin_time_split() {
   local dir=$1 requests=$2 side
   for side in frontend orders; do
     awk -v side="$side" -v n="$requests" '
-      /^lacewing_wasm_callback_duration_seconds_sum\{/ && !/proxy_on_(configure|vm_start|tick)/ {
-        match($0, /plugin="[^"]*"/); p = substr($0, RSTART + 8, RLENGTH - 9); sub(/^[^.]*\./, "", p)
-        t[p] += $NF
-      }
-      END { for (p in t) if (t[p] * 1e6 / n >= 0.05) printf "%s %s %.1f\n", side, p, t[p] * 1e6 / n }' "$dir/$side/metrics.txt"
+      !/^lacewing_wasm_callback/ || /proxy_on_(configure|vm_start|tick)/ { next }
+      { key = substr($1, index($1, "{")) }
+      /^lacewing_wasm_callback_duration_seconds_sum\{/ { sum[key] = $NF }
+      /^lacewing_wasm_callback_duration_seconds_count\{/ { count[key] = $NF }
+      /^lacewing_wasm_callbacks_total\{/ { calls[key] = $NF }
+      END {
+        for (key in calls) {
+          if (!(count[key] > 0)) continue
+          match(key, /plugin="[^"]*"/); p = substr(key, RSTART + 8, RLENGTH - 9); sub(/^[^.]*\./, "", p)
+          t[p] += sum[key] / count[key] * calls[key]
+        }
+        for (p in t) if (t[p] * 1e6 / n >= 0.05) printf "%s %s %.1f\n", side, p, t[p] * 1e6 / n
+      }' "$dir/$side/metrics.txt"
   done | sort -k3,3 -rn | awk '{ printf "%s%s on %s %s µs", (NR > 1 ? ", " : ""), $2, $1, $3 }'
 }
 
@@ -1531,7 +1541,7 @@ report() {
       echo
       echo "## Where the mesh chain's time goes"
       echo
-      echo "Time inside each plugin's wasm callbacks per request (\`lacewing_wasm_callback_duration_seconds\` sums on both sidecars' /metrics over the reported round, warm-up included, divided by the requests telemetry counted): ${CHAIN_SPLIT[${CHAIN_ROUND:-1}]}. Callback time includes the host calls a plugin makes from it (metric updates, the access-log line, header and property reads); compare the sum with the added CPU per request of mesh chain / mesh mTLS above."
+      echo "Time inside each plugin's wasm callbacks per request (per callback, the mean of the timed ones in \`lacewing_wasm_callback_duration_seconds\` times \`lacewing_wasm_callbacks_total\`, on both sidecars' /metrics over the reported round, warm-up included, divided by the requests telemetry counted): ${CHAIN_SPLIT[${CHAIN_ROUND:-1}]}. Callback time includes the host calls a plugin makes from it (metric updates, the access-log line, header and property reads); compare the sum with the added CPU per request of mesh chain / mesh mTLS above."
     fi
     any_selected "${H2_ROWS[@]}" && h2c_report
     if needs_oha; then

@@ -156,7 +156,7 @@ clusters:
     for line in metrics.lines().filter(|l| !l.ends_with(" 0")).filter(|l| {
         l.starts_with("lacewing_http_requests_total")
             || l.starts_with("lacewing_http_local_replies_total")
-            || l.starts_with("lacewing_wasm_callback_duration_seconds_count")
+            || l.starts_with("lacewing_wasm_callbacks_total")
     }) {
         println!("{line}");
     }

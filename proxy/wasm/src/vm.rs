@@ -321,11 +321,14 @@ impl Vm {
             state.current.effective = context;
             state.current.callback = callback;
             prepare(state);
-            let started = Instant::now();
-            let result = func.call(&mut *store, params);
-            plugin
+            let timed = plugin
                 .metrics
-                .observe(callback, started.elapsed().as_secs_f64());
+                .callback_started(callback)
+                .map(|histogram| (histogram, Instant::now()));
+            let result = func.call(&mut *store, params);
+            if let Some((histogram, started)) = timed {
+                histogram.observe(started.elapsed().as_secs_f64());
+            }
             let state = store.data_mut();
             state.current.callout = None;
             state.current.foreign_args = None;

@@ -76,14 +76,12 @@ fn header_echo_from_the_official_sdk_runs_in_the_harness() {
     );
 }
 
-/// How many times the plugin's `callback` ran, from the host's duration histogram.
+/// How many times the plugin's `callback` ran, from the host's callback counter.
 fn callback_calls(test: &FilterTest, callback: &str) -> u64 {
     let label = format!("callback=\"{callback}\"");
     test.metrics_text()
         .lines()
-        .find(|l| {
-            l.starts_with("lacewing_wasm_callback_duration_seconds_count{") && l.contains(&label)
-        })
+        .find(|l| l.starts_with("lacewing_wasm_callbacks_total{") && l.contains(&label))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
 }

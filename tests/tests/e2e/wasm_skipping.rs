@@ -15,7 +15,7 @@ fn callback_calls(metrics: &str, plugin: &str, callback: &str) -> u64 {
     metrics
         .lines()
         .find(|l| {
-            l.starts_with("lacewing_wasm_callback_duration_seconds_count{")
+            l.starts_with("lacewing_wasm_callbacks_total{")
                 && labels.iter().all(|label| l.contains(label.as_str()))
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

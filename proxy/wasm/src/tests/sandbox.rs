@@ -64,6 +64,31 @@ fn infinite_loop_hits_deadline_and_vm_is_recreated() {
 }
 
 #[test]
+fn every_callback_is_counted_and_one_in_eight_is_timed() {
+    let (host, metrics) = host();
+    let bytes = module(
+        "",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             i32.const 0)"#,
+    );
+    let plugin = load(&host, &config(serde_json::json!({})), &bytes).unwrap();
+    for _ in 0..17 {
+        let s = stream("/");
+        let mut f = filter(&plugin, &s);
+        assert_eq!(f.on_request_headers(&s, true), FilterStatus::Continue);
+    }
+    let labels = r#"{callback="proxy_on_request_headers",plugin="test"}"#;
+    let series = |name: &str| metric(&metrics, &format!("{name}{labels}"));
+    assert_eq!(series("lacewing_wasm_callbacks_total"), Some(17.0));
+    // The 1st, 9th and 17th.
+    assert_eq!(
+        series("lacewing_wasm_callback_duration_seconds_count"),
+        Some(3.0)
+    );
+    assert!(series("lacewing_wasm_callback_duration_seconds_sum").is_some_and(|s| s > 0.0));
+}
+
+#[test]
 fn memory_grow_bomb_is_capped() {
     let (host, _) = host();
     let bytes = module(
