@@ -529,6 +529,7 @@ pub fn record(
         listener,
         conn,
         facts,
+        elapsed,
         &Line {
             status: outcome.status,
             flag: outcome.flag,
@@ -555,9 +556,9 @@ fn write_line(
     listener: &HttpListenerState,
     conn: &ConnContext,
     facts: &RequestFacts,
+    elapsed: Duration,
     line: &Line<'_>,
 ) {
-    let elapsed = facts.start.elapsed();
     if let Some(log) = &listener.access_log {
         let authority = facts
             .authority

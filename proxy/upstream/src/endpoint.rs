@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use http::HeaderValue;
 
+use crate::clock::LazyNow;
+
 static NEXT_ENDPOINT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// An endpoint of a cluster, shared by every worker.
@@ -47,6 +49,13 @@ impl Endpoint {
     /// Whether the endpoint is ejected at clock time `now`.
     pub(crate) fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// [`Self::is_ejected`], reading the clock only for an endpoint that
+    /// was ever ejected.
+    pub(crate) fn is_ejected_lazy(&self, now: &LazyNow) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && until > now.get()
     }
 
     /// Counts a request as active until the guard drops.

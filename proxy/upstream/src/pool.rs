@@ -32,7 +32,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::breaker::ConnectionSlot;
-use crate::clock::{millis, now_ms};
+use crate::clock::{LazyNow, millis, now_ms};
 use crate::endpoint::Endpoint;
 
 pub(crate) type H1Sender = http1::SendRequest<BoxBody>;
@@ -260,13 +260,14 @@ pub(crate) fn checkout_h1(
 ) -> Option<(H1Sender, IdleSince, ConnInfo)> {
     let idle_ms = millis(idle_timeout);
     with_endpoint(key, endpoint, true, |conns| {
-        let now = now_ms();
+        // Under load the connection on top was checked in busy: no clock read.
+        let now = LazyNow::default();
         let mut at = conns.idle.len();
         while at > 0 {
             at -= 1;
             let conn = &conns.idle[at];
             let since = conn.idle_since.load(Ordering::Relaxed);
-            let expired = since != BUSY && now.saturating_sub(since) >= idle_ms;
+            let expired = since != BUSY && now.get().saturating_sub(since) >= idle_ms;
             if expired || conn.sender.is_closed() {
                 conns.idle.remove(at);
                 continue;

@@ -333,7 +333,10 @@ impl Vm {
             state.current.callout = None;
             state.current.foreign_args = None;
             match result {
-                Ok(v) => Ok(v),
+                // Looked at under this borrow: almost always empty, and
+                // borrowing the store again to find out cost about 30
+                // instructions a callback.
+                Ok(v) => Ok((v, !state.deferred_delete.is_empty())),
                 Err(e) => {
                     let note = state.failure_note.take();
                     let memory_hit = std::mem::take(&mut state.limiter.exceeded);
@@ -348,8 +351,10 @@ impl Vm {
             }
         };
         match result {
-            Ok(v) => {
-                self.run_deferred_deletes(plugin);
+            Ok((v, deletes_deferred)) => {
+                if deletes_deferred {
+                    self.run_deferred_deletes(plugin);
+                }
                 Ok(Some(v))
             }
             Err(failure) => Err(self.fail(plugin, callback, failure)),

@@ -33,7 +33,7 @@ use prometheus::IntCounter;
 
 use self::attempt::{AttemptChain, Pick};
 use crate::breaker::{ConnectionCount, Limit, Limits};
-use crate::clock::now_ms;
+use crate::clock::{LazyNow, now_ms};
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::lb::Balancer;
 use crate::outlier::OutlierDetector;
@@ -347,8 +347,8 @@ impl Cluster {
     /// fails fast with `NoHealthyUpstream` until the first ejection expires.
     /// Endpoints that failed to connect during this request are never chosen again.
     fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &EndpointSet, failed: &EndpointSet) -> Pick {
-        let now = now_ms();
-        let usable = |i: usize| !failed.contains(i) && !endpoints[i].is_ejected(now);
+        let now = LazyNow::default();
+        let usable = |i: usize| !failed.contains(i) && !endpoints[i].is_ejected_lazy(&now);
         if let Some(index) = self
             .balancer
             .choose(endpoints, |i| usable(i) && !tried.contains(i))
@@ -364,7 +364,7 @@ impl Cluster {
         }
         let all_down = endpoints
             .iter()
-            .all(|e| e.is_ejected(now) && e.ejected_for_connect.load(Ordering::Relaxed));
+            .all(|e| e.is_ejected_lazy(&now) && e.ejected_for_connect.load(Ordering::Relaxed));
         if all_down {
             return Pick::NoHealthy;
         }
