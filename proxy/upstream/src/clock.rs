@@ -19,7 +19,8 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 
 /// [`now_ms`] read at most once, and only if asked: the request path
 /// compares against the clock only when an endpoint was ejected or a pooled
-/// connection has been idle, and a clock read costs about 90 instructions.
+/// connection has been idle, and a clock read with its subtraction costs
+/// about 75 instructions (callgrind).
 #[derive(Debug, Default)]
 pub(crate) struct LazyNow(Cell<u64>);
 
