@@ -70,12 +70,18 @@ impl Drop for TestServer {
     }
 }
 
-/// A loopback address with nothing listening on it.
+/// A loopback address with nothing listening on it: connections to it are
+/// refused. The port stays bound (without listening) for the rest of the
+/// test process, so a server another test starts cannot take it; a port
+/// bound and released at once was sometimes taken by one.
 pub fn dead_addr() -> SocketAddr {
-    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener
-        .local_addr()
-        .expect("bound listener has an address")
+    let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a loopback port");
+    let addr = socket.local_addr().expect("bound socket has an address");
+    std::mem::forget(socket);
+    addr
 }
 
 /// Binds 127.0.0.1:0 and runs `handle` for every accepted connection on a new thread.
