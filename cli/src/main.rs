@@ -1,6 +1,7 @@
 //! The `lacewing` command: runs the sidecar proxy, validates configuration
 //! files, and runs a self-contained demo on loopback.
 
+mod alloc;
 mod control;
 mod demo;
 mod demo_mesh;
@@ -13,7 +14,7 @@ mod watch;
 /// mimalloc: the proxy allocates many small, short-lived objects per request
 /// across worker threads; measured faster than the system allocator here.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::MiMalloc = alloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
