@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use lacewing_core::body::BoxBody;
 use lacewing_core::stream::{HttpStream, LocalReply, StreamInfo};
+use lacewing_core::timer::RequestDeadlines;
 use lacewing_core::{ProxyError, ResponseFlag};
 
 use super::body::{BodyEnd, DownstreamBody, OnBodyEnd, ProxyBody, RequestBodyState, UpstreamBody};
@@ -38,6 +39,9 @@ pub struct ConnContext {
     pub progress: ConnProgress,
     /// What the TLS handshake established, for a TLS connection.
     pub tls: Option<Arc<lacewing_core::stream::TlsFacts>>,
+    /// The route timeouts of the connection's HTTP/1 requests, which come
+    /// one at a time: one timer kept armed across them.
+    pub deadlines: RequestDeadlines,
 }
 
 /// The stream was reset by a filter: hyper closes the connection (HTTP/1) or resets the stream (HTTP/2).
@@ -192,7 +196,19 @@ pub async fn handle(
         return exchange.reply(chain, reply).await;
     };
     // Pinned where it is built: awaiting it moves a pointer, not the future.
-    let send = std::pin::pin!(target.cluster.send(req, &route.policy));
+    // HTTP/1 requests come one at a time: their route timeouts share the
+    // connection's timer (HTTP/2 streams, each its own task, get their own).
+    // A filtered request's head stays in the filters' stream, where a retry
+    // takes it from instead of a copy made for every request.
+    let stream = chain.stream().cloned();
+    let resend = stream.as_ref().map(|stream| move || resend_request(stream));
+    let deadlines = (exchange.facts.version != http::Version::HTTP_2).then_some(&conn.deadlines);
+    let send = std::pin::pin!(target.cluster.send_with(
+        req,
+        &route.policy,
+        deadlines,
+        resend.as_ref()
+    ));
     // The stream idle timer runs until the response head only when it can
     // fire before the route's timeout (not with the defaults).
     let idle = limits.stream_idle_timeout.0;
@@ -267,6 +283,18 @@ pub async fn handle(
     exchange
         .respond(chain, head, ProxyBody::Upstream(body), None, Some(upstream))
         .await
+}
+
+/// The request as the filters left it, without its body, to be sent again:
+/// its head no longer changes once the request headers phase is over.
+fn resend_request(stream: &lacewing_core::stream::SharedStream) -> Request<BoxBody> {
+    let s = stream.borrow();
+    let mut request = Request::new(lacewing_core::body::empty());
+    *request.method_mut() = s.request.method.clone();
+    *request.uri_mut() = s.request.uri.clone();
+    *request.version_mut() = s.request.version;
+    *request.headers_mut() = s.request.headers.clone();
+    request
 }
 
 /// The stream the filters of a route act on.

@@ -23,7 +23,7 @@ use hyper_util::server::conn::auto;
 use lacewing_core::ResponseFlag;
 use lacewing_core::drain::DrainWatch;
 use lacewing_core::stream::TlsFacts;
-use lacewing_core::timer::ArmedSleep;
+use lacewing_core::timer::{ArmedSleep, RequestDeadlines};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -90,6 +90,7 @@ pub async fn serve_io<I>(
         slot: slot.clone(),
         progress: ConnProgress::default(),
         tls,
+        deadlines: RequestDeadlines::default(),
     });
     let service = {
         let ctx = ctx.clone();

@@ -226,6 +226,53 @@ async fn bodiless_request_is_retried_on_503() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_retry_sends_the_request_its_caller_keeps() {
+    // Each request's target and its `x-kept` header, as the server saw them.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(String, Option<String>)>::new()));
+    let log = seen.clone();
+    let flaky = http1(move |request| {
+        let mut log = log.lock().unwrap();
+        log.push((
+            request.uri().to_string(),
+            request
+                .headers()
+                .get("x-kept")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        ));
+        let first = log.len() == 1;
+        async move {
+            if first {
+                reply(503, "busy")
+            } else {
+                reply(200, "fine")
+            }
+        }
+    })
+    .await;
+    let (cluster, _) = build(config("kept", &[flaky.addr]));
+    let resend = || {
+        let mut request = get("/kept");
+        request
+            .headers_mut()
+            .insert("x-kept", http::HeaderValue::from_static("yes"));
+        request
+    };
+    let answer = cluster
+        .send_with(get("/first"), &policy(2), None, Some(&resend))
+        .await
+        .unwrap();
+    assert_eq!(answer.response.status(), 200);
+    assert_eq!(answer.attempts, 2);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            ("/first".to_owned(), None),
+            ("/kept".to_owned(), Some("yes".to_owned()))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn request_with_body_is_not_retried_on_503() {
     let busy = http1(|_| async { reply(503, "busy") }).await;
     let (cluster, _) = build(config("busy", &[busy.addr]));

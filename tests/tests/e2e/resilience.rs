@@ -92,6 +92,169 @@ async fn slow_upstream_times_out_with_504() {
     );
 }
 
+/// An HTTP/1 connection's requests share one timer for their route
+/// timeouts: each request still gets exactly its own route's timeout, after
+/// a request with a longer timeout and after one that finished long before.
+#[tokio::test]
+async fn every_request_of_a_keep_alive_connection_gets_its_own_route_timeout() {
+    let upstream = servers::http_echo().await;
+    let yaml = "admin: { address: 127.0.0.1:0 }
+workers: 1
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - { name: patient, match: { path: { prefix: /patient } }, cluster: upstream, timeout: 5s }
+      - { name: hasty, cluster: upstream, timeout: 300ms }
+clusters:
+  - { name: upstream, endpoints: ['{upstream}'] }
+";
+    let handle = proxy::start(&proxy::fill(yaml, &[("upstream", &upstream.addr)]));
+    let client = client::ReusingClient::http1();
+    let url = |path: &str| proxy::url(&handle, "main", path);
+
+    // The patient route's 5 s timer is armed first; the hasty request after
+    // it must not wait for it.
+    let answered = client.get(&url("/patient")).await;
+    assert_eq!(answered.status, StatusCode::OK, "{}", answered.text());
+    let started = std::time::Instant::now();
+    let hasty = client.get(&url("/delay/3000")).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        hasty.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        hasty.text()
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(300)
+            && waited < std::time::Duration::from_secs(3),
+        "the hasty route timed out after {waited:?}"
+    );
+
+    // Quick requests leave the timer armed for deadlines long gone by the
+    // time a slow one comes: it still waits its whole timeout, and no more.
+    for _ in 0..3 {
+        let quick = client.get(&url("/quick")).await;
+        assert_eq!(quick.status, StatusCode::OK);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let answered = client.get(&url("/delay/150")).await;
+    assert_eq!(
+        answered.status,
+        StatusCode::OK,
+        "within its 300 ms: {}",
+        answered.text()
+    );
+    let started = std::time::Instant::now();
+    let slow = client.get(&url("/delay/3000")).await;
+    let waited = started.elapsed();
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        waited >= std::time::Duration::from_millis(300)
+            && waited < std::time::Duration::from_secs(3),
+        "timed out after {waited:?}"
+    );
+
+    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "lacewing_downstream_connections_total",
+            &[("listener", "main")]
+        ),
+        Some(1.0),
+        "every request came on one connection: {metrics}"
+    );
+}
+
+/// An HTTP/1.1 upstream on loopback that answers its first request `503`
+/// and every later one `200`, each with the request's `x-kept` header as
+/// its body (`-` when absent), over keep-alive connections.
+async fn busy_once_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut buffered = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buffered.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffered.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buffered[..end]).to_lowercase();
+                    buffered.drain(..end + 4);
+                    let kept = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("x-kept:"))
+                        .map_or("-".to_owned(), |v| v.trim().to_owned());
+                    let first = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                    let status = if first {
+                        "503 Service Unavailable"
+                    } else {
+                        "200 OK"
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{kept}",
+                        kept.len()
+                    );
+                    if stream.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A filtered request answered `503` is sent again as the filters left it:
+/// with the header a plugin set, taken from the filters' stream.
+#[tokio::test]
+async fn a_filtered_request_is_retried_with_the_headers_its_filters_set() {
+    let upstream = busy_once_upstream().await;
+    let module = lacewing_tests::wasm::module("headers");
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}
+workers: 1
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - {{ name: default, cluster: upstream, filters: [tag], retry: {{ attempts: 2 }} }}
+clusters:
+  - {{ name: upstream, endpoints: ['{upstream}'] }}
+plugins:
+  - {{ name: tag, module: {}, configuration: {{ request: {{ set: {{ x-kept: from-filter }} }} }} }}
+",
+        lacewing_tests::wasm::yaml_path(&module)
+    );
+    let handle = proxy::start(&yaml);
+
+    let response = client::get(&proxy::url(&handle, "main", "/")).await;
+
+    assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    assert_eq!(
+        response.text(),
+        "from-filter",
+        "the retried request carried the filter's header"
+    );
+    let metrics = client::metrics(proxy::admin_addr(&handle)).await;
+    assert_eq!(
+        metric_sum(&metrics, "lacewing_upstream_retries_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn dead_endpoint_is_retried_on_a_live_one() {
     let live = servers::http_echo_named("live").await;

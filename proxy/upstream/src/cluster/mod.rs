@@ -18,6 +18,7 @@ mod http2;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,9 +30,10 @@ use lacewing_core::ProxyError;
 use lacewing_core::body::BoxBody;
 use lacewing_core::metrics::Metrics;
 use lacewing_core::stream::UpstreamConnection;
+use lacewing_core::timer::RequestDeadlines;
 use prometheus::IntCounter;
 
-use self::attempt::{AttemptChain, Pick};
+use self::attempt::{AttemptChain, NO_RESEND, Pick};
 use crate::breaker::{ConnectionCount, Limit, Limits};
 use crate::clock::{LazyNow, now_ms};
 use crate::endpoint::{Endpoint, EndpointSet};
@@ -295,7 +297,7 @@ impl Cluster {
             .ok_or_else(|| self.overflow(Limit::Requests))?;
         // Pinned where it is built: the timeout and the await then move a
         // pointer instead of copying the whole attempt future (twice).
-        let exchange = std::pin::pin!(self.exchange(request, policy));
+        let exchange = std::pin::pin!(self.exchange(request, policy, NO_RESEND));
         if policy.timeout.is_zero() {
             return exchange.await;
         }
@@ -303,6 +305,47 @@ impl Cluster {
             Ok(result) => result,
             Err(_) => Err(ProxyError::UpstreamTimeout(policy.timeout)),
         }
+    }
+
+    /// [`Cluster::send`] for a caller that keeps what the exchange would
+    /// otherwise make for itself, on the caller's thread:
+    /// - `deadlines`: the timer of a connection whose requests come one at
+    ///   a time (HTTP/1), kept armed across them, watches the route timeout
+    ///   (instead of a timer made for this request);
+    /// - `resend`: gives the request again, with an empty body, should it be
+    ///   sent again (instead of a copy of a bodiless request made before its
+    ///   first attempt); it must give the method, target, version and
+    ///   headers of `request`.
+    pub async fn send_with<F: Fn() -> Request<BoxBody>>(
+        &self,
+        request: Request<BoxBody>,
+        policy: &RequestPolicy,
+        deadlines: Option<&RequestDeadlines>,
+        resend: Option<&F>,
+    ) -> Result<UpstreamResponse, ProxyError> {
+        let _in_flight = self
+            .limits
+            .request()
+            .ok_or_else(|| self.overflow(Limit::Requests))?;
+        let mut exchange = std::pin::pin!(self.exchange(request, policy, resend));
+        if policy.timeout.is_zero() {
+            return exchange.await;
+        }
+        let Some(deadlines) = deadlines else {
+            return match tokio::time::timeout(policy.timeout, exchange).await {
+                Ok(result) => result,
+                Err(_) => Err(ProxyError::UpstreamTimeout(policy.timeout)),
+            };
+        };
+        let deadline = tokio::time::Instant::now() + policy.timeout;
+        // The exchange first, as `tokio::time::timeout` polls it.
+        std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => deadlines
+                .poll_passed(cx, deadline)
+                .map(|()| Err(ProxyError::UpstreamTimeout(policy.timeout))),
+        })
+        .await
     }
 
     /// Opens a raw TCP connection to an endpoint, with the balancer, ejection and
