@@ -222,19 +222,11 @@ async fn busy_once_upstream() -> std::net::SocketAddr {
 async fn a_filtered_request_is_retried_with_the_headers_its_filters_set() {
     let upstream = busy_once_upstream().await;
     let module = lacewing_tests::wasm::module("headers");
-    let yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    routes:
-      - {{ name: default, cluster: upstream, filters: [tag], retry: {{ attempts: 2 }} }}
-clusters:
-  - {{ name: upstream, endpoints: ['{upstream}'] }}
-plugins:
-  - {{ name: tag, module: {}, configuration: {{ request: {{ set: {{ x-kept: from-filter }} }} }} }}
-",
+    let yaml = one_route_yaml(
+        "{ name: default, cluster: upstream, filters: [tag], retry: { attempts: 2 } }",
+        &format!("{{ name: upstream, endpoints: ['{upstream}'] }}"),
+    ) + &format!(
+        "plugins:\n  - {{ name: tag, module: {}, configuration: {{ request: {{ set: {{ x-kept: from-filter }} }} }} }}\n",
         lacewing_tests::wasm::yaml_path(&module)
     );
     let handle = proxy::start(&yaml);
