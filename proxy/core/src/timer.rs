@@ -10,7 +10,7 @@
 //! [`RequestDeadlines`] builds on it for the deadlines of requests that one
 //! task serves one after another (an HTTP/1 connection's route timeouts).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -83,9 +83,8 @@ impl ArmedSleep {
 /// earlier than the armed one moves the timer at once.
 #[derive(Debug, Default)]
 pub struct RequestDeadlines {
-    timer: RefCell<Option<ArmedSleep>>,
-    /// The deadline the timer is armed for.
-    armed: Cell<Option<Instant>>,
+    /// The timer, with the deadline it is armed for.
+    timer: RefCell<Option<(ArmedSleep, Instant)>>,
 }
 
 impl RequestDeadlines {
@@ -94,24 +93,21 @@ impl RequestDeadlines {
     /// at a time may wait on it.
     pub fn poll_passed(&self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
         let mut slot = self.timer.borrow_mut();
-        let fresh = slot.is_none();
-        let timer = slot.get_or_insert_with(|| ArmedSleep::until(deadline));
-        if fresh {
-            self.armed.set(Some(deadline));
-        } else if self.armed.get().is_none_or(|armed| armed > deadline) {
+        let (timer, armed) = slot.get_or_insert_with(|| (ArmedSleep::until(deadline), deadline));
+        if *armed > deadline {
             timer.reset(deadline);
-            self.armed.set(Some(deadline));
+            *armed = deadline;
         }
         loop {
             if timer.poll_fired(cx).is_pending() {
                 return Poll::Pending;
             }
             // Fired: for this deadline, or for an earlier one.
-            if self.armed.get() == Some(deadline) || Instant::now() >= deadline {
+            if *armed == deadline || Instant::now() >= deadline {
                 return Poll::Ready(());
             }
             timer.reset(deadline);
-            self.armed.set(Some(deadline));
+            *armed = deadline;
         }
     }
 

@@ -291,13 +291,24 @@ impl Cluster {
         request: Request<BoxBody>,
         policy: &RequestPolicy,
     ) -> Result<UpstreamResponse, ProxyError> {
+        self.send_timed(request, policy, NO_RESEND).await
+    }
+
+    /// [`Cluster::send`] with a timer made for this request; a future that
+    /// is `Send` when `resend` is `Sync`.
+    async fn send_timed<F: Fn() -> Request<BoxBody>>(
+        &self,
+        request: Request<BoxBody>,
+        policy: &RequestPolicy,
+        resend: Option<&F>,
+    ) -> Result<UpstreamResponse, ProxyError> {
         let _in_flight = self
             .limits
             .request()
             .ok_or_else(|| self.overflow(Limit::Requests))?;
         // Pinned where it is built: the timeout and the await then move a
         // pointer instead of copying the whole attempt future (twice).
-        let exchange = std::pin::pin!(self.exchange(request, policy, NO_RESEND));
+        let exchange = std::pin::pin!(self.exchange(request, policy, resend));
         if policy.timeout.is_zero() {
             return exchange.await;
         }
@@ -323,20 +334,14 @@ impl Cluster {
         deadlines: Option<&RequestDeadlines>,
         resend: Option<&F>,
     ) -> Result<UpstreamResponse, ProxyError> {
+        let Some(deadlines) = deadlines.filter(|_| !policy.timeout.is_zero()) else {
+            return self.send_timed(request, policy, resend).await;
+        };
         let _in_flight = self
             .limits
             .request()
             .ok_or_else(|| self.overflow(Limit::Requests))?;
         let mut exchange = std::pin::pin!(self.exchange(request, policy, resend));
-        if policy.timeout.is_zero() {
-            return exchange.await;
-        }
-        let Some(deadlines) = deadlines else {
-            return match tokio::time::timeout(policy.timeout, exchange).await {
-                Ok(result) => result,
-                Err(_) => Err(ProxyError::UpstreamTimeout(policy.timeout)),
-            };
-        };
         let deadline = tokio::time::Instant::now() + policy.timeout;
         // The exchange first, as `tokio::time::timeout` polls it.
         std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
