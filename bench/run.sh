@@ -18,6 +18,7 @@
 #              BENCH_ROUNDS (2) BENCH_ROWS (same as --rows)
 #              BENCH_RATE (fixed-rate rows: req/s instead of half of nginx's)
 #              BENCH_OHA (path to an oha binary) BENCH_H2_STREAMS (10)
+#              BENCH_SLICES (5; 1 runs every row on its own)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -1188,12 +1189,57 @@ parse_h2load() { # prints, like parse_wrk: rps p50_us p99_us errors non2xx reque
     END { printf "%s %s %s %d %d %d\n", (rps == "" ? "-" : rps), p50, p99, errs, non2xx, done }' "$1"
 }
 
-run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a row
-  local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_} log rss_at out rss rps p50 p99 errs non2xx wpid load parse
+# A row's cycle in a round: row_begin (start, probe, warm-up), one or more
+# row_slice load runs, row_end (after-load checks, stop, bookkeeping).
+# run_row runs the cycle with one slice of DURATION. run_group interleaves the
+# rows of a group: all are started, then each gets SLICES load runs of
+# DURATION/SLICES in turn (the others stopped with SIGSTOP meanwhile), so a
+# slowdown of the machine that lasts seconds falls on every row of the group
+# alike instead of on whichever row ran then; their ratios are paired that
+# finely. A row's figures sum its slices: requests per second is all its
+# requests over all its load time, p50 and p99 the request-weighted means of
+# the slices' (an approximation: wrk reports percentiles, not histograms).
+# Each slice starts a new wrk, whose 32 connections are new ones: the first
+# requests of a two-hop mTLS slice wait for the sidecar's new handshakes
+# towards orders (wrk cut the previous slice's requests in flight, and with
+# them those connections), which weighs on that row's p99.
+SLICES=${BENCH_SLICES:-5}
+# The groups interleaved: single-worker rows whose server shares core 1, and
+# the two-hop rows.
+INTERLEAVED_GROUPS=("direct nginx envoy lacewing lacewing_wasm1 lacewing_wasm3 envoy_wasm"
+  "mesh_plain mesh_mtls mesh_chain envoy_mtls envoy_chain")
+# What a row's start sets and its slices and end read: saved after row_begin,
+# restored before each slice and row_end of an interleaved row.
+ROW_VARS="SUT_PID SUT_PORT SUT_PIDS AUX_PIDS REQUEST_HEADERS EXPECT_VALUES EXPECT_HEADERS CHECK_AFTER
+  ROW_KEY NGINX_LISTEN_OPTS NGINX_LISTEN_PORT ENVOY_CODEC PROBE_H2 NGINX_WORKERS LACEWING_WORKERS
+  ROW_SUT_CORE ROW_LOAD_CORE LACEWING_ADMIN_PORT READY_MS MESH_CONTROL MESH_STATE MESH_ORDERS_PID
+  MESH_ORDERS_INBOUND MESH_ORDERS_ADMIN MESH_FRONTEND_ADMIN MESH_EXPECT_TLS MESH_EXPECT_CHAIN
+  ENVOY_ORDERS_ADMIN ENVOY_FRONTEND_ADMIN ENVOY_EXPECT_CHAIN ROW_LOAD ROW_PARSE ROW_OUT ROW_LOG"
+declare -A ROW_STATE
+save_row() { # save_row KEY
+  # shellcheck disable=SC2086 # ROW_VARS is a list of names
+  ROW_STATE[$1]=$(declare -p $ROW_VARS 2>/dev/null | sed 's/^declare -\([a-zA-Z-]*\) /declare -g\1 /; s/^declare -g- /declare -g /')
+}
+restore_row() { eval "${ROW_STATE[$1]}"; } # restore_row KEY
+signal_row() { # signal_row STOP|CONT: the row's server processes and their children
+  local pid
+  for pid in $(sut_pids); do
+    kill -"$1" "$pid" 2>/dev/null
+    pkill -"$1" -P "$pid" 2>/dev/null
+  done
+}
+
+# Per row and round, what its slices add up to.
+declare -A ACC_REQ ACC_SECS ACC_P50W ACC_P99W ACC_ERRS ACC_NON2XX ACC_TICKS ACC_WALL ACC_BUSY ACC_TOTAL ACC_RSS ACC_FAIL
+
+row_begin() { # row_begin KEY ROUND: start, probe, warm-up; fails (round failed, row stopped) when the row cannot run
+  local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_}
   SUT_PID=""; SUT_PORT=""; EXPECT_HEADERS=""; NA_REASON=""; READY_MS=""
   SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=(); CHECK_AFTER=""
   ROW_KEY=$key; NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0; NGINX_WORKERS=1; LACEWING_WORKERS=1
   ROW_SUT_CORE=${SUT_CORE:-0}; ROW_LOAD_CORE=${LOAD_CORE:-0}
+  ACC_REQ[$key]=0; ACC_SECS[$key]=0; ACC_P50W[$key]=0; ACC_P99W[$key]=0; ACC_ERRS[$key]=0; ACC_NON2XX[$key]=0
+  ACC_TICKS[$key]=0; ACC_WALL[$key]=0; ACC_BUSY[$key]=0; ACC_TOTAL[$key]=0; ACC_RSS[$key]=0; ACC_FAIL[$key]=""
   # Two workers on two cores: the server may use both, and the load generator
   # (and the upstream, still on core 0) compete with it there
   case "$key" in *_w2) ROW_SUT_CORE=0,1; ROW_LOAD_CORE="" ;; esac
@@ -1204,52 +1250,89 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
     round_failed "$key" "upstream nginx did not start"
     return 1
   fi
-  if [ "$key" = mesh_handshakes ]; then run_handshakes "$round"; return; fi
-  load=wrk_load; parse=parse_wrk; out=$dir/wrk-round$round.txt
+  # Its own cycle (handshakes, not requests); done when it returns.
+  if [ "$key" = mesh_handshakes ]; then run_handshakes "$round"; return 1; fi
+  ROW_LOAD=wrk_load; ROW_PARSE=parse_wrk; ROW_OUT=$dir/wrk-round$round.txt
   if [ "$base" != "$key" ]; then
     if [ -z "$OHA_BIN" ] || [ ! -x "$OHA_BIN" ]; then
       round_failed "$key" "oha not found (${OHA_INSTALL_ERROR:-the setup installs it into bench/work/tools})"; return 1
     fi
     round_rate "$round" || { round_failed "$key" "$NA_REASON"; return 1; }
-    load=oha_load; parse=parse_oha; out=$dir/oha-round$round.json
+    ROW_LOAD=oha_load; ROW_PARSE=parse_oha; ROW_OUT=$dir/oha-round$round.json
     R_RATE[$key:$round]=$RATE
   fi
   if [ "${key#h2_}" != "$key" ]; then
     if ! command -v h2load >/dev/null; then round_failed "$key" "h2load is not installed (Debian nghttp2-client)"; return 1; fi
-    load=h2load_load; parse=parse_h2load; out=$dir/h2load-round$round.txt
+    ROW_LOAD=h2load_load; ROW_PARSE=parse_h2load; ROW_OUT=$dir/h2load-round$round.txt
   fi
   if ! "start_$base"; then stop_row; round_failed "$key" "$NA_REASON"; return 1; fi
   case "$base" in
-    direct|nginx|nginx_w2|h2_direct|h2_nginx) log=$dir/error.log ;;
-    envoy|envoy_wasm|h2_envoy) log=$dir/envoy.log ;;
-    envoy_mtls|envoy_chain) log=$dir/orders/envoy.log ;;
-    mesh_*) log=$dir/orders/stdout.log ;;
-    *) log=$dir/stdout.log ;;
+    direct|nginx|nginx_w2|h2_direct|h2_nginx) ROW_LOG=$dir/error.log ;;
+    envoy|envoy_wasm|h2_envoy) ROW_LOG=$dir/envoy.log ;;
+    envoy_mtls|envoy_chain) ROW_LOG=$dir/orders/envoy.log ;;
+    mesh_*) ROW_LOG=$dir/orders/stdout.log ;;
+    *) ROW_LOG=$dir/stdout.log ;;
   esac
-  if ! wait_ready "$key" "$log" >/dev/null || ! check_response "$key"; then
+  if ! wait_ready "$key" "$ROW_LOG" >/dev/null || ! check_response "$key"; then
     stop_row
     round_failed "$key" "$NA_REASON"
     return 1
   fi
-  "$load" "$WARMUP" "$dir/warmup.txt"
-  rss_at=$(( $(seconds_of "$DURATION") - 1 )); [ "$rss_at" -lt 1 ] && rss_at=1
-  local t0 t1 cpu0 cpu1 core0 core1 cpu_pct per_cpu_s core_pct requests
+  "$ROW_LOAD" "$WARMUP" "$dir/warmup.txt"
+}
+
+row_slice() { # row_slice KEY ROUND DURATION LAST(0|1): one load run; its figures added to the row's
+  local key=$1 round=$2 duration=$3 last=$4 out=$ROW_OUT rss_at wpid t0 t1 cpu0 cpu1 core0 core1
+  local rps p50 p99 errs non2xx requests
+  [ -n "${ACC_FAIL[$key]}" ] && return 1
+  [ "$SLICE_COUNT" -gt 1 ] && out=${ROW_OUT%.*}-slice$SLICE_INDEX.${ROW_OUT##*.}
+  rss_at=$(( $(seconds_of "$duration") - 1 )); [ "$rss_at" -lt 1 ] && rss_at=1
   # shellcheck disable=SC2046 # sut_pids is a list of numbers
   t0=$(date +%s%N); cpu0=$(sum_of cpu_ticks $(sut_pids)); core0=$(core_ticks "$ROW_SUT_CORE")
-  "$load" "$DURATION" "$out" &
+  "$ROW_LOAD" "$duration" "$out" &
   wpid=$!
-  sleep "$rss_at"
-  # shellcheck disable=SC2046
-  rss=$(fmt "$(sum_of rss_mib $(sut_pids))" '%.1f')
+  if [ "$last" = 1 ]; then
+    sleep "$rss_at"
+    # shellcheck disable=SC2046
+    ACC_RSS[$key]=$(fmt "$(sum_of rss_mib $(sut_pids))" '%.1f')
+  fi
   wait "$wpid"
   # shellcheck disable=SC2046
   t1=$(date +%s%N); cpu1=$(sum_of cpu_ticks $(sut_pids)); core1=$(core_ticks "$ROW_SUT_CORE")
+  read -r rps p50 p99 errs non2xx requests < <("$ROW_PARSE" "$out")
+  if [ "$rps" = - ] || [ "$p99" = - ] || [ "$requests" -eq 0 ] 2>/dev/null; then
+    ACC_FAIL[$key]="${ROW_LOAD%_load} produced no result: $(log_tail "$out")"
+    return 1
+  fi
+  if [ "$non2xx" -gt 0 ]; then
+    # A run with any answer other than 2xx/3xx measured something else (a 403
+    # from authz, a 503 from a sidecar without endpoints): it does not count.
+    ACC_FAIL[$key]="${non2xx} of ${requests} responses were not 2xx/3xx (see bench/work/$key/$(basename "$out"))"
+    return 1
+  fi
+  read -r ACC_REQ[$key] ACC_SECS[$key] ACC_P50W[$key] ACC_P99W[$key] ACC_ERRS[$key] ACC_TICKS[$key] ACC_WALL[$key] ACC_BUSY[$key] ACC_TOTAL[$key] < <(
+    awk -v n="${ACC_REQ[$key]}" -v s="${ACC_SECS[$key]}" -v w="${ACC_P50W[$key]}" -v m="${ACC_P99W[$key]}" \
+      -v e="${ACC_ERRS[$key]}" -v k="${ACC_TICKS[$key]}" -v wall="${ACC_WALL[$key]}" -v b="${ACC_BUSY[$key]}" \
+      -v t="${ACC_TOTAL[$key]}" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v errs="$errs" -v req="$requests" \
+      -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" -v core0="$core0" -v core1="$core1" 'BEGIN {
+        split(core0, a, " "); split(core1, z, " ")
+        printf "%d %.6f %.1f %.1f %d %d %.0f %d %d\n", n + req, s + (rps > 0 ? req / rps : 0), w + p50 * req,
+          m + p99 * req, e + errs, k + c1 - c0, wall + t1 - t0, b + z[1] - a[1], t + z[2] - a[2] }')
+}
+
+row_end() { # row_end KEY ROUND: after-load checks, stop, and the row's figures for the round
+  local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_} rps p50 p99 errs requests cpu_pct per_cpu_s core_pct rss
   case "$key" in lacewing*)
     curl -s --max-time 2 "http://127.0.0.1:$LACEWING_ADMIN_PORT/metrics" >"$dir/metrics.txt" 2>/dev/null ;;
   esac
-  if sut_exited "$log"; then
+  if sut_exited "$ROW_LOG"; then
     stop_row
     round_failed "$key" "server exited during the load run: $NA_REASON"
+    return 1
+  fi
+  if [ -n "${ACC_FAIL[$key]}" ]; then
+    stop_row
+    round_failed "$key" "${ACC_FAIL[$key]}"
     return 1
   fi
   # Rows that must prove after the load what it went through (the mesh rows:
@@ -1259,27 +1342,18 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
     round_failed "$key" "$NA_REASON"
     return 1
   fi
-  read -r rps p50 p99 errs non2xx requests < <("$parse" "$out")
-  # Server CPU use over the load run (percent of one core), requests served per
-  # CPU-second of the server (robust to other load on the machine), and how busy
-  # the server's core was in total (server plus anything else).
-  read -r cpu_pct per_cpu_s core_pct < <(awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" \
-    -v n="$requests" -v core0="$core0" -v core1="$core1" 'BEGIN {
-      split(core0, a, " "); split(core1, b, " ")
-      cpu_s = (c1 - c0) / hz; wall_s = (t1 - t0) / 1e9
-      printf "%.0f %.0f %.0f\n", 100 * cpu_s / wall_s, (cpu_s > 0 ? n / cpu_s : 0), (b[2] > a[2] ? 100 * (b[1] - a[1]) / (b[2] - a[2]) : 0) }')
   stop_row
-  if [ "$rps" = - ] || [ "$p99" = - ]; then
-    round_failed "$key" "${load%_load} produced no result: $(log_tail "$out")"
-    return 1
-  fi
-  # A run with any answer other than 2xx/3xx measured something else (a 403
-  # from authz, a 503 from a sidecar without endpoints): it does not count.
-  if [ "$non2xx" -gt 0 ]; then
-    round_failed "$key" "${non2xx} of ${requests} responses were not 2xx/3xx (see bench/work/$key/$(basename "$out"))"
-    return 1
-  fi
-  say "  ${rps} req/s$( [ "$base" != "$key" ] && echo " of $RATE offered"), p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB, CPU ${cpu_pct}% (core busy ${core_pct}%), ${per_cpu_s} req/CPU-s"
+  requests=${ACC_REQ[$key]}; errs=${ACC_ERRS[$key]}; rss=${ACC_RSS[$key]}
+  # Requests per second over all the load time, server CPU use over the load
+  # runs (percent of one core), requests served per CPU-second of the server
+  # (robust to other load on the machine), and how busy the server's core was
+  # in total (server plus anything else).
+  read -r rps p50 p99 cpu_pct per_cpu_s core_pct < <(awk -v n="$requests" -v s="${ACC_SECS[$key]}" -v w="${ACC_P50W[$key]}" -v w99="${ACC_P99W[$key]}" \
+    -v k="${ACC_TICKS[$key]}" -v wall="${ACC_WALL[$key]}" -v b="${ACC_BUSY[$key]}" -v t="${ACC_TOTAL[$key]}" -v hz="$CLK_TCK" 'BEGIN {
+      cpu_s = k / hz; wall_s = wall / 1e9
+      printf "%.2f %.0f %.0f %.0f %.0f %.0f\n", (s > 0 ? n / s : 0), (n > 0 ? w / n : 0), (n > 0 ? w99 / n : 0), (wall_s > 0 ? 100 * cpu_s / wall_s : 0),
+        (cpu_s > 0 ? n / cpu_s : 0), (t > 0 ? 100 * b / t : 0) }')
+  say "  ${rps} req/s$( [ "$base" != "$key" ] && echo " of $RATE offered"), p50 ${p50} µs, p99 ${p99} µs, RSS ${rss} MiB, CPU ${cpu_pct}% (core busy ${core_pct}%), ${per_cpu_s} req/CPU-s$( [ "$SLICE_COUNT" -gt 1 ] && echo ", $SLICE_COUNT slices")"
   [ "$errs" -gt 0 ] && NOTE[$key]+="round $round: ${errs} $( [ "$base" != "$key" ] && echo "request errors" || echo "socket errors"); "
   # shellcheck disable=SC2034 # the report reads them through paired's nameref
   { R_RPS[$key:$round]=$rps; R_P50[$key:$round]=$p50; R_P99[$key:$round]=$p99; R_PER_CPU[$key:$round]=$per_cpu_s; }
@@ -1307,6 +1381,53 @@ run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a ro
   if [ -z "${PER_CPU[$key]:-}" ] || [ "$per_cpu_s" -gt "${PER_CPU[$key]}" ]; then PER_CPU[$key]=$per_cpu_s; fi
   if [ -z "${RSS[$key]:-}" ] || awk -v a="$rss" -v b="${RSS[$key]}" 'BEGIN { exit !(a > b) }'; then RSS[$key]=$rss; fi
   if [ -z "${READY[$key]:-}" ] || [ "$READY_MS" -lt "${READY[$key]}" ]; then READY[$key]=$READY_MS; fi
+}
+
+SLICE_COUNT=1; SLICE_INDEX=1; GROUP_SLICES=""
+run_row() { # run_row KEY ROUND: one start/check/warm-up/load/stop cycle of a row
+  SLICE_COUNT=1; SLICE_INDEX=1
+  row_begin "$1" "$2" || return 1
+  row_slice "$1" "$2" "$DURATION" 1
+  row_end "$1" "$2"
+}
+
+run_group() { # run_group ROUND KEY...: the rows started together, their load interleaved in SLICES slices
+  local round=$1 key slice secs slice_secs started=()
+  shift
+  secs=$(seconds_of "$DURATION")
+  slice_secs=$(( secs / SLICES )); [ "$slice_secs" -lt 2 ] && slice_secs=2
+  SLICE_COUNT=$(( secs / slice_secs )); [ "$SLICE_COUNT" -lt 1 ] && SLICE_COUNT=1
+  for key in "$@"; do
+    SLICE_INDEX=1
+    if row_begin "$key" "$round"; then
+      signal_row STOP
+      save_row "$key"
+      started+=("$key")
+    fi
+  done
+  [ ${#started[@]} -gt 0 ] || return 0
+  say "  interleaving ${started[*]}: $SLICE_COUNT slices of ${slice_secs}s each"
+  GROUP_SLICES="$SLICE_COUNT load runs of ${slice_secs}s"
+  local order=("${started[@]}") reversed=() i
+  for (( i = ${#started[@]} - 1; i >= 0; i-- )); do reversed+=("${started[i]}"); done
+  for slice in $(seq 1 "$SLICE_COUNT"); do
+    SLICE_INDEX=$slice
+    # Every other turn in reverse order (A B C, C B A, ...): a machine that
+    # speeds up or slows down steadily favours no row.
+    if (( slice % 2 )); then order=("${started[@]}"); else order=("${reversed[@]}"); fi
+    for key in "${order[@]}"; do
+      restore_row "$key"
+      signal_row CONT
+      row_slice "$key" "$round" "${slice_secs}s" "$( [ "$slice" = "$SLICE_COUNT" ] && echo 1 || echo 0)"
+      signal_row STOP
+    done
+  done
+  for key in "${started[@]}"; do
+    restore_row "$key"
+    signal_row CONT
+    row_end "$key" "$round"
+  done
+  SLICE_COUNT=1; SLICE_INDEX=1
 }
 
 round_failed() { # round_failed KEY REASON
@@ -1504,7 +1625,12 @@ report() {
     echo "- Versions: lacewing $(version_of lacewing); nginx $(version_of nginx); Envoy $(version_of envoy); wrk $(version_of wrk)"
     echo "- Load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency -H 'x-request-id: $REQUEST_ID'\` after a $WARMUP warm-up, HTTP/1.1 keep-alive; $ROUNDS round(s) of all rows in turn, the round with the most req/s reported per row, upstream nginx answers \`200 hello\\n\`"
     echo "- Scheduling: $pin_text"
-    echo "- RSS: VmRSS of the server process (plus its children, for nginx's worker) sampled 1 s before its load run ends, highest round"
+    local interleaved=""
+    for k in "${!GROUP_OF[@]}"; do [ "${GROUP_OF[$k]%% *}" = "$k" ] && interleaved+="${interleaved:+; }${GROUP_OF[$k]// /, }"; done
+    if [ -n "$interleaved" ] && [ "$SLICES" -gt 1 ]; then
+      echo "- Interleaved: within a round, the rows of each group ($interleaved) are all started and warmed up, then take turns: each gets ${GROUP_SLICES:-$SLICES load runs} in rotation (every other turn in reverse order), the others held with SIGSTOP meanwhile, so a slowdown of the machine lasting seconds falls on every row of the group alike. A row's req/s is its requests over its load time, its p50 and p99 the request-weighted means of its runs' (each run opens new connections: in the mTLS rows, new handshakes between the sidecars at the start of each run weigh on p99); \`BENCH_SLICES=1\` runs each row on its own"
+    fi
+    echo "- RSS: VmRSS of the server process (plus its children, for nginx's worker) sampled 1 s before its (last) load run ends, highest round"
     if in_selected mesh_plain || in_selected mesh_mtls || in_selected mesh_chain || in_selected envoy_mtls || in_selected envoy_chain; then
       echo "- Two-hop rows: wrk → frontend (Host: orders) → orders → upstream; both proxies (two lacewing sidecars, or two Envoys \`--concurrency 1\`) are the server under test, on the same core, their CPU and RSS summed; the lacewing control plane runs on core ${LOAD_CORE:-0}, idle during the load. A round with any non-2xx response is not counted"
     fi
@@ -1635,8 +1761,24 @@ if [ "${SELECTED[*]}" != direct ] && [ "${SELECTED[*]}" != rate_direct ]; then
   fi
 fi
 
+# Each selected row in order; the selected rows of an interleaved group run
+# together, where the group's first selected row comes.
+declare -A GROUP_OF
+for g in "${INTERLEAVED_GROUPS[@]}"; do
+  members=()
+  for k in $g; do in_selected "$k" && members+=("$k"); done
+  # A group of one is an ordinary row.
+  [ ${#members[@]} -gt 1 ] && for k in "${members[@]}"; do GROUP_OF[$k]="${members[*]}"; done
+done
 for round in $(seq 1 "$ROUNDS"); do
-  for k in "${SELECTED[@]}"; do run_row "$k" "$round"; done
+  for k in "${SELECTED[@]}"; do
+    if [ -z "${GROUP_OF[$k]:-}" ] || [ "$SLICES" -le 1 ]; then
+      run_row "$k" "$round"
+    elif [ "${GROUP_OF[$k]%% *}" = "$k" ]; then
+      # shellcheck disable=SC2086 # the group's row names
+      run_group "$round" ${GROUP_OF[$k]}
+    fi
+  done
 done
 
 report
