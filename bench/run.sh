@@ -1230,7 +1230,7 @@ signal_row() { # signal_row STOP|CONT: the row's server processes and their chil
 }
 
 # Per row and round, what its slices add up to.
-declare -A ACC_REQ ACC_SECS ACC_P50W ACC_P99W ACC_ERRS ACC_NON2XX ACC_TICKS ACC_WALL ACC_BUSY ACC_TOTAL ACC_RSS ACC_FAIL
+declare -A ACC_REQ ACC_SECS ACC_P50W ACC_P99W ACC_ERRS ACC_TICKS ACC_WALL ACC_BUSY ACC_TOTAL ACC_RSS ACC_FAIL
 
 row_begin() { # row_begin KEY ROUND: start, probe, warm-up; fails (round failed, row stopped) when the row cannot run
   local key=$1 round=$2 dir=$WORK/$1 base=${1#rate_}
@@ -1238,7 +1238,7 @@ row_begin() { # row_begin KEY ROUND: start, probe, warm-up; fails (round failed,
   SUT_PIDS=(); AUX_PIDS=(); REQUEST_HEADERS=(); EXPECT_VALUES=(); CHECK_AFTER=""
   ROW_KEY=$key; NGINX_LISTEN_OPTS=""; ENVOY_CODEC=HTTP1; PROBE_H2=0; NGINX_WORKERS=1; LACEWING_WORKERS=1
   ROW_SUT_CORE=${SUT_CORE:-0}; ROW_LOAD_CORE=${LOAD_CORE:-0}
-  ACC_REQ[$key]=0; ACC_SECS[$key]=0; ACC_P50W[$key]=0; ACC_P99W[$key]=0; ACC_ERRS[$key]=0; ACC_NON2XX[$key]=0
+  ACC_REQ[$key]=0; ACC_SECS[$key]=0; ACC_P50W[$key]=0; ACC_P99W[$key]=0; ACC_ERRS[$key]=0
   ACC_TICKS[$key]=0; ACC_WALL[$key]=0; ACC_BUSY[$key]=0; ACC_TOTAL[$key]=0; ACC_RSS[$key]=0; ACC_FAIL[$key]=""
   # Two workers on two cores: the server may use both, and the load generator
   # (and the upstream, still on core 0) compete with it there
@@ -1398,7 +1398,6 @@ run_group() { # run_group ROUND KEY...: the rows started together, their load in
   slice_secs=$(( secs / SLICES )); [ "$slice_secs" -lt 2 ] && slice_secs=2
   SLICE_COUNT=$(( secs / slice_secs )); [ "$SLICE_COUNT" -lt 1 ] && SLICE_COUNT=1
   for key in "$@"; do
-    SLICE_INDEX=1
     if row_begin "$key" "$round"; then
       signal_row STOP
       save_row "$key"
@@ -1408,7 +1407,7 @@ run_group() { # run_group ROUND KEY...: the rows started together, their load in
   [ ${#started[@]} -gt 0 ] || return 0
   say "  interleaving ${started[*]}: $SLICE_COUNT slices of ${slice_secs}s each"
   GROUP_SLICES="$SLICE_COUNT load runs of ${slice_secs}s"
-  local order=("${started[@]}") reversed=() i
+  local order=() reversed=() i
   for (( i = ${#started[@]} - 1; i >= 0; i-- )); do reversed+=("${started[i]}"); done
   for slice in $(seq 1 "$SLICE_COUNT"); do
     SLICE_INDEX=$slice
